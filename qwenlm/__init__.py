@@ -1,0 +1,50 @@
+"""qwenlm: an independent implementation of the Qwen language-model system on PyTorch.
+
+import qwenlm
+model = qwenlm.load("qwen2.5-coder-0.5b-instruct")
+response, history = model.chat("你好", history=None)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# Loaded on first use so that `qwenlm list` and `qwenlm pull` do not pay for importing torch.
+_LAZY = {
+    "load": "qwenlm.api",
+    "Qwen": "qwenlm.api",
+    "GenerationConfig": "qwenlm.generation.generate",
+    "ModelConfig": "qwenlm.config",
+    "Tokenizer": "qwenlm.tokenizer",
+    "ChatTemplate": "qwenlm.chat.template",
+    "QwenlmError": "qwenlm.errors",
+}
+
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen, load
+    from qwenlm.chat.template import ChatTemplate
+    from qwenlm.config import ModelConfig
+    from qwenlm.errors import QwenlmError
+    from qwenlm.generation.generate import GenerationConfig
+    from qwenlm.tokenizer import Tokenizer
+
+__all__ = [
+    "ChatTemplate",
+    "GenerationConfig",
+    "ModelConfig",
+    "Qwen",
+    "QwenlmError",
+    "Tokenizer",
+    "__version__",
+    "load",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qwenlm' has no attribute {name!r}")

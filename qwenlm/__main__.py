@@ -1,0 +1,5 @@
+import sys
+
+from qwenlm.cli import main
+
+sys.exit(main())

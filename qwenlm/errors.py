@@ -1,0 +1,42 @@
+"""Errors that reach users: one line naming the problem, plus a hint naming the fix."""
+
+from __future__ import annotations
+
+
+class QwenlmError(Exception):
+    """Base class for every error qwenlm reports to a user.
+
+    The CLI prints ``message`` and ``hint`` and exits without a traceback.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+class ModelNotFoundError(QwenlmError):
+    """A model name or path that does not resolve to a checkpoint."""
+
+
+class PullError(QwenlmError):
+    """Fetching or verifying a registry model failed."""
+
+
+class CheckpointError(QwenlmError):
+    """A checkpoint (GGUF file, safetensors, config.json) is malformed or unsupported."""
+
+
+class TokenizerError(QwenlmError):
+    """A tokenizer definition is malformed, or input cannot be encoded."""
+
+
+class ChatTemplateError(QwenlmError):
+    """A chat template failed to render, or the conversation is malformed."""
+
+
+class GenerationError(QwenlmError):
+    """Invalid generation settings or a prompt that does not fit the context."""
