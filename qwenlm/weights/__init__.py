@@ -1,0 +1,136 @@
+"""Checkpoints of every supported format, opened into one shape: config, tokenizer, template, tensors.
+
+Every source is mapped onto the Hugging Face Qwen2 tensor names, so models load with no
+per-format code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenlm.config import ModelConfig
+from qwenlm.errors import CheckpointError, ModelNotFoundError
+from qwenlm.tokenizer import Tokenizer
+from qwenlm.weights import gguf as gguf_format
+from qwenlm.weights import safetensors as st_format
+
+# generation_config.json keys that qwenlm's GenerationConfig understands.
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint. Call :meth:`tensors` once to stream its weights, then :meth:`close`."""
+
+    path: Path
+    format: str  # "gguf" or "hf"
+    config: ModelConfig
+    tokenizer: Tokenizer
+    chat_template: str | None
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    _gguf: gguf_format.GGUFFile | None = None
+
+    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._gguf is not None:
+            return gguf_format.iter_tensors(self._gguf, dtype)
+        return st_format.iter_tensors(self.path, dtype)
+
+    def close(self) -> None:
+        if self._gguf is not None:
+            self._gguf.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a GGUF file or a Hugging Face model folder."""
+    path = Path(path)
+    if path.is_dir():
+        return _open_hf_folder(path)
+    if path.is_file():
+        return _open_gguf(path)
+    raise ModelNotFoundError(f"no such file or folder: {path}")
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    gf = gguf_format.GGUFFile(path)
+    try:
+        meta = gf.metadata
+        emb = gf.tensors.get("token_embd.weight")
+        if emb is None:
+            raise CheckpointError(f"GGUF file {path} has no token_embd.weight tensor")
+        config = ModelConfig.from_gguf(meta, vocab_size=emb.shape[0])
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise CheckpointError(
+                f"GGUF vocabulary has {tokenizer.vocab_size} tokens but the embedding only "
+                f"{config.vocab_size} rows"
+            )
+        template = meta.get("tokenizer.chat_template")
+        return Checkpoint(
+            path=path,
+            format="gguf",
+            config=config,
+            tokenizer=tokenizer,
+            chat_template=template if isinstance(template, str) else None,
+            name=meta.get("general.name"),
+            _gguf=gf,
+        )
+    except BaseException:
+        gf.close()
+        raise
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def _open_hf_folder(folder: Path) -> Checkpoint:
+    if not (folder / "config.json").is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _open_gguf(ggufs[0])
+        raise ModelNotFoundError(
+            f"{folder} holds no config.json" + (f" and {len(ggufs)} GGUF files" if ggufs else ""),
+            hint="pass a Hugging Face model folder or the path of one .gguf file",
+        )
+    config = ModelConfig.from_json_file(folder / "config.json")
+    tokenizer = Tokenizer.from_hf_folder(folder, vocab_size=config.vocab_size)
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (folder / "tokenizer_config.json").is_file():
+        tc = _read_json(folder / "tokenizer_config.json").get("chat_template")
+        if isinstance(tc, list):  # named templates: take the default one
+            tc = next((t.get("template") for t in tc if t.get("name") == "default"), None)
+        template = tc if isinstance(tc, str) else None
+    defaults: dict[str, Any] = {}
+    if (folder / "generation_config.json").is_file():
+        gen = _read_json(folder / "generation_config.json")
+        defaults = {k: gen[k] for k in _GENERATION_KEYS if k in gen}
+        eos = gen.get("eos_token_id")
+        if eos is not None:
+            defaults["stop_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
+    return Checkpoint(
+        path=folder,
+        format="hf",
+        config=config,
+        tokenizer=tokenizer,
+        chat_template=template,
+        generation_defaults=defaults,
+        name=folder.name,
+    )
