@@ -1,0 +1,70 @@
+"""Model files, chosen by ``model_type``, and building a model from a stream of named tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from qwenlm.config import ModelConfig
+from qwenlm.errors import CheckpointError
+from qwenlm.models.qwen2 import Qwen2ForCausalLM
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"qwen2": Qwen2ForCausalLM}
+
+
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    try:
+        return MODEL_CLASSES[config.model_type]
+    except KeyError:
+        raise CheckpointError(f"no model file for model_type {config.model_type!r}") from None
+
+
+def build_model(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Build the model on the meta device, then fill it from ``(name, tensor)`` pairs.
+
+    Tensors are placed as they arrive, so peak memory is the model plus one tensor. Every
+    parameter must be supplied with its exact shape, except an output head tied to the embedding.
+    """
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for name, tensor in tensors:
+        if name not in params:
+            continue  # e.g. rotary inv_freq buffers that old checkpoints carry
+        expected = tuple(params[name].shape)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"checkpoint tensor {name} has shape {list(tensor.shape)}, but the config "
+                f"implies {list(expected)}",
+                hint="the checkpoint and its config.json / metadata disagree",
+            )
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+        loaded.add(name)
+    missing = [n for n in params if n not in loaded]
+    if missing == ["lm_head.weight"] or (
+        config.tie_word_embeddings and "lm_head.weight" in missing
+    ):
+        # Small Qwen2 models tie the output head to the embedding and store it once.
+        model.lm_head.weight = model.model.embed_tokens.weight
+        missing.remove("lm_head.weight")
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise CheckpointError(
+            f"checkpoint is missing {len(missing)} tensor(s): {shown}",
+            hint="the file may be incomplete or for a different architecture",
+        )
+    return model.eval()

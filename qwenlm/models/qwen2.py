@@ -1,0 +1,203 @@
+"""Qwen2 / Qwen2.5 dense decoder: GQA with Q/K/V bias, RoPE, RMSNorm, SwiGLU.
+
+Module and parameter names reproduce the Hugging Face checkpoint (``model.layers.N.self_attn.
+q_proj``...), so a state dict loads with no mapping table. The KV cache is passed in: a list with
+one object per layer that has ``offset`` and ``update_and_fetch(k, v)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenlm.config import ModelConfig
+
+
+class LayerCache(Protocol):
+    offset: int
+
+    def update_and_fetch(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the storage dtype; bf16 loses too much in the mean square.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the half-split ("NeoX") layout that Qwen uses."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = base
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Computed in float32 from the positions each call: cheap next to the matmuls, and the
+        # values equal the reference implementation's to the last bit.
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device)
+        inv_freq = 1.0 / (self.base ** (exponent.float() / self.head_dim))
+        freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (B, T, D) -> broadcast over heads
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d = config.hidden_size
+        # Qwen2 puts a bias on Q, K and V only.
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: LayerCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # q: (B, n_heads, T, D); k, v: (B, n_kv_heads, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)  # (B, n_kv_heads, S, D), S = past + T
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, h = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, h, bias=False)
+        self.up_proj = nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: LayerCache | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Sequence[LayerCache] | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        offset = cache[0].offset if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+        if mask is None and offset > 0 and T > 1:
+            # Queries at offset..offset+T-1 see every cached key plus the causal part of the new ones.
+            rows = torch.arange(offset, offset + T, device=input_ids.device)[:, None]
+            mask = torch.arange(offset + T, device=input_ids.device)[None, :] <= rows  # (T, S)
+        cos, sin = self.rotary_emb(positions)
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache[i] if cache is not None else None)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """The Qwen2 language model: token ids in, next-token logits out."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Sequence[LayerCache] | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for ``input_ids`` (B, T).
+
+        ``cache`` holds one object per layer and is extended in place. ``mask`` (boolean,
+        broadcastable to (B, heads, T, S), True = attend) replaces the causal mask, for padded
+        batches. ``last_only`` computes logits for the last position only (B, 1, vocab): the
+        output head is the largest matrix, so prefill should not run it for every prompt token.
+        """
+        h = self.model(input_ids, cache, positions, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)

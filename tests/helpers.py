@@ -1,0 +1,213 @@
+"""Builders for tiny random models, vocabularies and checkpoint files used across the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwenlm.chat.template import ChatTemplate
+from qwenlm.config import ModelConfig
+from qwenlm.models import build_model
+from qwenlm.tokenizer import Tokenizer, byte_decoder
+
+# A few merges on top of the 256 byte tokens, so BPE has something to do.
+MERGES = [
+    b"he",
+    b"ll",
+    b"hell",
+    b"hello",
+    b" w",
+    b"or",
+    b" wor",
+    b"ld",
+    b" world",
+    b"in",
+    b"ing",
+    b"\xe4\xbd",
+    b"\xe4\xbd\xa0",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+TINY_VOCAB = 320  # ordinary + special tokens, padded like Qwen's embedding table
+
+
+def tiny_ranks() -> dict[bytes, int]:
+    ranks = {bytes([b]): b for b in range(256)}
+    for i, m in enumerate(MERGES):
+        ranks[m] = 256 + i
+    return ranks
+
+
+def tiny_specials() -> dict[str, int]:
+    first = 256 + len(MERGES)
+    return {t: first + i for i, t in enumerate(SPECIALS)}
+
+
+def tiny_tokenizer() -> Tokenizer:
+    specials = tiny_specials()
+    return Tokenizer(
+        tiny_ranks(),
+        specials,
+        vocab_size=TINY_VOCAB,
+        eos_token_id=specials["<|im_end|>"],
+        bos_token_id=specials["<|endoftext|>"],
+        pad_token_id=specials["<|endoftext|>"],
+    )
+
+
+def tiny_config(**overrides: object) -> ModelConfig:
+    values = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def random_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with every parameter name the model expects (norms near 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        from qwenlm.models.qwen2 import Qwen2ForCausalLM
+
+        shapes = {n: p.shape for n, p in Qwen2ForCausalLM(config).named_parameters()}
+    out = {}
+    for name, shape in shapes.items():
+        if "norm" in name:
+            out[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            out[name] = 0.2 * torch.randn(shape, generator=g)
+    if config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def tiny_model(
+    config: ModelConfig | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
+):
+    config = config or tiny_config()
+    return build_model(config, random_state_dict(config, seed).items(), dtype=dtype)
+
+
+def bytelevel(b: bytes) -> str:
+    enc = {v: k for k, v in byte_decoder().items()}
+    return "".join(enc[x] for x in b)
+
+
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def tiny_template() -> ChatTemplate:
+    return ChatTemplate(QWEN_TEMPLATE, tiny_tokenizer())
+
+
+# GGUF tensor names for the HF names the model uses.
+def gguf_name(hf: str) -> str:
+    from qwenlm.weights.gguf import _GLOBAL_MAP, _LAYER_MAP
+
+    inv_global = {v: k for k, v in _GLOBAL_MAP.items()}
+    if hf in inv_global:
+        return inv_global[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    inv = {v: k for k, v in _LAYER_MAP.items()}
+    return f"blk.{layer}.{inv[rest]}"
+
+
+def write_tiny_gguf(
+    path: Path,
+    config: ModelConfig | None = None,
+    seed: int = 0,
+    *,
+    qtype: str = "F32",
+    arch: str = "qwen2",
+    template: str | None = QWEN_TEMPLATE,
+    drop: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """Write a tiny random Qwen2 GGUF with a tokenizer; returns the (dequantized) weights written.
+
+    ``qtype`` quantizes the 2-D matrices with gguf's reference quantizer (F32, F16, Q8_0 ...).
+    """
+    import gguf
+
+    config = config or tiny_config()
+    sd = random_state_dict(config, seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    ranks, specials = tiny_ranks(), tiny_specials()
+    tokens = [""] * config.vocab_size
+    types = [5] * config.vocab_size  # unused padding rows
+    for b, i in ranks.items():
+        tokens[i], types[i] = bytelevel(b), 1
+    for t, i in specials.items():
+        tokens[i], types[i] = t, 3
+    for i in range(config.vocab_size):
+        if not tokens[i]:
+            tokens[i] = f"[PAD{i}]"
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([])
+    w.add_eos_token_id(specials["<|im_end|>"])
+    w.add_bos_token_id(specials["<|endoftext|>"])
+    if template:
+        w.add_chat_template(template)
+    written = {}
+    for name, t in sd.items():
+        if name in drop:
+            continue
+        arr = t.numpy().astype(np.float32)
+        if arr.ndim == 2 and qtype != "F32":
+            q = gguf.GGMLQuantizationType[qtype]
+            data = gguf.quants.quantize(arr, q)
+            w.add_tensor(gguf_name(name), data, raw_dtype=q)
+            written[name] = torch.from_numpy(
+                gguf.quants.dequantize(data, q).reshape(arr.shape).copy()
+            )
+        else:
+            w.add_tensor(gguf_name(name), arr)
+            written[name] = t
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def write_hf_tokenizer(folder: Path, template: str | None = QWEN_TEMPLATE) -> None:
+    """tokenizer.json + tokenizer_config.json for the tiny vocabulary."""
+    vocab = {bytelevel(b): i for b, i in tiny_ranks().items()}
+    added = [{"id": i, "content": t, "special": True} for t, i in tiny_specials().items()]
+    (folder / "tokenizer.json").write_text(
+        json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added})
+    )
+    cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}
+    if template:
+        cfg["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))

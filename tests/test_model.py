@@ -1,0 +1,180 @@
+"""The Qwen2 model on tiny random configs: cache consistency and parity with transformers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import random_state_dict, tiny_config, tiny_model
+
+from qwenlm.config import ModelConfig
+from qwenlm.errors import CheckpointError
+from qwenlm.generation.cache import KVCache, make_cache
+from qwenlm.models import build_model
+
+
+def ids(n: int, seed: int = 0, vocab: int = 300) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_full_forward_equals_prefill_plus_cached_decode():
+    model = tiny_model()
+    x = ids(40)
+    with torch.no_grad():
+        full = model(x)
+        cache = make_cache(model)
+        parts = [model(x[:, :17], cache)]
+        for t in range(17, 40):
+            parts.append(model(x[:, t : t + 1], cache))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache[0].offset == 40
+
+
+def test_chunked_prefill_with_offset_uses_causal_mask():
+    # A multi-token chunk after cached tokens must not see its own future.
+    model = tiny_model()
+    x = ids(50, seed=1)
+    with torch.no_grad():
+        full = model(x)
+        cache = make_cache(model)
+        out = torch.cat([model(x[:, a:b], cache) for a, b in [(0, 10), (10, 33), (33, 50)]], dim=1)
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+
+
+def test_last_only_matches_last_position():
+    model = tiny_model()
+    x = ids(12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, last_only=True), model(x)[:, -1:])
+
+
+def test_cache_trim_and_regrow():
+    model = tiny_model()
+    x = ids(30, seed=2)
+    with torch.no_grad():
+        full = model(x)
+        cache = make_cache(model)
+        model(x[:, :20], cache)
+        for c in cache:
+            assert c.trim(5) == 5
+        out = model(x[:, 15:30], cache)
+    torch.testing.assert_close(out, full[:, 15:30], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_grows_past_its_step():
+    c = KVCache()
+    c.step = 4
+    k = torch.arange(2 * 3 * 10 * 2, dtype=torch.float32).view(2, 3, 10, 2)
+    for t in range(10):
+        kk, vv = c.update_and_fetch(k[:, :, t : t + 1], -k[:, :, t : t + 1])
+    assert torch.equal(kk, k) and torch.equal(vv, -k)
+    assert c.offset == 10 and c.keys.shape[2] >= 10
+
+
+def test_batched_forward_matches_single_rows():
+    model = tiny_model()
+    x = torch.cat([ids(16, seed=3), ids(16, seed=4)])
+    with torch.no_grad():
+        both = model(x)
+        torch.testing.assert_close(both[1:], model(x[1:]), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_share_one_tensor():
+    config = tiny_config(tie_word_embeddings=True)
+    model = tiny_model(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_bfloat16_runs_and_tracks_float32():
+    config = tiny_config()
+    m32, m16 = tiny_model(config), tiny_model(config, dtype=torch.bfloat16)
+    x = ids(20)
+    with torch.no_grad():
+        a, b = m32(x), m16(x)
+    assert b.dtype == torch.bfloat16
+    assert (a - b.float()).abs().max() / a.abs().max() < 0.05
+
+
+def test_missing_and_misshapen_tensors_are_reported():
+    config = tiny_config()
+    sd = random_state_dict(config)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(
+        CheckpointError, match=r"missing 1 tensor\(s\): model.layers.1.mlp.up_proj.weight"
+    ):
+        build_model(config, sd.items())
+    sd = random_state_dict(config)
+    sd["model.norm.weight"] = torch.ones(63)
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight has shape"):
+        build_model(config, sd.items())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"hidden_size": 0},
+        {"num_attention_heads": 5},  # 64 not divisible by 5
+        {"num_key_value_heads": 3},  # 4 heads not a multiple of 3
+        {"rope_theta": float("nan")},
+        {"vocab_size": 1 << 40},
+        {"hidden_act": "gelu"},
+    ],
+)
+def test_invalid_configs_are_rejected(bad):
+    with pytest.raises(CheckpointError):
+        tiny_config(**bad)
+
+
+def test_config_round_trips_through_hf_json():
+    c = tiny_config(tie_word_embeddings=True)
+    assert ModelConfig.from_hf(c.to_hf()) == c
+    with pytest.raises(CheckpointError, match="unsupported model_type"):
+        ModelConfig.from_hf({**c.to_hf(), "model_type": "llama"})
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_match_transformers_qwen2(tie):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.Qwen2Config(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(hf_config).eval()
+    # Randomise the norms and biases too, which HF initialises to constants.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.copy_(
+                    1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p)
+                )
+    config = ModelConfig.from_hf(hf_config.to_dict())
+    assert config.tie_word_embeddings == tie
+    ours = build_model(config, hf.state_dict().items())
+    x = ids(64, seed=5)
+    with torch.no_grad():
+        expected = hf(x).logits
+        got = ours(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # and through the cache, token by token against HF's own cache
+        cache = make_cache(ours)
+        steps = torch.cat(
+            [ours(x[:, :1], cache)] + [ours(x[:, t : t + 1], cache) for t in range(1, 64)], 1
+        )
+        torch.testing.assert_close(steps, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_config_is_frozen():
+    c = tiny_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.hidden_size = 3  # type: ignore[misc]
+    assert dataclasses.replace(c, num_hidden_layers=3).num_hidden_layers == 3
