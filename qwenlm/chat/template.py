@@ -1,0 +1,196 @@
+"""Chat prompts from the model's own Jinja template, tokenized so data never forges control tokens.
+
+The template is rendered the way Hugging Face renders it (sandboxed Jinja, ``trim_blocks``,
+``lstrip_blocks``, a ``tojson`` that keeps non-ASCII), so the text is the same. Before rendering,
+every special-token spelling inside the conversation's strings (messages, tool definitions, tool
+arguments) is swapped for a random per-render marker; after rendering, only the special-token
+spellings that remain (the template's own) become control ids, and the markers turn back into
+plain text. A user who types ``<|im_start|>`` gets those characters, not the token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from qwenlm.errors import ChatTemplateError
+from qwenlm.tokenizer import Tokenizer
+
+# ChatML, for checkpoints that carry no template of their own.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message.role != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+ROLES = ("system", "user", "assistant", "tool")
+Message = Mapping[str, Any]
+
+
+def _tojson(
+    value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    # Hugging Face's override of Jinja's tojson: no HTML escaping, non-ASCII kept.
+    return json.dumps(
+        value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def normalize_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Validate a conversation and flatten OpenAI-style content parts into strings."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} objects")
+    if not messages:
+        raise ChatTemplateError("messages is empty; a conversation needs at least one message")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ChatTemplateError(f"messages[{i}] is a {type(m).__name__}, expected an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ChatTemplateError(
+                f"messages[{i}] has unknown role {role!r}", hint=f"use one of {', '.join(ROLES)}"
+            )
+        m = dict(m)
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if (
+                    not isinstance(part, Mapping)
+                    or part.get("type") != "text"
+                    or not isinstance(part.get("text"), str)
+                ):
+                    raise ChatTemplateError(f"messages[{i}].content: only text parts are supported")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            content = ""
+        if not isinstance(content, str):
+            raise ChatTemplateError(
+                f"messages[{i}].content must be a string, got {type(content).__name__}"
+            )
+        m["content"] = content
+        out.append(m)
+    return out
+
+
+class ChatTemplate:
+    """A model's chat template bound to its tokenizer."""
+
+    def __init__(self, source: str | None, tokenizer: Tokenizer) -> None:
+        self.source = source or CHATML_TEMPLATE
+        self.tokenizer = tokenizer
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        try:
+            self._template = env.from_string(self.source)
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"the model's chat template does not parse: {e}") from None
+        specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
+        self._specials = specials
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    @property
+    def supports_tools(self) -> bool:
+        return "tools" in self.source
+
+    def _render_marked(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None,
+        add_generation_prompt: bool,
+        kwargs: dict[str, Any],
+    ) -> tuple[str, re.Pattern[str] | None]:
+        messages = normalize_messages(messages)
+        nonce = secrets.token_hex(8)
+        marker = "\U000f0000" + nonce + ":{}\U000f0001"
+
+        def protect(x: Any) -> Any:
+            if isinstance(x, str):
+                if self._special_re is None:
+                    return x
+                return self._special_re.sub(
+                    lambda m: marker.format(self._specials.index(m.group())), x
+                )
+            if isinstance(x, Mapping):
+                return {protect(k): protect(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [protect(v) for v in x]
+            return x
+
+        context = {
+            "messages": protect(messages),
+            "tools": protect(list(tools)) if tools else None,
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": "",
+            "eos_token": "",
+            **protect(kwargs),
+        }
+        try:
+            text = self._template.render(**context)
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"chat template: {e}") from None
+        except Exception as e:  # a template can fail in many ways on odd input
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+        marks = re.compile(re.escape("\U000f0000" + nonce + ":") + r"(\d+)\U000f0001")
+        return text, marks
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """The prompt as text, exactly as the template renders it."""
+        text, marks = self._render_marked(messages, tools, add_generation_prompt, kwargs)
+        return marks.sub(lambda m: self._specials[int(m.group(1))], text)
+
+    def encode(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> list[int]:
+        """The prompt as token ids; only the template's own special tokens become control ids."""
+        text, marks = self._render_marked(messages, tools, add_generation_prompt, kwargs)
+        tok = self.tokenizer
+        ids: list[int] = []
+        pos = 0
+        pieces = list(self._special_re.finditer(text)) if self._special_re else []
+        for m in [*pieces, None]:
+            end = m.start() if m else len(text)
+            # Text between control tokens, with the data's special spellings restored as text.
+            segment = marks.sub(lambda mm: self._specials[int(mm.group(1))], text[pos:end])
+            ids.extend(tok.encode(segment))
+            if m:
+                ids.append(tok.special_tokens[m.group()])
+                pos = m.end()
+        return ids
