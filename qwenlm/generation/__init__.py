@@ -1,0 +1,1 @@
+"""Generation: KV cache, sampling, and the token -> text stream stack."""

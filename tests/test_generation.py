@@ -1,0 +1,282 @@
+"""Sampling, the token step, and the text stream (stop strings, finish reasons, UTF-8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TINY_VOCAB, tiny_config, tiny_model, tiny_specials, tiny_tokenizer
+from torch import nn
+
+from qwenlm.errors import GenerationError
+from qwenlm.generation.cache import PromptCache
+from qwenlm.generation.generate import GenerationConfig, generate, generate_step, stream_generate
+from qwenlm.generation.sampling import apply_repetition_penalty, sample
+
+IM_END = tiny_specials()["<|im_end|>"]
+
+
+class ScriptedModel(nn.Module):
+    """Predicts a fixed continuation: after n tokens have been seen, token script[n - prompt_len].
+
+    It still drives the KV cache protocol, so prefix reuse and trimming are exercised.
+    """
+
+    def __init__(self, script: list[int], prompt_len: int, context: int = 512) -> None:
+        super().__init__()
+        self.config = tiny_config(max_position_embeddings=context)
+        self.script = script
+        self.prompt_len = prompt_len
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.calls: list[int] = []
+
+    def forward(self, input_ids, cache=None, *, last_only=False, **_):
+        B, T = input_ids.shape
+        self.calls.append(T)
+        for c in cache:
+            c.update_and_fetch(torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
+        seen = cache[0].offset
+        logits = torch.full((B, 1 if last_only else T, TINY_VOCAB), -10.0)
+        i = seen - self.prompt_len
+        logits[:, -1, self.script[i] if i < len(self.script) else IM_END] = 10.0
+        return logits
+
+
+def script_for(text_tokens: list[list[int]]) -> list[int]:
+    return [t for chunk in text_tokens for t in chunk]
+
+
+def run(script, config=None, prompt=(1, 2, 3)):
+    model = ScriptedModel(script, len(prompt))
+    return list(
+        stream_generate(
+            model, tiny_tokenizer(), list(prompt), config or GenerationConfig(temperature=0)
+        )
+    )
+
+
+def test_stops_at_stop_token_and_reports_stop():
+    tok = tiny_tokenizer()
+    chunks = run([*tok.encode("hello world"), IM_END, *tok.encode("never")])
+    assert "".join(c.text for c in chunks) == "hello world"
+    assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].completion_tokens == 3  # two text tokens plus the stop token
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_length_finish_reason():
+    tok = tiny_tokenizer()
+    chunks = run(tok.encode("abcdefgh"), GenerationConfig(temperature=0, max_new_tokens=3))
+    assert "".join(c.text for c in chunks) == "abc"
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].completion_tokens == 3
+
+
+def test_ignore_eos_runs_to_the_limit():
+    tok = tiny_tokenizer()
+    chunks = run(
+        [*tok.encode("ab"), IM_END, *tok.encode("cd")],
+        GenerationConfig(temperature=0, max_new_tokens=5, ignore_eos=True),
+    )
+    assert chunks[-1].finish_reason == "length"
+    assert "".join(c.text for c in chunks) == "ab<|im_end|>cd"
+
+
+@pytest.mark.parametrize("stop", ["STOP", "OP", "hello world STOP"])
+def test_stop_string_split_over_tokens_is_never_shown(stop):
+    # One token per character: the stop string arrives spread over several tokens.
+    text = "hello world STOP and more"
+    script = [ord(c) for c in text]
+    chunks = run(script, GenerationConfig(temperature=0, stop=(stop,)))
+    shown = "".join(c.text for c in chunks)
+    assert shown == text[: text.index(stop)]
+    assert chunks[-1].finish_reason == "stop"
+    # No streamed prefix ever contained any part of the stop string beyond what is final.
+    running = ""
+    for c in chunks:
+        running += c.text
+        assert stop not in running
+
+
+def test_partial_stop_string_is_released_when_it_does_not_complete():
+    text = "abc ST ST STX done"
+    chunks = run([ord(c) for c in text], GenerationConfig(temperature=0, stop=("STOP",)))
+    assert "".join(c.text for c in chunks) == text
+    assert chunks[-1].finish_reason == "stop"  # ended by the stop token after the script
+
+
+def test_held_back_text_is_flushed_at_length_limit():
+    chunks = run(
+        [ord(c) for c in "xxST"], GenerationConfig(temperature=0, stop=("STOP",), max_new_tokens=4)
+    )
+    assert "".join(c.text for c in chunks) == "xxST"
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_earliest_of_several_stop_strings_wins():
+    text = "one two three"
+    chunks = run([ord(c) for c in text], GenerationConfig(temperature=0, stop=("three", "two")))
+    assert "".join(c.text for c in chunks) == "one "
+
+
+def test_multibyte_characters_split_over_tokens_stream_whole():
+    text = "你好👍🏽é"
+    chunks = run(list(text.encode("utf-8")))
+    for c in chunks:
+        assert "\ufffd" not in c.text
+    assert "".join(c.text for c in chunks) == text
+
+
+def test_generate_collects_the_stream():
+    tok = tiny_tokenizer()
+    script = [*tok.encode("hello world"), IM_END]
+    model = ScriptedModel(script, 3)
+    res = generate(model, tok, [1, 2, 3], GenerationConfig(temperature=0))
+    assert (res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens) == (
+        "hello world",
+        "stop",
+        3,
+        3,
+    )
+    assert res.token_ids == script[:2]
+
+
+def test_stopping_costs_no_extra_forward_pass():
+    model = ScriptedModel([ord(c) for c in "abcdef"], 3)
+    list(
+        stream_generate(
+            model, tiny_tokenizer(), [1, 2, 3], GenerationConfig(temperature=0, max_new_tokens=4)
+        )
+    )
+    assert model.calls == [3, 1, 1, 1]  # prefill, then one step per further token
+
+
+def test_prompt_cache_prefills_only_the_new_suffix():
+    model = tiny_model()
+    tok = tiny_tokenizer()
+    cfg = GenerationConfig(temperature=0, max_new_tokens=6, ignore_eos=True)
+    prompt = tok.encode("hello world, hello world")
+    fresh = generate(model, tok, prompt, cfg).token_ids
+    pc = PromptCache(model)
+    assert generate(model, tok, prompt, cfg, cache=pc).token_ids == fresh
+    longer = prompt + fresh + tok.encode(" more text")
+    fresh2 = generate(model, tok, longer, cfg).token_ids
+    assert pc.reuse(longer) == len(prompt) + len(fresh) - 1  # all that was fed to the model
+    assert generate(model, tok, longer, cfg, cache=pc).token_ids == fresh2
+    # a prompt that diverges early trims the cache back
+    other = tok.encode("hello there")
+    assert (
+        generate(model, tok, other, cfg, cache=pc).token_ids
+        == generate(model, tok, other, cfg).token_ids
+    )
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ():
+    model = tiny_model()
+    tok = tiny_tokenizer()
+    prompt = tok.encode("hello")
+    cfg = GenerationConfig(
+        temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=20, ignore_eos=True, seed=7
+    )
+    a = generate(model, tok, prompt, cfg).token_ids
+    b = generate(model, tok, prompt, cfg).token_ids
+    c = generate(model, tok, prompt, GenerationConfig(**{**cfg.__dict__, "seed": 8})).token_ids
+    assert a == b and a != c
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    model = tiny_model()
+    tok = tiny_tokenizer()
+    prompt = tok.encode("hello")
+    greedy = generate(
+        model, tok, prompt, GenerationConfig(temperature=0, max_new_tokens=10, ignore_eos=True)
+    ).token_ids
+    for cfg in (
+        GenerationConfig(
+            temperature=2.0,
+            top_k=1,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            max_new_tokens=10,
+            ignore_eos=True,
+            seed=1,
+        ),
+        GenerationConfig(
+            temperature=2.0,
+            top_k=0,
+            top_p=1e-6,
+            repetition_penalty=1.0,
+            max_new_tokens=10,
+            ignore_eos=True,
+            seed=1,
+        ),
+    ):
+        assert generate(model, tok, prompt, cfg).token_ids == greedy
+
+
+def test_sample_filters():
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0])
+    assert sample(logits, temperature=0) == 3
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, temperature=1.0, top_k=2, generator=g) for _ in range(200)}
+    assert draws == {2, 3}
+    # top_p: probabilities ~ [.03,.09,.24,.64,.01]; 0.8 keeps the two likeliest
+    draws = {sample(logits, temperature=1.0, top_p=0.8, generator=g) for _ in range(200)}
+    assert draws == {2, 3}
+
+
+def test_repetition_penalty_lowers_seen_tokens_both_signs():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    seen = torch.tensor([True, True, False])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_generate_step_rejects_empty_prompt():
+    with pytest.raises(GenerationError, match="empty"):
+        next(generate_step(tiny_model(), []))
+
+
+def test_prompt_longer_than_context_is_an_error_not_truncation():
+    model = ScriptedModel([1], 5, context=16)
+    with pytest.raises(GenerationError, match="20 tokens, but the model's context is 16"):
+        list(
+            stream_generate(
+                model, tiny_tokenizer(), list(range(20)), GenerationConfig(temperature=0)
+            )
+        )
+
+
+def test_generation_stops_at_the_context_end_with_length():
+    model = ScriptedModel([ord("a")] * 50, 10, context=16)
+    chunks = list(
+        stream_generate(model, tiny_tokenizer(), list(range(10)), GenerationConfig(temperature=0))
+    )
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].completion_tokens == 6
+
+
+def test_prompt_ids_outside_vocab_are_rejected():
+    with pytest.raises(GenerationError, match="outside"):
+        list(stream_generate(tiny_model(), tiny_tokenizer(), [1, TINY_VOCAB + 5]))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": -1},
+        {"temperature": float("nan")},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"repetition_penalty": 0},
+        {"max_new_tokens": 0},
+        {"stop": ("",)},
+    ],
+)
+def test_generation_config_validation(bad):
+    with pytest.raises(GenerationError):
+        GenerationConfig(**bad)
+
+
+def test_single_stop_string_is_accepted_as_str():
+    assert GenerationConfig(stop="END").stop == ("END",)
