@@ -1,0 +1,85 @@
+"""Options shared by the commands that load a model and generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from qwenlm import registry
+
+
+def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    what = f"registry name, .gguf file or Hugging Face model folder (default: {registry.DEFAULT_MODEL})"
+    if positional:
+        p.add_argument(
+            "model", nargs="?", default=registry.DEFAULT_MODEL, metavar="MODEL", help=what
+        )
+    else:
+        p.add_argument("-m", "--model", default=registry.DEFAULT_MODEL, help=what)
+    p.add_argument(
+        "--pull", action="store_true", help="pull a registry model first if it is not cached"
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="model cache folder (default: $QWENLM_CACHE, $XDG_CACHE_HOME/qwenlm, ~/.cache/qwenlm)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="weight dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's generation settings)")
+    g.add_argument("--temperature", type=float, help="0 is greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.8)")
+    g.add_argument(
+        "--top-k", type=int, help="sample among the k likeliest tokens; 0 is off (default 20)"
+    )
+    g.add_argument("--repetition-penalty", type=float, help="1.0 is off (default 1.05)")
+    g.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    g.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    g.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default 2048)")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop when TEXT is generated (not printed); repeatable",
+    )
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts = {
+        "temperature": 0.0 if args.greedy else args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "stop": tuple(args.stop) if args.stop else None,
+    }
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def load_model(args: argparse.Namespace, *, quiet: bool = False) -> Any:
+    from qwenlm.api import load
+
+    t0 = time.perf_counter()
+    if not quiet:
+        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model = load(
+        args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, pull=args.pull
+    )
+    if not quiet:
+        print(
+            f"loaded in {time.perf_counter() - t0:.1f}s ({model.device}, {str(model.model.lm_head.weight.dtype).removeprefix('torch.')})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return model

@@ -1,0 +1,64 @@
+"""``qwenlm generate``: one prompt in, the model's reply streamed to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from qwenlm.cli.common import add_model_args, add_sampling_args, load_model, sampling_options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwenlm generate",
+        description="Generate a reply to PROMPT (as a chat message, unless --raw) and print it.",
+    )
+    p.add_argument("prompt", help="the prompt; - reads it from stdin")
+    add_model_args(p)
+    p.add_argument("--system", help="system prompt (default: the model template's own)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="complete PROMPT as plain text, without the chat template",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="do not stop at end-of-turn tokens (for benchmarking)",
+    )
+    p.add_argument(
+        "--verbose", "-v", action="store_true", help="print token counts and speed to stderr"
+    )
+    add_sampling_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    options = sampling_options(args)
+    if args.ignore_eos:
+        options["ignore_eos"] = True
+    model = load_model(args, quiet=not args.verbose)
+    model.generation_config(**options)  # validate the flags before any work
+    if args.raw:
+        stream = model.stream(prompt, **options)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+        stream = model.stream_chat([*messages, {"role": "user", "content": prompt}], **options)
+    t0 = time.perf_counter()
+    last = None
+    for chunk in stream:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    if args.verbose and last is not None:
+        s = time.perf_counter() - t0
+        print(
+            f"[{last.prompt_tokens} prompt tokens, {last.completion_tokens} generated in {s:.1f}s "
+            f"({last.completion_tokens / s:.1f} tokens/s), finish: {last.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
