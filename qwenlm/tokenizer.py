@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -81,6 +82,7 @@ class Tokenizer:
         eos_token_id: int | None = None,
         bos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        normalization: str | None = None,
         name: str = "qwen",
     ) -> None:
         if len(ranks) < 256:
@@ -107,6 +109,9 @@ class Tokenizer:
             table[i] = text.encode("utf-8")
         self._bytes = table
         self._special_ids = frozenset(special_tokens.values())
+        if normalization not in (None, "NFC", "NFD", "NFKC", "NFKD"):
+            raise TokenizerError(f"unknown Unicode normalization {normalization!r}")
+        self.normalization = normalization
         self.eos_token_id = eos_token_id
         self.bos_token_id = bos_token_id
         self.pad_token_id = pad_token_id
@@ -114,10 +119,14 @@ class Tokenizer:
     # -- encoding -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, all of it as text: special-token spellings are not special."""
+        if self.normalization:
+            text = unicodedata.normalize(self.normalization, text)
         return self._enc.encode_ordinary(text)
 
     def encode_with_special(self, text: str) -> list[int]:
         """Token ids of trusted ``text``, turning special-token spellings into their ids."""
+        if self.normalization:
+            text = unicodedata.normalize(self.normalization, text)
         return self._enc.encode(text, allowed_special="all")
 
     def token_to_id(self, token: str) -> int:
@@ -209,6 +218,9 @@ class Tokenizer:
         """From a Hugging Face folder: tokenizer.json, or vocab.json + merges.txt."""
         folder = Path(folder)
         added: list[dict[str, Any]] = []
+        # Qwen2's Hugging Face tokenizers normalize to NFC (the slow one always does); a GGUF
+        # vocabulary carries no normalizer, and neither llama.cpp nor transformers applies one.
+        normalization: str | None = "NFC"
         if (folder / "tokenizer.json").is_file():
             data = _read_json(folder / "tokenizer.json")
             model = data.get("model") or {}
@@ -218,6 +230,7 @@ class Tokenizer:
                 )
             vocab = model["vocab"]
             added = data.get("added_tokens") or []
+            normalization = _normalizer_form(data.get("normalizer"))
         elif (folder / "vocab.json").is_file():
             vocab = _read_json(folder / "vocab.json")
         else:
@@ -252,6 +265,7 @@ class Tokenizer:
             eos_token_id=special_id("eos_token"),
             bos_token_id=special_id("bos_token"),
             pad_token_id=special_id("pad_token"),
+            normalization=normalization,
         )
 
     @classmethod
@@ -300,6 +314,23 @@ class StreamDecoder:
     def flush(self) -> str:
         """Whatever is held back (as U+FFFD if it never completed a character)."""
         return self._dec.decode(b"", final=True)
+
+
+def _normalizer_form(spec: Any) -> str | None:
+    """The Unicode form of a tokenizer.json normalizer: None, NFC, ... (nested in a Sequence too)."""
+    if not isinstance(spec, Mapping):
+        return None
+    kind = spec.get("type")
+    if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+        return kind
+    if kind == "Sequence":
+        forms = [f for f in map(_normalizer_form, spec.get("normalizers") or []) if f]
+        if len(forms) > 1:
+            raise TokenizerError(f"unsupported tokenizer normalizer sequence {forms}")
+        if len(spec.get("normalizers") or []) != len(forms):
+            raise TokenizerError("unsupported tokenizer.json normalizer (only Unicode forms are)")
+        return forms[0] if forms else None
+    raise TokenizerError(f"unsupported tokenizer.json normalizer {kind!r}")
 
 
 def _read_json(path: Path) -> Any:

@@ -200,13 +200,18 @@ def write_tiny_gguf(
     return written
 
 
-def write_hf_tokenizer(folder: Path, template: str | None = QWEN_TEMPLATE) -> None:
+def write_hf_tokenizer(
+    folder: Path, template: str | None = QWEN_TEMPLATE, normalizer: dict | None = None
+) -> None:
     """tokenizer.json + tokenizer_config.json for the tiny vocabulary."""
     vocab = {bytelevel(b): i for b, i in tiny_ranks().items()}
     added = [{"id": i, "content": t, "special": True} for t, i in tiny_specials().items()]
-    (folder / "tokenizer.json").write_text(
-        json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added})
-    )
+    data = {
+        "normalizer": normalizer,
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+        "added_tokens": added,
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(data))
     cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}
     if template:
         cfg["chat_template"] = template

@@ -101,12 +101,35 @@ def test_from_hf_folder(tmp_path):
     assert tok.vocab_size == 320
 
 
+@pytest.mark.parametrize(
+    "normalizer, expected",
+    [
+        (None, None),
+        ({"type": "NFC"}, "NFC"),
+        ({"type": "Sequence", "normalizers": [{"type": "NFC"}]}, "NFC"),
+    ],
+)
+def test_hf_tokenizer_json_normalizer(tmp_path, normalizer, expected):
+    write_hf_tokenizer(tmp_path, normalizer=normalizer)
+    tok = Tokenizer.from_hf_folder(tmp_path)
+    assert tok.normalization == expected
+    decomposed = "cafe\u0301"
+    assert tok.decode(tok.encode(decomposed)) == ("café" if expected else decomposed)
+
+
+def test_unsupported_normalizer_is_reported(tmp_path):
+    write_hf_tokenizer(tmp_path, normalizer={"type": "Lowercase"})
+    with pytest.raises(TokenizerError, match=r"unsupported tokenizer\.json normalizer 'Lowercase'"):
+        Tokenizer.from_hf_folder(tmp_path)
+
+
 def test_from_vocab_json(tmp_path):
     vocab = {bytelevel(b): i for b, i in tiny_ranks().items()}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     tok = Tokenizer.from_hf_folder(tmp_path)
     assert tok.encode("hello world") == tiny_tokenizer().encode("hello world")
+    assert tok.normalization == "NFC"  # as transformers' slow Qwen2Tokenizer does
 
 
 def test_from_tiktoken_file_adds_qwen1_specials(tmp_path):
