@@ -66,12 +66,13 @@ def load(
     dt = resolve_dtype(dtype, dev)
     with open_checkpoint(path) as ckpt:
         net = build_model(ckpt.config, ckpt.tensors(dt), dtype=dt, device=dev)
+    given_path = Path(os.fspath(model)).expanduser().exists()
     return Qwen(
         net,
         ckpt.tokenizer,
         ChatTemplate(ckpt.chat_template, ckpt.tokenizer),
         generation_defaults=ckpt.generation_defaults,
-        name=str(model) if not Path(str(model)).exists() else (ckpt.name or path.name),
+        name=(ckpt.name or path.name) if given_path else str(model),
         path=path,
     )
 

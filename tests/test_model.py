@@ -137,16 +137,7 @@ def test_config_round_trips_through_hf_json():
 def test_logits_match_transformers_qwen2(tie):
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.Qwen2Config(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=tie,
+        **tiny_config(num_hidden_layers=3, tie_word_embeddings=tie).to_hf()
     )
     torch.manual_seed(0)
     hf = transformers.Qwen2ForCausalLM(hf_config).eval()

@@ -114,10 +114,6 @@ class ChatTemplate:
         self._specials = specials
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
-    @property
-    def supports_tools(self) -> bool:
-        return "tools" in self.source
-
     def _render_marked(
         self,
         messages: Sequence[Message],

@@ -65,15 +65,6 @@ def make_cache(model: nn.Module | ModelConfig) -> list[KVCache]:
     return [KVCache() for _ in range(config.num_hidden_layers)]
 
 
-def cache_offset(cache: list[KVCache]) -> int:
-    return cache[0].offset if cache else 0
-
-
-def trim_cache(cache: list[KVCache], n: int) -> None:
-    for c in cache:
-        c.trim(n)
-
-
 class PromptCache:
     """A cache plus the token ids it holds, so a follow-up prompt prefills only what is new.
 
