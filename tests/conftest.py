@@ -27,7 +27,8 @@ def real_model_path() -> Path:
 def real_model(real_model_path):
     import qwenlm
 
-    return qwenlm.load(real_model_path, dtype="float32", device="cpu")
+    # The reference path (plain PyTorch layers), which the parity tests compare to transformers.
+    return qwenlm.load(real_model_path, dtype="float32", device="cpu", quant="none")
 
 
 @pytest.fixture(scope="session")

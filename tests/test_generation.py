@@ -8,7 +8,7 @@ from helpers import TINY_VOCAB, tiny_config, tiny_model, tiny_specials, tiny_tok
 from torch import nn
 
 from qwenlm.errors import GenerationError
-from qwenlm.generation.cache import PromptCache
+from qwenlm.generation.engine import Engine
 from qwenlm.generation.generate import GenerationConfig, generate, generate_step, stream_generate
 from qwenlm.generation.sampling import apply_repetition_penalty, sample
 
@@ -16,9 +16,10 @@ IM_END = tiny_specials()["<|im_end|>"]
 
 
 class ScriptedModel(nn.Module):
-    """Predicts a fixed continuation: after n tokens have been seen, token script[n - prompt_len].
+    """Predicts a fixed continuation: the token after position p is script[p + 1 - prompt_len].
 
-    It still drives the KV cache protocol, so prefix reuse and trimming are exercised.
+    Its "hidden state" is the position itself, which the head turns into the scripted token,
+    so it runs through the real engine (sequences, positions, prefix reuse) without weights.
     """
 
     def __init__(self, script: list[int], prompt_len: int, context: int = 512) -> None:
@@ -29,15 +30,17 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
         self.calls: list[int] = []
 
-    def forward(self, input_ids, cache=None, *, last_only=False, **_):
-        B, T = input_ids.shape
-        self.calls.append(T)
-        for c in cache:
-            c.update_and_fetch(torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
-        seen = cache[0].offset
-        logits = torch.full((B, 1 if last_only else T, TINY_VOCAB), -10.0)
-        i = seen - self.prompt_len
-        logits[:, -1, self.script[i] if i < len(self.script) else IM_END] = 10.0
+    def model(self, input_ids, cache, positions):
+        self.calls.append(input_ids.shape[1])
+        return positions[..., None].float()  # (1, N, 1)
+
+    def lm_head(self, h):
+        logits = torch.full((*h.shape[:-1], TINY_VOCAB), -10.0)
+        for idx, p in enumerate(h.reshape(-1).tolist()):
+            i = int(p) + 1 - self.prompt_len
+            logits.view(-1, TINY_VOCAB)[
+                idx, self.script[i] if 0 <= i < len(self.script) else IM_END
+            ] = 10.0
         return logits
 
 
@@ -150,13 +153,13 @@ def test_stopping_costs_no_extra_forward_pass():
     assert model.calls == [3, 1, 1, 1]  # prefill, then one step per further token
 
 
-def test_prompt_cache_prefills_only_the_new_suffix():
+def test_sequence_cache_prefills_only_the_new_suffix():
     model = tiny_model()
     tok = tiny_tokenizer()
     cfg = GenerationConfig(temperature=0, max_new_tokens=6, ignore_eos=True)
     prompt = tok.encode("hello world, hello world")
     fresh = generate(model, tok, prompt, cfg).token_ids
-    pc = PromptCache(model)
+    pc = Engine(model).new_sequence()
     assert generate(model, tok, prompt, cfg, cache=pc).token_ids == fresh
     longer = prompt + fresh + tok.encode(" more text")
     fresh2 = generate(model, tok, longer, cfg).token_ids

@@ -1,4 +1,8 @@
-"""KV caches: one object per layer, passed into the model's forward."""
+"""The plain KV cache: one object per layer, passed into the model's forward.
+
+The engine (engine.py) keeps its own per-sequence caches; this one is for direct use of the
+model, one sequence (or a same-length batch) at a time.
+"""
 
 from __future__ import annotations
 
@@ -63,32 +67,3 @@ def make_cache(model: nn.Module | ModelConfig) -> list[KVCache]:
     """A fresh cache list for ``model`` (or its config): one KVCache per layer."""
     config = model if isinstance(model, ModelConfig) else model.config
     return [KVCache() for _ in range(config.num_hidden_layers)]
-
-
-class PromptCache:
-    """A cache plus the token ids it holds, so a follow-up prompt prefills only what is new.
-
-    A chat turn re-sends the whole conversation; everything up to the first id that differs
-    from what is cached is reused.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.cache = make_cache(model)
-        self.tokens: list[int] = []
-
-    def reuse(self, prompt: list[int]) -> int:
-        """Trim the cache to its common prefix with ``prompt``; returns the reused length."""
-        n = 0
-        limit = min(len(self.tokens), len(prompt) - 1)  # always leave one token to run
-        while n < limit and self.tokens[n] == prompt[n]:
-            n += 1
-        # Per layer: a forward pass interrupted part-way (Ctrl-C) leaves layers at different offsets.
-        for c in self.cache:
-            c.trim(c.offset - n)
-        self.tokens = self.tokens[:n]
-        return n
-
-    def reset(self) -> None:
-        for c in self.cache:
-            c.reset()
-        self.tokens = []

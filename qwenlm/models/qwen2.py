@@ -2,7 +2,8 @@
 
 Module and parameter names reproduce the Hugging Face checkpoint (``model.layers.N.self_attn.
 q_proj``...), so a state dict loads with no mapping table. The KV cache is passed in: a list with
-one object per layer that has ``offset`` and ``update_and_fetch(k, v)``.
+one object per layer that has ``offset`` and ``update_and_fetch(k, v)``, or, for caches that
+own their attention (the engine's ragged batches), ``attend(q, k, v)``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ class LayerCache(Protocol):
     def update_and_fetch(
         self, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def concat_linears(mods: Sequence[nn.Module]) -> nn.Module:
+    """One layer computing the given layers' outputs side by side (their rows concatenated)."""
+    if all(type(m) is nn.Linear for m in mods):
+        has_bias = any(m.bias is not None for m in mods)
+        out = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=has_bias)
+        out.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
+        if has_bias:
+            biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]
+            out.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+        return out
+    # Quantized layers know how to concatenate themselves.
+    return type(mods[0]).concat(list(mods))
 
 
 class RMSNorm(nn.Module):
@@ -80,6 +95,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
+    def fuse(self) -> None:
+        """Compute Q, K and V with one matrix product (inference only)."""
+        self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(
         self,
         x: torch.Tensor,
@@ -89,21 +109,35 @@ class Attention(nn.Module):
         cache: LayerCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split(
+                [
+                    self.n_heads * self.head_dim,
+                    self.n_kv_heads * self.head_dim,
+                    self.n_kv_heads * self.head_dim,
+                ],
+                dim=-1,
+            )
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # q: (B, n_heads, T, D); k, v: (B, n_kv_heads, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)  # (B, n_kv_heads, S, D), S = past + T
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )
+        if cache is not None and hasattr(cache, "attend"):
+            y = cache.attend(q, k, v)  # the cache stores k, v and masks by itself
+        else:
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)  # (B, n_kv_heads, S, D), S = past + T
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                enable_gqa=self.n_heads != self.n_kv_heads,
+            )
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -116,7 +150,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, h, bias=False)
         self.down_proj = nn.Linear(h, d, bias=False)
 
+    def fuse(self) -> None:
+        """Compute the gate and up projections with one matrix product (inference only)."""
+        self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -156,8 +198,11 @@ class Qwen2Model(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
-        offset = cache[0].offset if cache is not None else 0
+        owns_attention = cache is not None and hasattr(cache[0], "attend")
+        offset = cache[0].offset if cache is not None and not owns_attention else 0
         if positions is None:
+            if owns_attention:
+                raise ValueError("caches that own attention need explicit positions")
             positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         if mask is None and offset > 0 and T > 1:
             # Queries at offset..offset+T-1 see every cached key plus the causal part of the new ones.
@@ -180,6 +225,12 @@ class Qwen2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """Fuse Q/K/V and gate/up projections for inference: fewer, larger matrix products."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def forward(
         self,

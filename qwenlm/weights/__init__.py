@@ -35,12 +35,38 @@ class Checkpoint:
     chat_template: str | None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    quantization: dict[str, Any] | None = None  # config.json's quantization_config
     _gguf: gguf_format.GGUFFile | None = None
+    _shards: dict[str, Path] | None = None
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs, one at a time, under Hugging Face names."""
         if self._gguf is not None:
             return gguf_format.iter_tensors(self._gguf, dtype)
         return st_format.iter_tensors(self.path, dtype)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape by Hugging Face name, without reading any data."""
+        if self._gguf is not None:
+            return {
+                hf: info.shape
+                for name, info in self._gguf.tensors.items()
+                if (hf := gguf_format.hf_name(name)) is not None
+            }
+        return st_format.shapes(self.path)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One tensor as float32 (integer tensors as stored), optionally only rows start..stop."""
+        if self._gguf is not None:
+            names = _gguf_names(self._gguf)
+            if name not in names:
+                raise CheckpointError(f"tensor {name} is not in {self.path}")
+            return self._gguf.load(names[name], torch.float32, rows)
+        if self._shards is None:
+            self._shards = st_format.locate(self.path)
+        if name not in self._shards:
+            raise CheckpointError(f"tensor {name} is not in {self.path}")
+        return st_format.read(self._shards[name], name, rows)
 
     def close(self) -> None:
         if self._gguf is not None:
@@ -51,6 +77,10 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _gguf_names(gf: gguf_format.GGUFFile) -> dict[str, str]:
+    return {hf: name for name in gf.tensors if (hf := gguf_format.hf_name(name)) is not None}
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -125,6 +155,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         eos = gen.get("eos_token_id")
         if eos is not None:
             defaults["stop_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
+    quantization = _read_json(folder / "config.json").get("quantization_config")
     return Checkpoint(
         path=folder,
         format="hf",
@@ -133,4 +164,5 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         chat_template=template,
         generation_defaults=defaults,
         name=folder.name,
+        quantization=quantization if isinstance(quantization, dict) else None,
     )

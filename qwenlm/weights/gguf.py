@@ -262,13 +262,27 @@ class GGUFFile:
         view = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return torch.from_numpy(view.copy())
 
-    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor dequantized to ``dtype``, in torch (row-major) shape."""
+    def load(
+        self, name: str, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The tensor dequantized to ``dtype``, in torch (row-major) shape.
+
+        ``rows=(start, stop)`` reads only those rows of the outermost dimension, so a large
+        matrix can be converted piece by piece.
+        """
         info = self.tensors[name]
-        view = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:
+            start, stop = rows
+            if not 0 <= start <= stop <= shape[0]:
+                raise ValueError(f"rows {rows} out of range for {name} with {shape[0]} rows")
+            row_bytes = nbytes // shape[0]  # rows are whole blocks: the row length is a multiple
+            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+            shape = (stop - start, *shape[1:])
+        view = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
         # The ACCESS_COPY mapping is writable, so torch can wrap it without a copy; dequantize
         # writes only into its own output.
-        return quants.dequantize(torch.from_numpy(view), info.ggml_type, info.shape, dtype=dtype)
+        return quants.dequantize(torch.from_numpy(view), info.ggml_type, shape, dtype=dtype)
 
     def close(self) -> None:
         mm = getattr(self, "_mm", None)

@@ -70,3 +70,38 @@ def iter_tensors(
                 f"malformed safetensors file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                 hint="the file may be truncated or corrupt; download it again",
             ) from None
+
+
+def locate(folder: Path) -> dict[str, Path]:
+    """Which shard file holds each tensor."""
+    where: dict[str, Path] = {}
+    for path in shard_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    where[name] = path
+        except Exception as e:
+            raise CheckpointError(
+                f"malformed safetensors file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
+    return where
+
+
+def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for name, path in locate(folder).items():
+        with safe_open(str(path), framework="pt") as f:
+            out[name] = tuple(f.get_slice(name).get_shape())
+    return out
+
+
+def read(path: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Tensor ``name`` of shard ``path`` (float32 if floating point), optionally rows start..stop."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
+    except Exception as e:
+        raise CheckpointError(
+            f"malformed safetensors file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    return t.float() if t.is_floating_point() else t

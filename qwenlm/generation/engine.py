@@ -1,0 +1,255 @@
+"""The inference engine: sequences with their own KV caches, run together in ragged batches.
+
+One forward pass takes any mix of segments, each a few new tokens of one sequence: a prompt
+being prefilled, one decode token, a speculative draft to verify. Their tokens are flattened
+into one row, so every linear layer runs once over all of them, and attention is computed per
+segment against that sequence's own cache. This is what batched generation, speculative
+decoding and a serving loop with continuous batching are built on.
+
+Decode-sized segments (at most ``SMALL_SEGMENT`` tokens) compute attention one query at a
+time over exactly the keys it may see, with the same operations whatever else is in the batch,
+and the kernel-backed linear layers do the same per row: a token's logits do not depend on
+what it was batched with, so batched and speculative greedy decoding equal plain decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence as Seq
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenlm.quant.linear import SMALL_BATCH
+
+SMALL_SEGMENT = SMALL_BATCH
+
+
+class SequenceCache:
+    """Keys and values of one sequence for every layer: (kv_heads, capacity, head_dim) buffers.
+
+    With ``quantized=True`` each stored row (one head, one position) is int8 codes plus a
+    float scale (``key_scales``, ``value_scales``: (kv_heads, capacity)), a quarter of the
+    float32 memory. Capacity grows geometrically in steps of ``step`` positions.
+    """
+
+    step = 256
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        quantized: bool = False,
+    ) -> None:
+        self.shape = (n_kv_heads, 0, head_dim)
+        self.quantized = quantized
+        self.dtype = torch.int8 if quantized else dtype
+        self.device = device
+        self.keys = [
+            torch.empty(self.shape, dtype=self.dtype, device=device) for _ in range(n_layers)
+        ]
+        self.values = [
+            torch.empty(self.shape, dtype=self.dtype, device=device) for _ in range(n_layers)
+        ]
+        n_scaled = n_layers if quantized else 0
+        self.key_scales = [torch.empty(n_kv_heads, 0, device=device) for _ in range(n_scaled)]
+        self.value_scales = [torch.empty(n_kv_heads, 0, device=device) for _ in range(n_scaled)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` positions in total."""
+        if n <= self.capacity:
+            return
+        cap = max(n, self.capacity + self.capacity // 2)
+        cap = -(-cap // self.step) * self.step
+        for buffers in (self.keys, self.values, self.key_scales, self.value_scales):
+            for i, old in enumerate(buffers):
+                new = old.new_empty((old.shape[0], cap, *old.shape[2:]))
+                new[:, : self.length] = old[:, : self.length]
+                buffers[i] = new
+
+    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (kv_heads, T, head_dim) at positions pos .. pos + T - 1."""
+        T = k.shape[1]
+        if not self.quantized:
+            self.keys[layer][:, pos : pos + T] = k
+            self.values[layer][:, pos : pos + T] = v
+            return
+        pairs = (
+            (k, self.keys[layer], self.key_scales[layer]),
+            (v, self.values[layer], self.value_scales[layer]),
+        )
+        for x, codes, scales in pairs:
+            amax = x.float().abs().amax(-1)  # (kv_heads, T)
+            inv = 127.0 / amax.clamp(min=1e-30)
+            codes[:, pos : pos + T] = torch.round(x.float() * inv[..., None]).to(torch.int8)
+            scales[:, pos : pos + T] = amax / 127.0
+
+    def read(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions 0 .. n - 1 as floats, (kv_heads, n, head_dim)."""
+        K, V = self.keys[layer][:, :n], self.values[layer][:, :n]
+        if not self.quantized:
+            return K, V
+        return (
+            K.float() * self.key_scales[layer][:, :n, None],
+            V.float() * self.value_scales[layer][:, :n, None],
+        )
+
+    @property
+    def nbytes(self) -> int:
+        groups = (self.keys, self.values, self.key_scales, self.value_scales)
+        return sum(t.nbytes for group in groups for t in group)
+
+
+class SequenceState:
+    """A sequence being generated: the token ids whose keys and values sit in its cache."""
+
+    def __init__(self, cache: SequenceCache) -> None:
+        self.cache = cache
+        self.tokens: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def trim(self, n: int) -> None:
+        """Forget the last ``n`` tokens (rejected drafts, a diverging prompt)."""
+        n = min(max(n, 0), len(self.tokens))
+        if n:
+            del self.tokens[len(self.tokens) - n :]
+            self.cache.length = len(self.tokens)
+
+    def reuse(self, prompt: Seq[int]) -> int:
+        """Keep the longest cached prefix of ``prompt`` (but at least one token to run); returns it."""
+        n, limit = 0, min(len(self.tokens), len(prompt) - 1)
+        while n < limit and self.tokens[n] == prompt[n]:
+            n += 1
+        self.trim(len(self.tokens) - n)
+        return n
+
+    def reset(self) -> None:
+        self.trim(len(self.tokens))
+
+
+class _BatchLayer:
+    """What one attention layer sees of a ragged batch: routes each segment to its sequence."""
+
+    def __init__(
+        self, layer: int, layout: list[tuple[SequenceState, int, int]], scale: float
+    ) -> None:
+        # The decode fast path (fastpath.KernelLayer) reads `layer` and `layout` directly.
+        self.layer = layer
+        self.layout = layout  # (sequence, first row in the flattened batch, tokens)
+        self.scale = scale
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: (1, H, N, D); k, v: (1, Hkv, N, D) for N flattened tokens
+        H, Hkv, D = q.shape[1], k.shape[1], q.shape[3]
+        out = torch.empty_like(q)
+        for seq, start, T in self.layout:
+            past = seq.cache.length
+            seq.cache.write(
+                self.layer, past, k[0, :, start : start + T], v[0, :, start : start + T]
+            )
+            K, V = seq.cache.read(self.layer, past + T)
+            if T > SMALL_SEGMENT or q.device.type != "cpu":
+                # Fused attention: prefill on CPU, everything on accelerators.
+                qs = q[:, :, start : start + T]
+                Ks, Vs = K[None], V[None]
+                mask = None
+                if past and T > 1:
+                    rows = torch.arange(past, past + T, device=q.device)[:, None]
+                    mask = torch.arange(past + T, device=q.device)[None, :] <= rows
+                out[:, :, start : start + T] = F.scaled_dot_product_attention(
+                    qs,
+                    Ks,
+                    Vs,
+                    attn_mask=mask,
+                    is_causal=mask is None and T > 1,
+                    enable_gqa=Hkv != H,
+                )
+                continue
+            for t in range(T):
+                # One query row over exactly the keys it may see: (Hkv, group, D) x (Hkv, D, S).
+                n = past + t + 1
+                qg = q[0, :, start + t].view(Hkv, H // Hkv, D)
+                scores = torch.matmul(qg, K[:, :n].transpose(1, 2)) * self.scale
+                out[0, :, start + t] = torch.matmul(scores.softmax(-1), V[:, :n]).view(H, D)
+        return out
+
+
+class Engine:
+    """Runs a model over ragged batches of sequences; owns no model state beyond a reference."""
+
+    def __init__(self, model: nn.Module, *, kv_cache: str = "float") -> None:
+        """``kv_cache="int8"`` stores keys and values as int8 rows with a scale each."""
+        if kv_cache not in ("float", "int8"):
+            raise ValueError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
+        self.model = model
+        self.kv_cache = kv_cache
+        self.config = model.config
+        p = next(model.parameters(), None)
+        if p is None:
+            p = next(model.buffers())
+        self.device = p.device
+        # Keys and values stay float32 on CPU, where bfloat16 attention is ~10x slower.
+        self.kv_dtype = (
+            torch.float32 if self.device.type == "cpu" else model.model.embed_tokens.weight.dtype
+        )
+
+    def new_sequence(self) -> SequenceState:
+        c = self.config
+        return SequenceState(
+            SequenceCache(
+                c.num_hidden_layers,
+                c.num_key_value_heads,
+                c.head_dim,
+                self.kv_dtype,
+                self.device,
+                quantized=self.kv_cache == "int8",
+            )
+        )
+
+    def forward(
+        self, segments: Seq[tuple[SequenceState, Seq[int]]], *, all_logits: bool = False
+    ) -> list[torch.Tensor]:
+        """Feed each sequence its new tokens; return float32 logits per segment.
+
+        Each result is (vocab,) for the segment's last token, or (tokens, vocab) with
+        ``all_logits``. The tokens become part of their sequences.
+        """
+        ids: list[int] = []
+        positions: list[int] = []
+        layout: list[tuple[SequenceState, int, int]] = []
+        for seq, tokens in segments:
+            if not tokens:
+                raise ValueError("a segment needs at least one token")
+            seq.cache.reserve(len(seq) + len(tokens))
+            layout.append((seq, len(ids), len(tokens)))
+            positions.extend(range(len(seq), len(seq) + len(tokens)))
+            ids.extend(tokens)
+        scale = 1.0 / math.sqrt(self.config.head_dim)
+        views = [_BatchLayer(i, layout, scale) for i in range(self.config.num_hidden_layers)]
+        x = torch.tensor([ids], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
+        with torch.inference_mode():
+            h = self.model.model(x, views, pos)[0]  # (N, hidden)
+            if all_logits:
+                logits = self.model.lm_head(h).float()
+                results = [logits[start : start + T] for _, start, T in layout]
+            else:
+                last = torch.tensor([start + T - 1 for _, start, T in layout], device=self.device)
+                logits = self.model.lm_head(h[last]).float()
+                results = list(logits)
+        for seq, tokens in segments:
+            seq.tokens.extend(tokens)
+            seq.cache.length = len(seq.tokens)
+        return results

@@ -1,0 +1,309 @@
+"""Weight quantization as transforms that swap a built model's Linear layers for quantized ones.
+
+Modes (``MODES``):
+
+- ``f32``: float32 weights on the native matrix-vector kernel (exact, 4 bytes a weight).
+- ``int8``: int8 per output channel (symmetric); the embedding int8 per row.
+- ``int4``: 4-bit groups of 32, 64 or 128 with a float16 scale and minimum each; the output head
+  int8 unless ``head="int4"``; the embedding int8 per row.
+
+:func:`quantize` converts a float model in place. :func:`load_quantized` builds one straight
+from a checkpoint, converting each matrix in slices of rows, so no full float32 copy of the
+model (or even of the 545 MB embedding table) ever exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from qwenlm.config import ModelConfig
+from qwenlm.errors import CheckpointError, QwenlmError
+from qwenlm.quant.linear import DenseLinear, Int4Linear, Int8Linear, KernelLinear
+
+MODES = ("f32", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# Rows converted at a time: bounds the float32 temporaries to ~64 MB.
+_CHUNK_BYTES = 64 << 20
+
+
+class QuantizationError(QwenlmError):
+    """An unknown mode or a layer shape the mode cannot hold."""
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows stored as int8 with one scale per row; looked-up rows are dequantized."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Embedding:
+        q, s = Int8Linear.quantize(weight)
+        return cls(q, s)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Tied output heads and tools that inspect `embed_tokens.weight` get the float values.
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scale[ids][..., None]
+
+
+def _check(mode: str, group_size: int) -> None:
+    if mode not in MODES:
+        raise QuantizationError(
+            f"unknown quantization mode {mode!r}", hint=f"use one of {', '.join(MODES)}"
+        )
+    if group_size not in GROUP_SIZES:
+        raise QuantizationError(
+            f"group size {group_size} is not supported", hint="use 32, 64 or 128"
+        )
+
+
+def _linear_factory(
+    mode: str, group_size: int, head: str | None, name: str
+) -> Callable[..., KernelLinear]:
+    kind = (head or ("int8" if mode == "int4" else mode)) if name == "lm_head" else mode
+    if kind == "f32":
+        return lambda w, b: DenseLinear(w, b)
+    if kind == "int8":
+        return Int8Linear.from_float
+    if kind == "int4":
+        return lambda w, b: Int4Linear.from_float(w, b, group_size)
+    raise QuantizationError(f"unknown head quantization {head!r}", hint="use f32, int8 or int4")
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def quantize(
+    model: nn.Module, mode: str = "int8", *, group_size: int = 32, head: str | None = None
+) -> nn.Module:
+    """Swap every ``nn.Linear`` (and the embedding, for int modes) of a built model in place."""
+    _check(mode, group_size)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            make = _linear_factory(mode, group_size, head, name)
+            _set(
+                model,
+                name,
+                make(module.weight.detach(), None if module.bias is None else module.bias.detach()),
+            )
+        elif isinstance(module, nn.Embedding) and mode != "f32":
+            _set(model, name, Int8Embedding.from_float(module.weight.detach()))
+    model.quantization = {"mode": mode, "group_size": group_size, "head": head}
+    return model
+
+
+def _rows_per_chunk(cols: int) -> int:
+    return max(1, _CHUNK_BYTES // (4 * cols))
+
+
+def _chunked(
+    read: Callable[[tuple[int, int]], torch.Tensor], rows: int, cols: int, convert: Callable
+) -> list:
+    """Convert a (rows, cols) matrix slice by slice; returns the per-slice results."""
+    step = _rows_per_chunk(cols)
+    return [convert(read((a, min(a + step, rows)))) for a in range(0, rows, step)]
+
+
+def _cat_parts(parts: list[KernelLinear | Int8Embedding]) -> nn.Module:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], Int8Embedding):
+        return Int8Embedding(
+            torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts])
+        )
+    return type(parts[0]).concat(parts)
+
+
+def load_quantized(
+    ckpt: object,
+    mode: str = "int8",
+    *,
+    group_size: int = 32,
+    head: str | None = None,
+) -> nn.Module:
+    """Build a quantized model from an open :class:`~qwenlm.weights.Checkpoint`.
+
+    Linear weights and the embedding are read and converted a slice of rows at a time; norms
+    and biases are read whole. Peak memory is the quantized model plus one slice.
+    """
+    from qwenlm.models import model_class
+
+    _check(mode, group_size)
+    config: ModelConfig = ckpt.config
+    shapes = ckpt.shapes()
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    done: set[str] = set()
+    for name, module in list(model.named_modules()):
+        is_linear = type(module) is nn.Linear
+        if not is_linear and not isinstance(module, nn.Embedding):
+            continue
+        wname = f"{name}.weight"
+        if wname not in shapes:
+            if name == "lm_head":
+                continue  # tied: built from the embedding below
+            raise CheckpointError(f"checkpoint is missing tensor {wname}")
+        expected = tuple(module.weight.shape)
+        if tuple(shapes[wname]) != expected:
+            raise CheckpointError(
+                f"checkpoint tensor {wname} has shape {list(shapes[wname])}, but the config implies {list(expected)}"
+            )
+        rows, cols = expected
+
+        def read(r: tuple[int, int], wname: str = wname) -> torch.Tensor:
+            return ckpt.read(wname, r)
+
+        if is_linear:
+            bname = f"{name}.bias"
+            if module.bias is not None and bname not in shapes:
+                raise CheckpointError(f"checkpoint is missing tensor {bname}")
+            bias = ckpt.read(bname) if module.bias is not None else None
+            make = _linear_factory(mode, group_size, head, name)
+            parts = _chunked(read, rows, cols, lambda w, make=make: make(w, None))
+            new = _cat_parts(parts)
+            if bias is not None:
+                new.bias = bias.float().contiguous()
+            done.update({wname, bname})
+        elif mode == "f32":
+            new = nn.Embedding(rows, cols, _weight=ckpt.read(wname), _freeze=True)
+            done.add(wname)
+        else:
+            new = _cat_parts(_chunked(read, rows, cols, Int8Embedding.from_float))
+            done.add(wname)
+        _set(model, name, new)
+    if "lm_head.weight" not in shapes:
+        # The output head shares the embedding's values; as a kernel layer it is its own copy.
+        make = _linear_factory(mode, group_size, head, "lm_head")
+        parts = _chunked(
+            lambda r: ckpt.read("model.embed_tokens.weight", r),
+            config.vocab_size,
+            config.hidden_size,
+            lambda w: make(w, None),
+        )
+        _set(model, "lm_head", _cat_parts(parts))
+    for pname, param in list(model.named_parameters()):
+        if pname in done:
+            continue
+        if pname not in shapes:
+            raise CheckpointError(f"checkpoint is missing tensor {pname}")
+        value = ckpt.read(pname)
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"checkpoint tensor {pname} has shape {list(value.shape)}, but the config implies {list(param.shape)}"
+            )
+        _set(model, pname, nn.Parameter(value.float(), requires_grad=False))
+    model.quantization = {"mode": mode, "group_size": group_size, "head": head}
+    return model.eval()
+
+
+# -- saving and reloading ------------------------------------------------------------------
+QUANT_METHOD = "qwenlm"
+
+
+def _saved_linear(ckpt: object, name: str, shapes: dict, group_size: int) -> KernelLinear:
+    """The layer stored under ``name``, its kind told by which tensors exist."""
+    bias = ckpt.read(f"{name}.bias") if f"{name}.bias" in shapes else None
+    if f"{name}.mins" in shapes:
+        return Int4Linear(
+            ckpt.read(f"{name}.qweight"),
+            ckpt.read(f"{name}.scales"),
+            ckpt.read(f"{name}.mins"),
+            bias,
+            group_size,
+        )
+    if f"{name}.scale" in shapes:
+        return Int8Linear(ckpt.read(f"{name}.qweight"), ckpt.read(f"{name}.scale"), bias)
+    if f"{name}.weight" in shapes:
+        return DenseLinear(ckpt.read(f"{name}.weight"), bias)
+    raise CheckpointError(f"quantized checkpoint has no weights for {name}")
+
+
+def load_saved(ckpt: object) -> nn.Module:
+    """Rebuild a model saved by :func:`save_quantized` (its config.json's quantization_config)."""
+    from qwenlm.models import model_class
+
+    q = ckpt.quantization
+    if q.get("quant_method") != QUANT_METHOD or q.get("mode") not in MODES:
+        raise CheckpointError(
+            f"unsupported quantization_config {dict(q)}",
+            hint="qwenlm reads the int8/int4/f32 checkpoints it writes",
+        )
+    config: ModelConfig = ckpt.config
+    shapes = ckpt.shapes()
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            _set(model, name, _saved_linear(ckpt, name, shapes, int(q.get("group_size", 32))))
+        elif isinstance(module, nn.Embedding):
+            if f"{name}.qweight" in shapes:
+                _set(
+                    model,
+                    name,
+                    Int8Embedding(ckpt.read(f"{name}.qweight"), ckpt.read(f"{name}.scale")),
+                )
+            else:
+                _set(
+                    model,
+                    name,
+                    nn.Embedding.from_pretrained(ckpt.read(f"{name}.weight"), freeze=True),
+                )
+    for pname, param in list(model.named_parameters()):
+        if param.is_meta:
+            if pname not in shapes:
+                raise CheckpointError(f"checkpoint is missing tensor {pname}")
+            _set(model, pname, nn.Parameter(ckpt.read(pname).float(), requires_grad=False))
+    model.quantization = {
+        "mode": q["mode"],
+        "group_size": q.get("group_size", 32),
+        "head": q.get("head"),
+    }
+    return model.eval()
+
+
+def save_quantized(
+    model: nn.Module, folder: object, *, tokenizer: object, chat_template: str | None
+) -> object:
+    """Write a quantized model as a Hugging Face-style folder that ``qwenlm.load`` reads back.
+
+    The model must not have fused projections (save before :func:`~qwenlm.api.load` prepares
+    it for inference, as ``qwenlm quantize`` does).
+    """
+    from qwenlm.train.checkpoint import write_json
+    from qwenlm.train.export import write_hf_folder
+
+    q = getattr(model, "quantization", None)
+    if not q:
+        raise QuantizationError(
+            "the model is not quantized", hint="quantize it first, or save it as a plain model"
+        )
+    if any(hasattr(layer.self_attn, "qkv_proj") for layer in _layers(model)):
+        raise QuantizationError(
+            "the model's projections are fused for inference", hint="save it before fusing"
+        )
+    config: ModelConfig = model.config
+    tensors = {k: v for k, v in model.state_dict().items()}
+    out = write_hf_folder(
+        folder, config=config, tensors=tensors, tokenizer=tokenizer, chat_template=chat_template
+    )
+    hf = config.to_hf()
+    hf["torch_dtype"] = "float32"
+    hf["quantization_config"] = {"quant_method": QUANT_METHOD, **q}
+    write_json(out / "config.json", hf)
+    return out
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return [getattr(layer, "layer", layer) for layer in model.model.layers]

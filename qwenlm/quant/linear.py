@@ -1,0 +1,298 @@
+"""Linear layers that run on qwenlm's CPU kernels: float32, int8 per channel, 4-bit groups.
+
+Each is a drop-in for ``nn.Linear`` (same ``in_features``, ``out_features``, ``bias``). Small
+batches of rows (decoding) go to the native kernels, which read the stored weights directly;
+larger ones (prefill) dequantize the weight once and use the fastest dense matrix multiply the
+machine has. Without the kernels (no compiler, another device), PyTorch ops compute the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwenlm.kernels import cpu_kernels, num_threads
+
+# At most this many rows go to the matrix-vector kernels; more rows amortise a dequantized
+# weight in a dense matmul. Speculative decoding keeps its verification batches within it.
+SMALL_BATCH = 16
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+class KernelLinear(nn.Module):
+    """Shared dispatch: kernel for few rows on CPU, dequantize + matmul otherwise."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+    # The integer kernels walk the input dimension in steps of 64.
+    kernel_multiple = 64
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as a float32 (out_features, in_features) tensor."""
+        raise NotImplementedError
+
+    def _kernel(self, lib: object, x: torch.Tensor, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        lib = cpu_kernels() if x.device.type == "cpu" else None
+        if (
+            lib is not None
+            and x2.shape[0] <= SMALL_BATCH
+            and self.in_features % self.kernel_multiple == 0
+        ):
+            x2 = x2.float().contiguous()
+            y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+            self._kernel(lib, x2, y)
+        else:
+            w = self.dequantize().to(x.dtype)
+            y = nn.functional.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _act_scratch(M: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for the kernels' int8 copy of the activations: codes, block scales and sums."""
+    return torch.empty(M * K, dtype=torch.int8), torch.empty(2 * M * (K // 32))
+
+
+def _cat_bias(mods: list[KernelLinear]) -> torch.Tensor | None:
+    if all(m.bias is None for m in mods):
+        return None
+    return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
+
+
+class DenseLinear(KernelLinear):
+    """float32 weights, with the kernel's row-order-independent matrix-vector product."""
+
+    kernel_multiple = 1
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> DenseLinear:
+        return cls(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+
+    @classmethod
+    def concat(cls, mods: list[DenseLinear]) -> DenseLinear:
+        return cls(torch.cat([m.weight for m in mods]), _cat_bias(mods))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+    def _kernel(self, lib, x, y):
+        M, K = x.shape
+        lib.qlm_linear_f32(
+            x.data_ptr(),
+            self.weight.data_ptr(),
+            _ptr(self.bias),
+            y.data_ptr(),
+            M,
+            self.out_features,
+            K,
+            num_threads(),
+        )
+
+
+class Int8Linear(KernelLinear):
+    """int8 weights with one float scale per output channel (symmetric, absmax / 127)."""
+
+    def __init__(
+        self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return q, scale
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        q, scale = cls.quantize(weight)
+        return cls(q, scale, bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls.from_float(
+            linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+        )
+
+    @classmethod
+    def concat(cls, mods: list[Int8Linear]) -> Int8Linear:
+        return cls(
+            torch.cat([m.qweight for m in mods]),
+            torch.cat([m.scale for m in mods]),
+            _cat_bias(mods),
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        lib = cpu_kernels() if self.qweight.device.type == "cpu" else None
+        if lib is None:
+            return self.qweight.float() * self.scale[:, None]
+        out = torch.empty(self.out_features, self.in_features)
+        lib.qlm_dequant_i8(
+            self.qweight.data_ptr(),
+            self.scale.data_ptr(),
+            out.data_ptr(),
+            self.out_features,
+            self.in_features,
+            num_threads(),
+        )
+        return out
+
+    def _kernel(self, lib, x, y):
+        M, K = x.shape
+        xq, xd = _act_scratch(M, K)
+        lib.qlm_linear_i8(
+            x.data_ptr(),
+            self.qweight.data_ptr(),
+            self.scale.data_ptr(),
+            _ptr(self.bias),
+            y.data_ptr(),
+            M,
+            self.out_features,
+            K,
+            xq.data_ptr(),
+            xd.data_ptr(),
+            num_threads(),
+        )
+
+
+def _interleave(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit values (N, K) into bytes (N, K/2): in each 64, byte j = q[j] | q[j+32] << 4."""
+    N, K = q.shape
+    q = q.view(N, K // 64, 2, 32).to(torch.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def _deinterleave(packed: torch.Tensor) -> torch.Tensor:
+    N, half = packed.shape
+    p = packed.view(N, half // 32, 32)
+    return torch.stack((p & 0xF, p >> 4), dim=2).reshape(N, half * 2)
+
+
+class Int4Linear(KernelLinear):
+    """4-bit weights in groups along the input dimension, each group with a scale and a minimum.
+
+    w = q * scale + min with q in 0..15 (asymmetric, like GGUF's Q4_1); scales and minimums are
+    stored as float16, so a group of 32 costs 4 + 1 bits per weight.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+    ) -> None:
+        super().__init__()
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * 2
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(torch.float16).contiguous())
+        self.register_buffer("mins", mins.to(torch.float16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    @staticmethod
+    def quantize(
+        weight: torch.Tensor, group_size: int = 32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        N, K = weight.shape
+        if group_size not in (32, 64, 128) or K % group_size or K % 64:
+            raise ValueError(
+                f"in_features {K} must be a multiple of 64 and of the group size {group_size} (32, 64 or 128)"
+            )
+        w = weight.float().view(N, K // group_size, group_size)
+        lo, hi = w.amin(-1), w.amax(-1)
+        # Round the group parameters to float16 first, so the codes are chosen for the stored values.
+        mins = lo.to(torch.float16)
+        scales = ((hi - mins.float()) / 15).clamp(min=1e-8).to(torch.float16)
+        q = torch.round((w - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15)
+        return _interleave(q.view(N, K)), scales, mins
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32
+    ) -> Int4Linear:
+        q, scales, mins = cls.quantize(weight, group_size)
+        return cls(q, scales, mins, bias, group_size)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        return cls.from_float(
+            linear.weight.detach(),
+            None if linear.bias is None else linear.bias.detach(),
+            group_size,
+        )
+
+    @classmethod
+    def concat(cls, mods: list[Int4Linear]) -> Int4Linear:
+        return cls(
+            torch.cat([m.qweight for m in mods]),
+            torch.cat([m.scales for m in mods]),
+            torch.cat([m.mins for m in mods]),
+            _cat_bias(mods),
+            mods[0].group_size,
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        lib = cpu_kernels() if self.qweight.device.type == "cpu" else None
+        N, K, G = self.out_features, self.in_features, self.group_size
+        if lib is None:
+            q = _deinterleave(self.qweight).float().view(N, K // G, G)
+            return (q * self.scales.float()[..., None] + self.mins.float()[..., None]).view(N, K)
+        out = torch.empty(N, K)
+        lib.qlm_dequant_i4(
+            self.qweight.data_ptr(),
+            self.scales.data_ptr(),
+            self.mins.data_ptr(),
+            out.data_ptr(),
+            N,
+            K,
+            G,
+            num_threads(),
+        )
+        return out
+
+    def _kernel(self, lib, x, y):
+        M, K = x.shape
+        xq, xd = _act_scratch(M, K)
+        lib.qlm_linear_i4(
+            x.data_ptr(),
+            self.qweight.data_ptr(),
+            self.scales.data_ptr(),
+            self.mins.data_ptr(),
+            _ptr(self.bias),
+            y.data_ptr(),
+            M,
+            self.out_features,
+            K,
+            self.group_size,
+            xq.data_ptr(),
+            xd.data_ptr(),
+            num_threads(),
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"

@@ -1,0 +1,216 @@
+"""The engine: ragged batches, the native decode path, batched and speculative generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_config, tiny_model, tiny_tokenizer
+
+from qwenlm.generation.batch import batch_generate
+from qwenlm.generation.engine import Engine
+from qwenlm.generation.fastpath import KernelLayer, accelerate
+from qwenlm.generation.generate import GenerationConfig, generate
+from qwenlm.generation.speculative import SpeculationStats, lookup_draft, speculative_step
+from qwenlm.kernels import cpu_kernels
+from qwenlm.quant import quantize
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels() is None, reason="native kernels could not be built here"
+)
+CONFIG = dict(intermediate_size=128, num_hidden_layers=3)
+
+
+def fast_model(mode="int8", seed=0, **overrides):
+    model = quantize(tiny_model(tiny_config(**{**CONFIG, **overrides}), seed=seed, std=0.1), mode)
+    model.fuse_projections()
+    assert accelerate(model) == (cpu_kernels() is not None)
+    return model
+
+
+def prompt(n, seed=0):
+    return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@needs_kernels
+def test_native_decode_path_matches_the_pytorch_layers():
+    # With float32 weights the two paths differ only by rounding, so this pins down the native
+    # norm, rotary, attention and SwiGLU kernels. (Integer kernels quantize their inputs to
+    # int8, so a rounding-level difference upstream can flip a code; test_quantization checks
+    # those layers against dequantized references.)
+    fast = fast_model("f32")
+    slow = fast_model("f32")
+    slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)  # unwrap
+    ef, es = Engine(fast), Engine(slow)
+    sf, ss = ef.new_sequence(), es.new_sequence()
+    p = prompt(40)
+    ef.forward([(sf, p)])
+    es.forward([(ss, p)])
+    for t in prompt(12, seed=1):
+        (a,) = ef.forward([(sf, [t])])
+        (b,) = es.forward([(ss, [t])])
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@needs_kernels
+def test_ragged_batch_rows_equal_separate_runs_exactly():
+    engine = Engine(fast_model())
+    prompts = [prompt(n, seed=n) for n in (5, 23, 40)]
+    seqs = [engine.new_sequence() for _ in prompts]
+    for s, p in zip(seqs, prompts, strict=True):
+        engine.forward([(s, p)])
+    batched = engine.forward([(s, [7]) for s in seqs])
+    for p, b in zip(prompts, batched, strict=True):
+        fresh = engine.new_sequence()
+        engine.forward([(fresh, p)])
+        (alone,) = engine.forward([(fresh, [7])])
+        assert torch.equal(alone, b)
+
+
+@needs_kernels
+def test_a_verified_segment_equals_token_by_token_steps_exactly():
+    engine = Engine(fast_model())
+    p, tail = prompt(30), prompt(9, seed=3)
+    a, b = engine.new_sequence(), engine.new_sequence()
+    engine.forward([(a, p)])
+    engine.forward([(b, p)])
+    together = engine.forward([(a, tail)], all_logits=True)[0]
+    steps = torch.stack([engine.forward([(b, [t])])[0] for t in tail])
+    assert torch.equal(together, steps)
+
+
+def test_sequence_trim_and_reuse():
+    engine = Engine(tiny_model())
+    s = engine.new_sequence()
+    engine.forward([(s, [1, 2, 3, 4, 5])])
+    assert s.reuse([1, 2, 3, 9, 9]) == 3 and s.tokens == [1, 2, 3] and s.cache.length == 3
+    assert s.reuse([1, 2, 3]) == 2  # always leaves a token to run
+    s.reset()
+    assert len(s) == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["f32", "int8"])
+def test_batch_generate_equals_one_by_one(mode):
+    model = fast_model(mode)
+    tok = tiny_tokenizer()
+    prompts = [prompt(n, seed=n) for n in (3, 17, 30, 8)]
+    configs = [
+        GenerationConfig(temperature=0, max_new_tokens=12, ignore_eos=True),
+        GenerationConfig(temperature=0, max_new_tokens=5, ignore_eos=True),
+        GenerationConfig(
+            temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10, ignore_eos=True, seed=4
+        ),
+        GenerationConfig(
+            temperature=0.8, max_new_tokens=9, ignore_eos=True, seed=5, repetition_penalty=1.3
+        ),
+    ]
+    together = batch_generate(model, tok, prompts, configs)
+    for p, c, r in zip(prompts, configs, together, strict=True):
+        alone = generate(model, tok, p, c)
+        assert r.token_ids == alone.token_ids
+        assert (r.text, r.finish_reason, r.completion_tokens) == (
+            alone.text,
+            alone.finish_reason,
+            alone.completion_tokens,
+        )
+
+
+def test_lookup_draft():
+    ctx = [1, 2, 3, 4, 5, 9, 1, 2, 3]
+    assert lookup_draft(ctx, 3) == [4, 5, 9]  # the trigram 1 2 3 occurred before
+    assert lookup_draft([5, 6, 7, 8], 3) == []
+    assert lookup_draft([1, 2, 1, 2, 1, 2], 2) == [1, 2]  # most recent earlier match
+
+
+def greedy(model, p, n):
+    return generate(
+        model,
+        tiny_tokenizer(),
+        p,
+        GenerationConfig(temperature=0, max_new_tokens=n, ignore_eos=True, repetition_penalty=1.0),
+    ).token_ids
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["f32", "int8", "int4"])
+def test_prompt_lookup_speculation_equals_greedy_decoding(mode):
+    model = fast_model(mode)
+    engine = Engine(model)
+    # a repetitive prompt gives prompt lookup something to find
+    p = prompt(12) * 3
+    stats = SpeculationStats()
+    spec = take(speculative_step(engine, p, num_draft=4, stats=stats), 40)
+    assert spec == greedy(model, p, 40)
+    assert stats.target_passes < 40 and stats.accepted > 0  # it did accept guesses
+
+
+@needs_kernels
+def test_draft_model_speculation_equals_greedy_decoding():
+    target = fast_model("int8", seed=0)
+    # a draft that agrees often: the same weights in int4; and one that rarely does
+    for draft in (fast_model("int4", seed=0), fast_model("int8", seed=9)):
+        p = prompt(20, seed=2)
+        stats = SpeculationStats()
+        spec = take(
+            speculative_step(Engine(target), p, draft=Engine(draft), num_draft=5, stats=stats), 30
+        )
+        assert spec == greedy(target, p, 30)
+        assert stats.proposed > 0
+
+
+def test_speculation_argument_checks():
+    from qwenlm.errors import GenerationError
+
+    engine = Engine(tiny_model())
+    with pytest.raises(GenerationError, match="num_draft"):
+        next(speculative_step(engine, [1, 2], num_draft=16))
+    other = Engine(tiny_model(tiny_config(vocab_size=400)))
+    with pytest.raises(GenerationError, match="vocabulary"):
+        next(speculative_step(engine, [1, 2], draft=other))
+
+
+def test_kernel_layer_is_only_used_with_kernel_projections():
+    model = tiny_model()
+    model.fuse_projections()
+    assert not accelerate(model)  # plain nn.Linear layers: nothing to accelerate
+    assert not any(isinstance(layer, KernelLayer) for layer in model.model.layers)
+
+
+@needs_kernels
+def test_int8_kv_cache_tracks_the_float_cache_and_keeps_exactness():
+    model = fast_model("f32")
+    ef, eq = Engine(model), Engine(model, kv_cache="int8")
+    sf, sq = ef.new_sequence(), eq.new_sequence()
+    p = prompt(40)
+    ef.forward([(sf, p)])
+    eq.forward([(sq, p)])
+    assert sq.cache.keys[0].dtype == torch.int8
+    assert sq.cache.nbytes < sf.cache.nbytes / 3
+    for t in prompt(8, seed=4):
+        (a,) = ef.forward([(sf, [t])])
+        (b,) = eq.forward([(sq, [t])])
+        assert (a - b).abs().max() <= 0.05 * a.abs().max()
+    # the native and PyTorch paths read the int8 cache alike
+    slow = fast_model("f32")
+    slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)
+    es = Engine(slow, kv_cache="int8")
+    ss = es.new_sequence()
+    es.forward([(ss, p)])
+    sq2 = eq.new_sequence()
+    eq.forward([(sq2, p)])
+    (a,) = eq.forward([(sq2, [5])])
+    (b,) = es.forward([(ss, [5])])
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    # speculation stays exact with a quantized cache
+    spec = take(speculative_step(eq, p * 2, num_draft=4), 20)
+    ref = generate(
+        eq,
+        tiny_tokenizer(),
+        p * 2,
+        GenerationConfig(temperature=0, max_new_tokens=20, ignore_eos=True, repetition_penalty=1.0),
+    ).token_ids
+    assert spec == ref
