@@ -120,9 +120,11 @@ class ChatTemplate:
         tools: Sequence[Mapping[str, Any]] | None,
         add_generation_prompt: bool,
         kwargs: dict[str, Any],
-    ) -> tuple[str, re.Pattern[str] | None]:
+        nonce: str | None = None,
+    ) -> tuple[str, re.Pattern[str]]:
         messages = normalize_messages(messages)
-        nonce = secrets.token_hex(8)
+        # Callers that compare several renders of one conversation pass one nonce to all of them.
+        nonce = nonce or secrets.token_hex(8)
         marker = "\U000f0000" + nonce + ":{}\U000f0001"
 
         def protect(x: Any) -> Any:
@@ -177,6 +179,9 @@ class ChatTemplate:
     ) -> list[int]:
         """The prompt as token ids; only the template's own special tokens become control ids."""
         text, marks = self._render_marked(messages, tools, add_generation_prompt, kwargs)
+        return self._encode_marked(text, marks)
+
+    def _encode_marked(self, text: str, marks: re.Pattern[str]) -> list[int]:
         tok = self.tokenizer
         ids: list[int] = []
         pos = 0
@@ -190,3 +195,50 @@ class ChatTemplate:
                 ids.append(tok.special_tokens[m.group()])
                 pos = m.end()
         return ids
+
+    def render_for_training(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        end_of_turn: str = "<|im_end|>",
+        **kwargs: Any,
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids of a whole conversation and a loss mask, True on what the assistant writes.
+
+        The supervised tokens of each assistant turn are those after the generation prompt
+        (``<|im_start|>assistant\n``) up to and including the ``end_of_turn`` token that
+        closes the turn, so a model learns to stop. Each turn is cut exactly where generation
+        would start, so training sees the tokens the model will be asked to continue.
+        Rendering and escaping are :meth:`encode`'s: data never becomes control tokens.
+        """
+        msgs = normalize_messages(messages)
+        nonce = secrets.token_hex(8)
+        full, marks = self._render_marked(msgs, tools, False, kwargs, nonce)
+        spans: list[tuple[int, int]] = []  # supervised character ranges of the marked text
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            if i == 0:
+                raise ChatTemplateError(
+                    "messages[0] is an assistant turn; training needs a prompt before it"
+                )
+            before, _ = self._render_marked(msgs[:i], tools, True, kwargs, nonce)
+            through, _ = self._render_marked(msgs[: i + 1], tools, False, kwargs, nonce)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise ChatTemplateError(
+                    "the chat template does not render conversations incrementally, so the "
+                    f"assistant turn messages[{i}] cannot be located for the loss mask"
+                )
+            end = through.find(end_of_turn, len(before))
+            spans.append((len(before), end + len(end_of_turn) if end >= 0 else len(through)))
+        ids: list[int] = []
+        mask: list[bool] = []
+        pos = 0
+        for start, end in [*spans, (len(full), len(full))]:
+            for piece, supervised in ((full[pos:start], False), (full[start:end], True)):
+                piece_ids = self._encode_marked(piece, marks) if piece else []
+                ids += piece_ids
+                mask += [supervised] * len(piece_ids)
+            pos = end
+        return ids, mask

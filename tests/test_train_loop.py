@@ -1,0 +1,347 @@
+"""Training runs end to end on tiny models: pretraining, SFT, DPO, Q-LoRA, and no lost work."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import random_state_dict, tiny_config, write_hf_tokenizer
+
+from qwenlm.train import train
+from qwenlm.train.loop import TrainError, cosine_lr
+from qwenlm.train.plot import read_log
+from qwenlm.train.recipe import recipe_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+QWENLM = [sys.executable, "-m", "qwenlm"]
+
+
+def tiny_hf_folder(folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config()
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
+    save_file(random_state_dict(cfg), str(folder / "model.safetensors"))
+    write_hf_tokenizer(folder)
+    return folder
+
+
+def sft_data(path: Path, n: int = 24) -> Path:
+    words = ["hello", "world", "hello world", "wor ld", "ing"]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"say {words[i % 5]} {i}"},
+                {"role": "assistant", "content": f"{words[i % 5]} {words[(i + 1) % 5]}"},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def recipe(tmp: Path, out: str = "run", **sections):
+    base = {
+        "out": str(tmp / out),
+        "model": str(tiny_hf_folder(tmp / "model"))
+        if not (tmp / "model").exists()
+        else str(tmp / "model"),
+        "task": "sft",
+        "method": "lora",
+        "data": {"train": [str(sft_data(tmp / "sft.jsonl"))], "max_seq_len": 96},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "optim": {"lr": 5e-3},
+        "schedule": {"warmup_steps": 0, "min_lr_ratio": 1.0},
+        "train": {"steps": 25, "micro_batch_size": 2, "grad_accum": 2},
+        "checkpoint": {"every": 5, "keep": 2},
+        "log": {"progress": False, "plot": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return base
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"}
+
+
+def evals(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_log(out / "log.jsonl") if r["kind"] == "eval"}
+
+
+def cli_train(data: dict, *args: str, tmp: Path) -> subprocess.Popen:
+    import yaml
+
+    path = tmp / f"recipe-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return subprocess.Popen(
+        [*QWENLM, "train", str(path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_cosine_schedule_warms_up_and_floors_at_ten_percent():
+    lrs = [cosine_lr(s, total=100, peak=1e-3, warmup=10, min_ratio=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lrs[-1] == pytest.approx(1e-4)
+
+
+# -- no lost work -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 25-step LoRA run (dropout on, so RNG state matters on resume)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    data = recipe(tmp)
+    train(recipe_from_dict(data))
+    return tmp, data
+
+
+def test_sigkill_then_resume_reproduces_the_losses_exactly(reference, tmp_path):
+    _, ref_data = reference
+    data = {
+        **ref_data,
+        "out": str(tmp_path / "killed"),
+        "train": {**ref_data["train"], "steps": 100_000},
+    }
+    proc = cli_train(data, tmp=tmp_path)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step-00000010"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1]
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    resumed = cli_train({**data, "train": ref_data["train"]}, "--resume", tmp=tmp_path)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in err
+    expected = losses(Path(ref_data["out"]))
+    got = losses(tmp_path / "killed")
+    assert sorted(got) == list(range(1, 26))
+    assert got == expected  # exactly: same floats, step for step
+
+
+def test_corrupt_newest_checkpoint_is_detected_and_the_one_before_used(reference, tmp_path):
+    import shutil
+
+    _, ref_data = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_data["out"], out)
+    newest = out / "checkpoints" / "step-00000025"
+    blob = bytearray((newest / "optimizer.safetensors").read_bytes())
+    blob[-3] ^= 0xFF
+    (newest / "optimizer.safetensors").write_bytes(bytes(blob))
+    messages: list[str] = []
+    result = train(
+        recipe_from_dict({**ref_data, "out": str(out)}), resume=True, say=messages.append
+    )
+    assert result.resumed_from == 20
+    assert any("step-00000025 is unusable" in m and "checksum" in m for m in messages), messages
+    assert losses(out) == losses(Path(ref_data["out"]))  # steps 21-25 recomputed identically
+
+
+def test_peft_loads_a_trained_adapter_with_the_same_logits(reference):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from qwenlm.lora import load_adapter
+    from qwenlm.models import build_model
+    from qwenlm.weights import open_checkpoint
+
+    _, ref_data = reference
+    with open_checkpoint(ref_data["model"]) as ckpt:
+        ours = build_model(ckpt.config, ckpt.tensors())
+    load_adapter(ours, ref_data["out"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref_data["model"], dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, ref_data["out"]).eval()
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
+    data = recipe(tmp_path, train={"steps": 100_000}, checkpoint={"every": 0})
+    proc = cli_train(data, tmp=tmp_path)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while (
+        not log.exists() or len(log.read_text().splitlines()) < 3
+    ) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    steps = [int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert len(steps) == 1 and steps[0] == max(losses(tmp_path / "run"))
+    assert "continue with --resume" in err and "Traceback" not in err
+    # and the run continues from there
+    result = train(
+        recipe_from_dict({**data, "train": {**data["train"], "steps": steps[0] + 2}}), resume=True
+    )
+    assert result.resumed_from == steps[0] and result.step == steps[0] + 2
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(reference):
+    _, ref_data = reference
+    with pytest.raises(TrainError, match="already holds a training run"):
+        train(recipe_from_dict(ref_data))
+
+
+# -- methods ----------------------------------------------------------------------------------------
+def test_pretraining_from_scratch_lowers_train_and_eval_loss_and_generates(tmp_path):
+    data = {
+        "out": str(tmp_path / "tiny-lm"),
+        "task": "pretrain",
+        "method": "full",
+        "model": None,
+        "scratch": {
+            "tokenizer": "bytes",
+            "config": {
+                "hidden_size": 64,
+                "intermediate_size": 192,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 256,
+                "rope_theta": 10000.0,
+                "tie_word_embeddings": True,
+            },
+        },
+        "data": {
+            "train": [str(REPO / "data/train/pretrain/kjv-eval.txt")],
+            "eval_fraction": 0.1,
+            "max_seq_len": 64,
+            "cache_dir": str(tmp_path / "tokens"),
+        },
+        "optim": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 5},
+        "train": {"steps": 60, "micro_batch_size": 8},
+        "eval": {"every": 30},
+        "checkpoint": {"every": 30},
+        "log": {"progress": False, "plot": True},
+    }
+    result = train(recipe_from_dict(data))
+    out = Path(data["out"])
+    e = evals(out)
+    assert sorted(e) == [0, 30, 60]
+    assert e[0]["eval_loss"] > 5.0  # about ln(320): a uniform guess over the byte vocabulary
+    assert e[60]["eval_loss"] < e[30]["eval_loss"] < e[0]["eval_loss"] - 2.0
+    tl = losses(out)
+    assert sum(tl[s] for s in range(56, 61)) < sum(tl[s] for s in range(1, 6)) - 10.0
+    assert result.eval["eval_loss"] == e[60]["eval_loss"]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # a checkpoint is a model folder: the final one in `out` is checked by the full-FT test
+    for model in (out / "checkpoints" / "step-00000030",):
+        r = subprocess.run(
+            [
+                *QWENLM,
+                "generate",
+                "-m",
+                str(model),
+                "--raw",
+                "And the LORD",
+                "--greedy",
+                "--max-new-tokens",
+                "24",
+                "--quant",
+                "none",  # the checkpoint's own float weights
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+        # 24 byte tokens: a model this small, this briefly trained, may well pick spaces
+        assert len(r.stdout.removesuffix("\n")) > 0
+
+
+def test_dpo_raises_the_chosen_minus_rejected_margin_on_held_out_pairs(tmp_path):
+    def pairs(lo: int, hi: int) -> list[dict]:
+        return [
+            {"prompt": f"say {i}", "chosen": f"hello world {i}", "rejected": f"ing wor {i}"}
+            for i in range(lo, hi)
+        ]
+
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(p) for p in pairs(0, 24)))
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(p) for p in pairs(100, 110)))
+    data = recipe(
+        tmp_path,
+        task="dpo",
+        data={"train": [str(tmp_path / "train.jsonl")], "eval": [str(tmp_path / "eval.jsonl")]},
+        dpo={"beta": 0.1},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        optim={"lr": 1e-2},
+        train={"steps": 20},
+        checkpoint={"every": 0},
+    )
+    train(recipe_from_dict(data))
+    e = evals(Path(data["out"]))
+    before, after = e[0], e[20]
+    assert before["eval_reward_margin"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
+    assert after["eval_margin"] > before["eval_margin"] + 5.0
+    assert after["eval_accuracy"] == 1.0 and after["eval_loss"] < before["eval_loss"]
+
+
+def test_qlora_trains_over_nf4_weights(tmp_path):
+    data = recipe(
+        tmp_path,
+        method="qlora",
+        qlora={"block_size": 64},
+        train={"steps": 12},
+        checkpoint={"every": 0},
+    )
+    train(recipe_from_dict(data))
+    tl = losses(Path(data["out"]))
+    assert tl[12] < 0.6 * tl[1]
+    cfg = json.loads((Path(data["out"]) / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == data["model"]
+
+
+def test_activation_checkpointing_keeps_the_math(tmp_path):
+    runs = {}
+    for name, checkpointed in (("plain", False), ("checkpointed", True)):
+        data = recipe(
+            tmp_path,
+            out=name,
+            method="full",
+            train={"steps": 3, "activation_checkpointing": checkpointed},
+            checkpoint={"every": 0},
+        )
+        train(recipe_from_dict(data))
+        runs[name] = losses(tmp_path / name)
+    assert runs["plain"] == pytest.approx(runs["checkpointed"], rel=1e-6)
+
+
+def test_full_finetune_writes_a_model_folder_that_loads(tmp_path):
+    import qwenlm
+
+    data = recipe(
+        tmp_path, method="full", data={"packing": True}, train={"steps": 4}, checkpoint={"every": 2}
+    )
+    train(recipe_from_dict(data))
+    out = Path(data["out"])
+    final, ckpt, base = (
+        qwenlm.load(p) for p in (out, out / "checkpoints" / "step-00000004", data["model"])
+    )
+    ids = final.encode_chat([{"role": "user", "content": "say hello"}])
+    torch.testing.assert_close(final.logits(ids), ckpt.logits(ids))
+    assert not torch.allclose(final.logits(ids), base.logits(ids), atol=1e-3)
+    assert final.encode_chat([{"role": "user", "content": "hi"}]) == base.encode_chat(
+        [{"role": "user", "content": "hi"}]
+    )
