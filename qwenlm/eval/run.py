@@ -1,0 +1,322 @@
+"""The evaluation harness: a task's samples through a model, scored, saved and resumable.
+
+Data flows one way: ``task.load()`` gives samples; ``task.evaluate(engine, batch)`` turns a
+batch of samples into per-sample records (prompting the model through :class:`EvalEngine`);
+``task.summarize(records)`` gives the metrics. Records are appended to ``records.jsonl`` after
+every batch, so an interrupted run picks up where it stopped.
+
+:class:`EvalEngine` is the only thing tasks know about the model. ``complete`` maps a list of
+requests to completions; today it runs them one after another, and a batched engine can take
+its place without a task changing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from qwenlm.errors import QwenlmError
+
+
+class EvalError(QwenlmError):
+    """A task's data is missing or malformed, or a run cannot be resumed as asked."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion to make: prompt token ids and how to decode."""
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class EvalEngine:
+    """What a task sees of a model: prompts in, completions or next-token scores out."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        # Consecutive prompts of a task share a long prefix (instructions, few-shot examples);
+        # the prompt cache prefills only what differs.
+        self._cache = model.new_sequence()
+        self.generated_tokens = 0
+
+    def chat_prompt(
+        self, messages: Sequence[Mapping[str, Any]], *, reply_prefix: str = ""
+    ) -> tuple[int, ...]:
+        """Ids of a conversation with the assistant's turn opened (and started with ``reply_prefix``)."""
+        ids = self.model.encode_chat(messages)
+        return tuple(ids + self.tokenizer.encode(reply_prefix))
+
+    def text_prompt(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text))
+
+    def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        """Completions for ``requests``, in order. The seam for a batched engine."""
+        out = []
+        for r in requests:
+            parts: list[str] = []
+            last = None
+            for chunk in self.model.stream(
+                list(r.prompt),
+                cache=self._cache,
+                max_new_tokens=r.max_new_tokens,
+                stop=r.stop,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=0,
+                repetition_penalty=1.0,
+                seed=r.seed,
+            ):
+                parts.append(chunk.text)
+                last = chunk
+            self.generated_tokens += last.completion_tokens
+            out.append(
+                Completion(
+                    "".join(parts),
+                    last.finish_reason or "length",
+                    last.prompt_tokens,
+                    last.completion_tokens,
+                )
+            )
+        return out
+
+    def next_token_logprobs(
+        self, prompts: Sequence[Sequence[int]], candidates: Sequence[int]
+    ) -> list[list[float]]:
+        """For each prompt, the log-probabilities of the ``candidates`` as its next token."""
+        out = []
+        for prompt in prompts:
+            ids = list(prompt)
+            n = self._cache.reuse(ids)
+            (logits,) = self.model.engine.forward([(self._cache, ids[n:])])
+            logprobs = torch.log_softmax(logits, dim=-1)
+            out.append([float(logprobs[c]) for c in candidates])
+        return out
+
+
+class Task(Protocol):
+    """A benchmark: reads its data, prompts and scores a batch of samples, summarizes."""
+
+    name: str
+
+    def config(self) -> dict[str, Any]: ...  # settings that change the numbers (for resume checks)
+
+    def load(self) -> list[dict[str, Any]]: ...  # samples, each with a unique "id"
+
+    def evaluate(
+        self, engine: EvalEngine, samples: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]: ...
+
+    def summarize(self, records: list[dict[str, Any]]) -> dict[str, float]: ...
+
+
+@dataclass
+class EvalResult:
+    task: str
+    model: str
+    metrics: dict[str, float]
+    records: list[dict[str, Any]]
+    seconds: float  # wall time of this run, plus earlier runs that were resumed
+    output: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [
+            (self.task, k, f"{v:.4f}" if isinstance(v, float) else str(v))
+            for k, v in self.metrics.items()
+        ]
+        rows.append((self.task, "samples", str(len(self.records))))
+        rows.append((self.task, "seconds", f"{self.seconds:.0f}"))
+        widths = [max(len(r[i]) for r in [("task", "metric", "value"), *rows]) for i in range(3)]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+        return "\n".join(
+            [
+                line(("task", "metric", "value")),
+                line(tuple("-" * w for w in widths)),
+                *map(line, rows),
+            ]
+        )
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill mid-write: that sample runs again
+    return records
+
+
+def run_eval(
+    model: Any,
+    task: Task,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    restart: bool = False,
+    progress: bool = True,
+    engine: EvalEngine | None = None,
+    settings: dict[str, Any] | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` (a :class:`qwenlm.Qwen`) on ``task``.
+
+    With ``output`` (a folder), records go to ``records.jsonl`` as they are made and the
+    summary to ``summary.json``; a later call with the same folder skips the samples already
+    there (``restart=True`` starts over). ``limit`` evaluates the first N samples only.
+    """
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    samples = task.load()
+    if limit is not None:
+        samples = samples[:limit]
+    ids = [s["id"] for s in samples]
+    if len(set(ids)) != len(ids):
+        raise EvalError(f"{task.name}: sample ids are not unique")
+    engine = engine or EvalEngine(model)
+    model_name = str(getattr(model, "name", None) or "model")
+    # ``settings``: how the model was loaded (quantization, dtype), part of what a resumed run must match.
+    meta = {
+        "task": task.name,
+        "model": model_name,
+        "config": task.config(),
+        "settings": settings or {},
+    }
+    done: dict[Any, dict[str, Any]] = {}
+    earlier_seconds = 0.0
+    records_path = None
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        records_path, meta_path = out / "records.jsonl", out / "run.json"
+        if restart:
+            records_path.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+        if meta_path.exists():
+            old = json.loads(meta_path.read_text())
+            if {k: old.get(k) for k in meta} != meta:
+                raise EvalError(
+                    f"{out} holds a run with other settings ({old.get('task')} on {old.get('model')}, {old.get('config')})",
+                    hint="use another --output folder, or --restart to discard that run",
+                )
+            earlier_seconds = float(old.get("seconds", 0.0))
+        if records_path.exists():
+            for r in _read_records(records_path):
+                done[r["id"]] = r
+        meta_path.write_text(json.dumps({**meta, "seconds": earlier_seconds}, indent=1))
+    todo = [s for s in samples if s["id"] not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(samples),
+            initial=len(samples) - len(todo),
+            desc=task.name,
+            unit="sample",
+            dynamic_ncols=True,
+        )
+    t0 = time.monotonic()
+    try:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            new = task.evaluate(engine, batch)
+            for r in new:
+                done[r["id"]] = r
+            if records_path is not None:
+                with records_path.open("a", encoding="utf-8") as f:
+                    for r in new:
+                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                (records_path.parent / "run.json").write_text(
+                    json.dumps(
+                        {**meta, "seconds": earlier_seconds + time.monotonic() - t0}, indent=1
+                    )
+                )
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    records = [done[i] for i in ids if i in done]
+    result = EvalResult(
+        task.name,
+        model_name,
+        task.summarize(records),
+        records,
+        earlier_seconds + time.monotonic() - t0,
+    )
+    if output is not None:
+        result.output = Path(output)
+        summary = {
+            "task": task.name,
+            "model": model_name,
+            "config": task.config(),
+            "settings": meta["settings"],
+            "metrics": result.metrics,
+            "samples": len(records),
+            "seconds": round(result.seconds, 1),
+            "generated_tokens": engine.generated_tokens,
+        }
+        (Path(output) / "summary.json").write_text(
+            json.dumps(summary, indent=1, ensure_ascii=False)
+        )
+    return result
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Objects of a JSON-lines file (``.gz`` read as gzip); errors name the file and line."""
+    import gzip
+
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"no such data file: {p}")
+    opener = gzip.open if p.suffix == ".gz" else open
+    rows = []
+    with opener(p, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(
+                    f"{p}:{n}: not valid JSON ({e.msg})", hint="each line must be one JSON object"
+                ) from None
+            if not isinstance(row, dict):
+                raise EvalError(f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def require(row: Mapping[str, Any], keys: Sequence[str], where: str) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise EvalError(
+            f"{where}: missing field(s) {', '.join(missing)}",
+            hint=f"each record needs {', '.join(keys)}",
+        )
