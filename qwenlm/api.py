@@ -15,9 +15,16 @@ from qwenlm import registry
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
 from qwenlm.errors import GenerationError
-from qwenlm.generation.cache import PromptCache
-from qwenlm.generation.generate import GenerationChunk, GenerationConfig, stream_generate
+from qwenlm.generation.engine import Engine, SequenceState
+from qwenlm.generation.fastpath import accelerate
+from qwenlm.generation.generate import (
+    GenerationChunk,
+    GenerationConfig,
+    Speculation,
+    stream_generate,
+)
 from qwenlm.models import build_model
+from qwenlm.quant import MODES, QuantizationError, load_quantized, load_saved, quantize
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
 
@@ -49,23 +56,76 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise GenerationError(f"unknown dtype {dtype!r}", hint="use float32 or bfloat16") from None
 
 
+QUANT_CHOICES = ("auto", "none", *MODES)
+
+
+def resolve_quant(quant: str, device: torch.device) -> str:
+    """``auto`` is int8 on CPU (the native kernels' fastest mode at float32 quality) and
+    ``none`` (plain PyTorch layers in ``dtype``) elsewhere."""
+    if quant not in QUANT_CHOICES:
+        raise QuantizationError(
+            f"unknown quantization {quant!r}", hint=f"use one of {', '.join(QUANT_CHOICES)}"
+        )
+    if quant == "auto":
+        return "int8" if device.type == "cpu" else "none"
+    if quant != "none" and device.type != "cpu":
+        raise QuantizationError(
+            f"quantization {quant!r} runs on the CPU only", hint="use --quant none on GPUs"
+        )
+    return quant
+
+
 def load(
     model: str | os.PathLike[str] = registry.DEFAULT_MODEL,
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
+    quant: str = "auto",
+    group_size: int = 32,
+    kv_cache: str = "float",
     cache_dir: str | os.PathLike[str] | None = None,
     pull: bool = False,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> Qwen:
     """Load a model by registry name, GGUF path or Hugging Face folder.
 
-    ``pull=True`` fetches a registry model that is not in the cache yet.
+    ``quant`` picks the weight format: ``none`` (PyTorch layers in ``dtype``, the reference
+    path), ``f32``, ``int8`` or ``int4`` (native CPU kernels; see :mod:`qwenlm.quant`), or
+    ``auto``. ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
+    is a LoRA adapter folder (PEFT format, e.g. from ``qwenlm train``), folded into the weights
+    before quantization. ``kv_cache="int8"`` keeps the attention cache in int8 (a quarter of
+    the memory at long contexts).
     """
     path = registry.resolve(model, cache_dir=cache_dir, pull=pull)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    mode = resolve_quant(quant, dev)
+    dt = resolve_dtype(dtype, dev) if mode == "none" else torch.float32
     with open_checkpoint(path) as ckpt:
-        net = build_model(ckpt.config, ckpt.tensors(dt), dtype=dt, device=dev)
+        if ckpt.quantization is not None:
+            # Saved by `qwenlm quantize`: its own format wins over `quant`.
+            if adapter is not None:
+                raise QuantizationError(
+                    "an adapter cannot be applied to a quantized checkpoint",
+                    hint="merge it into the float model first",
+                )
+            net = load_saved(ckpt)
+            mode = net.quantization["mode"]
+        elif mode != "none" and adapter is None:
+            # Straight from the file into quantized layers, a slice of rows at a time.
+            net = load_quantized(ckpt, mode, group_size=group_size)
+        else:
+            net = build_model(ckpt.config, ckpt.tensors(dt), dtype=dt, device=dev)
+    if adapter is not None:
+        from qwenlm.lora import load_adapter, merge_lora
+
+        # Folded in before anything else transforms the model, so every engine path sees it.
+        load_adapter(net, adapter)
+        merge_lora(net).eval()
+        if mode != "none":
+            quantize(net, mode, group_size=group_size)
+    if mode != "none":
+        net.fuse_projections()
+        accelerate(net)
     given_path = Path(os.fspath(model)).expanduser().exists()
     return Qwen(
         net,
@@ -74,6 +134,7 @@ def load(
         generation_defaults=ckpt.generation_defaults,
         name=(ckpt.name or path.name) if given_path else str(model),
         path=path,
+        kv_cache=kv_cache,
     )
 
 
@@ -93,8 +154,10 @@ class Qwen:
         generation_defaults: Mapping[str, Any] | None = None,
         name: str | None = None,
         path: Path | None = None,
+        kv_cache: str = "float",
     ) -> None:
         self.model = model
+        self.engine = Engine(model, kv_cache=kv_cache)
         self.tokenizer = tokenizer
         self.template = template
         self.generation_defaults = dict(generation_defaults or {})
@@ -107,7 +170,15 @@ class Qwen:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.engine.device
+
+    @property
+    def weight_format(self) -> str:
+        """``int8``, ``int4 (group 32)``, ``f32`` for kernel models, else the parameter dtype."""
+        q = getattr(self.model, "quantization", None)
+        if q:
+            return q["mode"] + (f" (group {q['group_size']})" if q["mode"] == "int4" else "")
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     def generation_config(self, **overrides: Any) -> GenerationConfig:
         """The model's defaults with ``overrides`` applied (``None`` values are ignored)."""
@@ -121,6 +192,10 @@ class Qwen:
         values = {k: v for k, v in self.generation_defaults.items() if k in fields}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return GenerationConfig(**values)
+
+    def new_sequence(self) -> SequenceState:
+        """A KV-cache holder to pass as ``cache=`` so follow-up prompts reuse their shared prefix."""
+        return self.engine.new_sequence()
 
     # -- raw ids ---------------------------------------------------------------------------
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -139,16 +214,41 @@ class Qwen:
             self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         )
 
+    def speculation(
+        self,
+        draft: Qwen | None = None,
+        *,
+        prompt_lookup: bool = False,
+        num_draft: int = 5,
+        stats: object | None = None,
+    ) -> Speculation | None:
+        """Speculative decoding settings for ``speculate=``: a draft model or prompt lookup."""
+        if draft is None and not prompt_lookup:
+            return None
+        if draft is not None and draft.tokenizer.vocab_size != self.tokenizer.vocab_size:
+            raise GenerationError(
+                "the draft model uses a different tokenizer", hint="pick a draft of the same family"
+            )
+        return Speculation(
+            draft=draft.engine if draft is not None else None, num_draft=num_draft, stats=stats
+        )
+
     def stream(
-        self, prompt: str | Sequence[int], *, cache: PromptCache | None = None, **options: Any
+        self,
+        prompt: str | Sequence[int],
+        *,
+        cache: SequenceState | None = None,
+        speculate: Speculation | None = None,
+        **options: Any,
     ) -> Iterator[GenerationChunk]:
         """Chunks completing ``prompt`` (text is encoded as plain text; give ids for control tokens)."""
         return stream_generate(
-            self.model,
+            self.engine,
             self.tokenizer,
             self._ids(prompt),
             self.generation_config(**options),
             cache=cache,
+            speculation=speculate,
         )
 
     def generate(self, prompt: str | Sequence[int], **options: Any) -> str:
@@ -173,13 +273,19 @@ class Qwen:
         messages: Sequence[Mapping[str, Any]],
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        cache: PromptCache | None = None,
+        cache: SequenceState | None = None,
+        speculate: Speculation | None = None,
         **options: Any,
     ) -> Iterator[GenerationChunk]:
         """Chunks of the assistant's reply to ``messages`` (OpenAI-style role/content dicts)."""
         ids = self.encode_chat(messages, tools=tools)
         return stream_generate(
-            self.model, self.tokenizer, ids, self.generation_config(**options), cache=cache
+            self.engine,
+            self.tokenizer,
+            ids,
+            self.generation_config(**options),
+            cache=cache,
+            speculation=speculate,
         )
 
     def chat_stream(

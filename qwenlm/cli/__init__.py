@@ -18,6 +18,15 @@ COMMANDS = {
     "generate": ("qwenlm.cli.generate:main", "generate a reply to one prompt, printed to stdout"),
     "pull": ("qwenlm.cli.models:main", "download and verify a registry model"),
     "list": ("qwenlm.cli.models:list_main", "list registry models and which are pulled"),
+    "quantize": ("qwenlm.cli.quantize:main", "quantize a model to int8/int4 and save it"),
+    "bench": ("qwenlm.cli.bench:main", "measure decode and prefill speed, memory and perplexity"),
+    "profile": ("qwenlm.cli.bench:profile_main", "the model cards' speed and memory table"),
+    "train": ("qwenlm.cli.train:main", "pretrain, fine-tune (full, LoRA, Q-LoRA) or DPO-train"),
+    "merge": ("qwenlm.cli.merge:main", "fold a LoRA adapter into its base model"),
+    "eval": (
+        "qwenlm.cli.eval:main",
+        "evaluate a model on a benchmark (HumanEval, MMLU, GSM8K ...)",
+    ),
 }
 
 

@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", "-v", action="store_true", help="print token counts and speed after each reply"
     )
     add_sampling_args(p)
+    p.add_argument(
+        "--tools",
+        metavar="LIST",
+        help="let the model call tools: 'code' (a sandboxed Python interpreter), 'calculator', or both comma-separated",
+    )
     return p
 
 
@@ -40,13 +45,11 @@ class ChatSession:
     def __init__(
         self, model: Any, *, system: str | None = None, options: dict[str, Any] | None = None
     ) -> None:
-        from qwenlm.generation.cache import PromptCache
-
         self.model = model
         self.system = system
         self.options = options or {}
         self.messages: list[dict[str, str]] = []
-        self.cache = PromptCache(model.model)
+        self.cache = model.new_sequence()
 
     def reset(self) -> None:
         self.messages = []
@@ -173,10 +176,20 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = sampling_options(args)
+    if args.tools:
+        from qwenlm.agent.function_calling import parse_tool_names
+
+        parse_tool_names(args.tools)  # a typo is reported before the model loads
     model = load_model(args)
     model.generation_config(**options)  # report bad flags now, not after the first message
     # Line editing and history for input(), where the platform has readline.
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401
+    if args.tools:
+        from qwenlm.agent.function_calling import tool_chat_session
+
+        with tool_chat_session(model, args.tools, system=args.system, options=options) as session:
+            run(session, verbose=args.verbose)
+        return 0
     run(ChatSession(model, system=args.system, options=options), verbose=args.verbose)
     return 0

@@ -32,6 +32,31 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
         choices=["auto", "float32", "bfloat16"],
         help="weight dtype (auto: float32 on CPU, bfloat16 on CUDA)",
     )
+    p.add_argument(
+        "--quant",
+        default="auto",
+        choices=["auto", "none", "f32", "int8", "int4"],
+        help="weight format: int8/int4/f32 run on native CPU kernels; none is plain PyTorch in "
+        "--dtype (auto: int8 on CPU, none elsewhere)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=32,
+        choices=[32, 64, 128],
+        help="int4 group size (default 32)",
+    )
+    p.add_argument(
+        "--kv-cache",
+        default="float",
+        choices=["float", "int8"],
+        help="attention cache format: int8 takes a quarter of the memory (default float)",
+    )
+    p.add_argument(
+        "--adapter",
+        metavar="PATH",
+        help="LoRA adapter folder (from qwenlm train, or PEFT) to apply to the model",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -74,11 +99,19 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> Any:
     if not quiet:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model = load(
-        args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, pull=args.pull
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        pull=args.pull,
+        adapter=getattr(args, "adapter", None),
+        quant=args.quant,
+        group_size=args.group_size,
+        kv_cache=args.kv_cache,
     )
     if not quiet:
         print(
-            f"loaded in {time.perf_counter() - t0:.1f}s ({model.device}, {str(model.model.lm_head.weight.dtype).removeprefix('torch.')})",
+            f"loaded in {time.perf_counter() - t0:.1f}s ({model.device}, {model.weight_format})",
             file=sys.stderr,
             flush=True,
         )

@@ -30,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verbose", "-v", action="store_true", help="print token counts and speed to stderr"
     )
+    g = p.add_argument_group(
+        "speculative decoding (greedy only: implies --greedy and --repetition-penalty 1)"
+    )
+    g.add_argument(
+        "--draft", metavar="MODEL", help="a smaller model of the same family that proposes tokens"
+    )
+    g.add_argument(
+        "--prompt-lookup", action="store_true", help="propose tokens by copying from the prompt"
+    )
+    g.add_argument("--num-draft", type=int, default=5, help="tokens proposed per step (default 5)")
     add_sampling_args(p)
     return p
 
@@ -40,13 +50,34 @@ def main(argv: list[str] | None = None) -> int:
     options = sampling_options(args)
     if args.ignore_eos:
         options["ignore_eos"] = True
+    speculative = args.draft is not None or args.prompt_lookup
+    if speculative:
+        options.update(temperature=0.0, repetition_penalty=1.0)
     model = load_model(args, quiet=not args.verbose)
     model.generation_config(**options)  # validate the flags before any work
+    stats = None
+    spec = None
+    if speculative:
+        from qwenlm.generation.speculative import SpeculationStats
+
+        draft = (
+            load_model(
+                argparse.Namespace(**{**vars(args), "model": args.draft}), quiet=not args.verbose
+            )
+            if args.draft
+            else None
+        )
+        stats = SpeculationStats()
+        spec = model.speculation(
+            draft, prompt_lookup=args.prompt_lookup, num_draft=args.num_draft, stats=stats
+        )
     if args.raw:
-        stream = model.stream(prompt, **options)
+        stream = model.stream(prompt, speculate=spec, **options)
     else:
         messages = [{"role": "system", "content": args.system}] if args.system is not None else []
-        stream = model.stream_chat([*messages, {"role": "user", "content": prompt}], **options)
+        stream = model.stream_chat(
+            [*messages, {"role": "user", "content": prompt}], speculate=spec, **options
+        )
     t0 = time.perf_counter()
     last = None
     for chunk in stream:
@@ -61,4 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             f"({last.completion_tokens / s:.1f} tokens/s), finish: {last.finish_reason}]",
             file=sys.stderr,
         )
+        if stats is not None:
+            print(
+                f"[speculation: {stats.accepted}/{stats.proposed} guesses accepted "
+                f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target pass]",
+                file=sys.stderr,
+            )
     return 0
