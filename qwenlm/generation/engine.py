@@ -164,6 +164,12 @@ class _BatchLayer:
                 # Fused attention: prefill on CPU, everything on accelerators.
                 qs = q[:, :, start : start + T]
                 Ks, Vs = K[None], V[None]
+                gqa = Hkv != H
+                if gqa and q.device.type == "cuda":
+                    # Flash attention takes grouped heads only as repeated copies.
+                    Ks = Ks.repeat_interleave(H // Hkv, dim=1)
+                    Vs = Vs.repeat_interleave(H // Hkv, dim=1)
+                    gqa = False
                 mask = None
                 if past and T > 1:
                     rows = torch.arange(past, past + T, device=q.device)[:, None]
@@ -174,7 +180,7 @@ class _BatchLayer:
                     Vs,
                     attn_mask=mask,
                     is_causal=mask is None and T > 1,
-                    enable_gqa=Hkv != H,
+                    enable_gqa=gqa,
                 )
                 continue
             for t in range(T):
@@ -189,8 +195,11 @@ class _BatchLayer:
 class Engine:
     """Runs a model over ragged batches of sequences; owns no model state beyond a reference."""
 
-    def __init__(self, model: nn.Module, *, kv_cache: str = "float") -> None:
-        """``kv_cache="int8"`` stores keys and values as int8 rows with a scale each."""
+    def __init__(
+        self, model: nn.Module, *, kv_cache: str = "float", cuda_graphs: bool = True
+    ) -> None:
+        """``kv_cache="int8"`` stores keys and values as int8 rows with a scale each;
+        ``cuda_graphs`` replays recorded one-token decode steps on CUDA devices."""
         if kv_cache not in ("float", "int8"):
             raise ValueError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
         self.model = model
@@ -204,19 +213,26 @@ class Engine:
         self.kv_dtype = (
             torch.float32 if self.device.type == "cpu" else model.model.embed_tokens.weight.dtype
         )
+        # One-token steps of one sequence replay a recorded CUDA graph (float KV cache only).
+        self.graphs = None
+        if self.device.type == "cuda" and kv_cache == "float" and cuda_graphs:
+            from qwenlm.generation.cuda_graphs import GraphDecoder
+
+            self.graphs = GraphDecoder(self)
 
     def new_sequence(self) -> SequenceState:
         c = self.config
-        return SequenceState(
-            SequenceCache(
-                c.num_hidden_layers,
-                c.num_key_value_heads,
-                c.head_dim,
-                self.kv_dtype,
-                self.device,
-                quantized=self.kv_cache == "int8",
-            )
+        cache = SequenceCache(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            self.kv_dtype,
+            self.device,
+            quantized=self.kv_cache == "int8",
         )
+        if self.graphs is not None:
+            cache.step = 1024  # each capacity change records a new graph
+        return SequenceState(cache)
 
     def forward(
         self, segments: Seq[tuple[SequenceState, Seq[int]]], *, all_logits: bool = False
@@ -226,6 +242,19 @@ class Engine:
         Each result is (vocab,) for the segment's last token, or (tokens, vocab) with
         ``all_logits``. The tokens become part of their sequences.
         """
+        if (
+            self.graphs is not None
+            and len(segments) == 1
+            and len(segments[0][1]) == 1
+            and not all_logits
+        ):
+            seq, (token,) = segments[0]
+            seq.cache.reserve(len(seq) + 1)
+            with torch.inference_mode():
+                logits = self.graphs.step(seq.cache, int(token), len(seq))
+            seq.tokens.append(int(token))
+            seq.cache.length = len(seq.tokens)
+            return [logits]
         ids: list[int] = []
         positions: list[int] = []
         layout: list[tuple[SequenceState, int, int]] = []
