@@ -1,0 +1,155 @@
+"""``qwenlm serve [MODEL]``: the OpenAI-compatible API and the web chat page."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from qwenlm.cli.common import add_model_args, load_model
+from qwenlm.errors import QwenlmError
+
+API_KEY_ENV = "QWENLM_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwenlm serve",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+        "/v1/completions, /v1/models, /health, /metrics) with a web chat page at /.",
+    )
+    add_model_args(p, positional=True)
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument(
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY' on every route (default: ${API_KEY_ENV}; "
+        "unset: no key)",
+    )
+    g.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser calls from ORIGIN (repeatable; default: CORS off)",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request body accepted; larger is a 413 (default 4 MiB)",
+    )
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--served-model-name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="the model id clients send and /v1/models lists (repeatable; the first is "
+        "listed; default: the model's name)",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=16,
+        help="sequences decoded together in the running batch (default 16)",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests that may wait for a slot; more get 503 with Retry-After (default 64)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take; then it ends with finish_reason 'length' (default 600)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        help="context length to allow, prompt plus completion (default: the model's)",
+    )
+    g.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=16384,
+        help="KV-cache positions kept from finished requests to reuse for prompts that share "
+        "their prefix; 0 turns it off (default 16384)",
+    )
+    g.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=16,
+        help="prompt tokens per sequence per forward. The default 16 keeps every forward on "
+        "the exact per-row path: a request gives the same tokens alone, under load or from the "
+        "prefix cache. Larger (e.g. 512) prefills long prompts faster, with rounding-level "
+        "differences between those cases (default 16)",
+    )
+    g.add_argument(
+        "--tool-prompt",
+        choices=["auto", "native", "react"],
+        default="auto",
+        help="how tools reach the model: native (the chat template's tools, Qwen2.5's "
+        "<tool_call>), react (the Qwen ReAct prompt) or auto (native when the template "
+        "supports tools)",
+    )
+    g = p.add_argument_group("logging")
+    g.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    g.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log level (default info)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise QwenlmError(
+            "qwenlm serve needs starlette and uvicorn",
+            hint="pip install 'qwenlm[serve]'",
+        ) from None
+    from qwenlm.serve import ServeConfig, serve
+
+    for name in ("max_num_seqs", "max_queue", "max_body_bytes", "port", "prefill_chunk"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise QwenlmError(f"--{name.replace('_', '-')} must be positive")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(
+            f"warning: serving on {args.host} without an API key; anyone who can reach it can "
+            f"use it (set --api-key or ${API_KEY_ENV})",
+            file=sys.stderr,
+        )
+    model = load_model(args)
+    config = ServeConfig(
+        api_key=api_key or None,
+        model_names=args.served_model_name or [model.name],
+        max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout,
+        max_num_seqs=args.max_num_seqs,
+        max_queue=args.max_queue,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+        prefill_chunk=args.prefill_chunk,
+        max_model_len=args.max_model_len,
+        tool_prompt=args.tool_prompt,
+        cors_origins=args.cors_origin,
+    )
+    print(f"serving {config.model_names[0]} on http://{args.host}:{args.port}", file=sys.stderr)
+    serve(
+        model,
+        host=args.host,
+        port=args.port,
+        config=config,
+        access_log=not args.no_access_log,
+        log_level=args.log_level,
+    )
+    return 0

@@ -1,0 +1,601 @@
+"""The HTTP server: OpenAI's /v1 API, /health, /metrics and the web chat page, on Starlette.
+
+Streaming and non-streaming replies come from one generator of per-choice deltas
+(:func:`_deltas`); the non-streaming reply collects it. The whole app sits inside
+:class:`~qwenlm.serve.http.Guard` (the API key on every route, errors in OpenAI's shape, no
+tracebacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from qwenlm.errors import QwenlmError
+from qwenlm.generation.engine import SMALL_SEGMENT
+from qwenlm.generation.generate import GenerationConfig
+from qwenlm.serve import protocol as P
+from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
+from qwenlm.serve.http import SSE, Guard, collect, error_response, read_json, sse_event
+from qwenlm.serve.protocol import APIError, SamplingParams
+from qwenlm.serve.scheduler import Job, Output, Scheduler, TokenLogprob
+
+STATIC = Path(__file__).parent / "static"
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclass
+class ServeConfig:
+    """Server settings (``qwenlm serve --help`` documents each)."""
+
+    api_key: str | None = None
+    model_names: Sequence[str] = ()  # ids the model answers to; the first is listed
+    max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout: float = 600.0
+    max_num_seqs: int = 16
+    max_queue: int = 64
+    prefix_cache_tokens: int = 16384
+    prefill_chunk: int = SMALL_SEGMENT  # larger: faster long prompts, results not batch-exact
+    max_model_len: int | None = None  # default: the model's context length
+    tool_prompt: str = "auto"  # auto | native | react
+    cors_origins: Sequence[str] = field(default_factory=tuple)
+
+
+# -- the model-facing part ---------------------------------------------------------------------
+class Service:
+    """The model, its scheduler and the request handling that needs both."""
+
+    def __init__(self, model: Any, config: ServeConfig) -> None:
+        self.model = model
+        self.config = config
+        self.names = list(config.model_names) or [model.name or "qwenlm"]
+        self.context = min(
+            model.config.max_position_embeddings,
+            config.max_model_len or model.config.max_position_embeddings,
+        )
+        self.scheduler = Scheduler(
+            model.engine,
+            model.tokenizer,
+            max_num_seqs=config.max_num_seqs,
+            max_queue=config.max_queue,
+            prefix_cache_tokens=config.prefix_cache_tokens,
+            prefill_chunk=config.prefill_chunk,
+        )
+        self.tool_mode = config.tool_prompt
+        if self.tool_mode == "auto":
+            self.tool_mode = "native" if template_has_tools(model.template.source) else "react"
+        self.created = int(time.time())
+        self.http: dict[int, int] = {}  # status -> count, for /metrics (the Guard's)
+
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+
+    def generation_config(self, params: SamplingParams, max_new_tokens: int) -> GenerationConfig:
+        try:
+            return self.model.generation_config(
+                max_new_tokens=max_new_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                repetition_penalty=params.repetition_penalty,
+                seed=params.seed,
+                stop=params.stop,
+                ignore_eos=params.ignore_eos,
+            )
+        except QwenlmError as e:
+            raise P.invalid(e.message) from None
+
+    def budget(self, prompt_len: int, params: SamplingParams, param: str) -> int:
+        """How many tokens may be generated; a prompt that does not fit is OpenAI's 400."""
+        want = params.max_tokens if params.max_tokens is not None else 0
+        if prompt_len + want > self.context or prompt_len >= self.context:
+            extra = f", {want} in the completion" if want else ""
+            raise P.invalid(
+                f"This model's maximum context length is {self.context} tokens. However, you "
+                f"requested {prompt_len + want} tokens ({prompt_len} in the {param}{extra}). "
+                f"Please reduce the length of the {param} or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return params.max_tokens or (self.context - prompt_len)
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        n: int,
+        param: str,
+        *,
+        events: asyncio.Queue[Output] | None = None,
+        offset: int = 0,
+    ) -> Job:
+        limit = self.budget(len(prompt), params, param)
+        job = Job(
+            prompt,
+            params,
+            self.generation_config(params, limit),
+            n=n,
+            max_new_tokens=limit,
+            timeout=self.config.request_timeout,
+            events=events,
+            offset=offset,
+        )
+        self.scheduler.submit(job)
+        return job
+
+    # -- chat prompts -------------------------------------------------------------------------
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], spec: P.ToolSpec | None, params: SamplingParams
+    ) -> tuple[list[int], str, str, SamplingParams]:
+        """(prompt ids, reply mode, forced reply prefix, params) for a chat request."""
+        m = self.model
+        try:
+            if spec is None or spec.choice == "none":
+                return m.encode_chat(messages), "plain", "", params
+            if self.tool_mode == "react":
+                head, pad = react_conversation(messages, spec)
+                ids = m.encode_chat(head) + m.tokenizer.encode(pad)
+                params = SamplingParams(**{**params.__dict__, "stop": (*params.stop, REACT_STOP)})
+                return ids, "react", "", params
+            ids = m.encode_chat(messages, tools=spec.tools)
+        except QwenlmError as e:
+            raise P.invalid(e.message, param="messages") from None
+        prefix = ""
+        if spec.choice == "required":
+            prefix = "<tool_call>\n"
+        elif spec.choice == "function":
+            prefix = '<tool_call>\n{"name": ' + json.dumps(spec.function) + ', "arguments": '
+        if prefix:
+            # The reply's opening is written for the model, as the tokens it would generate.
+            ids += m.tokenizer.encode_with_special("<tool_call>") + m.tokenizer.encode(
+                prefix[len("<tool_call>") :]
+            )
+        return ids, "native", prefix, params
+
+
+async def _deltas(
+    jobs: list[Job], events: asyncio.Queue[Output], parsers: list[ReplyParser]
+) -> AsyncIterator[tuple[int, str, list[TokenLogprob] | None, list[Any], Output]]:
+    """(choice, content, logprobs, tool calls, event) for every engine event of ``jobs``."""
+    left = sum(j.n for j in jobs)
+    while left:
+        out = await events.get()
+        if out.error is not None:
+            raise APIError(500, out.error, type="server_error", code="engine_error")
+        parser = parsers[out.index]
+        content = parser.feed(out.text)
+        calls: list[Any] = []
+        if out.finish_reason is not None:
+            left -= 1
+            rest, calls, reason = parser.finish(out.finish_reason)
+            content += rest
+            out.finish_reason = reason
+        yield out.index, content, out.logprobs, calls, out
+
+
+def _token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
+    b = tokenizer.id_to_bytes(token)
+    return b.decode("utf-8", errors="replace"), list(b)
+
+
+def _chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
+    out = []
+    for lp in lps:
+        text, raw = _token_text(tokenizer, lp.token)
+        top = []
+        for t, v in lp.top:
+            tt, tb = _token_text(tokenizer, t)
+            top.append({"token": tt, "logprob": v, "bytes": tb})
+        out.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+    return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+# -- endpoints ---------------------------------------------------------------------------------
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    P.unsupported(
+        body,
+        {
+            "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+            "functions": None,
+            "function_call": None,
+            "audio": None,
+            "prediction": None,
+        },
+    )
+
+
+async def chat_completions(request: Request) -> Any:
+    svc: Service = request.app.state.service
+    body = await read_json(request, svc.config.max_body_bytes)
+    name = P.model_name(body)
+    messages = P.chat_messages(body)
+    spec = P.tool_spec(body)
+    params, n = P.sampling_params(body, svc.model.config.vocab_size, chat=True)
+    stream, include_usage = P.stream_options(body)
+    _refuse_unsupported(body)
+    svc.check_model(name)
+    prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params)
+    events: asyncio.Queue[Output] = asyncio.Queue()
+    job = svc.submit(prompt, params, n, "messages", events=events)
+    parsers = [ReplyParser(mode, prefix, spec.tools if spec else ()) for _ in range(n)]
+    rid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
+    tok = svc.model.tokenizer
+    usage = {"prompt": len(prompt), "completion": 0}
+
+    async def choices() -> AsyncIterator[dict[str, Any]]:
+        async for index, content, lps, calls, out in _deltas([job], events, parsers):
+            delta: dict[str, Any] = {}
+            if content:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = [{"index": k, **c.to_openai()} for k, c in enumerate(calls)]
+            if out.finish_reason is not None:
+                usage["completion"] += out.completion_tokens
+            yield {
+                "index": index,
+                "delta": delta,
+                "logprobs": {"content": _chat_logprobs(tok, lps)} if lps else None,
+                "finish_reason": out.finish_reason,
+            }
+
+    def envelope(chs: list[Any], **extra: Any) -> dict[str, Any]:
+        obj = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": chs,
+        }
+        return {**obj, **extra}
+
+    if stream:
+
+        async def chunks() -> AsyncIterator[bytes]:
+            extra = {"usage": None} if include_usage else {}
+            first = {"role": "assistant", "content": ""}
+            for i in range(n):
+                yield sse_event(
+                    envelope(
+                        [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}],
+                        **extra,
+                    )
+                )
+            try:
+                async for ch in choices():
+                    if ch["delta"] or ch["logprobs"] or ch["finish_reason"]:
+                        yield sse_event(envelope([ch], **extra))
+            except APIError as e:
+                yield sse_event(e.body())
+                return
+            if include_usage:
+                yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
+            yield b"data: [DONE]\n\n"
+
+        return SSE(chunks(), [job])
+
+    merged = [
+        {"content": [], "logprobs": [], "tool_calls": [], "finish_reason": None} for _ in range(n)
+    ]
+    for ch in await collect(request, [job], choices()):
+        m = merged[ch["index"]]
+        m["content"].append(ch["delta"].get("content", ""))
+        m["tool_calls"] += ch["delta"].get("tool_calls", [])
+        if ch["logprobs"]:
+            m["logprobs"] += ch["logprobs"]["content"]
+        m["finish_reason"] = ch["finish_reason"] or m["finish_reason"]
+    result = []
+    for i, m in enumerate(merged):
+        content = "".join(m["content"])
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if m["tool_calls"]:
+            message["content"] = content or None
+            message["tool_calls"] = [
+                {k: v for k, v in c.items() if k != "index"} for c in m["tool_calls"]
+            ]
+        result.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": {"content": m["logprobs"]} if params.logprobs else None,
+                "finish_reason": m["finish_reason"],
+            }
+        )
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": result,
+            "usage": _usage(usage["prompt"], usage["completion"]),
+        }
+    )
+
+
+async def completions(request: Request) -> Any:
+    svc: Service = request.app.state.service
+    body = await read_json(request, svc.config.max_body_bytes)
+    name = P.model_name(body)
+    prompts = P.completion_prompts(body, svc.model.config.vocab_size)
+    params, n = P.sampling_params(body, svc.model.config.vocab_size, chat=False)
+    stream, include_usage = P.stream_options(body)
+    P.unsupported(body, {"echo": False, "suffix": "", "best_of": 1})
+    svc.check_model(name)
+    tok = svc.model.tokenizer
+    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+    if any(not p for p in ids):
+        raise P.invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
+    for p in ids:
+        svc.budget(len(p), params, "prompt")
+    if len(ids) * n > svc.config.max_num_seqs:
+        raise P.invalid(
+            f"This server runs at most {svc.config.max_num_seqs} sequences per request "
+            "(prompts times n).",
+            param="prompt",
+        )
+    events: asyncio.Queue[Output] = asyncio.Queue()
+    jobs: list[Job] = []
+    try:
+        for k, p in enumerate(ids):
+            jobs.append(svc.submit(p, params, n, "prompt", events=events, offset=k * n))
+    except APIError:
+        for job in jobs:
+            job.cancel()
+        raise
+    parsers = [ReplyParser("plain") for _ in range(len(ids) * n)]
+    rid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
+    usage = {"prompt": sum(len(p) for p in ids), "completion": 0}
+    offsets = [0] * (len(ids) * n)
+
+    def logprobs(index: int, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if lps is None:
+            return None
+        tokens, values, tops, text_offset = [], [], [], []
+        for lp in lps:
+            text, _ = _token_text(tok, lp.token)
+            tokens.append(text)
+            values.append(lp.logprob)
+            tops.append({_token_text(tok, t)[0]: v for t, v in lp.top} if lp.top else None)
+            text_offset.append(offsets[index])
+            offsets[index] += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": values,
+            "top_logprobs": tops,
+            "text_offset": text_offset,
+        }
+
+    async def choices() -> AsyncIterator[dict[str, Any]]:
+        async for index, content, lps, _, out in _deltas(jobs, events, parsers):
+            if out.finish_reason is not None:
+                usage["completion"] += out.completion_tokens
+            yield {
+                "index": index,
+                "text": content,
+                "logprobs": logprobs(index, lps) if params.logprobs else None,
+                "finish_reason": out.finish_reason,
+            }
+
+    def envelope(chs: list[Any], **extra: Any) -> dict[str, Any]:
+        obj = {"id": rid, "object": "text_completion", "created": created, "model": model}
+        return {**obj, "choices": chs, **extra}
+
+    if stream:
+
+        async def chunks() -> AsyncIterator[bytes]:
+            extra = {"usage": None} if include_usage else {}
+            try:
+                async for ch in choices():
+                    yield sse_event(envelope([ch], **extra))
+            except APIError as e:
+                yield sse_event(e.body())
+                return
+            if include_usage:
+                yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
+            yield b"data: [DONE]\n\n"
+
+        return SSE(chunks(), jobs)
+
+    merged: list[dict[str, Any]] = [
+        {"index": i, "text": "", "logprobs": None, "finish_reason": None}
+        for i in range(len(ids) * n)
+    ]
+    for ch in await collect(request, jobs, choices()):
+        m = merged[ch["index"]]
+        m["text"] += ch["text"]
+        m["finish_reason"] = ch["finish_reason"] or m["finish_reason"]
+        if ch["logprobs"]:
+            if m["logprobs"] is None:
+                m["logprobs"] = ch["logprobs"]
+            else:
+                for k in m["logprobs"]:
+                    m["logprobs"][k] += ch["logprobs"][k]
+    if params.logprobs:
+        for m in merged:
+            m["logprobs"] = m["logprobs"] or {
+                "tokens": [],
+                "token_logprobs": [],
+                "top_logprobs": [],
+                "text_offset": [],
+            }
+    return JSONResponse({**envelope(merged), "usage": _usage(usage["prompt"], usage["completion"])})
+
+
+async def list_models(request: Request) -> Any:
+    svc: Service = request.app.state.service
+    return JSONResponse({"object": "list", "data": [_model_card(svc, n) for n in svc.names[:1]]})
+
+
+async def get_model(request: Request) -> Any:
+    svc: Service = request.app.state.service
+    name = request.path_params["model"]
+    svc.check_model(name)
+    return JSONResponse(_model_card(svc, name))
+
+
+def _model_card(svc: Service, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": svc.created,
+        "owned_by": "qwenlm",
+        "max_model_len": svc.context,
+    }
+
+
+async def health(request: Request) -> Any:
+    svc: Service = request.app.state.service
+    s = svc.scheduler
+    return JSONResponse({"status": "ok", "running": s.running, "waiting": s.waiting})
+
+
+async def metrics(request: Request) -> Any:
+    svc: Service = request.app.state.service
+    s, m = svc.scheduler, svc.scheduler.metrics
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP qwenlm_{name} {help}")
+        lines.append(f"# TYPE qwenlm_{name} {kind}")
+        lines.extend(f"qwenlm_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric("requests_running", "gauge", "Requests being prefilled or decoded.", [("", s.running)])
+    metric("requests_waiting", "gauge", "Requests queued for a slot.", [("", s.waiting)])
+    metric(
+        "requests_total",
+        "counter",
+        "Finished generation requests by outcome.",
+        [(f'{{outcome="{k}"}}', v) for k, v in sorted(m.requests.items())] or [("", 0)],
+    )
+    metric(
+        "http_responses_total",
+        "counter",
+        "HTTP responses by status code.",
+        [(f'{{code="{k}"}}', v) for k, v in sorted(svc.http.items())] or [("", 0)],
+    )
+    metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", m.prompt_tokens)])
+    metric(
+        "prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens served from the prefix cache instead of prefilled.",
+        [("", m.prefix_cached_tokens)],
+    )
+    metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generation_tokens)])
+    metric("decode_steps_total", "counter", "Batched decode forwards.", [("", m.decode_steps)])
+    metric(
+        "time_to_first_token_seconds",
+        "summary",
+        "Arrival to first sampled token.",
+        [("_sum", m.ttft_sum), ("_count", m.ttft_count)],
+    )
+    metric("engine_errors_total", "counter", "Failed engine steps.", [("", m.engine_errors)])
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+async def index(request: Request) -> Any:
+    return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
+
+
+async def static(request: Request) -> Any:
+    name = request.path_params["name"]
+    files = {p.name: p for p in STATIC.iterdir() if p.is_file()}
+    if name not in files:  # only the files that ship; no path is ever built from the URL
+        raise APIError(404, "Not found.", code="not_found")
+    return FileResponse(files[name], headers={"Content-Security-Policy": PAGE_CSP})
+
+
+def _endpoint(fn: Callable) -> Callable:
+    """Every error of a handler becomes an OpenAI-shaped JSON response."""
+
+    async def wrapped(request: Request) -> Any:
+        try:
+            return await fn(request)
+        except APIError as e:
+            return error_response(e)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    code = getattr(exc, "status_code", 404)
+    if code == 405:
+        return error_response(APIError(405, "Method not allowed.", code="method_not_allowed"))
+    return error_response(
+        APIError(404, f"Unknown route {request.url.path[:100]}.", code="not_found")
+    )
+
+
+def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
+    """The ASGI application serving ``model`` (a :class:`qwenlm.Qwen`)."""
+    config = config or ServeConfig()
+    service = Service(model, config)
+    routes = [
+        Route("/", _endpoint(index)),
+        Route("/static/{name}", _endpoint(static)),
+        Route("/health", _endpoint(health)),
+        Route("/metrics", _endpoint(metrics)),
+        Route("/v1/models", _endpoint(list_models)),
+        Route("/v1/models/{model:path}", _endpoint(get_model)),
+        Route("/v1/chat/completions", _endpoint(chat_completions), methods=["POST"]),
+        Route("/v1/completions", _endpoint(completions), methods=["POST"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.scheduler.start()
+        try:
+            yield
+        finally:
+            service.scheduler.stop()
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={404: _not_found, 405: _not_found},
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    inner: Any = app
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        inner = CORSMiddleware(
+            app,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    guard = Guard(inner, api_key=config.api_key, cors=bool(config.cors_origins), state=app.state)
+    service.http = guard.responses
+    return guard
