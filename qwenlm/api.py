@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qwenlm import registry
+from qwenlm.chat.qwen1 import Qwen1ChatTemplate
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
 from qwenlm.errors import GenerationError
@@ -23,7 +24,7 @@ from qwenlm.generation.generate import (
     Speculation,
     stream_generate,
 )
-from qwenlm.models import build_model
+from qwenlm.models import build_model, cuda_graph_safe
 from qwenlm.quant import MODES, QuantizationError, load_quantized, load_saved, quantize
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
@@ -86,6 +87,7 @@ def load(
     cache_dir: str | os.PathLike[str] | None = None,
     pull: bool = False,
     adapter: str | os.PathLike[str] | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> Qwen:
     """Load a model by registry name, GGUF path or Hugging Face folder.
 
@@ -94,13 +96,18 @@ def load(
     ``auto``. ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
     is a LoRA adapter folder (PEFT format, e.g. from ``qwenlm train``), folded into the weights
     before quantization. ``kv_cache="int8"`` keeps the attention cache in int8 (a quarter of
-    the memory at long contexts).
+    the memory at long contexts). ``config_overrides`` replaces config values by their Hugging
+    Face keys, e.g. long-context settings: ``{"rope_scaling": {"type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 32768}}``, ``{"dual_chunk_attention_config": {...}}``,
+    ``{"use_dynamic_ntk": True, "use_logn_attn": True, "seq_length": 8192}``.
     """
     path = registry.resolve(model, cache_dir=cache_dir, pull=pull)
     dev = resolve_device(device)
     mode = resolve_quant(quant, dev)
     dt = resolve_dtype(dtype, dev) if mode == "none" else torch.float32
     with open_checkpoint(path) as ckpt:
+        if config_overrides:
+            ckpt.config = ModelConfig.from_hf({**ckpt.config.to_hf(), **config_overrides})
         if ckpt.quantization is not None:
             # Saved by `qwenlm quantize`: its own format wins over `quant`.
             if adapter is not None:
@@ -127,10 +134,14 @@ def load(
         net.fuse_projections()
         accelerate(net)
     given_path = Path(os.fspath(model)).expanduser().exists()
+    template = ChatTemplate(ckpt.chat_template, ckpt.tokenizer)
+    if ckpt.qwen1:
+        window = ckpt.generation_defaults.get("max_window_size", 6144)
+        template = Qwen1ChatTemplate(ckpt.tokenizer, max_window_size=window)
     return Qwen(
         net,
         ckpt.tokenizer,
-        ChatTemplate(ckpt.chat_template, ckpt.tokenizer),
+        template,
         generation_defaults=ckpt.generation_defaults,
         name=(ckpt.name or path.name) if given_path else str(model),
         path=path,
@@ -157,7 +168,7 @@ class Qwen:
         kv_cache: str = "float",
     ) -> None:
         self.model = model
-        self.engine = Engine(model, kv_cache=kv_cache)
+        self.engine = Engine(model, kv_cache=kv_cache, cuda_graphs=cuda_graph_safe(model.config))
         self.tokenizer = tokenizer
         self.template = template
         self.generation_defaults = dict(generation_defaults or {})

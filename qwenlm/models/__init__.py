@@ -10,8 +10,12 @@ from torch import nn
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError
 from qwenlm.models.qwen2 import Qwen2ForCausalLM
+from qwenlm.models.qwen2_moe import Qwen2MoeForCausalLM
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"qwen2": Qwen2ForCausalLM}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "qwen2": Qwen2ForCausalLM,
+    "qwen2_moe": Qwen2MoeForCausalLM,
+}
 
 
 def model_class(config: ModelConfig) -> type[nn.Module]:
@@ -19,6 +23,14 @@ def model_class(config: ModelConfig) -> type[nn.Module]:
         return MODEL_CLASSES[config.model_type]
     except KeyError:
         raise CheckpointError(f"no model file for model_type {config.model_type!r}") from None
+
+
+def cuda_graph_safe(config: ModelConfig) -> bool:
+    """Whether a one-token decode step has fixed shapes and no host round trips, as replaying
+    it from a CUDA graph needs: not with experts (tokens per expert vary) or with windows and
+    dual chunks (which check the context length)."""
+    windows = any(config.window_of_layer(i) for i in range(config.num_hidden_layers))
+    return not (config.is_moe or windows or config.dual_chunk_attention_config)
 
 
 def build_model(

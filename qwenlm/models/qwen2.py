@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlm.config import ModelConfig
+from qwenlm.models.attention import AttentionPlan, make_plans, needs_plans
+from qwenlm.models.rope import ScaledRotaryEmbedding, needs_scaled_rotary
 
 
 class LayerCache(Protocol):
@@ -124,6 +126,10 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # q: (B, n_heads, T, D); k, v: (B, n_kv_heads, T, D)
+        if isinstance(mask, AttentionPlan):
+            # Long-context attention (LogN, window, dual chunk) rotates and attends itself.
+            y = mask.attend(q, k, v, cos, sin, cache)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None and hasattr(cache, "attend"):
             y = cache.attend(q, k, v)  # the cache stores k, v and masks by itself
@@ -143,9 +149,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        d, h = config.hidden_size, config.intermediate_size
+        d, h = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = nn.Linear(d, h, bias=False)
         self.up_proj = nn.Linear(d, h, bias=False)
         self.down_proj = nn.Linear(h, d, bias=False)
@@ -185,10 +191,19 @@ class DecoderLayer(nn.Module):
 class Qwen2Model(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            self.make_layer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        if needs_scaled_rotary(config):
+            self.rotary_emb = ScaledRotaryEmbedding(config)  # YaRN, dynamic NTK
+        else:
+            self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def make_layer(self, config: ModelConfig, i: int) -> nn.Module:
+        return DecoderLayer(config)
 
     def forward(
         self,
@@ -198,6 +213,7 @@ class Qwen2Model(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
+        given_mask = mask
         owns_attention = cache is not None and hasattr(cache[0], "attend")
         offset = cache[0].offset if cache is not None and not owns_attention else 0
         if positions is None:
@@ -209,9 +225,14 @@ class Qwen2Model(nn.Module):
             rows = torch.arange(offset, offset + T, device=input_ids.device)[:, None]
             mask = torch.arange(offset + T, device=input_ids.device)[None, :] <= rows  # (T, S)
         cos, sin = self.rotary_emb(positions)
+        masks: Sequence[torch.Tensor | AttentionPlan | None] = [mask] * len(self.layers)
+        if needs_plans(self.config, self.training):
+            if given_mask is not None:
+                raise ValueError("long-context attention does not take an explicit mask")
+            masks = make_plans(self.config, positions, offset, self.rotary_emb, self.training)
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache[i] if cache is not None else None)
+            x = layer(x, cos, sin, masks[i], cache[i] if cache is not None else None)
         return self.norm(x)
 
 

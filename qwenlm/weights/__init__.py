@@ -18,6 +18,7 @@ from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError, ModelNotFoundError
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import gguf as gguf_format
+from qwenlm.weights import qwen1
 from qwenlm.weights import safetensors as st_format
 
 # generation_config.json keys that qwenlm's GenerationConfig understands.
@@ -36,13 +37,17 @@ class Checkpoint:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
     quantization: dict[str, Any] | None = None  # config.json's quantization_config
+    qwen1: bool = False  # Qwen1 tensor names, mapped onto Qwen2's by weights/qwen1.py
     _gguf: gguf_format.GGUFFile | None = None
     _shards: dict[str, Path] | None = None
+    _raw_shapes: dict[str, tuple[int, ...]] | None = None  # Qwen1 names, for read()
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs, one at a time, under Hugging Face names."""
         if self._gguf is not None:
             return gguf_format.iter_tensors(self._gguf, dtype)
+        if self.qwen1:
+            return qwen1.map_tensors(st_format.iter_tensors(self.path, dtype))
         return st_format.iter_tensors(self.path, dtype)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -53,6 +58,8 @@ class Checkpoint:
                 for name, info in self._gguf.tensors.items()
                 if (hf := gguf_format.hf_name(name)) is not None
             }
+        if self.qwen1:
+            return qwen1.map_shapes(st_format.shapes(self.path))
         return st_format.shapes(self.path)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -64,6 +71,14 @@ class Checkpoint:
             return self._gguf.load(names[name], torch.float32, rows)
         if self._shards is None:
             self._shards = st_format.locate(self.path)
+        if self.qwen1:
+            if self._raw_shapes is None:
+                self._raw_shapes = st_format.shapes(self.path)
+            return qwen1.read_mapped(self._read_hf, self._raw_shapes, name, rows)
+        return self._read_hf(name, rows)
+
+    def _read_hf(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        assert self._shards is not None
         if name not in self._shards:
             raise CheckpointError(f"tensor {name} is not in {self.path}")
         return st_format.read(self._shards[name], name, rows)
@@ -138,6 +153,9 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
             f"{folder} holds no config.json" + (f" and {len(ggufs)} GGUF files" if ggufs else ""),
             hint="pass a Hugging Face model folder or the path of one .gguf file",
         )
+    raw = _read_json(folder / "config.json")
+    if isinstance(raw, dict) and qwen1.is_qwen1(raw):
+        return _open_qwen1_folder(folder, raw)
     config = ModelConfig.from_json_file(folder / "config.json")
     tokenizer = Tokenizer.from_hf_folder(folder, vocab_size=config.vocab_size)
     template = None
@@ -165,4 +183,33 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         generation_defaults=defaults,
         name=folder.name,
         quantization=quantization if isinstance(quantization, dict) else None,
+    )
+
+
+def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
+    config = qwen1.qwen1_config(raw)
+    if not (folder / "qwen.tiktoken").is_file():
+        raise CheckpointError(f"Qwen1 folder {folder} has no qwen.tiktoken vocabulary")
+    tokenizer = Tokenizer.from_tiktoken_file(folder / "qwen.tiktoken", vocab_size=config.vocab_size)
+    defaults = dict(qwen1.GENERATION_DEFAULTS)
+    if (folder / "generation_config.json").is_file():
+        gen = _read_json(folder / "generation_config.json")
+        defaults.update({k: gen[k] for k in _GENERATION_KEYS if k in gen})
+        if gen.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        if isinstance(gen.get("max_window_size"), int):
+            defaults["max_window_size"] = gen["max_window_size"]
+    # Qwen1's chat() stops at the end or start of a turn, and at end of text.
+    defaults["stop_token_ids"] = tuple(
+        tokenizer.special_tokens[t] for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+    )
+    return Checkpoint(
+        path=folder,
+        format="hf",
+        config=config,
+        tokenizer=tokenizer,
+        chat_template=None,
+        generation_defaults=defaults,
+        name=folder.name,
+        qwen1=True,
     )
