@@ -23,6 +23,10 @@ COMMANDS = {
     "profile": ("qwenlm.cli.bench:profile_main", "the model cards' speed and memory table"),
     "train": ("qwenlm.cli.train:main", "pretrain, fine-tune (full, LoRA, Q-LoRA) or DPO-train"),
     "merge": ("qwenlm.cli.merge:main", "fold a LoRA adapter into its base model"),
+    "upcycle": ("qwenlm.cli.upcycle:main", "turn a dense model into a mixture of experts"),
+    "longppl": ("qwenlm.cli.longctx:ppl_main", "perplexity by context length, extensions on/off"),
+    "needle": ("qwenlm.cli.longctx:needle_main", "needle-in-a-haystack grid and heatmap"),
+    "serve": ("qwenlm.cli.serve:main", "serve an OpenAI-compatible API and a web chat page"),
     "eval": (
         "qwenlm.cli.eval:main",
         "evaluate a model on a benchmark (HumanEval, MMLU, GSM8K ...)",
