@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import qwenlm
 from qwenlm.config import ModelConfig
-from qwenlm.errors import CheckpointError, GenerationError
+from qwenlm.errors import CheckpointError
 from qwenlm.generation.cache import make_cache
 from qwenlm.models import build_model
 from qwenlm.models.attention import AttentionPlan, DualChunk, blockwise_attention
@@ -193,7 +193,7 @@ def test_dual_chunk_model_cache_and_engine(tmp_path):
     x = ids(90, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(cached(model, x, 50), model(x), rtol=1e-5, atol=1e-5)
-    # through qwenlm.load: the engine runs it while the context fits one chunk, and says so after
+    # through qwenlm.load: the engine runs it inside one chunk and past it, prefill and decode
     import json
 
     from safetensors.torch import save_file
@@ -207,8 +207,33 @@ def test_dual_chunk_model_cache_and_engine(tmp_path):
     torch.testing.assert_close(
         m.engine.forward([(seq, short)], all_logits=True)[0], m.logits(short), rtol=1e-5, atol=1e-5
     )
-    with pytest.raises(GenerationError, match="dual chunk"):
-        m.engine.forward([(m.new_sequence(), x[0].tolist())])
+    engine_matches_full_forward(m, x[0].tolist(), split=70)
+
+
+def engine_matches_full_forward(m, tokens: list[int], split: int) -> None:
+    """Two sequences in one ragged batch: prefill, then decode token by token past ``split``."""
+    full = m.logits(tokens)
+    a, b = m.new_sequence(), m.new_sequence()
+    m.engine.forward([(a, tokens[:split]), (b, tokens[: split - 9])])
+    for i in range(split, len(tokens)):
+        la, lb = m.engine.forward([(a, [tokens[i]]), (b, [tokens[i - 9]])])
+        torch.testing.assert_close(la, full[i], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lb, full[i - 9], rtol=1e-4, atol=1e-4)
+
+
+def test_window_attention_in_the_engine(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    config = tiny_config(
+        num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1
+    )
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
+    write_hf_tokenizer(tmp_path)
+    save_file(dict(random_state_dict(config)), str(tmp_path / "model.safetensors"))
+    m = qwenlm.load(tmp_path, quant="none", device="cpu")
+    engine_matches_full_forward(m, ids(40, seed=4)[0].tolist(), split=20)
 
 
 def test_bad_dual_chunk_config_is_one_clear_error():

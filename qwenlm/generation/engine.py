@@ -192,6 +192,44 @@ class _BatchLayer:
         return out
 
 
+    def attend_blockwise(
+        self,
+        q: torch.Tensor | tuple[torch.Tensor, ...],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        window: int | None,
+        chunk_len: int | None,
+        block: int,
+    ) -> torch.Tensor:
+        """Window or dual chunk attention (models.attention) per segment over its own cache.
+
+        ``q`` is (1, H, N, D), or the three dual-chunk rotations of it; ``k`` as stored (for
+        dual chunk attention, rotated at position mod chunk length).
+        """
+        from qwenlm.models.attention import blockwise_attention
+
+        qs = q if isinstance(q, tuple) else (q,)
+        out = torch.empty_like(qs[0])
+        for seq, start, T in self.layout:
+            past = seq.cache.length
+            seq.cache.write(
+                self.layer, past, k[0, :, start : start + T], v[0, :, start : start + T]
+            )
+            K, V = seq.cache.read(self.layer, past + T)
+            parts = tuple(x[:, :, start : start + T] for x in qs)
+            out[:, :, start : start + T] = blockwise_attention(
+                parts if isinstance(q, tuple) else parts[0],
+                K[None],
+                V[None],
+                torch.arange(past, past + T, device=K.device),
+                window=window,
+                chunk_len=chunk_len,
+                block=block,
+            )
+        return out
+
+
 class Engine:
     """Runs a model over ragged batches of sequences; owns no model state beyond a reference."""
 

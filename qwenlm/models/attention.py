@@ -180,12 +180,17 @@ class AttentionPlan:
             else:
                 qs = tuple(x * s for x in qs)
         if cache is not None and hasattr(cache, "attend"):
-            if dc is not None or window is not None:
-                raise GenerationError(
-                    "window and dual chunk attention beyond one window/chunk need the plain "
-                    "KV cache (the batched engine attends over full contexts)"
-                )
-            return cache.attend(q, k, v)
+            if dc is None and window is None:
+                return cache.attend(q, k, v)
+            # The engine's caches: each sequence attends blockwise over its own keys.
+            return cache.attend_blockwise(
+                qs if dc is not None else q,
+                k,
+                v,
+                window=window,
+                chunk_len=dc.chunk_len if dc is not None else None,
+                block=self.block,
+            )
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, S, D)
         if dc is None and window is None:
