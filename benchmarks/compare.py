@@ -81,7 +81,10 @@ def worker_llama(spec: dict) -> dict:
         n_ctx=n_ctx,
         n_threads=spec["threads"],
         n_threads_batch=spec["threads"],
-        n_batch=512,
+        # llama-cpp-python keeps last-token logits in an (n_batch, vocab) array indexed by
+        # position, so n_batch must cover the whole context (llama.cpp still computes in
+        # micro-batches of n_ubatch = 512).
+        n_batch=n_ctx,
         verbose=False,
     )
     from qwenlm.weights.gguf import GGUFFile
