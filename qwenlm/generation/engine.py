@@ -191,7 +191,6 @@ class _BatchLayer:
                 out[0, :, start + t] = torch.matmul(scores.softmax(-1), V[:, :n]).view(H, D)
         return out
 
-
     def attend_blockwise(
         self,
         q: torch.Tensor | tuple[torch.Tensor, ...],
