@@ -89,6 +89,25 @@ def test_int8_error_is_within_half_a_step():
     assert ((layer.dequantize() - w).abs() <= layer.scale[:, None] / 2 + 1e-7).all()
 
 
+def test_tiled_int8_layout_gives_the_same_results_and_saves_plain_codes(monkeypatch):
+    w, b = weights(200, 256)
+    plain = Int8Linear.from_float(w, b)
+    tiled = Int8Linear.from_float(w, b).tile()
+    assert tiled.tiled and not torch.equal(tiled.qweight, plain.qweight)
+    assert torch.equal(tiled.weight_codes(), plain.qweight)
+    assert torch.equal(tiled.state_dict()["qweight"], plain.qweight)
+    assert torch.equal(tiled.dequantize(), plain.dequantize())
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(tiled(x), plain(x))  # same codes, same instruction sequence per row
+    assert torch.equal(tiled(x[:1]), plain(x[:1]))
+    fused = Int8Linear.concat([tiled, plain])  # concat reads the plain codes
+    torch.testing.assert_close(fused(x), torch.cat([plain(x), plain(x)], dim=-1))
+    # a row count that is not a whole number of tiles stays row-major
+    assert not Int8Linear.from_float(*weights(202, 256)).tile().tiled
+    monkeypatch.setattr("qwenlm.quant.linear.cpu_kernels", lambda: None)
+    torch.testing.assert_close(tiled(x), x @ plain.dequantize().T + b)
+
+
 @pytest.mark.parametrize("cls", [Int8Linear, lambda w, b: Int4Linear.from_float(w, b, 32)])
 def test_concat_equals_separate_layers(cls):
     make = cls.from_float if hasattr(cls, "from_float") else cls

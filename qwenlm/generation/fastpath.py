@@ -1,20 +1,84 @@
-"""The decode fast path: each decoder layer as ten native calls instead of ~60 PyTorch ops.
+"""The decode fast path: each decoder layer as one native call instead of ~60 PyTorch ops.
 
 For a one-token step the arithmetic is small and the dispatch of many tiny PyTorch ops costs
 as much as reading the weights. :func:`accelerate` wraps each decoder layer of an engine's
 model in a :class:`KernelLayer` that, for decode-sized batches, runs norm, projections,
-rotary embedding, attention and SwiGLU as native kernels on preallocated buffers. Larger
-batches (prefill) go through the layer's own PyTorch forward, which defines the maths; tests
-hold the two to the same results.
+rotary embedding, attention and SwiGLU in one call of ``qlm_layer_forward`` (one OpenMP
+region per layer) on preallocated buffers, and tiles the int8 weights for the kernels.
+Larger batches (prefill) go through the layer's own PyTorch forward, which defines the
+maths; tests hold the two to the same results.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 from torch import nn
 
 from qwenlm.kernels import cpu_kernels, num_threads
-from qwenlm.quant.linear import SMALL_BATCH, KernelLinear
+from qwenlm.quant.linear import SMALL_BATCH, DenseLinear, Int4Linear, Int8Linear, KernelLinear
+
+_i64, _p = ctypes.c_int64, ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("kind", _i64),
+        ("w", _p),
+        ("scale", _p),
+        ("mins", _p),
+        ("bias", _p),
+        ("N", _i64),
+        ("K", _i64),
+        ("G", _i64),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("qkv", _Linear),
+        ("o", _Linear),
+        ("gate_up", _Linear),
+        ("down", _Linear),
+        ("ln1", _p),
+        ("ln2", _p),
+        ("H", _i64),
+        ("Hkv", _i64),
+        ("D", _i64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class _Segment(ctypes.Structure):
+    _fields_ = [
+        ("start", _i64),
+        ("T", _i64),
+        ("cap", _i64),
+        ("past", _i64),
+        ("K", _p),
+        ("V", _p),
+        ("Ks", _p),
+        ("Vs", _p),
+    ]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _describe(m: KernelLinear) -> _Linear:
+    if isinstance(m, Int8Linear):
+        kind, scale, mins, G = (2 if m.tiled else 1), m.scale, None, 0
+    elif isinstance(m, Int4Linear):
+        kind, scale, mins, G = 3, m.scales, m.mins, m.group_size
+    else:
+        kind, scale, mins, G = 0, None, None, 0
+    w = m.qweight if kind else m.weight
+    return _Linear(
+        kind, w.data_ptr(), _ptr(scale), _ptr(mins), _ptr(m.bias), m.out_features, m.in_features, G
+    )
 
 
 class KernelLayer(nn.Module):
@@ -31,19 +95,46 @@ class KernelLayer(nn.Module):
         self.H, self.Hkv, self.D = attn.n_heads, attn.n_kv_heads, attn.head_dim
         self.scale = self.D**-0.5
         self.eps = float(layer.input_layernorm.eps)
+        self._desc: tuple | None = None
 
     @staticmethod
     def supported(layer: nn.Module) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
-        return all(
-            isinstance(getattr(m, name, None), KernelLinear)
-            for m, name in (
-                (attn, "qkv_proj"),
-                (attn, "o_proj"),
-                (mlp, "gate_up_proj"),
-                (mlp, "down_proj"),
-            )
+        mods = (
+            [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+            if all(hasattr(m, n) for m, n in ((attn, "qkv_proj"), (mlp, "gate_up_proj")))
+            else []
         )
+        return bool(mods) and all(
+            isinstance(m, (DenseLinear, Int8Linear, Int4Linear))
+            and m.in_features % m.kernel_multiple == 0
+            for m in mods
+        )
+
+    def _descriptor(self) -> _Layer | None:
+        """The layer's weights as the C struct (None if they are not on the CPU); rebuilt
+        when a weight tensor was replaced."""
+        L, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
+        mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        main = [m.qweight if hasattr(m, "qweight") else m.weight for m in mods]
+        main += [L.input_layernorm.weight, L.post_attention_layernorm.weight]
+        key = tuple(t.data_ptr() for t in main)
+        if self._desc is None or self._desc[0] != key:
+            tensors = [t for m in mods for t in m.buffers()] + main
+            if not all(t.device.type == "cpu" for t in tensors):
+                return None
+            desc = _Layer(
+                *(_describe(m) for m in mods),
+                main[-2].data_ptr(),
+                main[-1].data_ptr(),
+                self.H,
+                self.Hkv,
+                self.D,
+                self.eps,
+                self.scale,
+            )
+            self._desc = (key, desc, tensors)  # the tensors stay referenced while in use
+        return self._desc[1]
 
     def forward(self, x, cos, sin, mask, cache):
         lib = cpu_kernels()
@@ -55,66 +146,62 @@ class KernelLayer(nn.Module):
             or mask is not None
             or not hasattr(cache, "layout")
             or x.dtype != torch.float32
+            or cos.dtype != torch.float32
+            or (desc := self._descriptor()) is None
         ):
             return self.layer(x, cos, sin, mask, cache)
-        L, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
-        H, Hkv, D = self.H, self.Hkv, self.D
+        H, D = self.H, self.D
         d_model = x.shape[-1]
-        h = x.reshape(rows, d_model).contiguous().clone()  # residual stream, updated in place
-        y = torch.empty_like(h)
-        lib.qlm_add_rmsnorm(
-            h.data_ptr(),
-            None,
-            L.input_layernorm.weight.data_ptr(),
-            y.data_ptr(),
-            rows,
-            d_model,
-            self.eps,
-        )
-        qkv = attn.qkv_proj(y)  # (rows, (H + 2 Hkv) D)
-        c = cos.reshape(rows, D).float().contiguous()
-        s = sin.reshape(rows, D).float().contiguous()
-        stride = (H + 2 * Hkv) * D
-        lib.qlm_rope(qkv.data_ptr(), rows, stride, H, D, c.data_ptr(), s.data_ptr())
-        lib.qlm_rope(qkv.data_ptr() + H * D * 4, rows, stride, Hkv, D, c.data_ptr(), s.data_ptr())
-        out = torch.empty(rows, H * D)
-        threads = num_threads()
-        for seq, start, T in cache.layout:
+        h = x.reshape(rows, d_model).clone()  # residual stream, updated in place
+        c = cos.reshape(rows, D).contiguous()
+        s = sin.reshape(rows, D).contiguous()
+        layout = cache.layout
+        segs = (_Segment * len(layout))()
+        quantized = False
+        longest = 0
+        for j, (seq, start, T) in enumerate(layout):
             kc, i = seq.cache, cache.layer
-            scratch = torch.empty(threads * (kc.length + T))
-            rows_in = qkv.data_ptr() + start * stride * 4
-            rows_out = out.data_ptr() + start * H * D * 4
-            kv = [kc.keys[i].data_ptr(), kc.values[i].data_ptr()]
-            if kc.quantized:
-                kv += [kc.key_scales[i].data_ptr(), kc.value_scales[i].data_ptr()]
-            attend = lib.qlm_attend_rows_q8 if kc.quantized else lib.qlm_attend_rows
-            attend(
-                rows_in, T, H, Hkv, D, *kv, kc.capacity, kc.length, self.scale,
-                rows_out, scratch.data_ptr(), threads,
-            )  # fmt: skip
-        o = attn.o_proj(out)
-        lib.qlm_add_rmsnorm(
-            h.data_ptr(),
-            o.data_ptr(),
-            L.post_attention_layernorm.weight.data_ptr(),
-            y.data_ptr(),
-            rows,
-            d_model,
-            self.eps,
+            quantized = kc.quantized
+            longest = max(longest, kc.length + T)
+            scales = (
+                (kc.key_scales[i].data_ptr(), kc.value_scales[i].data_ptr())
+                if quantized
+                else (None, None)
+            )
+            segs[j] = _Segment(
+                start,
+                T,
+                kc.capacity,
+                kc.length,
+                kc.keys[i].data_ptr(),
+                kc.values[i].data_ptr(),
+                *scales,
+            )
+        F = desc.down.K
+        kmax = max(d_model, F, H * D)
+        threads = num_threads()
+        work = torch.empty(
+            rows * (3 * d_model + desc.qkv.N + 2 * H * D + 3 * F)
+            + 2 * rows * (kmax // 32)
+            + threads * longest
         )
-        gu = mlp.gate_up_proj(y)
-        F = gu.shape[-1] // 2
-        act = torch.empty(rows, F)
-        lib.qlm_silu_mul(gu.data_ptr(), act.data_ptr(), rows, F)
-        h += mlp.down_proj(act)
+        xq = torch.empty(rows * kmax, dtype=torch.int8)
+        lib.qlm_layer_forward(
+            ctypes.byref(desc), h.data_ptr(), rows, c.data_ptr(), s.data_ptr(), segs,
+            len(layout), int(quantized), work.data_ptr(), xq.data_ptr(), threads,
+        )  # fmt: skip
         return h.view(x.shape)
 
 
 def accelerate(model: nn.Module) -> bool:
-    """Wrap every supported decoder layer in a KernelLayer; returns whether all were."""
+    """Wrap every supported decoder layer in a KernelLayer and tile the int8 weights;
+    returns whether all layers were wrapped."""
     layers = model.model.layers
     if cpu_kernels() is None or not all(KernelLayer.supported(layer) for layer in layers):
         return False
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.tile()
     for i, layer in enumerate(layers):
         if not isinstance(layer, KernelLayer):
             layers[i] = KernelLayer(layer)

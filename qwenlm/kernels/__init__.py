@@ -30,14 +30,15 @@ _int = ctypes.c_int
 _f = ctypes.c_float
 _SIGNATURES = {
     "qlm_linear_f32": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
-    "qlm_linear_i8": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _p, _p, _int],
-    "qlm_dequant_i8": [_p, _p, _p, _i64, _i64, _int],
+    "qlm_linear_i8": [_p, _p, _int, _p, _p, _p, _i64, _i64, _i64, _p, _p, _int],
+    "qlm_dequant_i8": [_p, _int, _p, _p, _i64, _i64, _int],
     "qlm_linear_i4": [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _int],
     "qlm_dequant_i4": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
     "qlm_add_rmsnorm": [_p, _p, _p, _p, _i64, _i64, _f],
     "qlm_rope": [_p, _i64, _i64, _i64, _i64, _p, _p],
     "qlm_attend_rows": [_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _i64, _f, _p, _p, _int],
     "qlm_silu_mul": [_p, _p, _i64, _i64],
+    "qlm_layer_forward": [_p, _p, _i64, _p, _p, _p, _i64, _int, _p, _p, _int],
     "qlm_attend_rows_q8": [
         _p,
         _i64,

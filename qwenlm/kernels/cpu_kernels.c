@@ -56,10 +56,10 @@ static void dot4_f32(const float *x, const float *const w[NR], int64_t K, float 
     for (int r = 0; r < NR; r++) out[r] = s[r];
 }
 
-void qlm_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M,
-                    int64_t N, int64_t K, int nthreads) {
+static void linear_f32_body(const float *x, const float *w, const float *bias, float *y,
+                            int64_t M, int64_t N, int64_t K) {
     int64_t blocks = (N + NR - 1) / NR;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const float *rows[NR];
         int64_t n0 = b * NR;
@@ -71,6 +71,12 @@ void qlm_linear_f32(const float *x, const float *w, const float *bias, float *y,
                 y[m * N + n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.0f);
         }
     }
+}
+
+void qlm_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M,
+                    int64_t N, int64_t K, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    linear_f32_body(x, w, bias, y, M, N, K);
 }
 
 /* ---- activations quantized to int8 in blocks of 32 ---------------------------------------
@@ -122,8 +128,19 @@ static inline float hsum256(__m256 a) {
 
 /* ---- int8 weights, one float scale per output row ------------------------------------- */
 
+/* Tiled int8 layout: a tile of NR rows stores their first 64 weights one row after another,
+ * then their next 64, and so on, so a tile is one contiguous stream of NR * K bytes. Rows of
+ * K = 896 bytes (the 0.5B model) are too short for the hardware prefetcher to pick up as NR
+ * separate streams; one stream plus a software prefetch PF bytes ahead reads memory about
+ * 1.7x faster here. */
+#define PF_BYTES 3072
+
 static void dot4_i8(const int8_t *xq, const float *xd, const int8_t *const w[NR], int64_t K,
-                    float out[NR]) {
+                    int tiled, float out[NR]) {
+    /* Row r's weights k..k+63 start at W(r, k): w[r] + k, or tiled w[r] + k * NR with
+       w[r] = tile + 64 r. */
+    const int64_t step = tiled ? NR : 1;
+#define W(r, k) (w[r] + (k) * step)
     float s[NR] = {0};
 #if defined(__AVX512BW__)
     __m512 a[NR];
@@ -134,7 +151,8 @@ static void dot4_i8(const int8_t *xq, const float *xd, const int8_t *const w[NR]
         __mmask64 neg = _mm512_movepi8_mask(xv);
         __m512 d = halves(xd[k / 32], xd[k / 32 + 1]);
         for (int r = 0; r < NR; r++) {
-            __m512i wv = _mm512_loadu_si512(w[r] + k);
+            if (tiled) _mm_prefetch((const char *)W(r, k) + PF_BYTES, _MM_HINT_T0);
+            __m512i wv = _mm512_loadu_si512(W(r, k));
             /* |x| * (w * sign(x)) keeps the unsigned operand unsigned; no 16-bit overflow
                since |w|, |x| <= 127. */
             __m512i sw = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);
@@ -149,8 +167,11 @@ static void dot4_i8(const int8_t *xq, const float *xd, const int8_t *const w[NR]
         __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
         __m256i ax = _mm256_sign_epi8(xv, xv);
         __m256 d = _mm256_set1_ps(xd[k / 32]);
+        int64_t k64 = k & ~(int64_t)63, off = k & 63;
         for (int r = 0; r < NR; r++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w[r] + k));
+            const int8_t *p = W(r, k64) + off;
+            if (tiled && !off) _mm_prefetch((const char *)p + PF_BYTES, _MM_HINT_T0);
+            __m256i wv = _mm256_loadu_si256((const __m256i *)p);
             a[r] = _mm256_fmadd_ps(sum_i8_pairs(ax, _mm256_sign_epi8(wv, xv)), d, a[r]);
         }
     }
@@ -159,41 +180,59 @@ static void dot4_i8(const int8_t *xq, const float *xd, const int8_t *const w[NR]
     for (int r = 0; r < NR; r++)
         for (int64_t b = 0; b < K / 32; b++) {
             int32_t t = 0;
-            for (int j = 0; j < 32; j++) t += (int32_t)xq[b * 32 + j] * (int32_t)w[r][b * 32 + j];
+            const int8_t *p = W(r, b / 2 * 64) + (b % 2) * 32;
+            for (int j = 0; j < 32; j++) t += (int32_t)xq[b * 32 + j] * (int32_t)p[j];
             s[r] += (float)t * xd[b];
         }
 #endif
+#undef W
     for (int r = 0; r < NR; r++) out[r] = s[r];
 }
 
-void qlm_linear_i8(const float *x, const int8_t *w, const float *scale, const float *bias,
-                   float *y, int64_t M, int64_t N, int64_t K, int8_t *xq, float *xd,
-                   int nthreads) {
-    /* K must be a multiple of 64. xq (M*K bytes) and xd (2*M*K/32 floats) are caller scratch. */
+static void linear_i8_body(const float *x, const int8_t *w, int tiled, const float *scale,
+                           const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                           int8_t *xq, float *xd) {
+#pragma omp single
     for (int64_t m = 0; m < M; m++)
         quantize_row_q8(x + m * K, K, xq + m * K, xd + m * (K / 32), xd + (M + m) * (K / 32));
+    /* tiled needs N % NR == 0: the caller tiles only such matrices */
     int64_t blocks = (N + NR - 1) / NR;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int8_t *rows[NR];
         int64_t n0 = b * NR;
-        for (int r = 0; r < NR; r++) rows[r] = w + (n0 + r < N ? n0 + r : N - 1) * K;
+        for (int r = 0; r < NR; r++)
+            rows[r] = tiled ? w + n0 * K + r * 64 : w + (n0 + r < N ? n0 + r : N - 1) * K;
         for (int64_t m = 0; m < M; m++) {
             float out[NR];
-            dot4_i8(xq + m * K, xd + m * (K / 32), rows, K, out);
+            dot4_i8(xq + m * K, xd + m * (K / 32), rows, K, tiled, out);
             for (int r = 0; r < NR && n0 + r < N; r++)
                 y[m * N + n0 + r] = out[r] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
         }
     }
 }
 
-void qlm_dequant_i8(const int8_t *w, const float *scale, float *out, int64_t N, int64_t K,
-                    int nthreads) {
+void qlm_linear_i8(const float *x, const int8_t *w, int tiled, const float *scale,
+                   const float *bias, float *y, int64_t M, int64_t N, int64_t K, int8_t *xq,
+                   float *xd, int nthreads) {
+    /* K must be a multiple of 64. xq (M*K bytes) and xd (2*M*K/32 floats) are caller scratch. */
+#pragma omp parallel num_threads(nthreads)
+    linear_i8_body(x, w, tiled, scale, bias, y, M, N, K, xq, xd);
+}
+
+void qlm_dequant_i8(const int8_t *w, int tiled, const float *scale, float *out, int64_t N,
+                    int64_t K, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        const int8_t *q = w + n * K;
         float s = scale[n], *o = out + n * K;
-        for (int64_t k = 0; k < K; k++) o[k] = (float)q[k] * s;
+        if (tiled) {
+            const int8_t *q = w + (n / NR) * NR * K + (n % NR) * 64;
+            for (int64_t k = 0; k < K; k += 64)
+                for (int j = 0; j < 64; j++) o[k + j] = (float)q[k * NR + j] * s;
+        } else {
+            const int8_t *q = w + n * K;
+            for (int64_t k = 0; k < K; k++) o[k] = (float)q[k] * s;
+        }
     }
 }
 
@@ -276,11 +315,12 @@ static void dot4_i4(const int8_t *xq, const float *xd, const float *xg,
     }
 }
 
-void qlm_linear_i4(const float *x, const uint8_t *w, const uint16_t *scale, const uint16_t *minv,
-                   const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G,
-                   int8_t *xq, float *xd, int nthreads) {
+static void linear_i4_body(const float *x, const uint8_t *w, const uint16_t *scale,
+                           const uint16_t *minv, const float *bias, float *y, int64_t M,
+                           int64_t N, int64_t K, int64_t G, int8_t *xq, float *xd) {
     /* K a multiple of 64 and of G. Scratch: xq (M*K bytes), xd (2*M*K/32 floats). */
     int64_t blocks32 = K / 32, groups = K / G, per = G / 32;
+#pragma omp single
     for (int64_t m = 0; m < M; m++) {
         float *xs = xd + (M + m) * blocks32;
         quantize_row_q8(x + m * K, K, xq + m * K, xd + m * blocks32, xs);
@@ -291,7 +331,7 @@ void qlm_linear_i4(const float *x, const uint8_t *w, const uint16_t *scale, cons
         }
     }
     int64_t blocks = (N + NR - 1) / NR;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *rows[NR];
         const uint16_t *sc[NR], *mn[NR];
@@ -309,6 +349,13 @@ void qlm_linear_i4(const float *x, const uint8_t *w, const uint16_t *scale, cons
                 y[m * N + n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.0f);
         }
     }
+}
+
+void qlm_linear_i4(const float *x, const uint8_t *w, const uint16_t *scale, const uint16_t *minv,
+                   const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G,
+                   int8_t *xq, float *xd, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    linear_i4_body(x, w, scale, minv, bias, y, M, N, K, G, xq, xd);
 }
 
 void qlm_dequant_i4(const uint8_t *w, const uint16_t *scale, const uint16_t *minv, float *out,
@@ -406,17 +453,18 @@ void qlm_rope(float *x, int64_t M, int64_t row_stride, int64_t heads, int64_t D,
 /* Attention for T new rows of one sequence. qkv: T rows of (H + 2 Hkv) * D (q, k, v, rotary
    applied). Row t's k and v are stored at position past + t of K, V ([Hkv][cap][D]); then row
    t attends over positions 0 .. past + t. out: T rows of H * D. scratch: nthreads * (past+T). */
-void qlm_attend_rows(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D, float *K,
-                     float *V, int64_t cap, int64_t past, float scale, float *out, float *scratch,
-                     int nthreads) {
+static void attend_rows_body(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                             float *K, float *V, int64_t cap, int64_t past, float scale,
+                             float *out, float *scratch) {
     int64_t stride = (H + 2 * Hkv) * D, group = H / Hkv;
+#pragma omp single
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < Hkv; h++) {
             memcpy(K + (h * cap + past + t) * D, qkv + t * stride + (H + h) * D, D * sizeof(float));
             memcpy(V + (h * cap + past + t) * D, qkv + t * stride + (H + Hkv + h) * D, D * sizeof(float));
         }
     int64_t S = past + T;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+#pragma omp for schedule(static) collapse(2)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++) {
             int tid = 0;
@@ -471,6 +519,13 @@ void qlm_attend_rows(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_
         }
 }
 
+void qlm_attend_rows(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D, float *K,
+                     float *V, int64_t cap, int64_t past, float scale, float *out, float *scratch,
+                     int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    attend_rows_body(qkv, T, H, Hkv, D, K, V, cap, past, scale, out, scratch);
+}
+
 /* SwiGLU: out[m, i] = silu(gu[m, i]) * gu[m, F + i] for the fused gate/up projection. */
 void qlm_silu_mul(const float *gu, float *out, int64_t M, int64_t F) {
     for (int64_t m = 0; m < M; m++) {
@@ -500,10 +555,11 @@ static void q8_row(const float *x, int64_t D, int8_t *q, float *scale) {
     *scale = amax / 127.0f;
 }
 
-void qlm_attend_rows_q8(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D, int8_t *K,
-                        int8_t *V, float *Ks, float *Vs, int64_t cap, int64_t past, float scale,
-                        float *out, float *scratch, int nthreads) {
+static void attend_rows_q8_body(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                                int8_t *K, int8_t *V, float *Ks, float *Vs, int64_t cap,
+                                int64_t past, float scale, float *out, float *scratch) {
     int64_t stride = (H + 2 * Hkv) * D, group = H / Hkv;
+#pragma omp single
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < Hkv; h++) {
             int64_t pos = h * cap + past + t;
@@ -511,7 +567,7 @@ void qlm_attend_rows_q8(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int
             q8_row(qkv + t * stride + (H + Hkv + h) * D, D, V + pos * D, Vs + pos);
         }
     int64_t S = past + T;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+#pragma omp for schedule(static) collapse(2)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++) {
             int tid = 0;
@@ -562,4 +618,95 @@ void qlm_attend_rows_q8(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int
                 o[i] = acc * inv;
             }
         }
+}
+
+void qlm_attend_rows_q8(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D, int8_t *K,
+                        int8_t *V, float *Ks, float *Vs, int64_t cap, int64_t past, float scale,
+                        float *out, float *scratch, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    attend_rows_q8_body(qkv, T, H, Hkv, D, K, V, Ks, Vs, cap, past, scale, out, scratch);
+}
+
+/* ---- a whole decoder layer in one call ------------------------------------------------
+ * For decode-sized batches the ~10 calls of a layer each cost a Python round trip and an
+ * OpenMP fork/join, together as much as reading the layer's weights. Here one parallel
+ * region runs the layer: the serial steps (norms, rotary, cache writes) on one thread, the
+ * matrix products and attention heads split across threads, with a barrier between steps.
+ * Every step is the same code the separate kernels run, so results are identical.          */
+
+typedef struct {
+    int64_t kind; /* 0 float32, 1 int8 (row-major), 2 int8 tiled, 3 4-bit groups */
+    const void *w;
+    const void *scale; /* int8: float per row; 4-bit: half per group */
+    const void *mins;  /* 4-bit: half per group */
+    const float *bias;
+    int64_t N, K, G;
+} qlm_linear_t;
+
+typedef struct {
+    qlm_linear_t qkv, o, gate_up, down;
+    const float *ln1, *ln2;
+    int64_t H, Hkv, D;
+    float eps, scale;
+} qlm_layer_t;
+
+typedef struct {
+    int64_t start, T, cap, past; /* rows start .. start + T - 1 of the batch; cache state */
+    void *K, *V;                 /* [Hkv][cap][D] float32, or int8 with scales Ks, Vs */
+    float *Ks, *Vs;
+} qlm_segment_t;
+
+static void linear_body(const qlm_linear_t *L, const float *x, float *y, int64_t M, int8_t *xq,
+                        float *xd) {
+    switch (L->kind) {
+    case 0: linear_f32_body(x, L->w, L->bias, y, M, L->N, L->K); break;
+    case 1:
+    case 2: linear_i8_body(x, L->w, L->kind == 2, L->scale, L->bias, y, M, L->N, L->K, xq, xd); break;
+    default: linear_i4_body(x, L->w, L->scale, L->mins, L->bias, y, M, L->N, L->K, L->G, xq, xd);
+    }
+}
+
+/* h: M rows of the residual stream, updated in place. cos, sin: M rows of D. work: floats for
+   M * (3 d + qkv.N + 2 H D + 3 F) + 2 M Kmax / 32 + nthreads * Smax (see fastpath.py);
+   xq: M * Kmax bytes. */
+void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *cos,
+                       const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_q8,
+                       float *work, int8_t *xq, int nthreads) {
+    const int64_t d = L->o.N, HD = L->H * L->D, F = L->down.K, QN = L->qkv.N;
+    const int64_t stride = (L->H + 2 * L->Hkv) * L->D;
+    int64_t kmax = d > F ? d : F;
+    kmax = kmax > HD ? kmax : HD;
+    float *y = work, *qkv = y + M * d, *att = qkv + M * QN, *o = att + M * HD;
+    float *gu = o + M * d, *act = gu + M * 2 * F, *dn = act + M * F, *xd = dn + M * d;
+    float *scratch = xd + 2 * M * (kmax / 32);
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp single
+        qlm_add_rmsnorm(h, 0, L->ln1, y, M, d, L->eps);
+        linear_body(&L->qkv, y, qkv, M, xq, xd);
+#pragma omp single
+        {
+            qlm_rope(qkv, M, stride, L->H, L->D, cos, sin);
+            qlm_rope(qkv + HD, M, stride, L->Hkv, L->D, cos, sin);
+        }
+        for (int64_t i = 0; i < nseg; i++) {
+            const qlm_segment_t *s = seg + i;
+            if (kv_q8)
+                attend_rows_q8_body(qkv + s->start * stride, s->T, L->H, L->Hkv, L->D, s->K, s->V,
+                                    s->Ks, s->Vs, s->cap, s->past, L->scale, att + s->start * HD,
+                                    scratch);
+            else
+                attend_rows_body(qkv + s->start * stride, s->T, L->H, L->Hkv, L->D, s->K, s->V,
+                                 s->cap, s->past, L->scale, att + s->start * HD, scratch);
+        }
+        linear_body(&L->o, att, o, M, xq, xd);
+#pragma omp single
+        qlm_add_rmsnorm(h, o, L->ln2, y, M, d, L->eps);
+        linear_body(&L->gate_up, y, gu, M, xq, xd);
+#pragma omp single
+        qlm_silu_mul(gu, act, M, F);
+        linear_body(&L->down, act, dn, M, xq, xd);
+#pragma omp single
+        for (int64_t i = 0; i < M * d; i++) h[i] += dn[i];
+    }
 }

