@@ -25,7 +25,15 @@ from qwenlm.generation.generate import (
     stream_generate,
 )
 from qwenlm.models import build_model, cuda_graph_safe
-from qwenlm.quant import MODES, QuantizationError, load_quantized, load_saved, quantize
+from qwenlm.quant import (
+    MODES,
+    QuantizationError,
+    limit_heap_growth,
+    load_quantized,
+    load_saved,
+    quantize,
+    release_freed_memory,
+)
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
 
@@ -103,6 +111,7 @@ def load(
     """
     path = registry.resolve(model, cache_dir=cache_dir, pull=pull)
     dev = resolve_device(device)
+    limit_heap_growth()
     mode = resolve_quant(quant, dev)
     dt = resolve_dtype(dtype, dev) if mode == "none" else torch.float32
     with open_checkpoint(path) as ckpt:
@@ -133,6 +142,7 @@ def load(
     if mode != "none":
         net.fuse_projections()
         accelerate(net)
+    release_freed_memory()
     given_path = Path(os.fspath(model)).expanduser().exists()
     template = ChatTemplate(ckpt.chat_template, ckpt.tokenizer)
     if ckpt.qwen1:

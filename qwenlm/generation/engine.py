@@ -24,6 +24,7 @@ from torch import nn
 from qwenlm.quant.linear import SMALL_BATCH
 
 SMALL_SEGMENT = SMALL_BATCH
+_MASKED_QUERY_BLOCK = 128
 
 
 class SequenceCache:
@@ -170,18 +171,23 @@ class _BatchLayer:
                     Ks = Ks.repeat_interleave(H // Hkv, dim=1)
                     Vs = Vs.repeat_interleave(H // Hkv, dim=1)
                     gqa = False
-                mask = None
-                if past and T > 1:
-                    rows = torch.arange(past, past + T, device=q.device)[:, None]
-                    mask = torch.arange(past + T, device=q.device)[None, :] <= rows
-                out[:, :, start : start + T] = F.scaled_dot_product_attention(
-                    qs,
-                    Ks,
-                    Vs,
-                    attn_mask=mask,
-                    is_causal=mask is None and T > 1,
-                    enable_gqa=gqa,
-                )
+                if not past or T == 1:
+                    out[:, :, start : start + T] = F.scaled_dot_product_attention(
+                        qs, Ks, Vs, is_causal=T > 1, enable_gqa=gqa
+                    )
+                    continue
+                # A chunk after cached tokens needs an explicit mask, which sends SDPA to a
+                # path that materializes (heads, T, past + T) scores: on CPU the queries go in
+                # blocks, bounding that to ~15 MB (heads x 128 x 2048 floats for the 0.5B).
+                block = T if q.device.type != "cpu" else _MASKED_QUERY_BLOCK
+                for a in range(0, T, block):
+                    b = min(T, a + block)
+                    n = past + b  # keys the block's last query sees
+                    rows = torch.arange(past + a, past + b, device=q.device)[:, None]
+                    mask = torch.arange(n, device=q.device)[None, :] <= rows
+                    out[:, :, start + a : start + b] = F.scaled_dot_product_attention(
+                        qs[:, :, a:b], Ks[:, :, :n], Vs[:, :, :n], attn_mask=mask, enable_gqa=gqa
+                    )
                 continue
             for t in range(T):
                 # One query row over exactly the keys it may see: (Hkv, group, D) x (Hkv, D, S).
