@@ -364,14 +364,31 @@ void qlm_dequant_i4(const uint8_t *w, const uint16_t *scale, const uint16_t *min
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *q = w + n * (K / 2);
+        const uint16_t *sc = scale + n * groups, *mn = minv + n * groups;
         float *o = out + n * K;
-        for (int64_t k = 0; k < K; k += 64)
+        for (int64_t k = 0; k < K; k += 64) {
+            /* G >= 32: each run of 32 weights lies in one group */
+            float s0 = half_to_float(sc[k / G]), m0 = half_to_float(mn[k / G]);
+            float s1 = half_to_float(sc[(k + 32) / G]), m1 = half_to_float(mn[(k + 32) / G]);
+#if defined(__AVX512F__)
+            __m256i b = _mm256_loadu_si256((const __m256i *)(q + k / 2));
+            __m256i lo = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
+            __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                               _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+            for (int i = 0; i < 4; i++) {
+                __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[i]));
+                __m512 sv = _mm512_set1_ps(i < 2 ? s0 : s1), mv = _mm512_set1_ps(i < 2 ? m0 : m1);
+                _mm512_storeu_ps(o + k + 16 * i, _mm512_fmadd_ps(v, sv, mv));
+            }
+#else
             for (int j = 0; j < 32; j++) {
                 uint8_t b = q[k / 2 + j];
-                int64_t g0 = (k + j) / G, g1 = (k + 32 + j) / G;
-                o[k + j] = (float)(b & 0xF) * half_to_float(scale[n * groups + g0]) + half_to_float(minv[n * groups + g0]);
-                o[k + 32 + j] = (float)(b >> 4) * half_to_float(scale[n * groups + g1]) + half_to_float(minv[n * groups + g1]);
+                o[k + j] = (float)(b & 0xF) * s0 + m0;
+                o[k + 32 + j] = (float)(b >> 4) * s1 + m1;
             }
+#endif
+        }
     }
 }
 
