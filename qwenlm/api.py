@@ -28,7 +28,6 @@ from qwenlm.models import build_model, cuda_graph_safe
 from qwenlm.quant import (
     MODES,
     QuantizationError,
-    limit_heap_growth,
     load_quantized,
     load_saved,
     quantize,
@@ -111,7 +110,6 @@ def load(
     """
     path = registry.resolve(model, cache_dir=cache_dir, pull=pull)
     dev = resolve_device(device)
-    limit_heap_growth()
     mode = resolve_quant(quant, dev)
     dt = resolve_dtype(dtype, dev) if mode == "none" else torch.float32
     with open_checkpoint(path) as ckpt:

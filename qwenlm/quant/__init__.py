@@ -78,17 +78,6 @@ def release_freed_memory() -> None:
             libc.malloc_trim(0)
 
 
-def limit_heap_growth() -> None:
-    """Serve allocations of 1 MB and more (weight slices, prefill activations) from their
-    own mappings, returned to the OS when freed. glibc otherwise raises that threshold as
-    large blocks are freed and then keeps such blocks in its heap: about 100-150 MB more peak
-    resident memory for a 0.5B model. Process-wide (M_MMAP_THRESHOLD); glibc only."""
-    libc = _libc()
-    if libc is not None:
-        with contextlib.suppress(AttributeError):
-            libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD
-
-
 def _check(mode: str, group_size: int) -> None:
     if mode not in MODES:
         raise QuantizationError(

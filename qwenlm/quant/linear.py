@@ -8,6 +8,8 @@ machine has. Without the kernels (no compiler, another device), PyTorch ops comp
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -16,6 +18,10 @@ from qwenlm.kernels import cpu_kernels, num_threads
 # At most this many rows go to the matrix-vector kernels; more rows amortise a dequantized
 # weight in a dense matmul. Speculative decoding keeps its verification batches within it.
 SMALL_BATCH = 16
+# Matrices up to this size (float32 bytes) dequantize into the reused scratch buffer; a larger
+# one (the 545 MB output head, when every position's logits are wanted) gets its own tensor.
+_SCRATCH_LIMIT = 64 << 20
+_scratch = threading.local()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -31,9 +37,23 @@ class KernelLinear(nn.Module):
     # The integer kernels walk the input dimension in steps of 64.
     kernel_multiple = 64
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight as a float32 (out_features, in_features) tensor."""
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as a float32 (out_features, in_features) tensor (written to ``out``
+        where given and the native kernels run)."""
         raise NotImplementedError
+
+    def _weight_for_matmul(self) -> torch.Tensor:
+        """The float weight for a large batch. Prefill dequantizes every matrix per chunk;
+        a per-thread scratch buffer reused for all of them keeps the heap from churning
+        through tens of MB per matrix (glibc keeps such freed blocks resident)."""
+        n = self.out_features * self.in_features
+        q = getattr(self, "qweight", None)
+        if q is None or q.device.type != "cpu" or n * 4 > _SCRATCH_LIMIT:
+            return self.dequantize()
+        buf = getattr(_scratch, "buf", None)
+        if buf is None or buf.numel() < n:
+            buf = _scratch.buf = torch.empty(n)
+        return self.dequantize(out=buf[:n].view(self.out_features, self.in_features))
 
     def _kernel(self, lib: object, x: torch.Tensor, y: torch.Tensor) -> None:
         raise NotImplementedError
@@ -51,7 +71,7 @@ class KernelLinear(nn.Module):
             y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
             self._kernel(lib, x2, y)
         else:
-            w = self.dequantize().to(x.dtype)
+            w = self._weight_for_matmul().to(x.dtype)
             y = nn.functional.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
@@ -89,7 +109,7 @@ class DenseLinear(KernelLinear):
     def concat(cls, mods: list[DenseLinear]) -> DenseLinear:
         return cls(torch.cat([m.weight for m in mods]), _cat_bias(mods))
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.weight
 
     def _kernel(self, lib, x, y):
@@ -190,11 +210,12 @@ class Int8Linear(KernelLinear):
             _cat_bias(mods),
         )
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         lib = cpu_kernels() if self.qweight.device.type == "cpu" else None
         if lib is None:
             return self.weight_codes().float() * self.scale[:, None]
-        out = torch.empty(self.out_features, self.in_features)
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features)
         lib.qlm_dequant_i8(
             self.qweight.data_ptr(),
             int(self.tiled),
@@ -304,13 +325,14 @@ class Int4Linear(KernelLinear):
             mods[0].group_size,
         )
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         lib = cpu_kernels() if self.qweight.device.type == "cpu" else None
         N, K, G = self.out_features, self.in_features, self.group_size
         if lib is None:
             q = _deinterleave(self.qweight).float().view(N, K // G, G)
             return (q * self.scales.float()[..., None] + self.mins.float()[..., None]).view(N, K)
-        out = torch.empty(N, K)
+        if out is None:
+            out = torch.empty(N, K)
         lib.qlm_dequant_i4(
             self.qweight.data_ptr(),
             self.scales.data_ptr(),
