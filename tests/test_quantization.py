@@ -7,6 +7,7 @@ import torch
 from helpers import tiny_config, tiny_model, write_tiny_gguf
 
 import qwenlm
+from qwenlm.generation.fastpath import accelerate
 from qwenlm.kernels import cpu_kernels
 from qwenlm.models import build_model
 from qwenlm.quant import Int8Embedding, QuantizationError, load_quantized, quantize
@@ -177,6 +178,28 @@ def test_load_quantized_ties_the_head_when_the_file_has_none(tmp_path):
     torch.testing.assert_close(
         model.lm_head.dequantize(), written["model.embed_tokens.weight"], atol=0.01, rtol=0
     )
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_tied_model_holds_one_int8_table_for_embedding_and_head(tmp_path, mode):
+    config = tiny_config(**INT4_CONFIG, tie_word_embeddings=True)
+    path = tmp_path / "m.gguf"
+    written = write_tiny_gguf(path, config)
+    with open_checkpoint(path) as ck:
+        model = load_quantized(ck, mode)
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert emb.qweight.data_ptr() == head.qweight.data_ptr()
+    ids = torch.tensor([[0, 5, 7, 250, config.vocab_size - 1]])
+    before = emb(ids)
+    torch.testing.assert_close(before, written["model.embed_tokens.weight"][ids], atol=0.01, rtol=0)
+    plain = emb.state_dict()["qweight"].clone()
+    model.fuse_projections()
+    assert accelerate(model)  # tiles the head's codes in place
+    assert head.tiled and emb.tiled and emb.qweight.data_ptr() == head.qweight.data_ptr()
+    assert torch.equal(emb(ids), before)
+    assert torch.equal(emb.state_dict()["qweight"], plain)
+    assert torch.equal(emb.weight, head.dequantize())
 
 
 def test_qwenlm_load_quant_modes_generate(tmp_path):

@@ -24,7 +24,14 @@ from torch import nn
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError, QwenlmError
-from qwenlm.quant.linear import DenseLinear, Int4Linear, Int8Linear, KernelLinear
+from qwenlm.quant.linear import (
+    TILE_ROWS,
+    DenseLinear,
+    Int4Linear,
+    Int8Linear,
+    KernelLinear,
+    untile_int8,
+)
 
 MODES = ("f32", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -38,26 +45,58 @@ class QuantizationError(QwenlmError):
 
 
 class Int8Embedding(nn.Module):
-    """Embedding rows stored as int8 with one scale per row; looked-up rows are dequantized."""
+    """Embedding rows stored as int8 with one scale per row; looked-up rows are dequantized.
+
+    :meth:`shared_with` builds one that reads a tied model's int8 output head (the same
+    matrix, quantized the same way), so the table is held once, in the head's layout.
+    """
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
+        self._head: list[Int8Linear] = []  # a list: not registered as a submodule
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Embedding:
         q, s = Int8Linear.quantize(weight)
         return cls(q, s)
 
+    @classmethod
+    def shared_with(cls, head: Int8Linear) -> Int8Embedding:
+        emb = cls(head.weight_codes(), head.scale)
+        emb.qweight, emb.scale = head.qweight, head.scale  # the same storage
+        emb._head.append(head)
+        return emb
+
+    @property
+    def tiled(self) -> bool:
+        # The head may switch its codes to the kernels' tiled layout in place.
+        return bool(self._head) and self._head[0].tiled and self._head[0].qweight is self.qweight
+
+    def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """int8 codes of rows ``ids`` (all rows if None), in plain row order."""
+        if not self.tiled:
+            return self.qweight if ids is None else self.qweight[ids]
+        if ids is None:
+            return untile_int8(self.qweight)
+        N, K = self.qweight.shape
+        tiles = self.qweight.view(N // TILE_ROWS, K // 64, TILE_ROWS, 64)
+        return tiles[ids // TILE_ROWS, :, ids % TILE_ROWS].reshape(*ids.shape, K)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:
+            destination[prefix + "qweight"] = self.codes().contiguous()
+
     @property
     def weight(self) -> torch.Tensor:
         # Tied output heads and tools that inspect `embed_tokens.weight` get the float values.
-        return self.qweight.float() * self.scale[:, None]
+        return self.codes().float() * self.scale[:, None]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[ids].float() * self.scale[ids][..., None]
+        return self.codes(ids).float() * self.scale[ids][..., None]
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -160,6 +199,21 @@ def _chunked(
     return first
 
 
+def _same_matrix(ckpt: object, a: str, b: str, shapes: dict) -> bool:
+    """Whether two stored matrices are copies of one (a tied embedding and head that a GGUF
+    file stores twice, at different precisions): sampled rows agree to within a 4-bit
+    quantization's error. Unrelated matrices differ by their own size."""
+    if a not in shapes or b not in shapes or tuple(shapes[a]) != tuple(shapes[b]):
+        return False
+    rows = shapes[a][0]
+    for start in range(0, rows, max(1, rows // 8)):
+        r = (start, min(start + 4, rows))
+        x, y = ckpt.read(a, r).float(), ckpt.read(b, r).float()
+        if (x - y).abs().max() > 0.1 * y.abs().max():
+            return False
+    return True
+
+
 def load_quantized(
     ckpt: object,
     mode: str = "int8",
@@ -180,10 +234,24 @@ def load_quantized(
     with torch.device("meta"):
         model = model_class(config)(config)
     done: set[str] = set()
+    # A tied model's embedding and output head are one matrix: with an int8 head (int8 and
+    # int4 modes) the embedding reads the head's table instead of holding a second copy.
+    # Where a file stores both (GGUF keeps the head at higher precision), the head's wins.
+    share = (
+        mode != "f32"
+        and (head or ("int8" if mode == "int4" else mode)) == "int8"
+        and (
+            config.tie_word_embeddings
+            or "lm_head.weight" not in shapes
+            or _same_matrix(ckpt, "model.embed_tokens.weight", "lm_head.weight", shapes)
+        )
+    )
     for name, module in list(model.named_modules()):
         is_linear = type(module) is nn.Linear
         if not is_linear and not isinstance(module, nn.Embedding):
             continue
+        if share and name == "model.embed_tokens":
+            continue  # made from the head below
         wname = f"{name}.weight"
         if wname not in shapes:
             if name == "lm_head":
@@ -220,13 +288,16 @@ def load_quantized(
     if "lm_head.weight" not in shapes:
         # The output head shares the embedding's values; as a kernel layer it is its own copy.
         make = _linear_factory(mode, group_size, head, "lm_head")
-        head = _chunked(
+        tied_head = _chunked(
             lambda r: ckpt.read("model.embed_tokens.weight", r),
             config.vocab_size,
             config.hidden_size,
             lambda w: make(w, None),
         )
-        _set(model, "lm_head", head)
+        _set(model, "lm_head", tied_head)
+    if share:
+        _set(model, "model.embed_tokens", Int8Embedding.shared_with(model.lm_head))
+        done.add("model.embed_tokens.weight")
     for pname, param in list(model.named_parameters()):
         if pname in done:
             continue
