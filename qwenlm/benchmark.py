@@ -67,7 +67,11 @@ def measure_bandwidth(gb: float = 1.0) -> float:
 def weight_bytes_per_token(model: Any) -> int:
     """Bytes of weights a one-token decode step reads: every matrix once, one embedding row."""
     total = 0
-    for name, buf in list(model.model.named_parameters()) + list(model.model.named_buffers()):
+    # remove_duplicate=False: a tied model's embedding and head share one table, which must
+    # count once as the head (every row read) and once as the embedding (one row).
+    tensors = list(model.model.named_parameters(remove_duplicate=False))
+    tensors += list(model.model.named_buffers(remove_duplicate=False))
+    for name, buf in tensors:
         if "embed_tokens" in name:
             total += buf.nbytes // buf.shape[0] if buf.dim() else buf.nbytes
         else:
