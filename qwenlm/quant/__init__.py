@@ -365,6 +365,14 @@ def load_saved(ckpt: object) -> nn.Module:
                     name,
                     nn.Embedding.from_pretrained(ckpt.read(f"{name}.weight"), freeze=True),
                 )
+    emb, head = model.model.embed_tokens, getattr(model, "lm_head", None)
+    if (
+        isinstance(emb, Int8Embedding)
+        and isinstance(head, Int8Linear)
+        and torch.equal(emb.qweight, head.qweight)
+        and torch.equal(emb.scale, head.scale)
+    ):
+        model.model.embed_tokens = Int8Embedding.shared_with(head)
     for pname, param in list(model.named_parameters()):
         if param.is_meta:
             if pname not in shapes:
@@ -399,7 +407,12 @@ def save_quantized(
             "the model's projections are fused for inference", hint="save it before fusing"
         )
     config: ModelConfig = model.config
-    tensors = {k: v for k, v in model.state_dict().items()}
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():
+        # A tied model's embedding reads the head's table; safetensors stores each tensor's
+        # own bytes, so a shared one is written as a copy (and shared again on loading).
+        tensors[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
     out = write_hf_folder(
         folder, config=config, tensors=tensors, tokenizer=tokenizer, chat_template=chat_template
     )
