@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from qwenlm.kernels import cpu_kernels, num_threads
-from qwenlm.quant.linear import SMALL_BATCH, DenseLinear, Int4Linear, Int8Linear, KernelLinear
+from qwenlm.quant.linear import (
+    SMALL_BATCH,
+    DenseLinear,
+    Int4Linear,
+    Int8Linear,
+    KernelLinear,
+    _ptr,
+)
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 
@@ -62,10 +69,6 @@ class _Segment(ctypes.Structure):
         ("Ks", _p),
         ("Vs", _p),
     ]
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _describe(m: KernelLinear) -> _Linear:
