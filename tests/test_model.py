@@ -42,11 +42,13 @@ def test_chunked_prefill_with_offset_uses_causal_mask():
     torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
 
 
-def test_last_only_matches_last_position():
+def test_logits_at_matches_those_positions():
     model = tiny_model()
     x = ids(12)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, last_only=True), model(x)[:, -1:])
+        torch.testing.assert_close(model(x, logits_at=-1), model(x)[:, -1:])
+        at = torch.tensor([0, 5, 9])
+        torch.testing.assert_close(model(x, logits_at=at), model(x)[:, at])
 
 
 def test_cache_trim_and_regrow():

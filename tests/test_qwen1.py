@@ -15,6 +15,7 @@ import qwenlm
 from qwenlm.chat.qwen1 import Qwen1ChatTemplate
 from qwenlm.errors import CheckpointError
 from qwenlm.generation.cache import make_cache
+from qwenlm.kernels import cpu_kernels
 from qwenlm.models.rope import logn_scale, ntk_alpha, ntk_base
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
@@ -89,12 +90,19 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def qwen1_reference(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
-    """One forward pass written from Qwen1's modeling_qwen.py (no cache), in Qwen1's names."""
+def qwen1_reference(
+    sd: dict, cfg: dict, ids: list[int], prompt_len: int | None = None
+) -> torch.Tensor:
+    """One forward pass written from Qwen1's modeling_qwen.py (no cache), in Qwen1's names.
+
+    ``prompt_len``: the tokens after it were generated one at a time with the KV cache, so
+    dynamic NTK's factor is the one Qwen1 computed at prefill, from the prompt's length.
+    """
     T, H, D, L = len(ids), cfg["num_attention_heads"], cfg["kv_channels"], cfg["seq_length"]
     alpha = 1.0
-    if cfg["use_dynamic_ntk"]:  # QWenModel.get_ntk_alpha
-        alpha = max(2 ** math.ceil(math.log(T / L, 2) + 1) - 1, 1)
+    if cfg["use_dynamic_ntk"]:  # QWenModel.get_ntk_alpha, kept in _ntk_alpha_cached_list
+        n = prompt_len or T
+        alpha = max(2 ** math.ceil(math.log(n / L, 2) + 1) - 1, 1)
     base = cfg["rotary_emb_base"] * alpha ** (D / (D - 2))
     inv_freq = 1.0 / (base ** (torch.arange(0, D, 2).float() / D))
     freqs = torch.outer(torch.arange(T).float(), inv_freq)
@@ -348,6 +356,33 @@ def test_qwen1_engine_and_chat_api(tmp_path):
     assert prompt == m.template.make_context("world", [("hello", "hi")])
     response, history = m.chat("hello", history=[("a", "b")], max_new_tokens=4, temperature=0)
     assert history == [("a", "b"), ("hello", response)]
+
+
+@pytest.mark.parametrize("prompt_len", [10, 40])
+def test_dynamic_ntk_is_fixed_per_sequence_at_prefill(tmp_path, prompt_len):
+    # Qwen1 computes the NTK factor from the prompt's length at prefill and keeps it while
+    # decoding; a sequence's logits must not move with its batch-mates' lengths either.
+    sd = write_qwen1_folder(tmp_path)
+    m = qwenlm.load(tmp_path, quant="f32", device="cpu")  # row-exact kernels where present
+    engine = m.engine
+    x = list(range(3, 70))  # decoding runs past 4x seq_length
+    want = qwen1_reference(sd, QWEN1, x, prompt_len=prompt_len)
+    alone, beside = engine.new_sequence(), engine.new_sequence()
+    longer = engine.new_sequence()  # 130 tokens: NTK factor 15 where ours is 1 or 7
+    first = engine.prefill(alone, x[:prompt_len])
+    assert torch.equal(engine.prefill(beside, x[:prompt_len]), first)
+    engine.prefill(longer, list(range(5, 135)))
+    # Against the reference: float32 rounding of differently ordered sums over 64-wide rows
+    # and 70 keys, ~2e-5 at logits of ~5 here; the bug this guards against moved them by ~1.
+    close = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first, want[prompt_len - 1], **close)
+    for i in range(prompt_len, len(x)):
+        (a,) = engine.forward([(alone, [x[i]])])
+        b, _ = engine.forward([(beside, [x[i]]), (longer, [7])])
+        if cpu_kernels() is not None:
+            assert torch.equal(a, b)  # row-exact path: the batch-mate changes no bit
+        torch.testing.assert_close(a, b, **close)
+        torch.testing.assert_close(a, want[i], **close)
 
 
 def test_qwen1_trains_with_padding_masks(tmp_path):

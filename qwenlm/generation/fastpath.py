@@ -16,7 +16,9 @@ import ctypes
 import torch
 from torch import nn
 
+from qwenlm.generation.engine import BatchLayer
 from qwenlm.kernels import cpu_kernels, num_threads
+from qwenlm.models.attention import AttentionPlan, LayerCache
 from qwenlm.quant.linear import (
     SMALL_BATCH,
     DenseLinear,
@@ -139,20 +141,27 @@ class KernelLayer(nn.Module):
             self._desc = (key, desc, tensors)  # the tensors stay referenced while in use
         return self._desc[1]
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        cache: LayerCache,
+    ) -> torch.Tensor:
         lib = cpu_kernels()
         rows = x.shape[0] * x.shape[1]
         if (
             lib is None
             or x.device.type != "cpu"
             or rows > SMALL_BATCH
-            or mask is not None
-            or not hasattr(cache, "layout")
+            or not plan.ordinary
+            or not isinstance(cache, BatchLayer)
             or x.dtype != torch.float32
             or cos.dtype != torch.float32
             or (desc := self._descriptor()) is None
         ):
-            return self.layer(x, cos, sin, mask, cache)
+            return self.layer(x, cos, sin, plan, cache)
         H, D = self.H, self.D
         d_model = x.shape[-1]
         h = x.reshape(rows, d_model).clone()  # residual stream, updated in place

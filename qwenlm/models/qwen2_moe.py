@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qwenlm.config import ModelConfig
+from qwenlm.models.attention import AttentionPlan, LayerCache
 from qwenlm.models.qwen2 import MLP, Attention, Qwen2ForCausalLM, Qwen2Model, RMSNorm
 
 
@@ -120,10 +121,10 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: object,
-        cache: object,
+        plan: AttentionPlan,
+        cache: LayerCache,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -16,21 +16,26 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from qwenlm.errors import QwenlmError
-from qwenlm.generation.engine import SMALL_SEGMENT
-from qwenlm.generation.generate import GenerationConfig
+from qwenlm.errors import GenerationError, QwenlmError
+from qwenlm.generation import scheduler as engine
+from qwenlm.generation.config import GenerationConfig
+from qwenlm.generation.engine import PREFILL_CHUNK
+from qwenlm.generation.sampling import TokenLogprob
+from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler
 from qwenlm.serve import protocol as P
 from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
-from qwenlm.serve.http import SSE, Guard, collect, error_response, read_json, sse_event
+from qwenlm.serve.http import SSE, Guard, Job, collect, error_response, read_json, sse_event
 from qwenlm.serve.protocol import APIError, SamplingParams
-from qwenlm.serve.scheduler import Job, Output, Scheduler, TokenLogprob
+
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen
 
 STATIC = Path(__file__).parent / "static"
 PAGE_CSP = (
@@ -50,7 +55,7 @@ class ServeConfig:
     max_num_seqs: int = 16
     max_queue: int = 64
     prefix_cache_tokens: int = 16384
-    prefill_chunk: int = SMALL_SEGMENT  # larger: faster long prompts, results not batch-exact
+    prefill_chunk: int = PREFILL_CHUNK  # prompt pieces; other values change results slightly
     max_model_len: int | None = None  # default: the model's context length
     tool_prompt: str = "auto"  # auto | native | react
     cors_origins: Sequence[str] = field(default_factory=tuple)
@@ -60,7 +65,7 @@ class ServeConfig:
 class Service:
     """The model, its scheduler and the request handling that needs both."""
 
-    def __init__(self, model: Any, config: ServeConfig) -> None:
+    def __init__(self, model: Qwen, config: ServeConfig) -> None:
         self.model = model
         self.config = config
         self.names = list(config.model_names) or [model.name or "qwenlm"]
@@ -68,13 +73,13 @@ class Service:
             model.config.max_position_embeddings,
             config.max_model_len or model.config.max_position_embeddings,
         )
+        model.engine.prefill_chunk = config.prefill_chunk
         self.scheduler = Scheduler(
             model.engine,
             model.tokenizer,
             max_num_seqs=config.max_num_seqs,
             max_queue=config.max_queue,
             prefix_cache_tokens=config.prefix_cache_tokens,
-            prefill_chunk=config.prefill_chunk,
         )
         self.tool_mode = config.tool_prompt
         if self.tool_mode == "auto":
@@ -98,10 +103,16 @@ class Service:
                 temperature=params.temperature,
                 top_p=params.top_p,
                 top_k=params.top_k,
+                min_p=params.min_p,
                 repetition_penalty=params.repetition_penalty,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                logit_bias=params.logit_bias or None,
                 seed=params.seed,
                 stop=params.stop,
                 ignore_eos=params.ignore_eos,
+                logprobs=params.logprobs,
+                top_logprobs=params.top_logprobs,
             )
         except QwenlmError as e:
             raise P.invalid(e.message) from None
@@ -131,18 +142,43 @@ class Service:
         offset: int = 0,
     ) -> Job:
         limit = self.budget(len(prompt), params, param)
-        job = Job(
+        if n > self.config.max_num_seqs:
+            raise APIError(
+                400,
+                f"Invalid 'n': this server runs at most {self.config.max_num_seqs} sequences "
+                "at once.",
+                param="n",
+            )
+        events = events if events is not None else asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        request = engine.Request(
             prompt,
-            params,
             self.generation_config(params, limit),
+            lambda out: loop.call_soon_threadsafe(events.put_nowait, out),
             n=n,
-            max_new_tokens=limit,
             timeout=self.config.request_timeout,
-            events=events,
             offset=offset,
         )
-        self.scheduler.submit(job)
-        return job
+        try:
+            self.scheduler.submit(request)
+        except QueueFull:
+            raise APIError(
+                503,
+                "The server is overloaded: too many requests are waiting. Retry shortly.",
+                type="server_error",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            ) from None
+        except EngineFailed:
+            raise APIError(
+                503,
+                "The engine stopped after an internal error; the server must be restarted.",
+                type="server_error",
+                code="engine_failed",
+            ) from None
+        except GenerationError as e:
+            raise P.invalid(e.message, param=param) from None
+        return Job(request, events)
 
     # -- chat prompts -------------------------------------------------------------------------
     def chat_prompt(
@@ -477,6 +513,11 @@ def _model_card(svc: Service, name: str) -> dict[str, Any]:
 async def health(request: Request) -> Any:
     svc: Service = request.app.state.service
     s = svc.scheduler
+    if not s.alive:
+        return JSONResponse(
+            {"status": "error", "reason": "the engine stopped after an internal error"},
+            status_code=503,
+        )
     return JSONResponse({"status": "ok", "running": s.running, "waiting": s.waiting})
 
 

@@ -21,11 +21,28 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from qwenlm.generation import scheduler as engine
+from qwenlm.generation.scheduler import Output
 from qwenlm.serve import protocol as P
 from qwenlm.serve.protocol import APIError
-from qwenlm.serve.scheduler import Job
 
 log = logging.getLogger("qwenlm.serve")
+
+
+class Job:
+    """A submitted request as the HTTP side holds it: its events arrive on ``events``."""
+
+    def __init__(self, request: engine.Request, events: asyncio.Queue[Output]) -> None:
+        self.request = request
+        self.events = events
+
+    @property
+    def n(self) -> int:
+        return self.request.n
+
+    def cancel(self) -> None:
+        """Stop generating (the client left); the scheduler drops it at its next step."""
+        self.request.cancel()
 
 
 def sse_event(obj: Any) -> bytes:

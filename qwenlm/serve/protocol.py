@@ -250,6 +250,7 @@ class SamplingParams:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -289,6 +290,7 @@ def sampling_params(
         temperature=_number(body, "temperature", 0.0, 2.0, None),
         top_p=_number(body, "top_p", 0.0, 1.0, None),
         top_k=_integer(body, "top_k", -1, None, None),
+        min_p=_number(body, "min_p", 0.0, 1.0, None),
         repetition_penalty=_number(body, "repetition_penalty", 0.01, 10.0, None),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
