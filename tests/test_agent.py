@@ -43,11 +43,11 @@ class ScriptedQwen(Qwen):
         yield GenerationChunk(text)
         yield GenerationChunk("", finish_reason="stop")
 
-    def stream_chat(self, messages, *, tools=None, cache=None, **options):
+    def chat_chunks(self, messages, *, tools=None, sequence=None, **options):
         self.tools_offered.append([t["function"]["name"] for t in tools or []])
         return self._next(self.encode_chat(messages, tools=tools))
 
-    def stream(self, prompt, *, cache=None, **options):
+    def generate_chunks(self, prompt, *, sequence=None, **options):
         assert "Observation:" in options.get("stop", ())
         return self._next(self._ids(prompt))
 

@@ -112,7 +112,7 @@ def test_exact_reuse_keeps_whole_prefill_pieces_only():
     assert s.exact == 64  # pieces [0, 32) and [32, 64) were whole; [64, 80) was not
     engine.forward([(s, [5])])  # decoded tokens are never exact
     assert s.exact == 64
-    assert s.reuse(p + [5, 6], exact=True, chunk=32) == 64
+    assert s.reuse([*p, 5, 6], exact=True, chunk=32) == 64
     assert engine.begin(s, p[:40], exact=True) == p[32:40]
 
 

@@ -24,7 +24,6 @@ from serve_helpers import LiveServer
 
 from qwenlm.api import Qwen
 from qwenlm.generation.fastpath import accelerate
-from qwenlm.generation.generate import GenerationConfig, TextStream, generate_step, make_generator
 from qwenlm.quant import quantize
 from qwenlm.serve import ServeConfig
 from qwenlm.serve.functions import ReplyParser, react_conversation
@@ -46,7 +45,9 @@ def tiny_qwen(**config: int) -> Qwen:
 
 @pytest.fixture(scope="module")
 def server():
-    with LiveServer(tiny_qwen(), ServeConfig(api_key=KEY, max_body_bytes=20_000)) as s:
+    # Prompts prefill in pieces of 32 tokens, so the prefix cache works on tiny prompts.
+    cfg = ServeConfig(api_key=KEY, max_body_bytes=20_000, prefill_chunk=32)
+    with LiveServer(tiny_qwen(), cfg) as s:
         yield s
 
 
@@ -290,13 +291,14 @@ def test_the_page_asks_the_browser_for_the_key(server):
 def test_continuous_batching_equals_one_by_one_generation():
     qwen = tiny_qwen()
     # A shared opening: the requests that wait take it from the prefix cache.
-    prompts = ["hello world " * 8 + f"{i} " * (i + 1) for i in range(6)]
+    prompts = ["hello world " * 24 + f"{i} " * (i + 1) for i in range(6)]
     configs = [
         dict(max_tokens=12 + 3 * i, temperature=0.9 if i % 2 else 0, seed=i, ignore_eos=True)
         for i in range(6)
     ]
     results: dict[int, str] = {}
-    cfg = ServeConfig(max_num_seqs=4)  # 6 requests, 4 slots: some wait and join later
+    # 6 requests, 4 slots: some wait and join later
+    cfg = ServeConfig(max_num_seqs=4, prefill_chunk=32)
     with LiveServer(qwen, cfg) as s:
 
         def run(i: int) -> None:
@@ -309,39 +311,21 @@ def test_continuous_batching_equals_one_by_one_generation():
             t.start()
         for t in threads:
             t.join(60)
-        assert _metric(httpx, "qwenlm_prompt_tokens_cached_total", s.url) >= 16
+        assert _metric(httpx, "qwenlm_prompt_tokens_cached_total", s.url) >= 32
     for i, p in enumerate(prompts):
         assert results[i] == alone(qwen, p, configs[i]), i
 
 
 def alone(qwen: Qwen, prompt: str, c: dict) -> str:
-    """The library's own generation of ``prompt`` by itself (prompt fed 16 tokens at a time,
-    as the server feeds it)."""
-    config = GenerationConfig(
+    """The library's own generation of ``prompt`` by itself (the engine prefills in the
+    server's pieces: the server set its prefill_chunk)."""
+    return qwen.generate(
+        prompt,
         max_new_tokens=c["max_tokens"],
         temperature=c["temperature"],
         seed=c["seed"],
         ignore_eos=True,
     )
-    ids = qwen.tokenizer.encode(prompt)
-    stream = TextStream(qwen.tokenizer, config, len(ids), config.max_new_tokens)
-    steps = generate_step(
-        qwen.engine,
-        ids,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        repetition_penalty=config.repetition_penalty,
-        generator=make_generator(config, qwen.device),
-        prefill_chunk=16,
-    )
-    text = ""
-    for token in steps:
-        chunk = stream.push(token)
-        text += chunk.text if chunk else ""
-        if stream.finish_reason:
-            return text
-    raise AssertionError("unreachable")
 
 
 def test_a_full_queue_is_503_with_retry_after():
@@ -359,7 +343,7 @@ def test_a_full_queue_is_503_with_retry_after():
 
 def test_prefix_cache_reuses_a_conversation(client):
     before = _metric(client, "qwenlm_prompt_tokens_cached_total")
-    history = [{"role": "user", "content": "hello world, hello world"}]
+    history = [{"role": "user", "content": "hello world, " * 30}]
     r = client.post(
         "/v1/chat/completions", json={"model": "tiny", "messages": history, "max_tokens": 5}
     )
@@ -368,7 +352,7 @@ def test_prefix_cache_reuses_a_conversation(client):
     client.post(
         "/v1/chat/completions", json={"model": "tiny", "messages": history, "max_tokens": 5}
     )
-    assert _metric(client, "qwenlm_prompt_tokens_cached_total") - before >= 40
+    assert _metric(client, "qwenlm_prompt_tokens_cached_total") - before >= 32
 
 
 def _metric(client, name: str, base: str = "") -> float:

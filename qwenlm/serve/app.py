@@ -26,7 +26,7 @@ from starlette.routing import Route
 from qwenlm.errors import GenerationError, QwenlmError
 from qwenlm.generation import scheduler as engine
 from qwenlm.generation.config import GenerationConfig
-from qwenlm.generation.engine import PREFILL_CHUNK
+from qwenlm.generation.engine import PREFILL_CHUNK, SMALL_SEGMENT
 from qwenlm.generation.sampling import TokenLogprob
 from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler
 from qwenlm.serve import protocol as P
@@ -73,6 +73,8 @@ class Service:
             model.config.max_position_embeddings,
             config.max_model_len or model.config.max_position_embeddings,
         )
+        if config.prefill_chunk <= SMALL_SEGMENT:
+            raise ValueError(f"prefill_chunk must be above {SMALL_SEGMENT}")
         model.engine.prefill_chunk = config.prefill_chunk
         self.scheduler = Scheduler(
             model.engine,
