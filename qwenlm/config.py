@@ -12,20 +12,42 @@ from typing import Any
 
 from qwenlm.errors import CheckpointError
 
-# model_type values whose checkpoints the dense Qwen2 model file can run.
-DENSE_MODEL_TYPES = ("qwen2",)
 # Every model_type with a model file (Qwen1's "qwen" is mapped onto "qwen2" by weights/qwen1.py).
-MODEL_TYPES = ("qwen2", "qwen2_moe")
-# Hugging Face's defaults for Qwen2-MoE keys that a config.json may leave out.
-MOE_DEFAULTS: dict[str, Any] = {
-    "num_experts": 60,
-    "num_experts_per_tok": 4,
-    "moe_intermediate_size": 1408,
-    "shared_expert_intermediate_size": 5632,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": (),
-    "norm_topk_prob": False,
-    "router_aux_loss_coef": 0.001,
+# Qwen3 is Qwen2's layout with RMSNorm on each head's queries and keys: the same model files.
+MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+# GGUF architectures (llama.cpp's names) that from_gguf reads.
+GGUF_ARCHITECTURES = ("qwen2",)
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")
+# Hugging Face's defaults (its configuration classes) for keys that a config.json may leave out.
+TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2_moe": {
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": (),
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001,
+    },
+    "qwen3": {"head_dim_override": 128, "attention_bias": False},
+    "qwen3_moe": {
+        "attention_bias": False,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": (),
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001,
+    },
+}
+_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
@@ -55,7 +77,10 @@ class ModelConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151645
     rope_scaling: Mapping[str, Any] | None = None
-    # Qwen2-MoE (None for dense models).
+    # Qwen3's switch for a bias on Q, K, V and O (false in its releases); None is Qwen2's fixed
+    # layout: a bias on Q, K and V only.
+    attention_bias: bool | None = None
+    # Qwen2-MoE and Qwen3-MoE (None for dense models; Qwen3-MoE has no shared expert).
     num_experts: int | None = None
     num_experts_per_tok: int | None = None
     moe_intermediate_size: int | None = None
@@ -86,10 +111,15 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.model_type == "qwen2_moe"
+        return self.model_type in MOE_MODEL_TYPES
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether attention normalises each head's queries and keys (Qwen3)."""
+        return self.model_type in QK_NORM_MODEL_TYPES
 
     def is_sparse_layer(self, i: int) -> bool:
-        """Whether decoder layer ``i`` runs experts (Hugging Face's rule for Qwen2-MoE)."""
+        """Whether decoder layer ``i`` runs experts (Hugging Face's rule for Qwen2/3-MoE)."""
         if not self.is_moe or not self.num_experts or i in (self.mlp_only_layers or ()):
             return False
         return (i + 1) % (self.decoder_sparse_step or 1) == 0
@@ -198,9 +228,14 @@ class ModelConfig:
             and rope_params.get("rope_type", "default") != "default"
         ):
             kwargs["rope_scaling"] = dict(rope_params)
-        if model_type == "qwen2_moe":
-            for key, value in MOE_DEFAULTS.items():
-                kwargs.setdefault(key, value)
+        if model_type == "qwen3_moe":
+            # transformers 5 writes Qwen3-MoE's expert count as num_local_experts.
+            if "num_experts" not in kwargs and cfg.get("num_local_experts") is not None:
+                kwargs["num_experts"] = cfg["num_local_experts"]
+            # Qwen3-MoE has no shared expert, whatever stray key a config carries.
+            kwargs.pop("shared_expert_intermediate_size", None)
+        for key, value in TYPE_DEFAULTS.get(model_type, {}).items():
+            kwargs.setdefault(key, value)
         for key in ("eos_token_id", "mlp_only_layers", "layer_types"):
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = tuple(kwargs[key])
@@ -222,10 +257,10 @@ class ModelConfig:
     def from_gguf(cls, metadata: Mapping[str, Any], vocab_size: int | None = None) -> ModelConfig:
         """Build from GGUF metadata (``{arch}.block_count`` and friends)."""
         arch = metadata.get("general.architecture")
-        if arch not in DENSE_MODEL_TYPES:
+        if arch not in GGUF_ARCHITECTURES:
             raise CheckpointError(
                 f"unsupported GGUF architecture {arch!r}",
-                hint=f"this version of qwenlm runs {', '.join(DENSE_MODEL_TYPES)} models",
+                hint=f"this version of qwenlm runs {', '.join(GGUF_ARCHITECTURES)} models",
             )
 
         def get(key: str, default: Any = None) -> Any:
@@ -259,8 +294,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json form (the inverse of :meth:`from_hf`)."""
-        arch = "Qwen2MoeForCausalLM" if self.is_moe else "Qwen2ForCausalLM"
-        out: dict[str, Any] = {"architectures": [arch]}
+        out: dict[str, Any] = {"architectures": [_ARCHITECTURES[self.model_type]]}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None:
