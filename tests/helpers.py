@@ -234,3 +234,21 @@ def write_hf_tokenizer(
     if template:
         cfg["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def random_hf_model(folder: Path, model_cls: type, config: object, seed: int = 0):
+    """A transformers model with weights for parity tests (norms near 1, biases and MoE
+    routers large enough to matter), saved to ``folder`` with the tiny tokenizer."""
+    torch.manual_seed(seed)
+    hf = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "bias" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "mlp.gate.weight" in name or "shared_expert_gate" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+    hf.save_pretrained(folder)
+    write_hf_tokenizer(folder)
+    return hf

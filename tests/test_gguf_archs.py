@@ -32,40 +32,31 @@ from qwenlm.weights.qwen1 import qwen1_config
 from tests.helpers import (
     QWEN_TEMPLATE,
     TINY_VOCAB,
+    random_hf_model,
     random_state_dict,
     tiny_config,
     tiny_gguf_writer,
-    write_hf_tokenizer,
 )
 from tests.test_qwen1 import QWEN1, write_qwen1_folder
+from tests.test_qwen3 import QWEN3
 
 transformers = pytest.importorskip("transformers")
 
 QWEN3_TEMPLATE = Path(__file__).parent / "data" / "qwen3_chat_template.jinja"
 
-BASE = dict(
-    vocab_size=TINY_VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-)
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32)
+QWEN2 = {k: v for k, v in QWEN3.items() if k != "head_dim"}  # hidden / heads
 TWINS = {
     # GGUF architecture: (transformers classes, config); llama.cpp runs experts in every layer
     # and renormalises the chosen experts' weights for qwen3moe only.
     "qwen2moe": (
         ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-        dict(BASE, **MOE, shared_expert_intermediate_size=48, norm_topk_prob=False),
+        dict(QWEN2, **MOE, shared_expert_intermediate_size=48, norm_topk_prob=False),
     ),
-    "qwen3": (("Qwen3Config", "Qwen3ForCausalLM"), dict(BASE, head_dim=32)),
+    "qwen3": (("Qwen3Config", "Qwen3ForCausalLM"), QWEN3),
     "qwen3moe": (
         ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-        dict(BASE, **MOE, head_dim=32, norm_topk_prob=True),
+        dict(QWEN3, **MOE, norm_topk_prob=True),
     ),
 }
 _EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
@@ -78,18 +69,8 @@ def ids(n: int, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
 def hf_twin(folder, arch: str, seed: int = 0):
     """A random transformers model of ``arch``'s family saved as an HF folder; its tensors."""
     (cfg_cls, model_cls), cfg = TWINS[arch]
-    torch.manual_seed(seed)
-    hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg)).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif "bias" in name:
-                p.copy_(0.1 * torch.randn_like(p))
-            elif "mlp.gate.weight" in name or "shared_expert_gate" in name:
-                p.copy_(0.5 * torch.randn_like(p))
-    hf.save_pretrained(folder)
-    write_hf_tokenizer(folder)
+    config = getattr(transformers, cfg_cls)(**cfg)
+    hf = random_hf_model(folder, getattr(transformers, model_cls), config, seed)
     return hf, load_file(str(folder / "model.safetensors"))
 
 

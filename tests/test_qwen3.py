@@ -18,7 +18,7 @@ from qwenlm.generation.fastpath import KernelLayer
 from qwenlm.models import build_model
 from qwenlm.models.qwen2_moe import SparseMoeBlock
 from qwenlm.weights import safetensors as st_format
-from tests.helpers import TINY_VOCAB, write_hf_tokenizer
+from tests.helpers import TINY_VOCAB, random_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,30 +46,13 @@ QWEN3_MOE = dict(
 )
 
 
-def randomize(hf: torch.nn.Module) -> None:
-    """Norms near 1 (q/k norms included), biases and routers large enough to matter."""
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif "bias" in name:
-                p.copy_(0.1 * torch.randn_like(p))
-            elif "mlp.gate.weight" in name:
-                p.copy_(0.5 * torch.randn_like(p))
-
-
 def hf_qwen3(folder, seed: int = 0, moe: bool = False, **overrides):
     """A random transformers Qwen3 (or Qwen3-MoE) saved as a Hugging Face folder."""
-    torch.manual_seed(seed)
     if moe:
         cfg = transformers.Qwen3MoeConfig(**{**QWEN3_MOE, **overrides})
-        hf = transformers.Qwen3MoeForCausalLM(cfg)
-    else:
-        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**QWEN3, **overrides}))
-    randomize(hf)
-    hf.eval().save_pretrained(folder)
-    write_hf_tokenizer(folder)
-    return hf
+        return random_hf_model(folder, transformers.Qwen3MoeForCausalLM, cfg, seed)
+    cfg = transformers.Qwen3Config(**{**QWEN3, **overrides})
+    return random_hf_model(folder, transformers.Qwen3ForCausalLM, cfg, seed)
 
 
 def ids(n: int, seed: int = 0) -> torch.Tensor:
