@@ -159,6 +159,34 @@ def write_tiny_gguf(
 
     config = config or tiny_config()
     sd = random_state_dict(config, seed)
+    w = tiny_gguf_writer(path, arch, config, template)
+    written = {}
+    for name, t in sd.items():
+        if name in drop:
+            continue
+        arr = t.numpy().astype(np.float32)
+        if arr.ndim == 2 and qtype != "F32":
+            q = gguf.GGMLQuantizationType[qtype]
+            data = gguf.quants.quantize(arr, q)
+            w.add_tensor(gguf_name(name), data, raw_dtype=q)
+            written[name] = torch.from_numpy(
+                gguf.quants.dequantize(data, q).reshape(arr.shape).copy()
+            )
+        else:
+            w.add_tensor(gguf_name(name), arr)
+            written[name] = t
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def tiny_gguf_writer(path: Path, arch: str, config: ModelConfig, template: str | None):
+    """A gguf.GGUFWriter with the dense hyper-parameters of ``config`` and the tiny vocabulary
+    written; the caller adds any other metadata and the tensors."""
+    import gguf
+
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_hidden_layers)
     w.add_context_length(config.max_position_embeddings)
@@ -187,26 +215,7 @@ def write_tiny_gguf(
     w.add_bos_token_id(specials["<|endoftext|>"])
     if template:
         w.add_chat_template(template)
-    written = {}
-    for name, t in sd.items():
-        if name in drop:
-            continue
-        arr = t.numpy().astype(np.float32)
-        if arr.ndim == 2 and qtype != "F32":
-            q = gguf.GGMLQuantizationType[qtype]
-            data = gguf.quants.quantize(arr, q)
-            w.add_tensor(gguf_name(name), data, raw_dtype=q)
-            written[name] = torch.from_numpy(
-                gguf.quants.dequantize(data, q).reshape(arr.shape).copy()
-            )
-        else:
-            w.add_tensor(gguf_name(name), arr)
-            written[name] = t
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return written
+    return w
 
 
 def write_hf_tokenizer(
@@ -225,3 +234,21 @@ def write_hf_tokenizer(
     if template:
         cfg["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def random_hf_model(folder: Path, model_cls: type, config: object, seed: int = 0):
+    """A transformers model with weights for parity tests (norms near 1, biases and MoE
+    routers large enough to matter), saved to ``folder`` with the tiny tokenizer."""
+    torch.manual_seed(seed)
+    hf = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "bias" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "mlp.gate.weight" in name or "shared_expert_gate" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+    hf.save_pretrained(folder)
+    write_hf_tokenizer(folder)
+    return hf

@@ -105,6 +105,8 @@ class KernelLayer(nn.Module):
     @staticmethod
     def supported(layer: nn.Module) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "q_norm", None) is not None:
+            return False  # the native layer has no step for Qwen3's q/k norms
         mods = (
             [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
             if all(hasattr(m, n) for m, n in ((attn, "qkv_proj"), (mlp, "gate_up_proj")))

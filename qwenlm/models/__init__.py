@@ -15,6 +15,9 @@ from qwenlm.models.qwen2_moe import Qwen2MoeForCausalLM
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "qwen2": Qwen2ForCausalLM,
     "qwen2_moe": Qwen2MoeForCausalLM,
+    # Qwen3 differs only in what the config switches (q/k norms, no bias, no shared expert).
+    "qwen3": Qwen2ForCausalLM,
+    "qwen3_moe": Qwen2MoeForCausalLM,
 }
 
 

@@ -1,4 +1,7 @@
-"""Qwen2 / Qwen2.5 dense decoder: GQA with Q/K/V bias, RoPE, RMSNorm, SwiGLU.
+"""Qwen2 / Qwen2.5 / Qwen3 dense decoder: GQA with Q/K/V bias, RoPE, RMSNorm, SwiGLU.
+
+Qwen3 is the same layout without the Q/K/V bias and with RMSNorm on each head's queries and
+keys before the rotation (``self_attn.q_norm`` / ``k_norm``, from ``config.qk_norm``).
 
 Module and parameter names reproduce the Hugging Face checkpoint (``model.layers.N.self_attn.
 q_proj``...), so a state dict loads with no mapping table. The KV cache is passed in: a list with
@@ -81,11 +84,16 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        # Qwen2 puts a bias on Q, K and V only.
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        # Qwen2 puts a bias on Q, K and V only (attention_bias None); Qwen3's attention_bias
+        # switches one on all four projections.
+        qkv_bias, o_bias = config.attention_bias is not False, bool(config.attention_bias)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=o_bias)
+        # Qwen3 normalises each head's query and key (over head_dim) before the rotation.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def fuse(self) -> None:
         """Compute Q, K and V with one matrix product (inference only)."""
@@ -116,6 +124,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # q: (B, n_heads, T, D); k, v: (B, n_kv_heads, T, D)
+        if self.q_norm is not None:  # Qwen3: RMSNorm per head on queries and keys
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = plan.rotate(q, k, cos, sin)
         y = cache.attend(q, k, v, plan)  # stores k, v; attends over everything stored
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)

@@ -39,6 +39,7 @@ class Checkpoint:
     quantization: dict[str, Any] | None = None  # config.json's quantization_config
     qwen1: bool = False  # Qwen1 tensor names, mapped onto Qwen2's by weights/qwen1.py
     _gguf: gguf_format.GGUFFile | None = None
+    _pieces: dict[str, gguf_format.Piece] | None = None  # where each HF tensor lies in _gguf
     _shards: dict[str, Path] | None = None
     _raw_shapes: dict[str, tuple[int, ...]] | None = None  # Qwen1 names, for read()
 
@@ -53,11 +54,7 @@ class Checkpoint:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape by Hugging Face name, without reading any data."""
         if self._gguf is not None:
-            return {
-                hf: info.shape
-                for name, info in self._gguf.tensors.items()
-                if (hf := gguf_format.hf_name(name)) is not None
-            }
+            return {hf: piece.shape for hf, piece in self._gguf_pieces().items()}
         if self.qwen1:
             return qwen1.map_shapes(st_format.shapes(self.path))
         return st_format.shapes(self.path)
@@ -65,10 +62,10 @@ class Checkpoint:
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One tensor as float32 (integer tensors as stored), optionally only rows start..stop."""
         if self._gguf is not None:
-            names = _gguf_names(self._gguf)
-            if name not in names:
+            pieces = self._gguf_pieces()
+            if name not in pieces:
                 raise CheckpointError(f"tensor {name} is not in {self.path}")
-            return self._gguf.load(names[name], torch.float32, rows)
+            return gguf_format.read(self._gguf, pieces[name], torch.float32, rows)
         if self._shards is None:
             self._shards = st_format.locate(self.path)
         if self.qwen1:
@@ -76,6 +73,12 @@ class Checkpoint:
                 self._raw_shapes = st_format.shapes(self.path)
             return qwen1.read_mapped(self._read_hf, self._raw_shapes, name, rows)
         return self._read_hf(name, rows)
+
+    def _gguf_pieces(self) -> dict[str, gguf_format.Piece]:
+        assert self._gguf is not None
+        if self._pieces is None:
+            self._pieces = gguf_format.tensor_map(self._gguf)
+        return self._pieces
 
     def _read_hf(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         assert self._shards is not None
@@ -92,10 +95,6 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _gguf_names(gf: gguf_format.GGUFFile) -> dict[str, str]:
-    return {hf: name for name in gf.tensors if (hf := gguf_format.hf_name(name)) is not None}
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -123,13 +122,17 @@ def _open_gguf(path: Path) -> Checkpoint:
                 f"{config.vocab_size} rows"
             )
         template = meta.get("tokenizer.chat_template")
+        # Qwen1 files get Qwen1's chat format and stops, as its folders do.
+        qwen1_file = gf.architecture == "qwen"
         return Checkpoint(
             path=path,
             format="gguf",
             config=config,
             tokenizer=tokenizer,
             chat_template=template if isinstance(template, str) else None,
+            generation_defaults=_qwen1_defaults(tokenizer, {}) if qwen1_file else {},
             name=meta.get("general.name"),
+            qwen1=qwen1_file,
             _gguf=gf,
         )
     except BaseException:
@@ -191,25 +194,32 @@ def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
     if not (folder / "qwen.tiktoken").is_file():
         raise CheckpointError(f"Qwen1 folder {folder} has no qwen.tiktoken vocabulary")
     tokenizer = Tokenizer.from_tiktoken_file(folder / "qwen.tiktoken", vocab_size=config.vocab_size)
-    defaults = dict(qwen1.GENERATION_DEFAULTS)
+    gen = {}
     if (folder / "generation_config.json").is_file():
         gen = _read_json(folder / "generation_config.json")
-        defaults.update({k: gen[k] for k in _GENERATION_KEYS if k in gen})
-        if gen.get("do_sample") is False:
-            defaults["temperature"] = 0.0
-        if isinstance(gen.get("max_window_size"), int):
-            defaults["max_window_size"] = gen["max_window_size"]
-    # Qwen1's chat() stops at the end or start of a turn, and at end of text.
-    defaults["stop_token_ids"] = tuple(
-        tokenizer.special_tokens[t] for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
-    )
     return Checkpoint(
         path=folder,
         format="hf",
         config=config,
         tokenizer=tokenizer,
         chat_template=None,
-        generation_defaults=defaults,
+        generation_defaults=_qwen1_defaults(tokenizer, gen),
         name=folder.name,
         qwen1=True,
     )
+
+
+def _qwen1_defaults(tokenizer: Tokenizer, gen: dict[str, Any]) -> dict[str, Any]:
+    """Qwen1's generation defaults, updated from a generation_config.json's values ``gen``."""
+    defaults = dict(qwen1.GENERATION_DEFAULTS)
+    defaults.update({k: gen[k] for k in _GENERATION_KEYS if k in gen})
+    if gen.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    if isinstance(gen.get("max_window_size"), int):
+        defaults["max_window_size"] = gen["max_window_size"]
+    # Qwen1's chat() stops at the end or start of a turn, and at end of text.
+    stops = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+    defaults["stop_token_ids"] = tuple(
+        tokenizer.special_tokens[t] for t in stops if t in tokenizer.special_tokens
+    )
+    return defaults
