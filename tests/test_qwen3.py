@@ -132,7 +132,7 @@ def test_qwen3_loads_and_generates_through_qwenlm_load(tmp_path, moe, quant):
     # The native per-layer decode step has no q/k norms: Qwen3 layers must not take it.
     assert not any(isinstance(layer, KernelLayer) for layer in m.model.model.layers)
     # The engine's cached decode picks the tokens that repeated full forwards pick.
-    got = m.stream(x[:8], max_new_tokens=8, temperature=0, ignore_eos=True)
+    got = m.generate_chunks(x[:8], max_new_tokens=8, temperature=0, ignore_eos=True)
     tokens = [t for chunk in got for t in chunk.token_ids]
     assert tokens == greedy_by_full_forward(m.model, x[:8], 8)
 
