@@ -102,6 +102,55 @@ def ask(text: str) -> list[dict[str, str]]:
 GREEDY = {"temperature": 0}
 
 
+# -- one numeric path --------------------------------------------------------------------------
+SURFACE_PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    # ~700 tokens: the prompt crosses a prefill piece boundary (512)
+    "Summarize this code in one sentence:\n"
+    + "\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}" for i in range(60)),
+]
+
+
+def test_every_surface_gives_the_same_tokens(server, real_model_path):
+    """`qwenlm generate`, the Python API and the server (alone, and beside 7 other streams)."""
+    import qwenlm
+
+    api = qwenlm.load(real_model_path)
+    n = 24
+    for prompt in SURFACE_PROMPTS:
+        cli = subprocess.run(
+            [sys.executable, "-m", "qwenlm", "generate", "-m", str(real_model_path), "-",
+             "--greedy", "--max-new-tokens", str(n)],
+            input=prompt, capture_output=True, text=True, cwd=ROOT, timeout=600, check=True,
+        ).stdout.removesuffix("\n")  # fmt: skip
+        python = "".join(
+            c.text for c in api.chat_chunks(ask(prompt), max_new_tokens=n, temperature=0)
+        )
+        body = {"model": MODEL, "messages": ask(prompt), "max_tokens": n, **GREEDY}
+        alone = httpx.post(server + "/v1/chat/completions", json=body, headers=auth(), timeout=600)
+        stop = threading.Event()
+
+        def noise(i: int, stop: threading.Event = stop) -> None:
+            req = {"model": MODEL, "messages": ask(f"Count from {i} to 500."), "stream": True,
+                   "max_tokens": 120}  # fmt: skip
+            with httpx.stream("POST", server + "/v1/chat/completions", json=req,
+                              headers=auth(), timeout=600) as r:  # fmt: skip
+                for _ in r.iter_lines():
+                    if stop.is_set():
+                        return
+
+        others = [threading.Thread(target=noise, args=(i,)) for i in range(7)]
+        for t in others:
+            t.start()
+        time.sleep(2)
+        busy = httpx.post(server + "/v1/chat/completions", json=body, headers=auth(), timeout=600)
+        stop.set()
+        for t in others:
+            t.join(600)
+        texts = [r.json()["choices"][0]["message"]["content"] for r in (alone, busy)]
+        assert cli == python == texts[0] == texts[1], (cli, python, texts)
+
+
 # -- the OpenAI client -------------------------------------------------------------------------
 def test_chat_and_usage(client):
     r = client.chat.completions.create(
