@@ -40,6 +40,8 @@ BINDINGS = [b for b in ("llama_cpp", "ik_llama_cpp") if importlib.util.find_spec
 class LlamaCpp:
     """One GGUF file in llama.cpp through whichever binding is installed: tokenize and greedy."""
 
+    # One thread: ggml's worker threads spin while they wait for each other, which on a busy
+    # machine costs far more than a second thread gains on these small models.
     def __init__(self, binding: str, path) -> None:
         self.binding = binding
         if binding == "llama_cpp":
@@ -47,7 +49,7 @@ class LlamaCpp:
 
             # logits_all: llama-cpp-python keeps logits (in .scores) only with it.
             self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False
+                model_path=str(path), n_ctx=128, n_threads=1, logits_all=True, verbose=False
             )
         else:
             # ik-llama-cpp-python's high-level class samples in Python and stops at end-of-text;
@@ -55,7 +57,7 @@ class LlamaCpp:
             from ik_llama_cpp._internals import IkContext, IkModel
 
             self.model = IkModel(str(path))
-            self.ctx = IkContext(self.model, n_ctx=128, n_threads=2, flash_attn=False)
+            self.ctx = IkContext(self.model, n_ctx=128, n_threads=1, flash_attn=False)
 
     def tokenize(self, text: str) -> list[int]:
         if self.binding == "llama_cpp":
