@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,13 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+@cache
+def _byte_encoder() -> dict[int, str]:
+    return {v: k for k, v in byte_decoder().items()}
+
+
 def _bytelevel(b: bytes) -> str:
-    enc = {v: k for k, v in byte_decoder().items()}
+    enc = _byte_encoder()  # built once: a 150k-token vocabulary calls this 450k times
     return "".join(enc[x] for x in b)
 
 
