@@ -183,12 +183,7 @@ class Service:
                 headers={"Retry-After": "1"},
             ) from None
         except EngineFailed:
-            raise APIError(
-                503,
-                "The engine stopped after an internal error; the server must be restarted.",
-                type="server_error",
-                code="engine_failed",
-            ) from None
+            raise P.engine_failed() from None
         except GenerationError as e:
             raise P.invalid(e.message, param=param) from None
         return Job(request, events)

@@ -80,12 +80,7 @@ async def embed(request: Request, svc: Service, ids: list[list[int]]) -> list[li
             try:
                 future = svc.scheduler.call(embedder.step)
             except EngineFailed:
-                raise APIError(
-                    503,
-                    "The engine stopped after an internal error; the server must be restarted.",
-                    type="server_error",
-                    code="engine_failed",
-                ) from None
+                raise P.engine_failed() from None
             done = await asyncio.wrap_future(future)
     finally:
         gone.cancel()

@@ -22,7 +22,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -417,26 +418,70 @@ def _loaded(name: str, chat: bool) -> JSONResponse:
 
 
 # -- endpoints ---------------------------------------------------------------------------------
+@dataclass
+class _Turn:
+    """What /api/chat and /api/generate share: the checked common fields, then the run."""
+
+    request: Request
+    svc: Service
+    body: dict[str, Any]
+    name: str
+    stream: bool
+    params: SamplingParams
+    num_ctx: int | None
+    template_kwargs: dict[str, Any]
+
+    @classmethod
+    async def read(cls, request: Request) -> _Turn:
+        svc: Service = request.app.state.service
+        body = await read_json(request, svc.config.max_body_bytes)
+        name = _model(svc, body)
+        stream = _boolean(body, "stream", True)
+        _keep_alive(body)
+        params, num_ctx = _options(body)
+        return cls(request, svc, body, name, stream, params, num_ctx, _think(svc, body, name))
+
+    async def run(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        chat: bool,
+        mode: str = "plain",
+        prefix: str = "",
+        tools: Sequence[dict[str, Any]] = (),
+    ) -> Any:
+        """Submit ``prompt`` to the engine and answer as Ollama does."""
+        svc = self.svc
+        processors = _format(svc, self.body)
+        params = _fit(svc, len(prompt), params, self.num_ctx)
+        events: asyncio.Queue[Output] = asyncio.Queue()
+        job = svc.submit(
+            prompt,
+            params,
+            1,
+            "messages" if chat else "prompt",
+            events=events,
+            logits_processors=processors,
+        )
+        parsers = svc.parsers(1, prompt, mode, prefix, tools)
+        return await _respond(
+            self.request, svc, self.name, job, events, parsers, chat=chat, stream=self.stream
+        )
+
+
 async def chat(request: Request) -> Any:
     """``POST /api/chat``."""
-    svc: Service = request.app.state.service
-    body = await read_json(request, svc.config.max_body_bytes)
-    name = _model(svc, body)
-    stream = _boolean(body, "stream", True)
-    _keep_alive(body)
-    params, num_ctx = _options(body)
-    kwargs = _think(svc, body, name)
-    if body.get("messages") in (None, []):
-        return _loaded(name, chat=True)
-    messages = _messages(body["messages"])
-    spec = P.tool_spec({"tools": body.get("tools")})
-    processors = _format(svc, body)
-    prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params, kwargs)
-    params = _fit(svc, len(prompt), params, num_ctx)
-    events: asyncio.Queue[Output] = asyncio.Queue()
-    job = svc.submit(prompt, params, 1, "messages", events=events, logits_processors=processors)
-    parsers = svc.parsers(1, prompt, mode, prefix, spec.tools if spec else ())
-    return await _respond(request, svc, name, job, events, parsers, chat=True, stream=stream)
+    turn = await _Turn.read(request)
+    if turn.body.get("messages") in (None, []):
+        return _loaded(turn.name, chat=True)
+    messages = _messages(turn.body["messages"])
+    spec = P.tool_spec({"tools": turn.body.get("tools")})
+    prompt, mode, prefix, params = turn.svc.chat_prompt(
+        messages, spec, turn.params, turn.template_kwargs
+    )
+    tools = spec.tools if spec else ()
+    return await turn.run(prompt, params, chat=True, mode=mode, prefix=prefix, tools=tools)
 
 
 def _fill_in_middle(tokenizer: Any, prefix: str, suffix: str) -> list[int]:
@@ -451,13 +496,8 @@ def _fill_in_middle(tokenizer: Any, prefix: str, suffix: str) -> list[int]:
 
 async def generate(request: Request) -> Any:
     """``POST /api/generate``."""
-    svc: Service = request.app.state.service
-    body = await read_json(request, svc.config.max_body_bytes)
-    name = _model(svc, body)
-    stream = _boolean(body, "stream", True)
-    _keep_alive(body)
-    params, num_ctx = _options(body)
-    kwargs = _think(svc, body, name)
+    turn = await _Turn.read(request)
+    svc, body, params = turn.svc, turn.body, turn.params
     prompt, suffix, system = _text(body, "prompt"), _text(body, "suffix"), _text(body, "system")
     raw = _boolean(body, "raw", False)
     if _text(body, "template"):
@@ -475,7 +515,7 @@ async def generate(request: Request) -> Any:
     if body.get("images"):
         raise P.invalid("Invalid 'images': this model reads text only.", param="images")
     if not prompt and not suffix:
-        return _loaded(name, chat=False)
+        return _loaded(turn.name, chat=False)
     tok = svc.model.tokenizer
     if (raw or suffix) and system:
         raise P.invalid(
@@ -499,13 +539,8 @@ async def generate(request: Request) -> Any:
     else:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt or ""})
-        ids, _, _, params = svc.chat_prompt(messages, None, params, kwargs)
-    processors = _format(svc, body)
-    params = _fit(svc, len(ids), params, num_ctx)
-    events: asyncio.Queue[Output] = asyncio.Queue()
-    job = svc.submit(ids, params, 1, "prompt", events=events, logits_processors=processors)
-    parsers = svc.parsers(1, ids, "plain")
-    return await _respond(request, svc, name, job, events, parsers, chat=False, stream=stream)
+        ids, _, _, params = svc.chat_prompt(messages, None, params, turn.template_kwargs)
+    return await turn.run(ids, params, chat=False)
 
 
 async def _embed(request: Request, svc: Service, body: dict[str, Any], field: str) -> Any:

@@ -56,6 +56,16 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def engine_failed() -> APIError:
+    """503: the engine's loop stopped on an internal error and serves nothing more."""
+    return APIError(
+        503,
+        "The engine stopped after an internal error; the server must be restarted.",
+        type="server_error",
+        code="engine_failed",
+    )
+
+
 # -- parsing the body --------------------------------------------------------------------------
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
