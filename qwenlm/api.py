@@ -17,6 +17,7 @@ from qwenlm.chat.qwen1 import Qwen1ChatTemplate
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
 from qwenlm.errors import GenerationError
+from qwenlm.generation.embed import Embedder
 from qwenlm.generation.engine import Engine, SequenceState
 from qwenlm.generation.fastpath import accelerate
 from qwenlm.generation.generate import (
@@ -234,6 +235,21 @@ class Qwen:
             raise GenerationError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         return self.engine.prefill(self.engine.new_sequence(), prompt, all_logits=True)
 
+    # -- embeddings ------------------------------------------------------------------------
+    def embedder(self, inputs: Sequence[str | Sequence[int]]) -> Embedder:
+        """An :class:`~qwenlm.generation.embed.Embedder` for ``inputs`` (texts, encoded as plain
+        text, or token ids), to step one forward pass at a time (the server does)."""
+        return Embedder(self.engine, [self._ids(x) for x in inputs])
+
+    def embed(self, inputs: str | Sequence[str | Sequence[int]]) -> torch.Tensor:
+        """Unit-length embeddings, (len(inputs), hidden) float32 (one row for a single string):
+        the mean of the final hidden states over each input's tokens, inputs run together."""
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        embedder = self.embedder(items)
+        while not embedder.step():
+            pass
+        return embedder.result()
+
     # -- completion of raw text ------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         return (
@@ -305,10 +321,14 @@ class Qwen:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        **template_kwargs: Any,
     ) -> list[int]:
-        """Prompt ids for a conversation, rendered with the model's own chat template."""
+        """Prompt ids for a conversation, rendered with the model's own chat template.
+
+        ``template_kwargs`` reach the template as variables, e.g. ``enable_thinking=False``
+        for Qwen3's."""
         return self.template.encode(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
 
     def chat_chunks(

