@@ -6,6 +6,7 @@ per-format code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 
+from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
-from qwenlm.errors import CheckpointError, ModelNotFoundError
+from qwenlm.errors import ChatTemplateError, CheckpointError, ModelNotFoundError
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import gguf as gguf_format
 from qwenlm.weights import qwen1
@@ -94,6 +96,35 @@ class Checkpoint:
         self.close()
 
 
+def _checked(ckpt: Checkpoint, declared: dict[str, Any]) -> Checkpoint:
+    """Refuse, at load, what would otherwise fail or misbehave on a request later.
+
+    ``declared``: the token ids the checkpoint itself names (eos, bos), by where they are set.
+    """
+    vocab = ckpt.config.vocab_size
+    declared = {
+        **declared,
+        "the tokenizer's eos token": ckpt.tokenizer.eos_token_id,
+        "generation_config.json eos_token_id": ckpt.generation_defaults.get("stop_token_ids"),
+    }
+    for what, values in declared.items():
+        for i in values if isinstance(values, (list, tuple)) else [values]:
+            if i is not None and not (type(i) is int and 0 <= i < vocab):
+                raise CheckpointError(
+                    f"{ckpt.path}: {what} {i!r} is outside the vocabulary (0..{vocab - 1})",
+                    hint="the checkpoint's config and its vocabulary disagree",
+                )
+    if ckpt.chat_template is not None:
+        try:
+            ChatTemplate(ckpt.chat_template, ckpt.tokenizer)  # parses it and test-renders it
+        except ChatTemplateError as e:
+            raise CheckpointError(
+                f"{ckpt.path}: the chat template in this checkpoint is unusable: {e.message}",
+                hint="pass a trusted template instead (chat_template.jinja in a model folder)",
+            ) from None
+    return ckpt
+
+
 def _gguf_names(gf: gguf_format.GGUFFile) -> dict[str, str]:
     return {hf: name for name in gf.tensors if (hf := gguf_format.hf_name(name)) is not None}
 
@@ -116,6 +147,8 @@ def _open_gguf(path: Path) -> Checkpoint:
         if emb is None:
             raise CheckpointError(f"GGUF file {path} has no token_embd.weight tensor")
         config = ModelConfig.from_gguf(meta, vocab_size=emb.shape[0])
+        # GGUF has no tie flag: a tied output head is stored by leaving output.weight out.
+        config = dataclasses.replace(config, tie_word_embeddings="output.weight" not in gf.tensors)
         tokenizer = Tokenizer.from_gguf_metadata(meta)
         if tokenizer.vocab_size > config.vocab_size:
             raise CheckpointError(
@@ -123,14 +156,17 @@ def _open_gguf(path: Path) -> Checkpoint:
                 f"{config.vocab_size} rows"
             )
         template = meta.get("tokenizer.chat_template")
-        return Checkpoint(
-            path=path,
-            format="gguf",
-            config=config,
-            tokenizer=tokenizer,
-            chat_template=template if isinstance(template, str) else None,
-            name=meta.get("general.name"),
-            _gguf=gf,
+        return _checked(
+            Checkpoint(
+                path=path,
+                format="gguf",
+                config=config,
+                tokenizer=tokenizer,
+                chat_template=template if isinstance(template, str) else None,
+                name=meta.get("general.name"),
+                _gguf=gf,
+            ),
+            {k: meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "bos_token_id")},
         )
     except BaseException:
         gf.close()
@@ -174,15 +210,18 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         if eos is not None:
             defaults["stop_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
     quantization = _read_json(folder / "config.json").get("quantization_config")
-    return Checkpoint(
-        path=folder,
-        format="hf",
-        config=config,
-        tokenizer=tokenizer,
-        chat_template=template,
-        generation_defaults=defaults,
-        name=folder.name,
-        quantization=quantization if isinstance(quantization, dict) else None,
+    return _checked(
+        Checkpoint(
+            path=folder,
+            format="hf",
+            config=config,
+            tokenizer=tokenizer,
+            chat_template=template,
+            generation_defaults=defaults,
+            name=folder.name,
+            quantization=quantization if isinstance(quantization, dict) else None,
+        ),
+        {f"config.json {k}": raw.get(k) for k in ("eos_token_id", "bos_token_id")},
     )
 
 
@@ -203,13 +242,16 @@ def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
     defaults["stop_token_ids"] = tuple(
         tokenizer.special_tokens[t] for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
     )
-    return Checkpoint(
-        path=folder,
-        format="hf",
-        config=config,
-        tokenizer=tokenizer,
-        chat_template=None,
-        generation_defaults=defaults,
-        name=folder.name,
-        qwen1=True,
+    return _checked(
+        Checkpoint(
+            path=folder,
+            format="hf",
+            config=config,
+            tokenizer=tokenizer,
+            chat_template=None,
+            generation_defaults=defaults,
+            name=folder.name,
+            qwen1=True,
+        ),
+        {f"config.json {k}": raw.get(k) for k in ("eos_token_id", "bos_token_id")},
     )
