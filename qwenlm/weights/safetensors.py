@@ -9,6 +9,7 @@ header is read or allocated for it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from qwenlm.errors import CheckpointError
+from qwenlm.strictjson import DuplicateKeyError, unique_keys
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20  # as the safetensors library's own limit
@@ -36,20 +38,6 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int
     end: int
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    # Python's json keeps the last of two equal keys; a header naming a tensor twice is refused.
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
-    return out
 
 
 def _no_constant(name: str) -> None:
@@ -84,12 +72,12 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise bad("the header does not start with '{'")
     try:
         header = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_object, parse_constant=_no_constant
+            raw.decode("utf-8"), object_pairs_hook=unique_keys, parse_constant=_no_constant
         )
     except UnicodeDecodeError as e:
         raise bad(f"the header is not UTF-8 (byte {e.start})") from None
-    except _Duplicate as e:
-        raise bad(f"the header names {e.args[0]!r} twice") from None
+    except DuplicateKeyError as e:
+        raise bad(f"the header names {e.key!r} twice") from None
     except ValueError as e:
         raise bad(f"the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
@@ -136,6 +124,33 @@ def _entry(name: str, info: object, data: int, bad) -> TensorEntry:
             f"tensor {name!r} of shape {shape} {dtype} needs {need:,} bytes, has {end - begin:,}"
         )
     return TensorEntry(dtype, tuple(shape), begin, end)
+
+
+def verify_digests(folder: Path) -> None:
+    """Check the shards against the sha256 sums the index records (``metadata.sha256``, which
+    qwenlm writes); folders without them are not checked."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return
+    try:
+        digests = json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("sha256")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"malformed {index}: {e}") from None
+    if not isinstance(digests, dict):
+        return
+    for name, want in digests.items():
+        path = folder / str(name)
+        if Path(str(name)).name != name or not path.is_file():
+            raise CheckpointError(
+                f"{index} lists a checksum for {name!r}, which is not a file here"
+            )
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != want:
+            raise CheckpointError(
+                f"{path} does not match the sha256 recorded in {INDEX_FILE}",
+                hint="the file changed after it was written; export or copy it again",
+            )
 
 
 def shard_files(folder: Path) -> list[Path]:
