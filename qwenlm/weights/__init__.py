@@ -193,6 +193,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
     if isinstance(raw, dict) and qwen1.is_qwen1(raw):
         return _open_qwen1_folder(folder, raw)
     config = ModelConfig.from_json_file(folder / "config.json")
+    st_format.verify_digests(folder)
     tokenizer = Tokenizer.from_hf_folder(folder, vocab_size=config.vocab_size)
     template = None
     if (folder / "chat_template.jinja").is_file():
