@@ -140,7 +140,9 @@ def test_templates_are_sandboxed():
 
 # -- bounded rendering (issue 14, point 5): a hostile template in a GGUF ---------------------
 HOSTILE = {
-    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "nested loops": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+    ),
     "string repetition": "{{ 'a' * 10**10 }}",
     "list repetition": "{{ [0] * 10**10 }}",
     "repeated big strings": "{{ ['x' * 1000000] * 1000000 }}",

@@ -540,7 +540,8 @@ def test_export_round_trip_gives_equal_logits_in_a_fresh_process(tmp_path):
         "from safetensors.torch import save_file\n"
         "m = qwenlm.load(sys.argv[1], dtype='float32', device='cpu', quant='none')\n"
         "prompts = json.loads(sys.argv[3])\n"
-        "save_file({str(i): m.logits(p).contiguous() for i, p in enumerate(prompts)}, sys.argv[2])\n"
+        "logits = {str(i): m.logits(p).contiguous() for i, p in enumerate(prompts)}\n"
+        "save_file(logits, sys.argv[2])\n"
     )
     got_path = tmp_path / "logits.safetensors"
     r = subprocess.run(

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -82,7 +83,11 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise bad(f"the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
-    data = size - 8 - n
+    return _entries(header, size - 8 - n, bad)
+
+
+def _entries(header: dict[str, Any], data: int, bad) -> dict[str, TensorEntry]:
+    """Each tensor of a parsed header, and their byte ranges tiling the ``data`` bytes."""
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         if name == "__metadata__":
