@@ -125,6 +125,10 @@ def _checked(ckpt: Checkpoint, declared: dict[str, Any]) -> Checkpoint:
     return ckpt
 
 
+def _declared_ids(config_json: dict[str, Any]) -> dict[str, Any]:
+    return {f"config.json {k}": config_json.get(k) for k in ("eos_token_id", "bos_token_id")}
+
+
 def _gguf_names(gf: gguf_format.GGUFFile) -> dict[str, str]:
     return {hf: name for name in gf.tensors if (hf := gguf_format.hf_name(name)) is not None}
 
@@ -156,18 +160,17 @@ def _open_gguf(path: Path) -> Checkpoint:
                 f"{config.vocab_size} rows"
             )
         template = meta.get("tokenizer.chat_template")
-        return _checked(
-            Checkpoint(
-                path=path,
-                format="gguf",
-                config=config,
-                tokenizer=tokenizer,
-                chat_template=template if isinstance(template, str) else None,
-                name=meta.get("general.name"),
-                _gguf=gf,
-            ),
-            {k: meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "bos_token_id")},
+        ckpt = Checkpoint(
+            path=path,
+            format="gguf",
+            config=config,
+            tokenizer=tokenizer,
+            chat_template=template if isinstance(template, str) else None,
+            name=meta.get("general.name"),
+            _gguf=gf,
         )
+        ids = {k: meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "bos_token_id")}
+        return _checked(ckpt, ids)
     except BaseException:
         gf.close()
         raise
@@ -211,19 +214,17 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         if eos is not None:
             defaults["stop_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
     quantization = _read_json(folder / "config.json").get("quantization_config")
-    return _checked(
-        Checkpoint(
-            path=folder,
-            format="hf",
-            config=config,
-            tokenizer=tokenizer,
-            chat_template=template,
-            generation_defaults=defaults,
-            name=folder.name,
-            quantization=quantization if isinstance(quantization, dict) else None,
-        ),
-        {f"config.json {k}": raw.get(k) for k in ("eos_token_id", "bos_token_id")},
+    ckpt = Checkpoint(
+        path=folder,
+        format="hf",
+        config=config,
+        tokenizer=tokenizer,
+        chat_template=template,
+        generation_defaults=defaults,
+        name=folder.name,
+        quantization=quantization if isinstance(quantization, dict) else None,
     )
+    return _checked(ckpt, _declared_ids(raw))
 
 
 def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
@@ -243,16 +244,14 @@ def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
     defaults["stop_token_ids"] = tuple(
         tokenizer.special_tokens[t] for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
     )
-    return _checked(
-        Checkpoint(
-            path=folder,
-            format="hf",
-            config=config,
-            tokenizer=tokenizer,
-            chat_template=None,
-            generation_defaults=defaults,
-            name=folder.name,
-            qwen1=True,
-        ),
-        {f"config.json {k}": raw.get(k) for k in ("eos_token_id", "bos_token_id")},
+    ckpt = Checkpoint(
+        path=folder,
+        format="hf",
+        config=config,
+        tokenizer=tokenizer,
+        chat_template=None,
+        generation_defaults=defaults,
+        name=folder.name,
+        qwen1=True,
     )
+    return _checked(ckpt, _declared_ids(raw))
