@@ -8,6 +8,11 @@ size and sha256 against the registry, and moves it atomically into the cache::
     <cache>/models/<name>/<filename>.gguf
     <cache>/models/<name>/manifest.json     written only after verification
 
+Every load checks the cached file: when its size, mtime and inode are those the manifest
+recorded, a digest of 16 sampled blocks must match the manifest's (a few milliseconds); when
+any of them changed, the full sha256 must match the registry's before the manifest is renewed.
+A file whose bytes changed is refused, with a hint to ``qwenlm pull --verify``.
+
 The cache is ``$QWENLM_CACHE``, else ``$XDG_CACHE_HOME/qwenlm``, else ``~/.cache/qwenlm``.
 """
 
@@ -52,6 +57,7 @@ __all__ = [
 GGUF_MAGIC = b"GGUF"
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20
+_SAMPLES, _SAMPLE_BLOCK = 16, 64 << 10  # the per-load check reads 16 blocks of 64 KiB
 _TMP_SUFFIX = ".tmp"
 _LOCK_NAME = ".lock"
 
@@ -194,7 +200,8 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def _quick_check(spec: ModelSpec, folder: Path) -> bool:
-    """True if the file is there, has the right size, and is the file the manifest verified."""
+    """True if the file is there, has the right size, and is the file the manifest verified
+    (same size, mtime and inode); reads nothing but the manifest."""
     try:
         st = (folder / spec.filename).stat()
     except OSError:
@@ -206,7 +213,64 @@ def _quick_check(spec: ModelSpec, folder: Path) -> bool:
         and manifest.get("sha256") == spec.sha256
         and manifest.get("size") == st.st_size
         and manifest.get("mtime_ns") == st.st_mtime_ns
+        and manifest.get("inode") == st.st_ino
     )
+
+
+def _sample_digest(path: Path) -> str:
+    """sha256 of the size and of 16 blocks spread over the file, first and last included."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        hasher.update(size.to_bytes(8, "little"))
+        for i in range(_SAMPLES):
+            f.seek(max(size - _SAMPLE_BLOCK, 0) * i // (_SAMPLES - 1))
+            hasher.update(f.read(_SAMPLE_BLOCK))
+    return hasher.hexdigest()
+
+
+def _vouched(spec: ModelSpec, folder: Path) -> bool:
+    """:func:`_quick_check`, and the sampled blocks are the ones the manifest recorded."""
+    manifest = _read_manifest(folder) or {}
+    return _quick_check(spec, folder) and manifest.get("sample") == _sample_digest(
+        folder / spec.filename
+    )
+
+
+def _check_cached(spec: ModelSpec, folder: Path) -> bool:
+    """Whether the cached file is the verified one; raises :class:`PullError` if it changed.
+
+    False when there is no verified file (nothing pulled, or no manifest). A file whose size,
+    mtime or inode changed since the manifest is hashed in full once, and the manifest renewed.
+    """
+    final = folder / spec.filename
+    manifest = _read_manifest(folder)
+    if not final.is_file() or manifest is None or manifest.get("sha256") != spec.sha256:
+        return False
+    if _vouched(spec, folder):
+        return True
+    hint = f"run `qwenlm pull --verify {spec.name}` to check it and fetch it again"
+    if _quick_check(spec, folder):
+        raise PullError(
+            f"cached model file {final} changed on disk (sampled checksum mismatch, though its "
+            "size and time did not change)",
+            hint=hint,
+        )
+    size = final.stat().st_size
+    if size != spec.size:
+        raise PullError(
+            f"cached model file {final} changed on disk: size {size:,} bytes, expected "
+            f"{spec.size:,}",
+            hint=hint,
+        )
+    digest = _sha256_file(final, progress=False, desc=f"verifying {spec.name}")
+    if digest != spec.sha256:
+        raise PullError(
+            f"cached model file {final} changed on disk: sha256 {digest}, expected {spec.sha256}",
+            hint=hint,
+        )
+    _write_manifest(spec, folder)  # the same bytes under a new time or inode
+    return True
 
 
 def is_pulled(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> bool:
@@ -259,6 +323,8 @@ def _write_manifest(spec: ModelSpec, folder: Path) -> None:
         "size": st.st_size,
         "sha256": spec.sha256,
         "mtime_ns": st.st_mtime_ns,
+        "inode": st.st_ino,
+        "sample": _sample_digest(folder / spec.filename),
         "sources": [part._asdict() for part in spec.parts],
         "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -494,14 +560,14 @@ def _pull(
     spec = get_model(name)
     folder = _model_dir(spec, cache_dir)
     final = folder / spec.filename
-    if not (force or verify) and _quick_check(spec, folder) and not _stale_entries(folder):
+    if not (force or verify) and _vouched(spec, folder) and not _stale_entries(folder):
         return final
 
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder, progress=progress):
         _remove_stale(folder)
         if not force and final.exists():
-            if not verify and _quick_check(spec, folder):  # another pull finished meanwhile
+            if not verify and _vouched(spec, folder):  # another pull finished meanwhile
                 return final
             size = final.stat().st_size
             if size != spec.size:
@@ -536,10 +602,11 @@ def pull(
 ) -> Path:
     """Fetch, verify and cache model ``name``; return the path of its GGUF file.
 
-    A model already cached is returned at once (size plus manifest check); ``verify=True``
-    re-hashes the cached file, ``force=True`` fetches it again regardless. A cached file that
-    fails its checksum is reported on stderr and fetched again. ``on_progress(bytes, total)``
-    is called as the file is written (the server streams it as Ollama's pull progress).
+    A model already cached is returned at once (manifest plus sampled-block check);
+    ``verify=True`` re-hashes the cached file, ``force=True`` fetches it again regardless. A
+    cached file that fails its checksum is reported on stderr and fetched again.
+    ``on_progress(bytes, total)`` is called as the file is written (the server streams it as
+    Ollama's pull progress).
     """
     return _pull(
         name,
@@ -621,7 +688,8 @@ def resolve(
     """A GGUF file or a Hugging Face model folder for ``name_or_path``.
 
     Accepts a GGUF file, a folder with config.json, a folder holding exactly one .gguf file,
-    or a registry name (pulled first when ``pull=True``).
+    or a registry name (pulled first when ``pull=True``). A cached registry model is checked
+    first (see the module docstring) and refused with :class:`PullError` if its bytes changed.
     """
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
@@ -632,7 +700,7 @@ def resolve(
 
     spec = _lookup(text) if isinstance(name_or_path, str) else None
     if spec is not None:
-        if _quick_check(spec, _model_dir(spec, cache_dir)):
+        if _check_cached(spec, _model_dir(spec, cache_dir)):
             return _model_dir(spec, cache_dir) / spec.filename
         if pull:
             return _pull(spec.name, cache_dir=cache_dir, progress=True, verify=False, force=False)
