@@ -122,7 +122,7 @@ class KernelLayer(nn.Module):
         qkv_width = self.layer.self_attn.qkv_proj.out_features
         work = torch.empty(
             rows * (3 * d_model + qkv_width + 2 * H * D + 3 * F)
-            + 2 * rows * (kmax // 32)
+            + 4 * rows * (kmax // 32)
             + threads * longest
         )
         xq = torch.empty(rows * kmax, dtype=torch.int8)

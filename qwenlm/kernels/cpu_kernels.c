@@ -326,24 +326,37 @@ int64_t qlm_layout(const char *name) {
  * The integer kernels multiply int8 (or 4-bit) weights by int8 activations with integer
  * multiply-adds, four times denser than converting weights to float. Each block of 32
  * activations gets its own scale d = amax / 127 (as GGUF's Q8_0), which keeps the error far
- * below the weights' own quantization error; `s` holds the sum of each 16 codes, with which
- * the kernels fold in zero points and minimums exactly, in integers.
- * Layout for M rows of K: q[M][K], d[M][K/32], then s[M][K/16] (int16) after d.            */
+ * below the weights' own quantization error. With each block go the sum of its codes (s32,
+ * and xs = d * s32) and the sums of its two halves (s16), with which the kernels fold in
+ * zero points and minimums exactly, in integers.
+ * Layout for M rows of K (nb = K / 32 blocks a row), after the codes q[M][K]:
+ * d[M][nb] float, xs[M][nb] float, s32[M][nb] int32, s16[M][2 nb] int16: 4 M nb floats.  */
+
+#define ACT_FLOATS(M, K) (4 * (M) * ((K) / 32)) /* the scratch after the codes */
 
 typedef struct {
     const int8_t *q;
-    const float *d;
+    const float *d, *xs;
+    const int32_t *s32;
     const int16_t *s;
     int64_t K;
 } qlm_act_t;
 
 static qlm_act_t act_view(int8_t *xq, float *xd, int64_t M, int64_t K) {
-    qlm_act_t a = {xq, xd, (const int16_t *)(xd + M * (K / 32)), K};
+    const int64_t n = M * (K / 32);
+    qlm_act_t a = {xq, xd, xd + n, (const int32_t *)(xd + 2 * n), (const int16_t *)(xd + 3 * n), K};
     return a;
 }
 
-static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int16_t *s) {
-    for (int64_t b = 0; b < K / 32; b++) {
+static void quantize_act_row(const float *x, int8_t *xq, float *xd, int64_t M, int64_t K,
+                             int64_t m) {
+    const int64_t nb = K / 32, n = M * nb;
+    float *d = xd + m * nb, *xs = xd + n + m * nb;
+    int32_t *s32 = (int32_t *)(xd + 2 * n) + m * nb;
+    int16_t *s16 = (int16_t *)(xd + 3 * n) + m * 2 * nb;
+    x += m * K;
+    int8_t *q = xq + m * K;
+    for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) {
@@ -359,15 +372,11 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int16_t
             sum[j >> 4] += c;
         }
         d[b] = amax / 127.0f;
-        s[2 * b] = (int16_t)sum[0];
-        s[2 * b + 1] = (int16_t)sum[1];
+        s32[b] = sum[0] + sum[1];
+        xs[b] = d[b] * (float)s32[b];
+        s16[2 * b] = (int16_t)sum[0];
+        s16[2 * b + 1] = (int16_t)sum[1];
     }
-}
-
-static void quantize_act_row(const float *x, int8_t *xq, float *xd, int64_t M, int64_t K,
-                             int64_t m) {
-    int16_t *s = (int16_t *)(xd + M * (K / 32));
-    quantize_row(x + m * K, K, xq + m * K, xd + m * (K / 32), s + m * (K / 16));
 }
 
 /* ---- float32 weights ------------------------------------------------------------------ */
@@ -648,12 +657,10 @@ static void i4_rows(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t
         for (int64_t m = 0; m < M; m++) {
             /* each group's activation sum, for the minimums: from the quantized blocks */
             float xg[groups], out[NR];
-            const float *xd = a->d + m * (K / 32);
-            const int16_t *xs = a->s + m * (K / 16);
+            const float *xd = a->d + m * (K / 32), *xs = a->xs + m * (K / 32);
             for (int64_t g = 0; g < groups; g++) {
                 float t = 0.0f;
-                for (int64_t j = g * per; j < (g + 1) * per; j++)
-                    t += xd[j] * (float)(xs[2 * j] + xs[2 * j + 1]);
+                for (int64_t j = g * per; j < (g + 1) * per; j++) t += xs[j];
                 xg[g] = t;
             }
             dot4_i4(a->q + m * K, xd, xg, rows, sc, mn, K, G, out);
@@ -872,6 +879,8 @@ ALWAYS vi top_bits(vi h, int p, int bits) {
 
 #define ACT_ROW(a, m) ((a)->q + (m) * (a)->K)
 #define ACT_D(a, m) ((a)->d + (m) * ((a)->K / 32))
+#define ACT_XS(a, m) ((a)->xs + (m) * ((a)->K / 32))
+#define ACT_S32(a, m) ((a)->s32 + (m) * ((a)->K / 32))
 #define ACT_S(a, m) ((a)->s + (m) * ((a)->K / 16))
 
 /* Q4_0 Q4_1 Q5_0 Q5_1 Q8_0: nb blocks of one group for input rows m0 .. m0+mn-1. */
@@ -911,11 +920,11 @@ ALWAYS void q32_group(const int fmt, const uint8_t *g, int64_t nb, const qlm_act
                 }
                 isum = dot_u8_sum(u, xb, 8, five ? 4 : 8);
             }
-            const int32_t s32 = ACT_S(a, m)[2 * b] + ACT_S(a, m)[2 * b + 1];
-            if (zero_point) isum = vi_sub32(isum, vi_set32(zero_point * s32));
-            const float xd = ACT_D(a, m)[b];
-            vf t = vf_fma(vf_cvt(isum), vf_mul(d, vf_set1(xd)), acc[m - m0]);
-            if (mins) t = vf_fma(mv, vf_set1(xd * (float)s32), t);
+            if (zero_point) /* zero_point * s32, as a shift */
+                isum = vi_sub32(isum, vi_slli32(vi_bcast32((const int8_t *)(ACT_S32(a, m) + b)),
+                                                zero_point == 8 ? 3 : 4));
+            vf t = vf_fma(vf_cvt(isum), vf_mul(d, vf_set1(ACT_D(a, m)[b])), acc[m - m0]);
+            if (mins) t = vf_fma(mv, vf_set1(ACT_XS(a, m)[b]), t);
             acc[m - m0] = t;
         }
     }
@@ -960,12 +969,11 @@ ALWAYS void k45_group(const int fmt, const uint8_t *g, int64_t nsb, const qlm_ac
                 const vi i0 = dot_u8(u, x0, 8, five ? 4 : 8, s0);
                 const vi i1 = dot_u8(u + 8, x1, 8, five ? 4 : 8, s1);
                 const int64_t blk = sb * 8 + j0;
-                const float *xd = ACT_D(a, m) + blk;
-                const int16_t *xs = ACT_S(a, m) + 2 * blk;
+                const float *xd = ACT_D(a, m) + blk, *xs = ACT_XS(a, m) + blk;
                 vf t = vf_fma(vf_cvt(i0), vf_set1(xd[0]), A[m - m0]);
-                vf v = vf_fma(n0, vf_set1(xd[0] * (float)(xs[0] + xs[1])), B[m - m0]);
+                vf v = vf_fma(n0, vf_set1(xs[0]), B[m - m0]);
                 A[m - m0] = vf_fma(vf_cvt(i1), vf_set1(xd[1]), t);
-                B[m - m0] = vf_fma(n1, vf_set1(xd[1] * (float)(xs[2] + xs[3])), v);
+                B[m - m0] = vf_fma(n1, vf_set1(xs[1]), v);
             }
         }
         for (int64_t m = 0; m < mn; m++) acc[m] = vf_fnma(dmin, B[m], vf_fma(d, A[m], acc[m]));
@@ -1130,7 +1138,7 @@ static void quant_task(const void *ctx, int64_t m, int tid) {
 }
 
 /* y (M rows of all parts' N) = x (M rows of K) through the linear L. Where a part is not
-   float32, xq (M*K bytes) and xd (2*M*K/32 floats) are scratch for the quantized input. */
+   float32, xq (M*K bytes) and xd (ACT_FLOATS(M, K) floats) are scratch for the quantized input. */
 void qlm_linear(const qlm_linear_t *L, const float *x, float *y, int64_t M, int8_t *xq,
                 float *xd, int nthreads) {
     const int64_t K = L->K;
@@ -1496,7 +1504,7 @@ static void residual_task(const void *ctx, int64_t m, int tid) {
 
 /* h: M rows of the residual stream, updated in place. cos, sin: M rows of D. seg: nseg
    segments covering rows 0 .. M-1 in order. work: floats for M * (3 d + QN + 2 H D + 3 F)
-   + 2 M Kmax / 32 + nthreads * Smax (see fastpath.py); xq: M * Kmax bytes. */
+   + ACT_FLOATS(M, Kmax) + nthreads * Smax (see fastpath.py); xq: M * Kmax bytes. */
 void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *cos,
                        const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_q8,
                        float *work, int8_t *xq, int nthreads) {
@@ -1515,7 +1523,7 @@ void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *c
     c.act = c.gu + M * 2 * F;
     c.dn = c.act + M * F;
     c.xd = c.dn + M * d;
-    c.scratch = c.xd + 2 * M * (kmax / 32);
+    c.scratch = c.xd + ACT_FLOATS(M, kmax);
     c.xq = xq;
     c.S = S, c.d = d, c.HD = HD, c.F = F, c.QN = QN;
     const linear_ctx lqkv = {&L->qkv, c.y, act_view(xq, c.xd, M, d), c.qkv, M, QN};

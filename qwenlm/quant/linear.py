@@ -107,7 +107,7 @@ class KernelLinear(nn.Module):
 
 def _act_scratch(M: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scratch for the kernels' int8 copy of the activations: codes, block scales and sums."""
-    return torch.empty(M * K, dtype=torch.int8), torch.empty(2 * M * (K // 32))
+    return torch.empty(M * K, dtype=torch.int8), torch.empty(4 * M * (K // 32))
 
 
 def linear_desc(

@@ -77,6 +77,15 @@ class Checkpoint:
             return qwen1.read_mapped(self._read_hf, self._raw_shapes, name, rows)
         return self._read_hf(name, rows)
 
+    def read_raw(self, name: str, rows: tuple[int, int] | None = None) -> tuple[int, torch.Tensor]:
+        """A GGUF matrix as stored: its ggml type and rows start..stop of its bytes."""
+        if self._gguf is None:
+            raise CheckpointError(f"{self.path} is not a GGUF file: it has no stored block formats")
+        names = _gguf_names(self._gguf)
+        if name not in names:
+            raise CheckpointError(f"tensor {name} is not in {self.path}")
+        return self._gguf.tensors[names[name]].ggml_type, self._gguf.raw_rows(names[name], rows)
+
     def _read_hf(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         assert self._shards is not None
         if name not in self._shards:

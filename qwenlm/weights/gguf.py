@@ -262,6 +262,27 @@ class GGUFFile:
         view = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return torch.from_numpy(view.copy())
 
+    def _row_span(self, info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int, tuple]:
+        """(file offset, bytes, shape) of rows ``start .. stop`` of a tensor (all if None)."""
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:
+            start, stop = rows
+            if not 0 <= start <= stop <= shape[0]:
+                raise ValueError(f"rows {rows} out of range for {info.name} with {shape[0]} rows")
+            row_bytes = nbytes // shape[0]  # rows are whole blocks: the row length is a multiple
+            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+            shape = (stop - start, *shape[1:])
+        return offset, nbytes, shape
+
+    def raw_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A matrix's stored bytes, rows ``start .. stop``, as a (rows, row bytes) uint8 copy."""
+        info = self.tensors[name]
+        offset, nbytes, shape = self._row_span(info, rows)
+        view = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
+        out = torch.from_numpy(view.copy()).view(shape[0], info.nbytes // info.shape[0])
+        self._drop_pages(offset, nbytes)
+        return out
+
     def load(
         self, name: str, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None
     ) -> torch.Tensor:
@@ -271,14 +292,7 @@ class GGUFFile:
         matrix can be converted piece by piece.
         """
         info = self.tensors[name]
-        shape, offset, nbytes = info.shape, info.offset, info.nbytes
-        if rows is not None:
-            start, stop = rows
-            if not 0 <= start <= stop <= shape[0]:
-                raise ValueError(f"rows {rows} out of range for {name} with {shape[0]} rows")
-            row_bytes = nbytes // shape[0]  # rows are whole blocks: the row length is a multiple
-            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
-            shape = (stop - start, *shape[1:])
+        offset, nbytes, shape = self._row_span(info, rows)
         view = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
         # The ACCESS_COPY mapping is writable, so torch can wrap it without a copy; dequantize
         # writes only into its own output.
