@@ -1218,21 +1218,12 @@ typedef __m512 fv;
 #define fv_fma _mm512_fmadd_ps
 #define fv_hsum _mm512_reduce_add_ps
 #define fv_load_i8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-static inline fv fv_exp(fv x) {
-    /* e^x = 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 polynomial, ~1 ulp */
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.972077083992f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
+#define fv_min _mm512_min_ps
+#define fv_max _mm512_max_ps
+#define fv_fnma _mm512_fnmadd_ps
+#define fv_round(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define fv_pow2n _mm512_scalef_ps /* p * 2^n */
+#define EXP_LO -103.972077083992f
 #elif defined(__AVX2__)
 #define FW 8
 typedef __m256 fv;
@@ -1252,22 +1243,15 @@ static inline float fv_hsum(__m256 a) {
     v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
     return _mm_cvtss_f32(v);
 }
-static inline fv fv_exp(fv x) {
-    /* as above; 2^n built in the exponent bits, so x stays where n >= -126 */
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.3f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+#define fv_min _mm256_min_ps
+#define fv_max _mm256_max_ps
+#define fv_fnma _mm256_fnmadd_ps
+#define fv_round(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+static inline fv fv_pow2n(fv p, fv n) { /* p * 2^n, 2^n built in the exponent bits */
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+#define EXP_LO -87.3f /* 2^n stays a normal float */
 #else
 #define FW 1
 typedef float fv;
@@ -1283,6 +1267,24 @@ typedef float fv;
 #define fv_hsum(a) (a)
 #define fv_load_i8(p) ((float)*(p))
 #define fv_exp expf
+#endif
+
+#if FW > 1
+static inline fv fv_exp(fv x) {
+    /* e^x = 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 polynomial, ~1 ulp */
+    x = fv_max(fv_min(x, fv_set1(88.0f)), fv_set1(EXP_LO));
+    fv n = fv_round(fv_mul(x, fv_set1(1.44269504088896341f)));
+    fv r = fv_fnma(n, fv_set1(0.693359375f), x);
+    r = fv_fnma(n, fv_set1(-2.12194440e-4f), r);
+    fv p = fv_set1(1.9875691500E-4f);
+    p = fv_fma(p, r, fv_set1(1.3981999507E-3f));
+    p = fv_fma(p, r, fv_set1(8.3334519073E-3f));
+    p = fv_fma(p, r, fv_set1(4.1665795894E-2f));
+    p = fv_fma(p, r, fv_set1(1.6666665459E-1f));
+    p = fv_fma(p, r, fv_set1(5.0000001201E-1f));
+    p = fv_fma(p, fv_mul(r, r), fv_add(r, fv_set1(1.0f)));
+    return fv_pow2n(p, n);
+}
 #endif
 
 static inline float exp1(float x) {
