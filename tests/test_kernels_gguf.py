@@ -255,6 +255,29 @@ def test_gguf_mode_runs_the_file_as_stored(tiny_gguf, isa):
         assert (a - b).abs().max() <= 2e-2 * b.abs().max()
 
 
+def test_results_do_not_depend_on_the_thread_count(tiny_gguf):
+    # Tasks are claimed dynamically, so which thread computes what changes from run to run;
+    # every task computes its outputs the same way, so the results must not.
+    model = qwenlm.load(tiny_gguf, quant="gguf")
+    raw = random_blocks(T.Q4_K, 70, 512)
+    layer = GGUFLinear([(T.Q4_K, 70, pack(T.Q4_K, raw))], 512, None)
+    x = torch.randn(20, 512)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            engine = Engine(model.model)
+            seq = engine.new_sequence()
+            engine.forward([(seq, list(range(3, 30)))])
+            (logits,) = engine.forward([(seq, [11])])
+            results.append((layer(x), logits))
+    finally:
+        torch.set_num_threads(before)
+    for y, logits in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(logits, results[0][1])
+
+
 def test_gguf_mode_needs_a_gguf_file(tmp_path):
     from helpers import tiny_model
 
