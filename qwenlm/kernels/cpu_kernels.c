@@ -113,7 +113,7 @@ static struct {
     _Atomic uint32_t done;        /* tasks of the current job finished (a futex word) */
     _Atomic int64_t next;         /* next task to claim */
     _Atomic int posting, active;  /* handshake: no worker reads a job while it is written */
-    _Atomic int sleepers;         /* threads asleep on `done` or `epoch` */
+    _Atomic int done_sleepers, job_sleepers; /* threads asleep on `done`, on `epoch` */
     const qlm_phase_t *ph;
     int nph, nthreads;
     int64_t start[MAX_PHASES + 1]; /* first task of each phase; start[nph] = all tasks */
@@ -145,8 +145,10 @@ static void futex_wake(_Atomic uint32_t *word) {
 #endif
 }
 
-/* Wait until *word satisfies `ready` (at least `target`, or different from `target`). */
-static void wait_word(_Atomic uint32_t *word, uint32_t target, int differ, int64_t spin_ns) {
+/* Wait until *word is at least `target` (or differs from it); `sleepers` counts the threads
+   asleep on it, so that wakers make the syscall only when someone sleeps. */
+static void wait_word(_Atomic uint32_t *word, uint32_t target, int differ, int64_t spin_ns,
+                      _Atomic int *sleepers) {
     int64_t t0 = 0;
     for (int i = 0;; i++) {
         uint32_t v = atomic_load(word);
@@ -158,10 +160,10 @@ static void wait_word(_Atomic uint32_t *word, uint32_t target, int differ, int64
         int64_t t = now_ns();
         if (!t0) t0 = t;
         if (t - t0 < spin_ns) continue;
-        atomic_fetch_add(&pool.sleepers, 1);
+        atomic_fetch_add(sleepers, 1);
         v = atomic_load(word);
         if (!(differ ? v != target : v >= target)) futex_wait(word, v);
-        atomic_fetch_sub(&pool.sleepers, 1);
+        atomic_fetch_sub(sleepers, 1);
     }
 }
 
@@ -172,18 +174,19 @@ static void participate(int tid) {
         int64_t i = atomic_fetch_add(&pool.next, 1);
         if (i >= total) return;
         while (i >= pool.start[p + 1]) p++;
-        wait_word(&pool.done, (uint32_t)pool.start[p], 0, SPIN_TASK_NS);
+        wait_word(&pool.done, (uint32_t)pool.start[p], 0, SPIN_TASK_NS, &pool.done_sleepers);
         pool.ph[p].fn(pool.ph[p].ctx, i - pool.start[p], tid);
         atomic_fetch_add(&pool.done, 1);
-        if (atomic_load(&pool.sleepers)) futex_wake(&pool.done);
+        if (atomic_load(&pool.done_sleepers)) futex_wake(&pool.done);
     }
 }
 
 static void *worker_main(void *arg) {
     const int tid = (int)(intptr_t)arg;
     uint32_t seen = atomic_load(&pool.epoch) - 1; /* started for the job about to be posted */
+    int64_t spin = SPIN_JOB_NS;
     for (;;) {
-        wait_word(&pool.epoch, seen, 1, SPIN_JOB_NS);
+        wait_word(&pool.epoch, seen, 1, spin, &pool.job_sleepers);
         for (;;) { /* enter unless the caller is writing the next job (Dekker handshake) */
             atomic_fetch_add(&pool.active, 1);
             if (!atomic_load(&pool.posting)) break;
@@ -191,6 +194,8 @@ static void *worker_main(void *arg) {
             cpu_relax();
         }
         seen = atomic_load(&pool.epoch);
+        /* a worker beyond the job's thread count sleeps at once, instead of spinning */
+        spin = tid < pool.nthreads ? SPIN_JOB_NS : 0;
         if (tid < pool.nthreads) participate(tid);
         atomic_fetch_sub(&pool.active, 1);
     }
@@ -203,7 +208,8 @@ static void pool_after_fork(void) {
     pool.nworkers = 0;
     atomic_store(&pool.active, 0);
     atomic_store(&pool.posting, 0);
-    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.done_sleepers, 0);
+    atomic_store(&pool.job_sleepers, 0);
 }
 
 static void run_phases(const qlm_phase_t *ph, int nph, int nthreads) {
@@ -240,9 +246,9 @@ static void run_phases(const qlm_phase_t *ph, int nph, int nthreads) {
     atomic_store(&pool.done, 0);
     atomic_fetch_add(&pool.epoch, 1);
     atomic_store(&pool.posting, 0);
-    if (atomic_load(&pool.sleepers)) futex_wake(&pool.epoch);
+    if (atomic_load(&pool.job_sleepers)) futex_wake(&pool.epoch);
     participate(0);
-    wait_word(&pool.done, (uint32_t)total, 0, SPIN_TASK_NS);
+    wait_word(&pool.done, (uint32_t)total, 0, SPIN_TASK_NS, &pool.done_sleepers);
     pthread_mutex_unlock(&pool.lock);
 }
 
