@@ -3,8 +3,10 @@
 For a one-token step the arithmetic is small and the dispatch of many tiny PyTorch ops costs
 as much as reading the weights. :func:`accelerate` wraps each decoder layer of an engine's
 model in a :class:`KernelLayer` that, for decode-sized batches, runs norm, projections,
-rotary embedding, attention and SwiGLU in one call of ``qlm_layer_forward`` (one OpenMP
-region per layer) on preallocated buffers, and tiles the int8 weights for the kernels.
+rotary embedding, attention and SwiGLU in one call of ``qlm_layer_forward`` (one job on the
+kernels' thread pool per layer) on preallocated buffers, and tiles the int8 weights for the
+kernels. Any :class:`~qwenlm.quant.linear.KernelLinear` (float32, int8, int4, GGUF formats)
+describes itself to the C side with ``describe()``.
 Larger batches (prefill) go through the layer's own PyTorch forward, which defines the
 maths; tests hold the two to the same results.
 """
