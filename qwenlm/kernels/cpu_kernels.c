@@ -1045,9 +1045,21 @@ ALWAYS void gguf_groups(const int fmt, const qlm_linear_t *L, const qlm_act_t *a
         const int64_t n0 = g * GG, valid = MIN(GG, L->N - n0);
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             const int64_t mn = MIN(MT, M - m0);
-            if (fmt == QLM_Q6_K) q6k_group(gp, nb, a, m0, mn, acc);
-            else if (fmt >= QLM_Q4_K) k45_group(fmt, gp, nb, a, m0, mn, acc);
-            else q32_group(fmt, gp, nb, a, m0, mn, acc);
+            /* 1 and 4 rows (decoding, a short verification) get their own copies, with the
+               accumulators in registers; the arithmetic per row is the same */
+            if (fmt == QLM_Q6_K) {
+                if (mn == 1) q6k_group(gp, nb, a, m0, 1, acc);
+                else if (mn == 4) q6k_group(gp, nb, a, m0, 4, acc);
+                else q6k_group(gp, nb, a, m0, mn, acc);
+            } else if (fmt >= QLM_Q4_K) {
+                if (mn == 1) k45_group(fmt, gp, nb, a, m0, 1, acc);
+                else if (mn == 4) k45_group(fmt, gp, nb, a, m0, 4, acc);
+                else k45_group(fmt, gp, nb, a, m0, mn, acc);
+            } else {
+                if (mn == 1) q32_group(fmt, gp, nb, a, m0, 1, acc);
+                else if (mn == 4) q32_group(fmt, gp, nb, a, m0, 4, acc);
+                else q32_group(fmt, gp, nb, a, m0, mn, acc);
+            }
             for (int64_t m = 0; m < mn; m++) {
                 vf_store(out, acc[m]);
                 float *yr = y + (m0 + m) * ldy + n0;
