@@ -883,6 +883,14 @@ ALWAYS vi top_bits(vi h, int p, int bits) {
     return vi_and(v, vi_set8(bits == 1 ? 0x10 : 0x30));
 }
 
+/* lo[k] = the 4 activation bytes at x + 4k broadcast to every lane, hi[k] those at x + off + 4k. */
+ALWAYS void broadcast_words(const int8_t *x, vi *lo, vi *hi, int n, int off) {
+    for (int k = 0; k < n; k++) {
+        lo[k] = vi_bcast32(x + 4 * k);
+        hi[k] = vi_bcast32(x + off + 4 * k);
+    }
+}
+
 #define ACT_ROW(a, m) ((a)->q + (m) * (a)->K)
 #define ACT_D(a, m) ((a)->d + (m) * ((a)->K / 32))
 #define ACT_XS(a, m) ((a)->xs + (m) * ((a)->K / 32))
@@ -966,12 +974,8 @@ ALWAYS void k45_group(const int fmt, const uint8_t *g, int64_t nsb, const qlm_ac
             const vf n0 = vf_cvt(vi_shuffle8(mi[j0 / 4], BYTE_OF(j0 % 4)));
             const vf n1 = vf_cvt(vi_shuffle8(mi[j1 / 4], BYTE_OF(j1 % 4)));
             for (int64_t m = m0; m < m0 + mn; m++) {
-                const int8_t *x = ACT_ROW(a, m) + sb * 256 + 64 * c;
                 vi x0[8], x1[8];
-                for (int k = 0; k < 8; k++) {
-                    x0[k] = vi_bcast32(x + 4 * k);
-                    x1[k] = vi_bcast32(x + 32 + 4 * k);
-                }
+                broadcast_words(ACT_ROW(a, m) + sb * 256 + 64 * c, x0, x1, 8, 32);
                 const vi i0 = dot_u8(u, x0, 8, five ? 4 : 8, s0);
                 const vi i1 = dot_u8(u + 8, x1, 8, five ? 4 : 8, s1);
                 const int64_t blk = sb * 8 + j0;
@@ -1004,12 +1008,8 @@ ALWAYS void q6k_group(const uint8_t *g, int64_t nsb, const qlm_act_t *a, int64_t
             const vi sa = vi_shuffle8(sp, FIRST_I16), sb_ = vi_shuffle8(sp, SECOND_I16);
             const vi ua[4] = {u[0], u[2], u[4], u[6]}, ub[4] = {u[1], u[3], u[5], u[7]};
             for (int64_t m = m0; m < m0 + mn; m++) {
-                const int8_t *x = ACT_ROW(a, m) + sb * 256 + 32 * s;
                 vi xa[4], xb[4];
-                for (int k = 0; k < 4; k++) {
-                    xa[k] = vi_bcast32(x + 4 * k);
-                    xb[k] = vi_bcast32(x + 16 + 4 * k);
-                }
+                broadcast_words(ACT_ROW(a, m) + sb * 256 + 32 * s, xa, xb, 4, 16);
                 vi isum = vi_add32(dot_u8(ua, xa, 4, 2, sa), dot_u8(ub, xb, 4, 2, sb_));
                 const int64_t blk = sb * 8 + s;
                 const int16_t *xs = ACT_S(a, m) + 2 * blk;
