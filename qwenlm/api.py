@@ -104,8 +104,8 @@ def load(
     """Load a model by registry name, GGUF path or Hugging Face folder.
 
     ``quant`` picks the weight format: ``none`` (PyTorch layers in ``dtype``, the reference
-    path), ``f32``, ``int8`` or ``int4`` (native CPU kernels; see :mod:`qwenlm.quant`), or
-    ``auto``. ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
+    path), ``f32``, ``int8`` or ``int4`` (native CPU kernels; see :mod:`qwenlm.quant`), ``gguf``
+    (a GGUF file's own block formats, as stored, on the native kernels), or ``auto``. ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
     is a LoRA adapter folder (PEFT format, e.g. from ``qwenlm train``), folded into the weights
     before quantization. ``kv_cache="int8"`` keeps the attention cache in int8 (a quarter of
     the memory at long contexts). ``config_overrides`` replaces config values by their Hugging

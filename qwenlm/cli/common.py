@@ -35,9 +35,9 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
     p.add_argument(
         "--quant",
         default="auto",
-        choices=["auto", "none", "f32", "int8", "int4"],
-        help="weight format: int8/int4/f32 run on native CPU kernels; none is plain PyTorch in "
-        "--dtype (auto: int8 on CPU, none elsewhere)",
+        choices=["auto", "none", "f32", "int8", "int4", "gguf"],
+        help="weight format: int8/int4/f32 run on native CPU kernels, gguf runs a GGUF file's own "
+        "formats as stored; none is plain PyTorch in --dtype (auto: int8 on CPU, none elsewhere)",
     )
     p.add_argument(
         "--group-size",

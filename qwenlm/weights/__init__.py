@@ -82,6 +82,20 @@ class Checkpoint:
             self._pieces = gguf_format.tensor_map(self._gguf)
         return self._pieces
 
+    def read_raw(self, name: str, rows: tuple[int, int] | None = None) -> tuple[int, torch.Tensor]:
+        """A GGUF matrix as stored: its ggml type and rows start..stop of its bytes."""
+        if self._gguf is None:
+            raise CheckpointError(f"{self.path} is not a GGUF file: it has no stored block formats")
+        piece = self._gguf_pieces().get(name)
+        if piece is None:
+            raise CheckpointError(f"tensor {name} is not in {self.path}")
+        n = piece.shape[0]
+        a, b = rows if rows is not None else (0, n)
+        if not 0 <= a <= b <= n or piece.rows != n:
+            raise CheckpointError(f"tensor {name}: rows {rows} cannot be read as stored")
+        info = self._gguf.tensors[piece.name]
+        return info.ggml_type, self._gguf.raw_rows(piece.name, (piece.start + a, piece.start + b))
+
     def _read_hf(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         assert self._shards is not None
         if name not in self._shards:
