@@ -68,7 +68,10 @@ async def next_event(events: asyncio.Queue[Output], jobs: Sequence[Job]) -> Outp
     engine that stopped answering cannot hold a client forever."""
     left = max(j.deadline for j in jobs) - time.monotonic()
     try:
-        return await asyncio.wait_for(events.get(), max(left, 0.0))
+        # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that arrives as
+        # an event does, and the handler would then outlive its client.
+        async with asyncio.timeout(max(left, 0.0)):
+            return await events.get()
     except TimeoutError:
         raise APIError(
             504,
@@ -161,22 +164,32 @@ class SSE:
                 job.cancel()
 
 
-async def until_disconnect(request: Request, jobs: list[Job]) -> None:
+async def until_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    for job in jobs:
-        job.cancel()
 
 
 async def collect(request: Request, jobs: list[Job], gen: AsyncIterator[Any]) -> list[Any]:
-    """Everything ``gen`` yields, while a watcher cancels the jobs if the client leaves."""
-    watcher = asyncio.create_task(until_disconnect(request, jobs))
-    try:
+    """Everything ``gen`` yields. If the client leaves first, its jobs are cancelled and the
+    waiting ends at once (with a 499 nobody receives): no handler outlives its client."""
+
+    async def gather() -> list[Any]:
         return [item async for item in gen]
+
+    consumer = asyncio.ensure_future(gather())
+    watcher = asyncio.ensure_future(until_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
         for job in jobs:
             job.cancel()
+        for task in (consumer, watcher):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(consumer, watcher, return_exceptions=True)
+    if not consumer.cancelled():
+        return consumer.result()
+    raise APIError(499, "The client closed the connection before the reply.", code="client_gone")
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
