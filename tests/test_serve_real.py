@@ -523,7 +523,7 @@ KILLED_CLIENTS = textwrap.dedent(
         body = json.dumps({"model": model, "stream": True, "max_tokens": 400,
                            "messages": [{"role": "user", "content": f"Tell me a long story, part {i}."}]})
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall((f"POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\n"
+        s.sendall((f"POST /v1/chat/completions HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n"
                    f"Authorization: Bearer {key}\\r\\nContent-Type: application/json\\r\\n"
                    f"Content-Length: {len(body)}\\r\\n\\r\\n{body}").encode())
         socks.append(s)

@@ -29,6 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
         "unset: no key)",
     )
     g.add_argument(
+        "--health-requires-key",
+        action="store_true",
+        help="require the key on /health too (default: /health answers without it, for "
+        "load-balancer probes)",
+    )
+    g.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="answer requests whose Host header names NAME, besides 127.0.0.1, localhost, "
+        "[::1] and the --host address (repeatable; any port); '*' answers any name, which "
+        "lets web pages reach the server through DNS rebinding (default: those names only)",
+    )
+    g.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -67,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=600.0,
         help="seconds a request may take; then it ends with finish_reason 'length' (default 600)",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        help="seconds the engine may go without finishing a step while it has work; then "
+        "/health and new requests answer 503, and a request waiting past --request-timeout "
+        "plus this ends with 504 (default 300)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM or Ctrl-C, seconds running requests get to finish before they end "
+        "with an error; new requests get 503 meanwhile (default 10)",
     )
     g.add_argument(
         "--max-model-len",
@@ -128,10 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             hint="pip install 'qwenlm[serve]'",
         ) from None
     from qwenlm.generation.engine import SMALL_SEGMENT
-    from qwenlm.serve import ServeConfig, serve
+    from qwenlm.serve import WILDCARD_HOSTS, ServeConfig, serve
 
     for name in ("max_num_seqs", "max_queue", "max_body_bytes", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise QwenlmError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("request_timeout", "stall_timeout", "shutdown_timeout"):
+        if not getattr(args, name) > 0:
             raise QwenlmError(f"--{name.replace('_', '-')} must be positive")
     if args.prefill_chunk <= SMALL_SEGMENT:
         raise QwenlmError(f"--prefill-chunk must be above {SMALL_SEGMENT}")
@@ -140,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"warning: serving on {args.host} without an API key; anyone who can reach it can "
             f"use it (set --api-key or ${API_KEY_ENV})",
+            file=sys.stderr,
+        )
+    if args.host in WILDCARD_HOSTS and not args.allowed_host:
+        print(
+            f"note: bound to {args.host}, the server answers only requests addressed to "
+            "127.0.0.1 or localhost; add --allowed-host NAME for each name or address clients "
+            "use",
             file=sys.stderr,
         )
     model = load_model(args)
@@ -157,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         reasoning_parser=args.reasoning_parser,
         cors_origins=args.cors_origin,
         cache_dir=args.cache_dir,
+        allowed_hosts=args.allowed_host,
+        health_requires_key=args.health_requires_key,
+        stall_timeout=args.stall_timeout,
+        shutdown_timeout=args.shutdown_timeout,
     )
     print(f"serving {config.model_names[0]} on http://{args.host}:{args.port}", file=sys.stderr)
     serve(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -30,11 +31,20 @@ from qwenlm.generation import scheduler as engine
 from qwenlm.generation.config import GenerationConfig
 from qwenlm.generation.engine import PREFILL_CHUNK, SMALL_SEGMENT
 from qwenlm.generation.sampling import TokenLogprob
-from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler
+from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler, ShuttingDown
 from qwenlm.serve import embeddings, ollama, reasoning
 from qwenlm.serve import protocol as P
 from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
-from qwenlm.serve.http import SSE, Guard, Job, collect, error_response, read_json, sse_event
+from qwenlm.serve.http import (
+    SSE,
+    Guard,
+    Job,
+    collect,
+    error_response,
+    internal_error,
+    read_json,
+    sse_event,
+)
 from qwenlm.serve.protocol import APIError, SamplingParams
 from qwenlm.serve.replies import ChoiceParser, chat_logprobs, deltas, token_text
 
@@ -65,6 +75,10 @@ class ServeConfig:
     reasoning_parser: str = "auto"  # auto | think | none (deepseek_r1, qwen3: think)
     cors_origins: Sequence[str] = field(default_factory=tuple)
     cache_dir: str | None = None  # where /api/pull puts models (default: the registry's)
+    allowed_hosts: Sequence[str] = ()  # Host names answered besides loopback; "*": any
+    health_requires_key: bool = False  # else /health answers without the key (for probes)
+    stall_timeout: float = 300.0  # a busy engine without a finished step this long is wedged
+    shutdown_timeout: float = 10.0  # seconds running requests get after SIGTERM
 
 
 # -- the model-facing part ---------------------------------------------------------------------
@@ -95,6 +109,44 @@ class Service:
         self.reasoning = reasoning.parser_enabled(config.reasoning_parser, model.template.source)
         self.created = int(time.time())
         self.http: dict[int, int] = {}  # status -> count, for /metrics (the Guard's)
+        # A token holds at most this many bytes of text (so at least as many characters):
+        # text longer than context * this cannot fit, and is refused before tokenizing.
+        tok = model.tokenizer
+        self.max_token_bytes = max(
+            len(tok.id_to_bytes(i)) for i in range(tok.vocab_size) if not tok.is_special(i)
+        )
+        if tok.normalization:  # composing can shrink text up to 3 code points into one
+            self.max_token_bytes *= 3
+
+    def unavailable(self) -> str | None:
+        """Why no request can be served now (the engine died, hangs, or the server is
+        shutting down), or None."""
+        s = self.scheduler
+        if not s.alive:
+            return "the engine stopped after an internal error; the server must be restarted"
+        if s.stalled_for > self.config.stall_timeout:
+            return f"the engine has made no progress for {s.stalled_for:.0f} s"
+        if s.draining:
+            return "the server is shutting down"
+        return None
+
+    def check_available(self) -> None:
+        """503 (OpenAI's error) while :meth:`unavailable`."""
+        why = self.unavailable()
+        if why is not None:
+            raise _unavailable(why)
+
+    def check_size(self, chars: int, param: str) -> None:
+        """A cheap 400 for text that cannot fit the context, before any template or tokenizer
+        runs on it (a 5 MB message would otherwise take a worker for seconds)."""
+        if chars > self.context * self.max_token_bytes:
+            raise P.invalid(
+                f"This model's maximum context length is {self.context} tokens. However, your "
+                f"{param} hold {chars} characters, more than that many tokens can hold. "
+                f"Please reduce the length of the {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def check_model(self, name: str) -> None:
         if name not in self.names:
@@ -160,6 +212,8 @@ class Service:
                 param="n",
             )
         events = events if events is not None else asyncio.Queue()
+        # The HTTP side waits past the engine's own timeout only as long as a slow step may take.
+        deadline = time.monotonic() + self.config.request_timeout + self.config.stall_timeout
         loop = asyncio.get_running_loop()
         config = self.generation_config(params, limit)
         if logits_processors:
@@ -182,11 +236,11 @@ class Service:
                 code="server_overloaded",
                 headers={"Retry-After": "1"},
             ) from None
-        except EngineFailed:
-            raise P.engine_failed() from None
+        except (EngineFailed, ShuttingDown) as e:
+            raise _unavailable(e.message) from None
         except GenerationError as e:
             raise P.invalid(e.message, param=param) from None
-        return Job(request, events)
+        return Job(request, events, deadline)
 
     # -- chat prompts -------------------------------------------------------------------------
     def chat_prompt(
@@ -200,6 +254,7 @@ class Service:
         ``template_kwargs`` are variables for the chat template (``enable_thinking``)."""
         m = self.model
         kw = template_kwargs or {}
+        self.check_size(sum(len(msg["content"]) for msg in messages), "messages")
         try:
             if spec is None or spec.choice == "none":
                 return m.encode_chat(messages, **kw), "plain", "", params
@@ -242,6 +297,11 @@ class Service:
             for _ in range(n)
         ]
 
+def _unavailable(why: str) -> APIError:
+    return APIError(503, why[0].upper() + why[1:] + ".", type="server_error", code="unavailable")
+
+
+
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
@@ -261,22 +321,28 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             "function_call": None,
             "audio": None,
             "prediction": None,
+            # vLLM's request-supplied templates: never rendered here (checklist 25)
+            "chat_template": None,
+            "chat_template_kwargs": None,
         },
     )
 
 
 async def chat_completions(request: Request) -> Any:
     svc: Service = request.app.state.service
+    svc.check_available()
     body = await read_json(request, svc.config.max_body_bytes)
     name = P.model_name(body)
-    messages = P.chat_messages(body)
+    messages = await run_in_threadpool(P.chat_messages, body, svc.context)
     spec = P.tool_spec(body)
     params, n = P.sampling_params(body, svc.model.config.vocab_size, chat=True)
     stream, include_usage = P.stream_options(body)
     template_kwargs = reasoning.template_kwargs(body.get("chat_template_kwargs"))
     _refuse_unsupported(body)
     svc.check_model(name)
-    prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params, template_kwargs)
+    prompt, mode, prefix, params = await run_in_threadpool(
+        svc.chat_prompt, messages, spec, params, template_kwargs
+    )
     events: asyncio.Queue[Output] = asyncio.Queue()
     job = svc.submit(prompt, params, n, "messages", events=events)
     parsers = svc.parsers(n, prompt, mode, prefix, spec.tools if spec else ())
@@ -325,16 +391,11 @@ async def chat_completions(request: Request) -> Any:
                         **extra,
                     )
                 )
-            try:
-                async for ch in choices():
-                    if ch["delta"] or ch["logprobs"] or ch["finish_reason"]:
-                        yield sse_event(envelope([ch], **extra))
-            except APIError as e:
-                yield sse_event(e.body())
-                return
+            async for ch in choices():
+                if ch["delta"] or ch["logprobs"] or ch["finish_reason"]:
+                    yield sse_event(envelope([ch], **extra))
             if include_usage:
                 yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
-            yield b"data: [DONE]\n\n"
 
         return SSE(chunks(), [job])
 
@@ -384,6 +445,7 @@ async def chat_completions(request: Request) -> Any:
 
 async def completions(request: Request) -> Any:
     svc: Service = request.app.state.service
+    svc.check_available()
     body = await read_json(request, svc.config.max_body_bytes)
     name = P.model_name(body)
     prompts = P.completion_prompts(body, svc.model.config.vocab_size)
@@ -392,7 +454,12 @@ async def completions(request: Request) -> Any:
     P.unsupported(body, {"echo": False, "suffix": "", "best_of": 1})
     svc.check_model(name)
     tok = svc.model.tokenizer
-    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+    for p in prompts:
+        if isinstance(p, str):
+            svc.check_size(len(p), "prompt")
+    ids = await run_in_threadpool(
+        lambda: [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+    )
     if any(not p for p in ids):
         raise P.invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
     for p in ids:
@@ -454,15 +521,10 @@ async def completions(request: Request) -> Any:
 
         async def chunks() -> AsyncIterator[bytes]:
             extra = {"usage": None} if include_usage else {}
-            try:
-                async for ch in choices():
-                    yield sse_event(envelope([ch], **extra))
-            except APIError as e:
-                yield sse_event(e.body())
-                return
+            async for ch in choices():
+                yield sse_event(envelope([ch], **extra))
             if include_usage:
                 yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
-            yield b"data: [DONE]\n\n"
 
         return SSE(chunks(), jobs)
 
@@ -516,11 +578,9 @@ def _model_card(svc: Service, name: str) -> dict[str, Any]:
 async def health(request: Request) -> Any:
     svc: Service = request.app.state.service
     s = svc.scheduler
-    if not s.alive:
-        return JSONResponse(
-            {"status": "error", "reason": "the engine stopped after an internal error"},
-            status_code=503,
-        )
+    why = svc.unavailable()
+    if why is not None:
+        return JSONResponse({"status": "error", "reason": why}, status_code=503)
     return JSONResponse({"status": "ok", "running": s.running, "waiting": s.waiting})
 
 
@@ -602,6 +662,10 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return error_response(err, path)
 
 
+async def _internal(request: Request, exc: Exception) -> Response:
+    return error_response(internal_error())
+
+
 def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
     """The ASGI application serving ``model`` (a :class:`qwenlm.Qwen`)."""
     config = config or ServeConfig()
@@ -629,7 +693,9 @@ def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
 
     app = Starlette(
         routes=routes,
-        exception_handlers={404: _not_found, 405: _not_found},
+        # Starlette answers an unexpected error itself (plain text) before the Guard sees it:
+        # give it OpenAI's shape; the Guard still logs it.
+        exception_handlers={404: _not_found, 405: _not_found, Exception: _internal},
         lifespan=lifespan,
     )
     app.state.service = service
@@ -643,6 +709,13 @@ def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    guard = Guard(inner, api_key=config.api_key, cors=bool(config.cors_origins), state=app.state)
+    guard = Guard(
+        inner,
+        api_key=config.api_key,
+        cors=bool(config.cors_origins),
+        state=app.state,
+        allowed_hosts=config.allowed_hosts,
+        open_paths=() if config.health_requires_key else ("/health",),
+    )
     service.http = guard.responses
     return guard

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -434,6 +435,7 @@ class _Turn:
     @classmethod
     async def read(cls, request: Request) -> _Turn:
         svc: Service = request.app.state.service
+        svc.check_available()
         body = await read_json(request, svc.config.max_body_bytes)
         name = _model(svc, body)
         stream = _boolean(body, "stream", True)
@@ -477,8 +479,9 @@ async def chat(request: Request) -> Any:
         return _loaded(turn.name, chat=True)
     messages = _messages(turn.body["messages"])
     spec = P.tool_spec({"tools": turn.body.get("tools")})
-    prompt, mode, prefix, params = turn.svc.chat_prompt(
-        messages, spec, turn.params, turn.template_kwargs
+    # Template and tokenizer off the event loop (chat_prompt checks the size first).
+    prompt, mode, prefix, params = await run_in_threadpool(
+        turn.svc.chat_prompt, messages, spec, turn.params, turn.template_kwargs
     )
     tools = spec.tools if spec else ()
     return await turn.run(prompt, params, chat=True, mode=mode, prefix=prefix, tools=tools)
@@ -525,7 +528,8 @@ async def generate(request: Request) -> Any:
     if suffix:
         if raw:
             raise P.invalid("Invalid 'raw': raw prompts take no 'suffix'.", param="raw")
-        ids = _fill_in_middle(tok, prompt or "", suffix)
+        svc.check_size(len(prompt or "") + len(suffix), "prompt")
+        ids = await run_in_threadpool(_fill_in_middle, tok, prompt or "", suffix)
     elif raw:
         special = next((s for s in tok.special_tokens if s in (prompt or "")), None)
         if special is not None:
@@ -535,11 +539,14 @@ async def generate(request: Request) -> Any:
                 "for fill-in-the-middle, or token ids to /v1/completions.",
                 param="prompt",
             )
-        ids = tok.encode(prompt or "")
+        svc.check_size(len(prompt or ""), "prompt")
+        ids = await run_in_threadpool(tok.encode, prompt or "")
     else:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt or ""})
-        ids, _, _, params = svc.chat_prompt(messages, None, params, turn.template_kwargs)
+        ids, _, _, params = await run_in_threadpool(
+            svc.chat_prompt, messages, None, params, turn.template_kwargs
+        )
     return await turn.run(ids, params, chat=False)
 
 

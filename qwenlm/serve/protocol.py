@@ -389,8 +389,10 @@ def _tool_call_in(call: Any, param: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
-def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The conversation as role/content dicts the chat template reads."""
+def chat_messages(body: Mapping[str, Any], max_messages: int | None = None) -> list[dict[str, Any]]:
+    """The conversation as role/content dicts the chat template reads; more than
+    ``max_messages`` (each renders to at least one token: the context) is refused before any
+    message is looked at."""
     value = body.get("messages")
     if value is None:
         raise invalid("Missing required parameter: 'messages'.", param="messages")
@@ -402,6 +404,13 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             "an empty array instead.",
             param="messages",
             code="empty_array",
+        )
+    if max_messages is not None and len(value) > max_messages:
+        raise invalid(
+            f"Invalid 'messages': array too long. Expected at most {max_messages} messages "
+            f"(the model's context length), but got {len(value)}.",
+            param="messages",
+            code="array_above_max_length",
         )
     out = []
     for i, m in enumerate(value):
@@ -458,6 +467,13 @@ def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
         return None
     if not isinstance(tools, list):
         raise _type_error("tools", "an array", tools)
+    if not tools:  # OpenAI refuses it too: leave 'tools' out instead
+        raise invalid(
+            "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an "
+            "empty array instead.",
+            param="tools",
+            code="empty_array",
+        )
     names = []
     for i, t in enumerate(tools):
         p = f"tools[{i}]"
@@ -470,8 +486,6 @@ def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
         if not isinstance(params, dict):
             raise _type_error(f"{p}.function.parameters", "an object", params)
         names.append(fn["name"])
-    if not tools:
-        return None
     if choice is None or choice in ("auto", "none", "required"):
         return ToolSpec(tools, choice or "auto")
     if isinstance(choice, dict):

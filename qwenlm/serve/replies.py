@@ -15,7 +15,7 @@ from qwenlm.chat.tools import ToolCall
 from qwenlm.generation.sampling import TokenLogprob
 from qwenlm.generation.scheduler import Output
 from qwenlm.serve.functions import ReplyParser
-from qwenlm.serve.http import Job
+from qwenlm.serve.http import Job, next_event
 from qwenlm.serve.protocol import APIError
 from qwenlm.serve.reasoning import ThinkSplitter
 
@@ -45,7 +45,7 @@ async def deltas(
     """(choice, reasoning, content, logprobs, tool calls, event) for every event of ``jobs``."""
     left = sum(j.n for j in jobs)
     while left:
-        out = await events.get()
+        out = await next_event(events, jobs)
         if out.error is not None:
             raise APIError(500, out.error, type="server_error", code="engine_error")
         parser = parsers[out.index]
