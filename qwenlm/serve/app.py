@@ -297,10 +297,9 @@ class Service:
             for _ in range(n)
         ]
 
+
 def _unavailable(why: str) -> APIError:
     return APIError(503, why[0].upper() + why[1:] + ".", type="server_error", code="unavailable")
-
-
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
