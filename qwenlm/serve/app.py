@@ -320,9 +320,9 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             "function_call": None,
             "audio": None,
             "prediction": None,
-            # vLLM's request-supplied templates: never rendered here (checklist 25)
+            # vLLM's request-supplied templates: never rendered here (checklist 25); variables
+            # for the model's own template come in chat_template_kwargs (checked apart)
             "chat_template": None,
-            "chat_template_kwargs": None,
         },
     )
 

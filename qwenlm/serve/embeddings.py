@@ -71,7 +71,7 @@ async def embed(request: Request, svc: Service, ids: list[list[int]]) -> list[li
         embedder = svc.model.embedder(ids)
     except GenerationError as e:
         raise P.invalid(e.message) from None
-    gone = asyncio.create_task(until_disconnect(request, []))
+    gone = asyncio.create_task(until_disconnect(request))
     try:
         done = False
         while not done:
@@ -80,6 +80,7 @@ async def embed(request: Request, svc: Service, ids: list[list[int]]) -> list[li
             try:
                 future = svc.scheduler.call(embedder.step)
             except EngineFailed:
+                svc.check_available()
                 raise P.engine_failed() from None
             done = await asyncio.wrap_future(future)
     finally:

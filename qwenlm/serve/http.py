@@ -114,6 +114,7 @@ class SSE:
     """
 
     content_type = b"text/event-stream; charset=utf-8"
+    done: bytes | None = _DONE  # the stream's last frame
 
     def __init__(self, chunks: AsyncIterator[bytes], jobs: list[Job]) -> None:
         self.chunks = chunks
@@ -124,11 +125,15 @@ class SSE:
             async for data in self.chunks:
                 yield data
         except APIError as e:
-            yield sse_event(e.body())
+            yield self.error_frame(e)
         except Exception as e:  # the response has started: an error frame is all we can send
             log_failure("stream failed", e, request_id)
-            yield sse_event(internal_error().body())
-        yield _DONE
+            yield self.error_frame(internal_error())
+        if self.done is not None:
+            yield self.done
+
+    def error_frame(self, e: APIError) -> bytes:
+        return sse_event(e.body())
 
     async def __call__(self, scope: Any, receive: Callable, send: Callable) -> None:
         headers = [

@@ -116,18 +116,21 @@ def routes(endpoint: Callable[[Callable], Callable]) -> list[Route]:
 
 
 class NDJSON(SSE):
-    """A stream of JSON lines (Ollama's streaming), stopping its jobs if the client leaves."""
+    """A stream of JSON lines (Ollama's streaming), stopping its jobs if the client leaves; an
+    error is its last line, ``{"error": "..."}``, and nothing follows the final object."""
 
     content_type = b"application/x-ndjson"
+    done = None
+
+    def error_frame(self, e: APIError) -> bytes:
+        return json.dumps({"error": e.message}).encode() + b"\n"
 
 
 def _lines(parts: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    # An error after the 200 went out becomes the stream's last line (NDJSON.error_frame).
     async def gen() -> AsyncIterator[bytes]:
-        try:
-            async for obj in parts:
-                yield json.dumps(obj, ensure_ascii=False).encode() + b"\n"
-        except APIError as e:  # after the 200 went out: the error is the stream's last line
-            yield json.dumps({"error": e.message}).encode() + b"\n"
+        async for obj in parts:
+            yield json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
     return gen()
 
@@ -478,7 +481,8 @@ async def chat(request: Request) -> Any:
     if turn.body.get("messages") in (None, []):
         return _loaded(turn.name, chat=True)
     messages = _messages(turn.body["messages"])
-    spec = P.tool_spec({"tools": turn.body.get("tools")})
+    # Ollama's clients send "tools": [] for none (OpenAI's API refuses an empty list).
+    spec = P.tool_spec({"tools": turn.body.get("tools") or None})
     # Template and tokenizer off the event loop (chat_prompt checks the size first).
     prompt, mode, prefix, params = await run_in_threadpool(
         turn.svc.chat_prompt, messages, spec, turn.params, turn.template_kwargs
