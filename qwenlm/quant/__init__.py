@@ -131,7 +131,9 @@ def _check(mode: str, group_size: int) -> None:
 def _linear_factory(
     mode: str, group_size: int, head: str | None, name: str
 ) -> Callable[..., KernelLinear]:
-    kind = (head or ("int8" if mode == "int4" else mode)) if name == "lm_head" else mode
+    # "lm_head.linear": a tensor-parallel head's slice of the vocabulary
+    is_head = name.split(".")[0] == "lm_head"
+    kind = (head or ("int8" if mode == "int4" else mode)) if is_head else mode
     if kind == "f32":
         return lambda w, b: DenseLinear(w, b)
     if kind == "int8":
