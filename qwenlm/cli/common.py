@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 import time
 from typing import Any
@@ -59,6 +61,17 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
     )
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N processes: start with torchrun --nproc-per-node N -m "
+        "qwenlm ... (gloo on CPU, NCCL on CUDA; rank 0 does the I/O; default 1)",
+    )
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the model's generation settings)")
     g.add_argument("--temperature", type=float, help="0 is greedy (default 0.7)")
@@ -92,9 +105,23 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def load_model(args: argparse.Namespace, *, quiet: bool = False) -> Any:
+def load_model(
+    args: argparse.Namespace, *, quiet: bool = False, data_parallel: bool = False
+) -> Any:
+    """Load the model the options name. Under torchrun with ``--tensor-parallel N``, ranks
+    other than 0 never return: they run rank 0's forward passes, then exit. Without it, more
+    than one process is an error unless the command shards work over them (``data_parallel``)."""
     from qwenlm.api import load
+    from qwenlm.parallel import DistributedError
 
+    tp = getattr(args, "tensor_parallel", 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and tp == 1 and not data_parallel:
+        raise DistributedError(
+            f"this command runs in one process, but torchrun started {world}",
+            hint=f"add --tensor-parallel {world} to split the model over them",
+        )
+    quiet = quiet or int(os.environ.get("RANK", "0")) > 0
     t0 = time.perf_counter()
     if not quiet:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
@@ -108,10 +135,17 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> Any:
         quant=args.quant,
         group_size=args.group_size,
         kv_cache=args.kv_cache,
+        tensor_parallel=tp,
     )
+    if model.rank:
+        model.follow()
+        raise SystemExit(0)
+    if tp > 1:
+        atexit.register(model.close)  # however rank 0 ends, the other ranks are let go
     if not quiet:
         print(
-            f"loaded in {time.perf_counter() - t0:.1f}s ({model.device}, {model.weight_format})",
+            f"loaded in {time.perf_counter() - t0:.1f}s ({model.device}, {model.weight_format}"
+            + (f", split over {tp} ranks)" if tp > 1 else ")"),
             file=sys.stderr,
             flush=True,
         )

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from qwenlm.cli.common import add_model_args, load_model
+from qwenlm.cli.common import add_model_args, add_parallel_args, load_model
 from qwenlm.eval.tasks import TASKS
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         "running the same command again resumes an interrupted run.",
     )
     add_model_args(p, positional=True)
+    add_parallel_args(p)
     p.add_argument("--task", "-t", required=True, choices=list(TASKS), help="benchmark to run")
     p.add_argument(
         "--data",
