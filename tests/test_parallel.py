@@ -12,13 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import TINY_VOCAB, tiny_config
+from helpers import TINY_VOCAB, random_state_dict, tiny_config, write_hf_tokenizer
 from safetensors.torch import load_file, save_file
 
 from qwenlm.config import ModelConfig
@@ -166,3 +170,137 @@ def test_tensor_parallel_without_torchrun_is_one_clear_error(tmp_path):
     with pytest.raises(QwenlmError, match="needs 2 processes") as e:
         qwenlm.load(tmp_path, tensor_parallel=2)
     assert "torchrun --nproc-per-node 2" in e.value.hint
+
+
+# -- the command line under torchrun ----------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [*TORCHRUN, "-m", "qwenlm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    cfg = tiny_config(max_position_embeddings=1024)
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
+    save_file(random_state_dict(cfg, std=0.1), str(folder / "model.safetensors"))
+    write_hf_tokenizer(folder)
+    return folder
+
+
+def test_eval_over_two_processes_gives_the_records_of_one(tiny_folder, tmp_path):
+    rows = [
+        {"question": f"What is {i} plus {i + 1}?", "answer": f"#### {2 * i + 1}"} for i in range(23)
+    ]
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--task", "gsm8k", "--data", str(data), "--shots", "0", "--max-new-tokens", "6"]
+    common += ["--quant", "none"]
+    common += ["--batch-size", "3", "--no-progress", "--json", str(tiny_folder)]
+
+    def records(out: Path) -> list[dict]:
+        lines = (out / "records.jsonl").read_text().splitlines()
+        return sorted((json.loads(line) for line in lines), key=lambda r: int(r["id"]))
+
+    from qwenlm.cli import main
+
+    assert main(["eval", *common, "--limit", "20", "-o", str(tmp_path / "one")]) == 0
+    want = records(tmp_path / "one")
+    assert len(want) == 20
+    # tensor parallel, stopped after 7 samples: rank 0 evaluates, rank 1 mirrors its passes
+    out = tmp_path / "two"
+    torchrun("eval", *common, "--limit", "7", "--tensor-parallel", "2", "-o", str(out))
+    assert records(out) == want[:7]
+    # data parallel, resuming that run: 13 samples left, shared 7 / 6 over the ranks
+    r = torchrun("eval", *common, "--limit", "20", "-o", str(out))
+    assert records(out) == want
+    summary = json.loads(r.stdout.strip().splitlines()[-1])  # rank 0 alone prints
+    assert summary["samples"] == 20
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((out / "summary.json").read_text())
+    assert two["metrics"] == one["metrics"]
+
+
+def test_serve_tensor_parallel_answers_the_openai_client(tiny_folder, tmp_path):
+    import openai
+
+    import qwenlm
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    options = ["--tensor-parallel", "2", "--quant", "none", "--port", str(port)]
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            [*TORCHRUN, "-m", "qwenlm", "serve", str(tiny_folder), *options],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120
+        )
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                name = client.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(1)
+        messages = [{"role": "user", "content": "hello world"}]
+        r = client.chat.completions.create(
+            model=name, messages=messages, max_tokens=10, temperature=0
+        )
+        stream = client.chat.completions.create(
+            model=name, messages=messages, max_tokens=10, temperature=0, n=2, stream=True
+        )
+        texts = ["", ""]
+        for chunk in stream:
+            for ch in chunk.choices:
+                texts[ch.index] += ch.delta.content or ""
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    one = qwenlm.load(tiny_folder, quant="none")
+    want = "".join(c.text for c in one.chat_chunks(messages, max_new_tokens=10, temperature=0))
+    assert r.choices[0].message.content == want and r.usage.completion_tokens == 10
+    assert texts == [want, want]
+
+
+@pytest.mark.real_model
+def test_real_model_greedy_tokens_equal_one_process(real_model, real_model_path):
+    # quant none (float32 PyTorch layers) on both sides: the same kernels (one process never
+    # takes the fused native decode layer here), so only the all-reduce order differs
+    prompt = "Write a Python function that checks whether a number is prime."
+    want = real_model.generate(
+        real_model.encode_chat([{"role": "user", "content": prompt}]),
+        max_new_tokens=32,
+        temperature=0,
+        ignore_eos=True,
+    )
+    r = torchrun(
+        "generate", prompt, "-m", str(real_model_path), "--tensor-parallel", "2",
+        "--quant", "none", "--dtype", "float32", "--greedy", "--max-new-tokens", "32",
+        "--ignore-eos", "--repetition-penalty", "1.0",
+        timeout=900,
+    )  # fmt: skip
+    assert r.stdout == want + "\n"

@@ -106,7 +106,10 @@ class LeaderEngine(Engine):
         """Let the followers go (their :meth:`FollowerEngine.follow` returns)."""
         if not self.closed:
             self.closed = True
-            self.channel.send([STOP])
+            try:
+                self.channel.send([STOP])
+            except RuntimeError:  # they are gone already (e.g. all were interrupted together)
+                pass
 
 
 class FollowerEngine(Engine):
