@@ -295,6 +295,7 @@ def test_real_model_greedy_tokens_equal_one_process(real_model, real_model_path)
         real_model.encode_chat([{"role": "user", "content": prompt}]),
         max_new_tokens=32,
         temperature=0,
+        repetition_penalty=1.0,
         ignore_eos=True,
     )
     r = torchrun(
