@@ -36,6 +36,7 @@ from qwenlm.quant import (
     load_saved,
     quantize,
     release_freed_memory,
+    to_device,
 )
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
@@ -73,17 +74,15 @@ QUANT_CHOICES = ("auto", "none", *MODES)
 
 def resolve_quant(quant: str, device: torch.device) -> str:
     """``auto`` is int8 on CPU (the native kernels' fastest mode at float32 quality) and
-    ``none`` (plain PyTorch layers in ``dtype``) elsewhere."""
+    ``none`` (plain PyTorch layers in ``dtype``) elsewhere. On other devices the quantized
+    formats keep their codes in device memory and dequantize each matrix per forward pass with
+    PyTorch ops (less memory, not more speed)."""
     if quant not in QUANT_CHOICES:
         raise QuantizationError(
             f"unknown quantization {quant!r}", hint=f"use one of {', '.join(QUANT_CHOICES)}"
         )
     if quant == "auto":
         return "int8" if device.type == "cpu" else "none"
-    if quant != "none" and device.type != "cpu":
-        raise QuantizationError(
-            f"quantization {quant!r} runs on the CPU only", hint="use --quant none on GPUs"
-        )
     return quant
 
 
@@ -148,6 +147,8 @@ def load(
             # Tensor parallel: the whole model on the CPU first, each rank keeps its slice.
             place = "cpu" if dist is not None else dev
             net = build_model(ckpt.config, ckpt.tensors(dt), dtype=dt, device=place)
+    if getattr(net, "quantization", None) is not None and dev.type != "cpu":
+        net = to_device(net, dev)  # quantized layers are built on the CPU
     if adapter is not None:
         from qwenlm.lora import load_adapter, merge_lora
 

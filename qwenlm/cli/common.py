@@ -38,8 +38,8 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
         "--quant",
         default="auto",
         choices=["auto", "none", "f32", "int8", "int4"],
-        help="weight format: int8/int4/f32 run on native CPU kernels; none is plain PyTorch in "
-        "--dtype (auto: int8 on CPU, none elsewhere)",
+        help="weight format: int8/int4/f32 run on native CPU kernels (on CUDA: dequantized per "
+        "forward pass); none is plain PyTorch in --dtype (auto: int8 on CPU, none elsewhere)",
     )
     p.add_argument(
         "--group-size",

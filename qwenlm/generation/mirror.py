@@ -17,6 +17,7 @@ collectives wait for it); the process group fails, and torchrun stops every rank
 from __future__ import annotations
 
 import collections
+import contextlib
 import struct
 import weakref
 from collections.abc import Sequence as Seq
@@ -106,10 +107,9 @@ class LeaderEngine(Engine):
         """Let the followers go (their :meth:`FollowerEngine.follow` returns)."""
         if not self.closed:
             self.closed = True
-            try:
+            # they may be gone already (e.g. all were interrupted together)
+            with contextlib.suppress(RuntimeError):
                 self.channel.send([STOP])
-            except RuntimeError:  # they are gone already (e.g. all were interrupted together)
-                pass
 
 
 class FollowerEngine(Engine):

@@ -315,6 +315,17 @@ def load_quantized(
     return model.eval()
 
 
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a quantized model to ``device``, keeping a tied int8 embedding on its head's table
+    (moving copies each buffer on its own)."""
+    emb = model.model.embed_tokens
+    shared = isinstance(emb, Int8Embedding) and bool(emb._head)
+    model.to(device)
+    if shared:
+        model.model.embed_tokens = Int8Embedding.shared_with(model.lm_head)
+    return model
+
+
 # -- saving and reloading ------------------------------------------------------------------
 QUANT_METHOD = "qwenlm"
 
