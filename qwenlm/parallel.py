@@ -345,11 +345,7 @@ def _split_mlp(mlp: nn.Module, rank: int, world: int, group: Any, *, reduce: boo
     for name in ("gate_proj", "up_proj", "down_proj"):
         _check_plain(getattr(mlp, name), name)
     size = mlp.gate_proj.out_features
-    if size % world:
-        raise DistributedError(
-            f"tensor parallelism over {world} ranks needs a divisor of the MLP size {size}"
-        )
-    a, b = rank * size // world, (rank + 1) * size // world
+    a, b = rank * size // world, (rank + 1) * size // world  # the sum needs no equal parts
     mlp.gate_proj = _rows(mlp.gate_proj, a, b)
     mlp.up_proj = _rows(mlp.up_proj, a, b)
     down = mlp.down_proj

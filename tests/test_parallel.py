@@ -38,8 +38,11 @@ CONFIGS = {
     "qwen2": tiny_config(),
     # o_proj with a bias (added once, after the sum), q/k norms; one KV head per rank
     "qwen3": tiny_config(model_type="qwen3", attention_bias=True),
-    # one KV head for two ranks: replicated; an odd vocabulary: the last slice is padded
-    "kv-replicated": tiny_config(num_key_value_heads=1, vocab_size=TINY_VOCAB - 3),
+    # one KV head for two ranks: replicated; an odd vocabulary: the last slice is padded; an
+    # odd MLP size: unequal slices
+    "kv-replicated": tiny_config(
+        num_key_value_heads=1, vocab_size=TINY_VOCAB - 3, intermediate_size=95
+    ),
     # dynamic NTK's factor travels with each step; LogN scaling
     "qwen1-style": tiny_config(use_dynamic_ntk=True, use_logn_attn=True, seq_length=24),
     "qwen2-moe": tiny_config(
@@ -48,7 +51,7 @@ CONFIGS = {
         num_experts=6,
         num_experts_per_tok=2,
         moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
+        shared_expert_intermediate_size=47,
         decoder_sparse_step=1,
         mlp_only_layers=(1,),
         tie_word_embeddings=True,
