@@ -1,10 +1,15 @@
-"""Tensor parallelism on two CPU processes (gloo) against one process.
+"""Tensor and data parallelism on two CPU processes (gloo) against one process.
 
 The logits of a full forward pass and of the engine (prefill, ragged decode batches, forks,
 trimmed drafts, a scheduler sampling n=2 choices with prompt-lookup speculation) equal the
 one-process numbers to 1e-5 on tiny Qwen2, Qwen3 (bias on o_proj), replicated-KV, Qwen1-style
 (dynamic NTK) and Qwen2-MoE configs. The only difference two ranks make is the order in which
 partial sums are added (an all-reduce per block half), a few float32 ulps per layer.
+
+Under torchrun: ``qwenlm eval`` (tensor- and data-parallel, resumed across process counts)
+writes the records of one process, ``qwenlm serve --tensor-parallel 2`` answers the openai
+client with one process's text, and ``qwenlm generate`` on the real 0.5B gives its greedy
+tokens.
 """
 
 from __future__ import annotations
@@ -308,3 +313,19 @@ def test_real_model_greedy_tokens_equal_one_process(real_model, real_model_path)
         timeout=900,
     )  # fmt: skip
     assert r.stdout == want + "\n"
+
+
+def test_commands_refuse_what_cannot_run_split(tiny_folder, monkeypatch, capsys):
+    from qwenlm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: one process would do it all twice
+    assert main(["generate", "hi", "-m", str(tiny_folder), "--quant", "none"]) == 1
+    err = capsys.readouterr().err
+    assert "torchrun started 2" in err and "add --tensor-parallel 2" in err
+    ppl = ROOT / "tests" / "data" / "eval" / "ppl.txt"
+    args = ["eval", str(tiny_folder), "--task", "perplexity", "--data", str(ppl)]
+    assert main([*args, "--tensor-parallel", "2"]) == 1
+    assert "perplexity scores with the model outside the engine" in capsys.readouterr().err
+    args = ["generate", "hi", "-m", str(tiny_folder), "--draft", str(tiny_folder)]
+    assert main([*args, "--tensor-parallel", "2"]) == 1
+    assert "--draft does not combine with --tensor-parallel" in capsys.readouterr().err
