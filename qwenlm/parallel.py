@@ -114,7 +114,7 @@ class Dist:
         sizes = [int(t.item()) for t in self.gather(torch.tensor([len(data)]))]
         buf = torch.zeros(max(sizes), dtype=torch.uint8)
         buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return [bytes(t[:n].tolist()) for t, n in zip(self.gather(buf), sizes, strict=True)]
+        return [t[:n].numpy().tobytes() for t, n in zip(self.gather(buf), sizes, strict=True)]
 
     @property
     def _comm_device(self) -> torch.device:
