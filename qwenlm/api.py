@@ -17,6 +17,7 @@ from qwenlm.chat.qwen1 import Qwen1ChatTemplate
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
 from qwenlm.errors import GenerationError
+from qwenlm.generation.embed import Embedder
 from qwenlm.generation.engine import Engine, SequenceState
 from qwenlm.generation.fastpath import accelerate
 from qwenlm.generation.generate import (
@@ -74,15 +75,19 @@ QUANT_CHOICES = ("auto", "none", *MODES)
 
 def resolve_quant(quant: str, device: torch.device) -> str:
     """``auto`` is int8 on CPU (the native kernels' fastest mode at float32 quality) and
-    ``none`` (plain PyTorch layers in ``dtype``) elsewhere. On other devices the quantized
-    formats keep their codes in device memory and dequantize each matrix per forward pass with
-    PyTorch ops (less memory, not more speed)."""
+    ``none`` (plain PyTorch layers in ``dtype``) elsewhere. On other devices ``int8``,
+    ``int4`` and ``f32`` keep their codes in device memory and dequantize each matrix per
+    forward pass with PyTorch ops (less memory, not more speed)."""
     if quant not in QUANT_CHOICES:
         raise QuantizationError(
             f"unknown quantization {quant!r}", hint=f"use one of {', '.join(QUANT_CHOICES)}"
         )
     if quant == "auto":
         return "int8" if device.type == "cpu" else "none"
+    if quant == "gguf" and device.type != "cpu":
+        raise QuantizationError(
+            "--quant gguf runs on the CPU only", hint="use int8, int4 or none on GPUs"
+        )
     return quant
 
 
@@ -103,8 +108,8 @@ def load(
     """Load a model by registry name, GGUF path or Hugging Face folder.
 
     ``quant`` picks the weight format: ``none`` (PyTorch layers in ``dtype``, the reference
-    path), ``f32``, ``int8`` or ``int4`` (native CPU kernels; see :mod:`qwenlm.quant`), or
-    ``auto``. ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
+    path), ``f32``, ``int8`` or ``int4`` (native CPU kernels; see :mod:`qwenlm.quant`), ``gguf``
+    (a GGUF file's own block formats, as stored, on the native kernels), or ``auto``. ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
     is a LoRA adapter folder (PEFT format, e.g. from ``qwenlm train``), folded into the weights
     before quantization. ``kv_cache="int8"`` keeps the attention cache in int8 (a quarter of
     the memory at long contexts). ``config_overrides`` replaces config values by their Hugging
@@ -126,10 +131,11 @@ def load(
     with open_checkpoint(path) as ckpt:
         if config_overrides:
             ckpt.config = ModelConfig.from_hf({**ckpt.config.to_hf(), **config_overrides})
-        if ckpt.quantization is not None and dist is not None:
+        if dist is not None and (ckpt.quantization is not None or mode == "gguf"):
             raise QuantizationError(
-                "tensor parallelism splits float checkpoints, not quantized ones",
-                hint="load the float model with --quant to quantize each rank's part",
+                "tensor parallelism splits float weights, not a quantized checkpoint or "
+                "--quant gguf's stored blocks",
+                hint="load the float model; --quant int8 / int4 quantize each rank's part",
             )
         if ckpt.quantization is not None:
             # Saved by `qwenlm quantize`: its own format wins over `quant`.
@@ -302,6 +308,21 @@ class Qwen:
             raise GenerationError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         return self.engine.prefill(self.engine.new_sequence(), prompt, all_logits=True)
 
+    # -- embeddings ------------------------------------------------------------------------
+    def embedder(self, inputs: Sequence[str | Sequence[int]]) -> Embedder:
+        """An :class:`~qwenlm.generation.embed.Embedder` for ``inputs`` (texts, encoded as plain
+        text, or token ids), to step one forward pass at a time (the server does)."""
+        return Embedder(self.engine, [self._ids(x) for x in inputs])
+
+    def embed(self, inputs: str | Sequence[str | Sequence[int]]) -> torch.Tensor:
+        """Unit-length embeddings, (len(inputs), hidden) float32 (one row for a single string):
+        the mean of the final hidden states over each input's tokens, inputs run together."""
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        embedder = self.embedder(items)
+        while not embedder.step():
+            pass
+        return embedder.result()
+
     # -- completion of raw text ------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         return (
@@ -373,10 +394,14 @@ class Qwen:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        **template_kwargs: Any,
     ) -> list[int]:
-        """Prompt ids for a conversation, rendered with the model's own chat template."""
+        """Prompt ids for a conversation, rendered with the model's own chat template.
+
+        ``template_kwargs`` reach the template as variables, e.g. ``enable_thinking=False``
+        for Qwen3's."""
         return self.template.encode(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
 
     def chat_chunks(

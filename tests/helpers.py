@@ -69,6 +69,9 @@ def tiny_config(**overrides: object) -> ModelConfig:
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
+        # the tiny vocabulary's own ids (a checkpoint naming ids outside its vocabulary is refused)
+        eos_token_id=tiny_specials()["<|im_end|>"],
+        bos_token_id=tiny_specials()["<|endoftext|>"],
     )
     values.update(overrides)
     return ModelConfig(**values)

@@ -313,7 +313,8 @@ def test_humaneval_programs_pass_or_fail(tmp_path, style, reply, passed):
     records = task.evaluate(ScriptedEngine(reply=lambda _: reply), task.load())
     assert records[0]["passed"] == [passed]
     if "while True" in reply:
-        assert records[0]["status"] == ["cpu_limit"]
+        # stopped by the CPU limit, or by the wall clock first when the machine is loaded
+        assert records[0]["status"][0] in ("cpu_limit", "timeout")
 
 
 @needs_sandbox

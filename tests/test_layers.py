@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "qwenlm"
 # Bottom to top: a subpackage may import its own layer's and lower layers' modules only.
 LAYERS = [
     {"errors"},
-    {"config", "tokenizer", "registry", "sandbox"},
+    {"config", "tokenizer", "registry", "sandbox", "strictjson"},
     {"kernels", "chat", "weights"},
     {"models"},
     {"quant", "lora", "parallel"},

@@ -91,6 +91,8 @@ def workload(engine: Engine) -> dict[str, torch.Tensor]:
     del b  # freed on the followers with the next step
     c = engine.new_sequence()
     out["second"] = engine.prefill(c, PROMPT[:17])
+    # hidden states instead of logits (embeddings): no output head on any rank
+    (out["hidden"],) = engine.forward([(c, [1, 2, 3])], all_logits=True, hidden=True)
     tokens = []
     sched = Scheduler(engine, None, max_num_seqs=4)
     config = GenerationConfig(max_new_tokens=12, temperature=0.9, top_k=0, top_p=1.0, seed=3)
@@ -155,7 +157,8 @@ def test_two_ranks_give_the_logits_of_one_process(two_ranks, name):
         if key == "sampled":
             assert torch.equal(got[key], value), key
         else:
-            assert value.shape[-1] == CONFIGS[name].vocab_size
+            c = CONFIGS[name]
+            assert value.shape[-1] == (c.hidden_size if key == "hidden" else c.vocab_size)
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 

@@ -218,7 +218,7 @@ def test_force_fetches_again(fake: FakeSource, cache: Path):
     assert len(fake.calls) == 2 * len(fake.parts)
 
 
-def test_corrupt_cached_file_same_size_detected_by_verify(
+def test_corrupt_cached_file_same_size_and_time_is_refetched_by_pull(
     fake: FakeSource, cache: Path, capsys: pytest.CaptureFixture
 ):
     path = registry.pull(FAKE, cache_dir=cache, progress=False)
@@ -226,18 +226,54 @@ def test_corrupt_cached_file_same_size_detected_by_verify(
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
     path.write_bytes(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # fool the quick check
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before
     fake.calls.clear()
-
-    # The quick check trusts size + mtime + manifest: that is what verify=True is for.
-    registry.pull(FAKE, cache_dir=cache, progress=False)
-    assert fake.calls == []
-
-    registry.pull(FAKE, cache_dir=cache, progress=False, verify=True)
+    registry.pull(FAKE, cache_dir=cache, progress=False)  # the sampled blocks differ
     err = capsys.readouterr().err
     assert "failed its checksum" in err and str(path) in err and "sha256" in err
     assert len(fake.calls) == len(fake.parts)
     assert path.read_bytes() == fake.data
+
+
+def test_changed_bytes_with_size_and_time_kept_are_refused_on_load(fake: FakeSource, cache: Path):
+    # Issue 14: such a file used to load with no check at all.
+    path = registry.pull(FAKE, cache_dir=cache, progress=False)
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.seek(5000)
+        f.write(bytes([path.read_bytes()[5000] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(PullError, match=r"changed on disk \(sampled checksum") as e:
+        registry.resolve(FAKE, cache_dir=cache)
+    assert "qwenlm pull --verify fake-model" in str(e.value)
+    registry.pull(FAKE, cache_dir=cache, progress=False, verify=True)  # the fix the hint names
+    assert registry.resolve(FAKE, cache_dir=cache) == path
+
+
+def test_a_new_time_or_inode_costs_one_full_hash(
+    fake: FakeSource, cache: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = registry.pull(FAKE, cache_dir=cache, progress=False)
+    hashed = []
+    full_hash = registry._sha256_file
+    monkeypatch.setattr(
+        registry, "_sha256_file", lambda p, **kw: hashed.append(p) or full_hash(p, **kw)
+    )
+    os.utime(path)  # same bytes, a new mtime
+    assert registry.resolve(FAKE, cache_dir=cache) == path and len(hashed) == 1
+    assert registry.resolve(FAKE, cache_dir=cache) == path and len(hashed) == 1  # renewed
+    shutil.copy2(path, path.with_suffix(".copy"))
+    os.replace(path.with_suffix(".copy"), path)  # a new inode, same mtime
+    assert registry.resolve(FAKE, cache_dir=cache) == path and len(hashed) == 2
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(PullError, match="changed on disk: sha256"):
+        registry.resolve(FAKE, cache_dir=cache, pull=True)  # refused, not silently replaced
+    with path.open("r+b") as f:
+        f.truncate(10)
+    with pytest.raises(PullError, match="size 10 bytes"):
+        registry.resolve(FAKE, cache_dir=cache)
 
 
 def test_modified_cached_file_detected_by_quick_check(

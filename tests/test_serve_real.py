@@ -238,6 +238,89 @@ def test_completions_endpoint(client):
     assert "return" in r.choices[0].text and r.choices[0].finish_reason in ("stop", "length")
 
 
+# -- Ollama's API and embeddings, through their clients ------------------------------------------
+def test_the_ollama_client_chats_generates_lists_shows_and_embeds(server, client):
+    ollama = pytest.importorskip("ollama")
+    api = ollama.Client(host=server, headers=auth(), timeout=300)
+    greedy = {"temperature": 0, "num_predict": 8}
+    hello = ask("Say hello.")
+    # Ollama's own name for the model, as its users write it
+    whole = api.chat(model="qwen2.5-coder:0.5b", messages=hello, options=greedy)
+    assert whole.done and whole.message.content and whole.eval_count <= 8
+    parts = list(api.chat(model=MODEL, messages=hello, options=greedy, stream=True))
+    assert "".join(p.message.content for p in parts) == whole.message.content
+    openai_reply = client.chat.completions.create(
+        model=MODEL, messages=hello, max_tokens=8, **GREEDY
+    )
+    assert openai_reply.choices[0].message.content == whole.message.content  # one engine
+    gen = api.generate(model=MODEL, prompt="Write a Python add function.", options=greedy)
+    streamed = api.generate(
+        model=MODEL, prompt="Write a Python add function.", options=greedy, stream=True
+    )
+    assert "".join(p.response for p in streamed) == gen.response and gen.response
+    # fill-in-the-middle through `suffix`, with Qwen2.5-Coder's FIM tokens
+    fim = api.generate(
+        model=MODEL,
+        prompt="def add(a, b):\n    ",
+        suffix="\n\nprint(add(1, 2))\n",
+        options={"temperature": 0, "num_predict": 16},
+    )
+    assert "a + b" in fim.response
+    assert [m.model for m in api.list().models] == [MODEL]
+    shown = api.show(MODEL)
+    assert shown.modelinfo["qwen2.context_length"] == 32768
+    assert {"completion", "tools", "insert"} <= set(shown.capabilities)
+    assert shown.details.parameter_size.endswith("M")
+    (running,) = api.ps().models
+    assert running.context_length == 32768
+    vectors = api.embed(model=MODEL, input=["hello", "world"]).embeddings
+    assert len(vectors) == 2 and len(vectors[0]) == 896
+
+
+PARAPHRASES = [
+    ("How do I reverse a list in Python?", "What is the way to reverse a Python list?"),
+    ("The cat is sleeping on the sofa.", "A cat naps on the couch."),
+    ("Open the file and read every line.", "Read all lines from the file after opening it."),
+    ("The weather is cold and rainy today.", "Today it is raining and chilly."),
+    ("She bought three apples at the market.", "At the market she purchased three apples."),
+    ("The server returned a 404 error.", "The server responded with a not-found error."),
+]
+UNRELATED = [
+    ("How do I reverse a list in Python?", "The cat is sleeping on the sofa."),
+    ("The weather is cold and rainy today.", "Open the file and read every line."),
+    ("She bought three apples at the market.", "The server returned a 404 error."),
+    ("A cat naps on the couch.", "What is the way to reverse a Python list?"),
+    ("Today it is raining and chilly.", "At the market she purchased three apples."),
+    (
+        "Read all lines from the file after opening it.",
+        "The server responded with a not-found error.",
+    ),
+]
+
+
+def test_embeddings_rank_paraphrases_above_unrelated_pairs(client):
+    texts = sorted({t for pair in PARAPHRASES + UNRELATED for t in pair})
+    got = client.embeddings.create(model=MODEL, input=texts)  # base64 on the wire
+    vec = {t: d.embedding for t, d in zip(texts, got.data, strict=True)}
+    assert got.usage.prompt_tokens > len(texts)
+    for v in vec.values():
+        assert abs(sum(x * x for x in v) - 1) < 1e-5 and len(v) == 896
+    again = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.embedding for d in again.data] == [vec[t] for t in texts]  # deterministic
+    alone = client.embeddings.create(model=MODEL, input=texts[3]).data[0].embedding
+    assert alone == vec[texts[3]]  # a batch gives each text what it gets alone
+
+    def cos(a: str, b: str) -> float:
+        return sum(x * y for x, y in zip(vec[a], vec[b], strict=True))
+
+    para = [cos(a, b) for a, b in PARAPHRASES]
+    other = [cos(a, b) for a, b in UNRELATED]
+    print("paraphrase cosines", [round(x, 3) for x in para])  # shown with -rA
+    print("unrelated cosines", [round(x, 3) for x in other])
+    assert sum(para) / len(para) > sum(other) / len(other) + 0.2
+    assert min(para) > max(other)
+
+
 def test_raw_sse_stream(server):
     body = {
         "model": MODEL,

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quant",
         nargs="+",
         default=["int8", "int4"],
-        choices=["none", "f32", "int8", "int4"],
+        choices=["none", "f32", "int8", "int4", "gguf"],
         help="weight formats to measure (default: int8 int4)",
     )
     p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128])
@@ -132,7 +132,7 @@ def build_profile_parser() -> argparse.ArgumentParser:
         "--quant",
         nargs="+",
         default=["f32", "int8", "int4"],
-        choices=["none", "f32", "int8", "int4"],
+        choices=["none", "f32", "int8", "int4", "gguf"],
     )
     p.add_argument(
         "--generate", type=int, nargs="+", default=[2048, 8192], help="generation lengths"

@@ -37,9 +37,10 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
     p.add_argument(
         "--quant",
         default="auto",
-        choices=["auto", "none", "f32", "int8", "int4"],
+        choices=["auto", "none", "f32", "int8", "int4", "gguf"],
         help="weight format: int8/int4/f32 run on native CPU kernels (on CUDA: dequantized per "
-        "forward pass); none is plain PyTorch in --dtype (auto: int8 on CPU, none elsewhere)",
+        "forward pass), gguf runs a GGUF file's own formats as stored; none is plain PyTorch in "
+        "--dtype (auto: int8 on CPU, none elsewhere)",
     )
     p.add_argument(
         "--group-size",

@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
-        "/v1/completions, /v1/models, /health, /metrics) with a web chat page at /.",
+        "/v1/completions, /v1/embeddings, /v1/models, /health, /metrics) and Ollama's API "
+        "(/api/chat, /api/generate, /api/embed, /api/tags, ...), with a web chat page at /.",
     )
     add_model_args(p, positional=True)
     add_parallel_args(p)
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         "<tool_call>), react (the Qwen ReAct prompt) or auto (native when the template "
         "supports tools)",
     )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=["auto", "think", "none", "deepseek_r1", "qwen3"],
+        default="auto",
+        help="split replies that open with <think> into reasoning_content and content: think "
+        "(on; deepseek_r1 and qwen3 are other names for it), none (off) or auto (on when the "
+        "chat template mentions <think>, as reasoning models' templates do)",
+    )
     g = p.add_argument_group("logging")
     g.add_argument("--no-access-log", action="store_true", help="do not log each request")
     g.add_argument(
@@ -146,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         prefill_chunk=args.prefill_chunk,
         max_model_len=args.max_model_len,
         tool_prompt=args.tool_prompt,
+        reasoning_parser=args.reasoning_parser,
         cors_origins=args.cors_origin,
+        cache_dir=args.cache_dir,
     )
     print(f"serving {config.model_names[0]} on http://{args.host}:{args.port}", file=sys.stderr)
     serve(

@@ -206,12 +206,14 @@ class Engine:
         segments: Seq[tuple[SequenceState, Seq[int]]],
         *,
         all_logits: bool | Seq[bool] = False,
+        hidden: bool = False,
     ) -> list[torch.Tensor]:
         """Feed each sequence its new tokens; return float32 logits per segment.
 
         Each result is (vocab,) for the segment's last token, or (tokens, vocab) where
-        ``all_logits`` (one flag, or one per segment) asks for every row. The tokens become
-        part of their sequences.
+        ``all_logits`` (one flag, or one per segment) asks for every row. ``hidden`` returns
+        the model's final (normed) hidden states, (hidden,) or (tokens, hidden), instead of
+        logits: what embeddings pool. The tokens become part of their sequences.
         """
         every = [all_logits] * len(segments) if isinstance(all_logits, bool) else all_logits
         if (
@@ -219,6 +221,7 @@ class Engine:
             and len(segments) == 1
             and len(segments[0][1]) == 1
             and not every[0]
+            and not hidden
         ):
             seq, (token,) = segments[0]
             seq.cache.reserve(len(seq) + 1)
@@ -258,8 +261,12 @@ class Engine:
             rows.extend(range(first, start + T))
         at = None if len(rows) == len(ids) else torch.tensor(rows, device=dev)
         with torch.inference_mode():
-            logits = self.model(x, views, positions=pos, ntk_alpha=alpha_t, logits_at=at)
-            logits = logits[0].float()
+            if hidden:
+                h = self.model.model(x, views, pos, ntk_alpha=alpha_t)[0]  # (N, hidden)
+                logits = (h if at is None else h[at]).float()
+            else:
+                logits = self.model(x, views, positions=pos, ntk_alpha=alpha_t, logits_at=at)
+                logits = logits[0].float()
         for seq, tokens in segments:
             seq.tokens.extend(int(t) for t in tokens)
             seq.cache.length = len(seq.tokens)

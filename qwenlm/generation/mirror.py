@@ -3,9 +3,9 @@
 Under tensor parallelism (:func:`qwenlm.parallel.tensor_parallel`) a forward pass is a
 collective operation: all ranks run it together, on the same segments. Rank 0 runs everything
 else alone (the scheduler, the server, the evaluator, the CLI) through a :class:`LeaderEngine`,
-which sends each forward pass's segments before running it: for each segment the sequence's
-id, the position it starts at, its tokens, whether every row's logits are wanted and dynamic
-NTK's factor. A :class:`FollowerEngine` on every other rank runs the same pass on caches of
+which sends each forward pass's segments before running it: whether it returns hidden states
+instead of logits, and for each segment the sequence's id, the position it starts at, its
+tokens, whether every row's logits are wanted and dynamic NTK's factor. A :class:`FollowerEngine` on every other rank runs the same pass on caches of
 its own, which hold the same sequences for its heads. What happens to sequences between passes
 travels with the next one: forks (a copy of a prefix) and sequences rank 0 let go of. Trims
 need no message: a segment starting at position p drops whatever the follower held past p.
@@ -83,13 +83,14 @@ class LeaderEngine(Engine):
         segments: Seq[tuple[SequenceState, Seq[int]]],
         *,
         all_logits: bool | Seq[bool] = False,
+        hidden: bool = False,
     ) -> list[torch.Tensor]:
         every = [all_logits] * len(segments) if isinstance(all_logits, bool) else all_logits
         if self.closed:
             raise GenerationError("the tensor-parallel engine is closed")
         if any(not tokens for _, tokens in segments):
             raise ValueError("a segment needs at least one token")
-        msg = [STEP]
+        msg = [STEP, int(hidden)]
         ops = [self._ops.popleft() for _ in range(len(self._ops))]
         msg.append(len(ops))
         for op in ops:
@@ -101,7 +102,7 @@ class LeaderEngine(Engine):
             msg += [self._id(seq), len(seq), len(tokens), flags, _float_bits(alpha or 0.0)]
             msg.extend(int(t) for t in tokens)
         self.channel.send(msg)
-        return super().forward(segments, all_logits=every)
+        return super().forward(segments, all_logits=every, hidden=hidden)
 
     def close(self) -> None:
         """Let the followers go (their :meth:`FollowerEngine.follow` returns)."""
@@ -126,6 +127,7 @@ class FollowerEngine(Engine):
             msg = iter(self.channel.receive())
             if next(msg) == STOP:
                 return
+            hidden = bool(next(msg))
             for _ in range(next(msg)):
                 op, a, b, n = next(msg), next(msg), next(msg), next(msg)
                 if op == FREE:
@@ -149,7 +151,7 @@ class FollowerEngine(Engine):
                 seq.ntk_alpha = _bits_float(alpha) if flags & 2 else None
                 segments.append((seq, [next(msg) for _ in range(count)]))
                 every.append(bool(flags & 1))
-            self.forward(segments, all_logits=every)
+            self.forward(segments, all_logits=every, hidden=hidden)
 
 
 def parallel_engine(model: nn.Module, *, kv_cache: str = "float") -> Engine:

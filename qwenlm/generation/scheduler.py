@@ -27,7 +27,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,6 +42,7 @@ from qwenlm.generation.stream import TextStream
 from qwenlm.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenlm.engine")
+T = TypeVar("T")
 
 
 class QueueFull(GenerationError):
@@ -299,6 +302,7 @@ class Scheduler:
         self._waiting: collections.deque[Request] = collections.deque()
         self._prefilling: list[Request] = []
         self._running: list[Request] = []
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -322,6 +326,19 @@ class Scheduler:
             self._cv.notify_all()
         return req
 
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the engine's thread between two steps (any thread may ask): other work
+        on the model, such as embeddings, takes its turn beside generation without racing it.
+        Its result, or its exception, arrives in the returned future; keep each call short
+        (one forward pass), since running streams wait for it."""
+        if self.error is not None:
+            raise EngineFailed("the engine stopped after an internal error")
+        future: Future[T] = Future()
+        with self._cv:
+            self._calls.append((fn, future))
+            self._cv.notify_all()
+        return future
+
     @property
     def running(self) -> int:
         """Requests being prefilled or decoded."""
@@ -338,7 +355,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not (self._waiting or self._prefilling or self._running)
+        return not (self._waiting or self._prefilling or self._running or self._calls)
 
     # -- driving ------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request]) -> None:
@@ -395,16 +412,35 @@ class Scheduler:
             requests = [*self._waiting, *self._prefilling, *self._running]
             self._waiting.clear()
             self._prefilling, self._running = [], []
+            calls = list(self._calls)
+            self._calls.clear()
         for req in requests:
             self._fail(req, why, "error")
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineFailed(why))
 
     # -- one round ----------------------------------------------------------------------------
     def step(self) -> None:
-        """Reap, admit, decode every running choice one step, prefill one piece."""
+        """Run queued calls, reap, admit, decode every running choice one step, prefill one
+        piece."""
+        self._run_calls()
         self._reap()
         self._admit()
         self._decode()
         self._prefill()
+
+    def _run_calls(self) -> None:
+        with self._cv:
+            calls = list(self._calls)
+            self._calls.clear()
+        for fn, future in calls:
+            if not future.set_running_or_notify_cancel():
+                continue  # the asker gave up
+            try:
+                future.set_result(fn())
+            except Exception as e:  # the caller's failure, not the engine's
+                future.set_exception(e)
 
     def _admit(self) -> None:
         with self._cv:

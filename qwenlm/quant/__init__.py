@@ -6,6 +6,8 @@ Modes (``MODES``):
 - ``int8``: int8 per output channel (symmetric); the embedding int8 per row.
 - ``int4``: 4-bit groups of 32, 64 or 128 with a float16 scale and minimum each; the output head
   int8 unless ``head="int4"``; the embedding int8 per row.
+- ``gguf``: a GGUF file's tensors in their own block formats (Q4_0 ... Q6_K), as stored
+  (:mod:`qwenlm.quant.gguf`); only for GGUF files.
 
 :func:`quantize` converts a float model in place. :func:`load_quantized` builds one straight
 from a checkpoint, converting each matrix in slices of rows, so no full float32 copy of the
@@ -24,6 +26,7 @@ from torch import nn
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError, QwenlmError
+from qwenlm.quant.gguf import FLOAT_TYPES, GROUP, KINDS, GGUFEmbedding, GGUFLinear, pack
 from qwenlm.quant.linear import (
     TILE_ROWS,
     DenseLinear,
@@ -33,7 +36,7 @@ from qwenlm.quant.linear import (
     untile_int8,
 )
 
-MODES = ("f32", "int8", "int4")
+MODES = ("f32", "int8", "int4", "gguf")
 GROUP_SIZES = (32, 64, 128)
 # Rows converted at a time: bounds the float32 temporaries (a few copies of a slice) to tens
 # of MB, which keeps the loading peak close to the quantized model's own size.
@@ -153,6 +156,11 @@ def quantize(
 ) -> nn.Module:
     """Swap every ``nn.Linear`` (and the embedding, for int modes) of a built model in place."""
     _check(mode, group_size)
+    if mode == "gguf":
+        raise QuantizationError(
+            "the gguf mode runs a GGUF file's own formats; it cannot convert a float model",
+            hint="use int8 or int4 (an adapter is merged before quantization)",
+        )
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             make = _linear_factory(mode, group_size, head, name)
@@ -201,6 +209,32 @@ def _chunked(
     return first
 
 
+def _gguf_linear(
+    ckpt: object, wname: str, rows: int, cols: int, bias: torch.Tensor | None
+) -> GGUFLinear:
+    """A GGUF matrix in its stored format, packed for the kernels a slice of rows at a time."""
+    qtype, first = ckpt.read_raw(wname, (0, 1))
+    if qtype in FLOAT_TYPES:
+        return GGUFLinear([(qtype, rows, ckpt.read(wname).float().contiguous())], cols, bias)
+    if qtype not in KINDS:
+        from gguf import GGMLQuantizationType
+
+        raise QuantizationError(
+            f"{wname} is stored as {GGMLQuantizationType(qtype).name}, which --quant gguf cannot run",
+            hint="use --quant int8 or int4, or a file in "
+            + ", ".join(t.name for t in KINDS)
+            + ", F16 or F32",
+        )
+    step = GROUP * max(1, (4 << 20) // (GROUP * first.numel()))  # ~4 MB of the file a slice
+    packed = None
+    for a in range(0, rows, step):
+        part = pack(qtype, ckpt.read_raw(wname, (a, min(rows, a + step)))[1])
+        if packed is None:
+            packed = part.new_empty(-(-rows // GROUP), *part.shape[1:])
+        packed[a // GROUP : a // GROUP + part.shape[0]] = part
+    return GGUFLinear([(qtype, rows, packed)], cols, bias)
+
+
 def _same_matrix(ckpt: object, a: str, b: str, shapes: dict) -> bool:
     """Whether two stored matrices are copies of one (a tied embedding and head that a GGUF
     file stores twice, at different precisions): sampled rows agree to within a 4-bit
@@ -237,11 +271,17 @@ def load_quantized(
         model = model_class(config)(config)
     done: set[str] = set()
     # A tied model's embedding and output head are one matrix: with an int8 head (int8 and
-    # int4 modes) the embedding reads the head's table instead of holding a second copy.
-    # Where a file stores both (GGUF keeps the head at higher precision), the head's wins.
+    # int4 modes) or a GGUF one, the embedding reads the head's table instead of holding a
+    # second copy. Where a file stores both (GGUF keeps the head at higher precision), the
+    # head's wins.
+    if mode == "gguf" and ckpt.format != "gguf":
+        raise QuantizationError(
+            "--quant gguf runs a GGUF file's own formats, and this checkpoint is not a GGUF file",
+            hint="use int8, int4 or f32",
+        )
     share = (
         mode != "f32"
-        and (head or ("int8" if mode == "int4" else mode)) == "int8"
+        and (mode == "gguf" or (head or ("int8" if mode == "int4" else mode)) == "int8")
         and (
             config.tie_word_embeddings
             or "lm_head.weight" not in shapes
@@ -274,11 +314,17 @@ def load_quantized(
             if module.bias is not None and bname not in shapes:
                 raise CheckpointError(f"checkpoint is missing tensor {bname}")
             bias = ckpt.read(bname) if module.bias is not None else None
-            make = _linear_factory(mode, group_size, head, name)
-            new = _chunked(read, rows, cols, lambda w, make=make: make(w, None))
-            if bias is not None:
-                new.bias = bias.float().contiguous()
+            if mode == "gguf":
+                new = _gguf_linear(ckpt, wname, rows, cols, bias)
+            else:
+                make = _linear_factory(mode, group_size, head, name)
+                new = _chunked(read, rows, cols, lambda w, make=make: make(w, None))
+                if bias is not None:
+                    new.bias = bias.float().contiguous()
             done.update({wname, bname})
+        elif mode == "gguf":
+            new = GGUFEmbedding(_gguf_linear(ckpt, wname, rows, cols, None))
+            done.add(wname)
         elif mode == "f32":
             new = nn.Embedding(rows, cols, _weight=ckpt.read(wname), _freeze=True)
             done.add(wname)
@@ -289,16 +335,26 @@ def load_quantized(
         release_freed_memory()
     if "lm_head.weight" not in shapes:
         # The output head shares the embedding's values; as a kernel layer it is its own copy.
-        make = _linear_factory(mode, group_size, head, "lm_head")
-        tied_head = _chunked(
-            lambda r: ckpt.read("model.embed_tokens.weight", r),
-            config.vocab_size,
-            config.hidden_size,
-            lambda w: make(w, None),
-        )
+        if mode == "gguf":
+            tied_head = _gguf_linear(
+                ckpt, "model.embed_tokens.weight", config.vocab_size, config.hidden_size, None
+            )
+        else:
+            make = _linear_factory(mode, group_size, head, "lm_head")
+            tied_head = _chunked(
+                lambda r: ckpt.read("model.embed_tokens.weight", r),
+                config.vocab_size,
+                config.hidden_size,
+                lambda w: make(w, None),
+            )
         _set(model, "lm_head", tied_head)
     if share:
-        _set(model, "model.embed_tokens", Int8Embedding.shared_with(model.lm_head))
+        emb = (
+            GGUFEmbedding(model.lm_head, shared=True)
+            if mode == "gguf"
+            else Int8Embedding.shared_with(model.lm_head)
+        )
+        _set(model, "model.embed_tokens", emb)
         done.add("model.embed_tokens.weight")
     for pname, param in list(model.named_parameters()):
         if pname in done:
@@ -419,6 +475,10 @@ def save_quantized(
     if not q:
         raise QuantizationError(
             "the model is not quantized", hint="quantize it first, or save it as a plain model"
+        )
+    if q["mode"] == "gguf":
+        raise QuantizationError(
+            "a gguf-mode model is the GGUF file itself", hint="keep the file, or save int8 or int4"
         )
     if q.get("mode") not in MODES:
         raise QuantizationError(

@@ -1,15 +1,17 @@
-"""The HTTP server: OpenAI's /v1 API, /health, /metrics and the web chat page, on Starlette.
+"""The HTTP server: OpenAI's /v1 API, Ollama's /api, /health, /metrics and the web chat page.
 
 Streaming and non-streaming replies come from one generator of per-choice deltas
-(:func:`_deltas`); the non-streaming reply collects it. The whole app sits inside
-:class:`~qwenlm.serve.http.Guard` (the API key on every route, errors in OpenAI's shape, no
-tracebacks).
+(:func:`~qwenlm.serve.replies.deltas`); the non-streaming reply collects it. Ollama's routes
+live in :mod:`~qwenlm.serve.ollama`, embeddings in :mod:`~qwenlm.serve.embeddings`. The whole
+app sits inside :class:`~qwenlm.serve.http.Guard` (the API key on every route, errors in
+OpenAI's shape or Ollama's, no tracebacks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import time
@@ -29,10 +31,12 @@ from qwenlm.generation.config import GenerationConfig
 from qwenlm.generation.engine import PREFILL_CHUNK, SMALL_SEGMENT
 from qwenlm.generation.sampling import TokenLogprob
 from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler
+from qwenlm.serve import embeddings, ollama, reasoning
 from qwenlm.serve import protocol as P
 from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
 from qwenlm.serve.http import SSE, Guard, Job, collect, error_response, read_json, sse_event
 from qwenlm.serve.protocol import APIError, SamplingParams
+from qwenlm.serve.replies import ChoiceParser, chat_logprobs, deltas, token_text
 
 if TYPE_CHECKING:
     from qwenlm.api import Qwen
@@ -58,7 +62,9 @@ class ServeConfig:
     prefill_chunk: int = PREFILL_CHUNK  # prompt pieces; other values change results slightly
     max_model_len: int | None = None  # default: the model's context length
     tool_prompt: str = "auto"  # auto | native | react
+    reasoning_parser: str = "auto"  # auto | think | none (deepseek_r1, qwen3: think)
     cors_origins: Sequence[str] = field(default_factory=tuple)
+    cache_dir: str | None = None  # where /api/pull puts models (default: the registry's)
 
 
 # -- the model-facing part ---------------------------------------------------------------------
@@ -86,6 +92,7 @@ class Service:
         self.tool_mode = config.tool_prompt
         if self.tool_mode == "auto":
             self.tool_mode = "native" if template_has_tools(model.template.source) else "react"
+        self.reasoning = reasoning.parser_enabled(config.reasoning_parser, model.template.source)
         self.created = int(time.time())
         self.http: dict[int, int] = {}  # status -> count, for /metrics (the Guard's)
 
@@ -142,6 +149,7 @@ class Service:
         *,
         events: asyncio.Queue[Output] | None = None,
         offset: int = 0,
+        logits_processors: Sequence[Callable] = (),
     ) -> Job:
         limit = self.budget(len(prompt), params, param)
         if n > self.config.max_num_seqs:
@@ -153,9 +161,12 @@ class Service:
             )
         events = events if events is not None else asyncio.Queue()
         loop = asyncio.get_running_loop()
+        config = self.generation_config(params, limit)
+        if logits_processors:
+            config = dataclasses.replace(config, logits_processors=tuple(logits_processors))
         request = engine.Request(
             prompt,
-            self.generation_config(params, limit),
+            config,
             lambda out: loop.call_soon_threadsafe(events.put_nowait, out),
             n=n,
             timeout=self.config.request_timeout,
@@ -172,31 +183,32 @@ class Service:
                 headers={"Retry-After": "1"},
             ) from None
         except EngineFailed:
-            raise APIError(
-                503,
-                "The engine stopped after an internal error; the server must be restarted.",
-                type="server_error",
-                code="engine_failed",
-            ) from None
+            raise P.engine_failed() from None
         except GenerationError as e:
             raise P.invalid(e.message, param=param) from None
         return Job(request, events)
 
     # -- chat prompts -------------------------------------------------------------------------
     def chat_prompt(
-        self, messages: list[dict[str, Any]], spec: P.ToolSpec | None, params: SamplingParams
+        self,
+        messages: list[dict[str, Any]],
+        spec: P.ToolSpec | None,
+        params: SamplingParams,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> tuple[list[int], str, str, SamplingParams]:
-        """(prompt ids, reply mode, forced reply prefix, params) for a chat request."""
+        """(prompt ids, reply mode, forced reply prefix, params) for a chat request;
+        ``template_kwargs`` are variables for the chat template (``enable_thinking``)."""
         m = self.model
+        kw = template_kwargs or {}
         try:
             if spec is None or spec.choice == "none":
-                return m.encode_chat(messages), "plain", "", params
+                return m.encode_chat(messages, **kw), "plain", "", params
             if self.tool_mode == "react":
                 head, pad = react_conversation(messages, spec)
-                ids = m.encode_chat(head) + m.tokenizer.encode(pad)
+                ids = m.encode_chat(head, **kw) + m.tokenizer.encode(pad)
                 params = SamplingParams(**{**params.__dict__, "stop": (*params.stop, REACT_STOP)})
                 return ids, "react", "", params
-            ids = m.encode_chat(messages, tools=spec.tools)
+            ids = m.encode_chat(messages, tools=spec.tools, **kw)
         except QwenlmError as e:
             raise P.invalid(e.message, param="messages") from None
         prefix = ""
@@ -211,42 +223,24 @@ class Service:
             )
         return ids, "native", prefix, params
 
-
-async def _deltas(
-    jobs: list[Job], events: asyncio.Queue[Output], parsers: list[ReplyParser]
-) -> AsyncIterator[tuple[int, str, list[TokenLogprob] | None, list[Any], Output]]:
-    """(choice, content, logprobs, tool calls, event) for every engine event of ``jobs``."""
-    left = sum(j.n for j in jobs)
-    while left:
-        out = await events.get()
-        if out.error is not None:
-            raise APIError(500, out.error, type="server_error", code="engine_error")
-        parser = parsers[out.index]
-        content = parser.feed(out.text)
-        calls: list[Any] = []
-        if out.finish_reason is not None:
-            left -= 1
-            rest, calls, reason = parser.finish(out.finish_reason)
-            content += rest
-            out.finish_reason = reason
-        yield out.index, content, out.logprobs, calls, out
-
-
-def _token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
-    b = tokenizer.id_to_bytes(token)
-    return b.decode("utf-8", errors="replace"), list(b)
-
-
-def _chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
-    out = []
-    for lp in lps:
-        text, raw = _token_text(tokenizer, lp.token)
-        top = []
-        for t, v in lp.top:
-            tt, tb = _token_text(tokenizer, t)
-            top.append({"token": tt, "logprob": v, "bytes": tb})
-        out.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
-    return out
+    def parsers(
+        self,
+        n: int,
+        prompt: list[int],
+        mode: str,
+        prefix: str = "",
+        tools: Sequence[dict[str, Any]] = (),
+    ) -> list[ChoiceParser]:
+        """One reply parser per choice; reasoning is split off when the reasoning parser is on
+        (``--reasoning-parser``)."""
+        opened = self.reasoning and reasoning.prompt_opens_thinking(self.model.tokenizer, prompt)
+        return [
+            ChoiceParser(
+                ReplyParser(mode, prefix, tools),
+                reasoning.ThinkSplitter(opened) if self.reasoning else None,
+            )
+            for _ in range(n)
+        ]
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -279,19 +273,22 @@ async def chat_completions(request: Request) -> Any:
     spec = P.tool_spec(body)
     params, n = P.sampling_params(body, svc.model.config.vocab_size, chat=True)
     stream, include_usage = P.stream_options(body)
+    template_kwargs = reasoning.template_kwargs(body.get("chat_template_kwargs"))
     _refuse_unsupported(body)
     svc.check_model(name)
-    prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params)
+    prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params, template_kwargs)
     events: asyncio.Queue[Output] = asyncio.Queue()
     job = svc.submit(prompt, params, n, "messages", events=events)
-    parsers = [ReplyParser(mode, prefix, spec.tools if spec else ()) for _ in range(n)]
+    parsers = svc.parsers(n, prompt, mode, prefix, spec.tools if spec else ())
     rid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
     tok = svc.model.tokenizer
     usage = {"prompt": len(prompt), "completion": 0}
 
     async def choices() -> AsyncIterator[dict[str, Any]]:
-        async for index, content, lps, calls, out in _deltas([job], events, parsers):
+        async for index, thought, content, lps, calls, out in deltas([job], events, parsers):
             delta: dict[str, Any] = {}
+            if thought:
+                delta["reasoning_content"] = thought
             if content:
                 delta["content"] = content
             if calls:
@@ -301,7 +298,7 @@ async def chat_completions(request: Request) -> Any:
             yield {
                 "index": index,
                 "delta": delta,
-                "logprobs": {"content": _chat_logprobs(tok, lps)} if lps else None,
+                "logprobs": {"content": chat_logprobs(tok, lps)} if lps else None,
                 "finish_reason": out.finish_reason,
             }
 
@@ -342,10 +339,12 @@ async def chat_completions(request: Request) -> Any:
         return SSE(chunks(), [job])
 
     merged = [
-        {"content": [], "logprobs": [], "tool_calls": [], "finish_reason": None} for _ in range(n)
+        {"reasoning": [], "content": [], "logprobs": [], "tool_calls": [], "finish_reason": None}
+        for _ in range(n)
     ]
     for ch in await collect(request, [job], choices()):
         m = merged[ch["index"]]
+        m["reasoning"].append(ch["delta"].get("reasoning_content", ""))
         m["content"].append(ch["delta"].get("content", ""))
         m["tool_calls"] += ch["delta"].get("tool_calls", [])
         if ch["logprobs"]:
@@ -355,6 +354,8 @@ async def chat_completions(request: Request) -> Any:
     for i, m in enumerate(merged):
         content = "".join(m["content"])
         message: dict[str, Any] = {"role": "assistant", "content": content}
+        if svc.reasoning:
+            message["reasoning_content"] = "".join(m["reasoning"]) or None
         if m["tool_calls"]:
             message["content"] = content or None
             message["tool_calls"] = [
@@ -411,7 +412,7 @@ async def completions(request: Request) -> Any:
         for job in jobs:
             job.cancel()
         raise
-    parsers = [ReplyParser("plain") for _ in range(len(ids) * n)]
+    parsers = [ChoiceParser(ReplyParser("plain")) for _ in range(len(ids) * n)]
     rid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
     usage = {"prompt": sum(len(p) for p in ids), "completion": 0}
     offsets = [0] * (len(ids) * n)
@@ -421,10 +422,10 @@ async def completions(request: Request) -> Any:
             return None
         tokens, values, tops, text_offset = [], [], [], []
         for lp in lps:
-            text, _ = _token_text(tok, lp.token)
+            text, _ = token_text(tok, lp.token)
             tokens.append(text)
             values.append(lp.logprob)
-            tops.append({_token_text(tok, t)[0]: v for t, v in lp.top} if lp.top else None)
+            tops.append({token_text(tok, t)[0]: v for t, v in lp.top} if lp.top else None)
             text_offset.append(offsets[index])
             offsets[index] += len(text)
         return {
@@ -435,7 +436,7 @@ async def completions(request: Request) -> Any:
         }
 
     async def choices() -> AsyncIterator[dict[str, Any]]:
-        async for index, content, lps, _, out in _deltas(jobs, events, parsers):
+        async for index, _, content, lps, _, out in deltas(jobs, events, parsers):
             if out.finish_reason is not None:
                 usage["completion"] += out.completion_tokens
             yield {
@@ -579,13 +580,13 @@ async def static(request: Request) -> Any:
 
 
 def _endpoint(fn: Callable) -> Callable:
-    """Every error of a handler becomes an OpenAI-shaped JSON response."""
+    """Every error of a handler becomes a JSON response (OpenAI's shape, Ollama's on /api/)."""
 
     async def wrapped(request: Request) -> Any:
         try:
             return await fn(request)
         except APIError as e:
-            return error_response(e)
+            return error_response(e, request.url.path)
 
     wrapped.__name__ = fn.__name__
     return wrapped
@@ -593,11 +594,12 @@ def _endpoint(fn: Callable) -> Callable:
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     code = getattr(exc, "status_code", 404)
+    path = request.url.path
     if code == 405:
-        return error_response(APIError(405, "Method not allowed.", code="method_not_allowed"))
-    return error_response(
-        APIError(404, f"Unknown route {request.url.path[:100]}.", code="not_found")
-    )
+        err = APIError(405, "Method not allowed.", code="method_not_allowed")
+    else:
+        err = APIError(404, f"Unknown route {path[:100]}.", code="not_found")
+    return error_response(err, path)
 
 
 def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
@@ -613,6 +615,8 @@ def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
         Route("/v1/models/{model:path}", _endpoint(get_model)),
         Route("/v1/chat/completions", _endpoint(chat_completions), methods=["POST"]),
         Route("/v1/completions", _endpoint(completions), methods=["POST"]),
+        Route("/v1/embeddings", _endpoint(embeddings.create), methods=["POST"]),
+        *ollama.routes(_endpoint),
     ]
 
     @contextlib.asynccontextmanager

@@ -56,6 +56,16 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def engine_failed() -> APIError:
+    """503: the engine's loop stopped on an internal error and serves nothing more."""
+    return APIError(
+        503,
+        "The engine stopped after an internal error; the server must be restarted.",
+        type="server_error",
+        code="engine_failed",
+    )
+
+
 # -- parsing the body --------------------------------------------------------------------------
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
@@ -479,11 +489,14 @@ def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
     )
 
 
-def completion_prompts(body: Mapping[str, Any], vocab_size: int) -> list[str | list[int]]:
-    """``prompt`` of /v1/completions: a string, strings, token ids, or lists of token ids."""
-    value = body.get("prompt")
+def completion_prompts(
+    body: Mapping[str, Any], vocab_size: int, name: str = "prompt"
+) -> list[str | list[int]]:
+    """``prompt`` of /v1/completions (``input`` of /v1/embeddings: ``name``): a string,
+    strings, token ids, or lists of token ids."""
+    value = body.get(name)
     if value is None:
-        raise invalid("Missing required parameter: 'prompt'.", param="prompt")
+        raise invalid(f"Missing required parameter: '{name}'.", param=name)
 
     def ids(xs: list[Any], param: str) -> list[int]:
         if any(isinstance(t, bool) or not isinstance(t, int) for t in xs):
@@ -497,11 +510,11 @@ def completion_prompts(body: Mapping[str, Any], vocab_size: int) -> list[str | l
     elif isinstance(value, list) and value and all(isinstance(x, str) for x in value):
         prompts = list(value)
     elif isinstance(value, list) and value and all(isinstance(x, list) for x in value):
-        prompts = [ids(x, f"prompt[{i}]") for i, x in enumerate(value)]
+        prompts = [ids(x, f"{name}[{i}]") for i, x in enumerate(value)]
     elif isinstance(value, list) and value:
-        prompts = [ids(value, "prompt")]
+        prompts = [ids(value, name)]
     else:
-        raise _type_error("prompt", "a string, an array of strings or of token ids", value)
+        raise _type_error(name, "a string, an array of strings or of token ids", value)
     if any(len(p) == 0 for p in prompts):
-        raise invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
+        raise invalid(f"Invalid '{name}': the {name} is empty.", param=name)
     return prompts

@@ -14,7 +14,15 @@ from torch import nn
 
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.lora import lora_disabled
-from qwenlm.train.data import DataError, PairRow, PreferencePair, collate, render_pairs, split_eval
+from qwenlm.train.data import (
+    DataError,
+    PairRow,
+    PreferencePair,
+    RenderStats,
+    collate,
+    render_pairs,
+    split_eval,
+)
 from qwenlm.train.losses import dpo_loss, sequence_logprobs
 from qwenlm.train.recipe import Recipe
 from qwenlm.train.sft import report
@@ -22,6 +30,7 @@ from qwenlm.train.sft import report
 
 class DPOTask:
     kind = "dpo"
+    render_stats: RenderStats | None = None  # what rendering kept, truncated and dropped
 
     def __init__(
         self,
@@ -96,10 +105,12 @@ def build_dpo(
             ["no pair keeps supervised tokens after truncation"],
             hint=f"raise data.max_seq_len (now {data.max_seq_len})",
         )
-    return DPOTask(
+    task = DPOTask(
         train_rows,
         eval_rows,
         pad_id,
         beta=recipe.dpo.beta,
         label_smoothing=recipe.dpo.label_smoothing,
     )
+    task.render_stats = stats
+    return task

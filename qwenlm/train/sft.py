@@ -29,6 +29,7 @@ class LMTask:
     """Cross-entropy of the target tokens of token rows (summed; the loop normalises)."""
 
     kind = "lm"
+    render_stats: RenderStats | None = None  # what rendering kept, truncated and dropped
 
     def __init__(self, train_rows: Sequence[Row], eval_rows: Sequence[Row], pad_id: int) -> None:
         self.train_rows = train_rows
@@ -83,7 +84,9 @@ def build_sft(
         train_rows = pack([train_rows[i] for i in order.tolist()], data.max_seq_len)
         eval_rows = pack(eval_rows, data.max_seq_len)
         say(f"packed into {len(train_rows)} rows of up to {data.max_seq_len} tokens")
-    return LMTask(train_rows, eval_rows, pad_id)
+    task = LMTask(train_rows, eval_rows, pad_id)
+    task.render_stats = stats
+    return task
 
 
 def report(stats: RenderStats, say: Callable[[str], Any]) -> None:

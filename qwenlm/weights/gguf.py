@@ -262,6 +262,35 @@ class GGUFFile:
         view = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return torch.from_numpy(view.copy())
 
+    def _row_span(self, info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int, tuple]:
+        """(file offset, bytes, shape) of rows ``start .. stop`` of a tensor viewed as a matrix
+        (see :meth:`load`; all of it if None)."""
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:
+            start, stop = rows
+            n_rows = matrix_rows(shape)
+            if not 0 <= start <= stop <= n_rows:
+                raise ValueError(f"rows {rows} out of range for {info.name} with {n_rows} rows")
+            block = quants.BLOCK_INFO[info.ggml_type][0]
+            if len(shape) == 1 and block != 1 and (start, stop) != (0, n_rows):
+                raise ValueError(f"{info.name} is a quantized vector: read it whole")
+            # Rows are whole blocks (the row length is a multiple), or single elements of an
+            # unquantized vector.
+            row_bytes = nbytes // n_rows if (start, stop) != (0, n_rows) else 0
+            if row_bytes:
+                offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+            shape = (stop - start,) if len(shape) == 1 else (stop - start, shape[-1])
+        return offset, nbytes, shape
+
+    def raw_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A matrix's stored bytes, rows ``start .. stop``, as a (rows, row bytes) uint8 copy."""
+        info = self.tensors[name]
+        offset, nbytes, shape = self._row_span(info, rows)
+        view = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
+        out = torch.from_numpy(view.copy()).view(shape[0], info.nbytes // matrix_rows(info.shape))
+        self._drop_pages(offset, nbytes)
+        return out
+
     def load(
         self, name: str, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None
     ) -> torch.Tensor:
@@ -274,21 +303,7 @@ class GGUFFile:
         k), or (stop - start,) for a 1-D tensor.
         """
         info = self.tensors[name]
-        shape, offset, nbytes = info.shape, info.offset, info.nbytes
-        if rows is not None:
-            start, stop = rows
-            n_rows = matrix_rows(shape)
-            if not 0 <= start <= stop <= n_rows:
-                raise ValueError(f"rows {rows} out of range for {name} with {n_rows} rows")
-            block = quants.BLOCK_INFO[info.ggml_type][0]
-            if len(shape) == 1 and block != 1 and (start, stop) != (0, n_rows):
-                raise ValueError(f"{name} is a quantized vector: read it whole")
-            # Rows are whole blocks (the row length is a multiple), or single elements of an
-            # unquantized vector.
-            row_bytes = nbytes // n_rows if (start, stop) != (0, n_rows) else 0
-            if row_bytes:
-                offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
-            shape = (stop - start,) if len(shape) == 1 else (stop - start, shape[-1])
+        offset, nbytes, shape = self._row_span(info, rows)
         view = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
         # The ACCESS_COPY mapping is writable, so torch can wrap it without a copy; dequantize
         # writes only into its own output.
