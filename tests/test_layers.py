@@ -19,7 +19,7 @@ LAYERS = [
     {"config", "tokenizer", "registry", "sandbox", "strictjson"},
     {"kernels", "chat", "weights"},
     {"models"},
-    {"quant", "lora"},
+    {"quant", "lora", "parallel"},
     {"generation"},
     {"api"},
     {"train", "agent"},

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from qwenlm.cli.common import add_model_args, load_model
+from qwenlm.cli.common import add_model_args, add_parallel_args, load_model
 from qwenlm.errors import QwenlmError
 
 API_KEY_ENV = "QWENLM_API_KEY"
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(/api/chat, /api/generate, /api/embed, /api/tags, ...), with a web chat page at /.",
     )
     add_model_args(p, positional=True)
+    add_parallel_args(p)
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -5,6 +5,12 @@ batch of samples into per-sample records (prompting the model through :class:`Ev
 ``task.summarize(records)`` gives the metrics. Records are appended to ``records.jsonl`` after
 every batch, so an interrupted run picks up where it stopped.
 
+Under torchrun the samples still to run are dealt out over the processes (``dist``): each runs
+its share a batch at a time, in step with the others; after each round every process has every
+new record, and rank 0 alone writes the files. A record depends on its sample only, so the
+result is the one process's, whatever the process count, and a run interrupted with one count
+resumes with another.
+
 :class:`EvalEngine` is the only thing tasks know about the model. ``complete`` sends a batch of
 requests through the engine's scheduler together (the same one the server runs), so they
 decode side by side; each completion equals what the request gives alone.
@@ -30,6 +36,7 @@ from qwenlm.generation.stream import GenerationChunk, collect
 
 if TYPE_CHECKING:
     from qwenlm.api import Qwen
+    from qwenlm.parallel import Dist
 
 
 class EvalError(QwenlmError):
@@ -201,15 +208,19 @@ def run_eval(
     progress: bool = True,
     engine: EvalEngine | None = None,
     settings: dict[str, Any] | None = None,
+    dist: Dist | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` (a :class:`qwenlm.Qwen`) on ``task``.
 
     With ``output`` (a folder), records go to ``records.jsonl`` as they are made and the
     summary to ``summary.json``; a later call with the same folder skips the samples already
     there (``restart=True`` starts over). ``limit`` evaluates the first N samples only.
+    ``dist`` (from :func:`qwenlm.parallel.setup`) shares the samples among the processes
+    torchrun started; every process calls ``run_eval`` alike and gets the whole result.
     """
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     samples = task.load()
     if limit is not None:
         samples = samples[:limit]
@@ -228,28 +239,20 @@ def run_eval(
     done: dict[Any, dict[str, Any]] = {}
     earlier_seconds = 0.0
     records_path = None
-    if output is not None:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        records_path, meta_path = out / "records.jsonl", out / "run.json"
-        if restart:
-            records_path.unlink(missing_ok=True)
-            meta_path.unlink(missing_ok=True)
-        if meta_path.exists():
-            old = json.loads(meta_path.read_text())
-            if {k: old.get(k) for k in meta} != meta:
-                raise EvalError(
-                    f"{out} holds a run with other settings ({old.get('task')} on {old.get('model')}, {old.get('config')})",
-                    hint="use another --output folder, or --restart to discard that run",
-                )
-            earlier_seconds = float(old.get("seconds", 0.0))
-        if records_path.exists():
-            for r in _read_records(records_path):
-                done[r["id"]] = r
-        meta_path.write_text(json.dumps({**meta, "seconds": earlier_seconds}, indent=1))
-    todo = [s for s in samples if s["id"] not in done]
+    try:
+        if output is not None and rank == 0:
+            records_path, earlier_seconds = _open_output(Path(output), meta, restart, done)
+    except BaseException:
+        if world > 1:
+            dist.broadcast_ints([-1])  # the other ranks wait for the work list: let them go
+        raise
+    todo = [i for i, s in enumerate(samples) if s["id"] not in done]
+    if world > 1:
+        todo = dist.broadcast_ints(todo if rank == 0 else None)
+        if todo == [-1]:
+            raise EvalError("rank 0 could not open the run; its error says why")
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(
@@ -259,11 +262,16 @@ def run_eval(
             unit="sample",
             dynamic_ncols=True,
         )
+    mine = todo[rank::world]
+    rounds = -(-len(todo[::world]) // batch_size)  # rank 0's share is the largest
     t0 = time.monotonic()
     try:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i : i + batch_size]
-            new = task.evaluate(engine, batch)
+        for i in range(rounds):
+            batch = [samples[j] for j in mine[i * batch_size : (i + 1) * batch_size]]
+            new = task.evaluate(engine, batch) if batch else []
+            if world > 1:
+                texts = dist.gather_bytes(json.dumps(new, ensure_ascii=False).encode())
+                new = [r for text in texts for r in json.loads(text)]
             for r in new:
                 done[r["id"]] = r
             if records_path is not None:
@@ -276,11 +284,15 @@ def run_eval(
                     )
                 )
             if bar is not None:
-                bar.update(len(batch))
+                bar.update(len(new))
     finally:
         if bar is not None:
             bar.close()
     records = [done[i] for i in ids if i in done]
+    generated = engine.generated_tokens
+    if world > 1:
+        (total,) = dist.sum([float(generated)])
+        generated = int(total)
     result = EvalResult(
         task.name,
         model_name,
@@ -290,6 +302,7 @@ def run_eval(
     )
     if output is not None:
         result.output = Path(output)
+    if output is not None and rank == 0:
         summary = {
             "task": task.name,
             "model": model_name,
@@ -298,12 +311,38 @@ def run_eval(
             "metrics": result.metrics,
             "samples": len(records),
             "seconds": round(result.seconds, 1),
-            "generated_tokens": engine.generated_tokens,
+            "generated_tokens": generated,
         }
         (Path(output) / "summary.json").write_text(
             json.dumps(summary, indent=1, ensure_ascii=False)
         )
     return result
+
+
+def _open_output(
+    out: Path, meta: dict[str, Any], restart: bool, done: dict[Any, dict[str, Any]]
+) -> tuple[Path, float]:
+    """Prepare the results folder: check a resumed run's settings, read its records into
+    ``done``; returns the records file and the seconds earlier runs took."""
+    earlier_seconds = 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    records_path, meta_path = out / "records.jsonl", out / "run.json"
+    if restart:
+        records_path.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise EvalError(
+                f"{out} holds a run with other settings ({old.get('task')} on {old.get('model')}, {old.get('config')})",
+                hint="use another --output folder, or --restart to discard that run",
+            )
+        earlier_seconds = float(old.get("seconds", 0.0))
+    if records_path.exists():
+        for r in _read_records(records_path):
+            done[r["id"]] = r
+    meta_path.write_text(json.dumps({**meta, "seconds": earlier_seconds}, indent=1))
+    return records_path, earlier_seconds
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -119,6 +119,9 @@ class Engine:
         self.kv_dtype = (
             torch.float32 if self.device.type == "cpu" else model.model.embed_tokens.weight.dtype
         )
+        # A tensor-parallel rank caches its own key/value heads only (qwenlm.parallel).
+        shard = getattr(model, "shard", None)
+        self.kv_heads = shard.kv_heads if shard is not None else self.config.num_key_value_heads
         self.dynamic_ntk = bool(model.model.rotary_emb.dynamic_ntk)
         self.ntk_seq_length = self.config.seq_length or self.config.max_position_embeddings
         # One-token steps of one sequence replay a recorded CUDA graph (float KV cache only).
@@ -132,7 +135,7 @@ class Engine:
         c = self.config
         cache = SequenceCache(
             c.num_hidden_layers,
-            c.num_key_value_heads,
+            self.kv_heads,
             c.head_dim,
             self.kv_dtype,
             self.device,

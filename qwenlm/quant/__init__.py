@@ -134,7 +134,9 @@ def _check(mode: str, group_size: int) -> None:
 def _linear_factory(
     mode: str, group_size: int, head: str | None, name: str
 ) -> Callable[..., KernelLinear]:
-    kind = (head or ("int8" if mode == "int4" else mode)) if name == "lm_head" else mode
+    # "lm_head.linear": a tensor-parallel head's slice of the vocabulary
+    is_head = name.split(".")[0] == "lm_head"
+    kind = (head or ("int8" if mode == "int4" else mode)) if is_head else mode
     if kind == "f32":
         return lambda w, b: DenseLinear(w, b)
     if kind == "int8":
@@ -367,6 +369,17 @@ def load_quantized(
         _set(model, pname, nn.Parameter(value.float(), requires_grad=False))
     model.quantization = {"mode": mode, "group_size": group_size, "head": head}
     return model.eval()
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a quantized model to ``device``, keeping a tied int8 embedding on its head's table
+    (moving copies each buffer on its own)."""
+    emb = model.model.embed_tokens
+    shared = isinstance(emb, Int8Embedding) and bool(emb._head)
+    model.to(device)
+    if shared:
+        model.model.embed_tokens = Int8Embedding.shared_with(model.lm_head)
+    return model
 
 
 # -- saving and reloading ------------------------------------------------------------------
