@@ -108,6 +108,39 @@ def tiny_model(
     return build_model(config, random_state_dict(config, seed, std).items(), dtype=dtype)
 
 
+# Float comparisons. Two float32 evaluations of one network (full forward vs cached decode, ours
+# vs transformers) sum in different orders, so they differ by rounding that grows with depth,
+# widths and logit size and depends on the CPU's kernels. A float64 run of the same weights is
+# exact by comparison (2^29 times finer), so the reference float32 path's own error against it
+# measures what float32 costs here; the path under test may be a few times that and no more.
+F32_EPS = torch.finfo(torch.float32).eps
+# Two independent float32 roundings of the same sums: their largest errors over thousands of
+# logits agree within about 2x; 4x leaves margin while a real bug (a wrong cache entry) moves
+# logits by 1e-4 to 1e-2, 10-1000x this tolerance on the tiny configs.
+FLOAT32_NOISE_FACTOR = 4.0
+
+
+def float32_tolerance(want: torch.Tensor, exact: torch.Tensor) -> float:
+    """How far a float32 result may be from ``exact`` (float64): a few times ``want``'s error.
+
+    ``want`` is the reference float32 evaluation. Its error is floored at one float32 ulp of the
+    largest value (in case it happens to be exact) and capped: float32 on these shallow nets
+    loses well under 2^10 ulps, so a larger error means the float64 run itself is wrong.
+    """
+    scale = exact.abs().max().item()
+    noise = (want.double() - exact).abs().max().item()
+    assert noise <= 2**10 * F32_EPS * scale, f"float32 error {noise:.3g} vs float64: a real bug"
+    return FLOAT32_NOISE_FACTOR * max(noise, F32_EPS * scale)
+
+
+def assert_float32_close(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor) -> None:
+    """Assert float32 ``got`` is about as close to float64 ``exact`` as float32 ``want`` is."""
+    assert got.shape == exact.shape, (got.shape, exact.shape)
+    tol = float32_tolerance(want, exact)
+    err = (got.double() - exact).abs().max().item()
+    assert err <= tol, f"max abs error {err:.3g} vs float64 exceeds {tol:.3g} (float32 noise)"
+
+
 def bytelevel(b: bytes) -> str:
     enc = {v: k for k, v in byte_decoder().items()}
     return "".join(enc[x] for x in b)
