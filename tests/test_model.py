@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
-from helpers import assert_float32_close, random_state_dict, tiny_config, tiny_model
+from helpers import assert_float32_close, float64_logits, random_state_dict, tiny_config, tiny_model
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError
@@ -195,7 +194,7 @@ def test_logits_match_transformers_qwen2(tie):
         expected = hf(x).logits
         # transformers in float64 is the exact answer; ours may be as far from it as
         # transformers' own float32 run is (times a small factor), see assert_float32_close.
-        exact = copy.deepcopy(hf).double()(x).logits
+        exact = float64_logits(hf, x)
         assert_float32_close(ours(x), expected, exact)
         # and through the cache, token by token
         assert_float32_close(prefill_then_decode(ours, x, 1), expected, exact)

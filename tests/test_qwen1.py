@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_float32_close, float64_logits, tiny_ranks
 from safetensors.torch import save_file
 
 import qwenlm
@@ -19,7 +20,6 @@ from qwenlm.models.rope import logn_scale, ntk_alpha, ntk_base
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
 from qwenlm.weights.qwen1 import qwen1_config
-from tests.helpers import tiny_ranks
 
 QWEN1 = {
     "architectures": ["QWenLMHeadModel"],
@@ -89,18 +89,24 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def qwen1_reference(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
-    """One forward pass written from Qwen1's modeling_qwen.py (no cache), in Qwen1's names."""
+def qwen1_reference(
+    sd: dict, cfg: dict, ids: list[int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """One forward pass written from Qwen1's modeling_qwen.py (no cache), in Qwen1's names.
+
+    ``dtype=torch.float64`` gives the exact answer that float32 results are measured against.
+    """
+    sd = {k: v.to(dtype) for k, v in sd.items()}
     T, H, D, L = len(ids), cfg["num_attention_heads"], cfg["kv_channels"], cfg["seq_length"]
     alpha = 1.0
     if cfg["use_dynamic_ntk"]:  # QWenModel.get_ntk_alpha
         alpha = max(2 ** math.ceil(math.log(T / L, 2) + 1) - 1, 1)
     base = cfg["rotary_emb_base"] * alpha ** (D / (D - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2).float() / D))
-    freqs = torch.outer(torch.arange(T).float(), inv_freq)
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=dtype) / D))
+    freqs = torch.outer(torch.arange(T, dtype=dtype), inv_freq)
     emb = torch.cat((freqs, freqs), -1)
     cos, sin = emb.cos(), emb.sin()
-    logn = torch.tensor([math.log(i, L) if i > L else 1 for i in range(1, T + 1)])
+    logn = torch.tensor([math.log(i, L) if i > L else 1 for i in range(1, T + 1)], dtype=dtype)
     eps = cfg["layer_norm_epsilon"]
     x = sd["transformer.wte.weight"][ids]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -141,7 +147,8 @@ def test_qwen1_folder_matches_qwen1_reference(tmp_path, T):
     sd = write_qwen1_folder(tmp_path)
     m = qwenlm.load(tmp_path, quant="none", device="cpu")
     x = torch.randint(0, 269, (T,), generator=torch.Generator().manual_seed(T)).tolist()
-    torch.testing.assert_close(m.logits(x), qwen1_reference(sd, QWEN1, x), rtol=1e-5, atol=1e-5)
+    want, exact = (qwen1_reference(sd, QWEN1, x, dtype) for dtype in (torch.float32, torch.float64))
+    assert_float32_close(m.logits(x), want, exact)
 
 
 def test_qwen1_equals_qwen2_form_with_as_many_kv_heads_as_heads(tmp_path):
@@ -179,15 +186,16 @@ def test_qwen1_equals_qwen2_form_with_as_many_kv_heads_as_heads(tmp_path):
     x = torch.randint(0, 269, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(x).logits[0]
-    torch.testing.assert_close(m.logits(x[0]), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(m.logits(x[0]), qwen1_reference(sd, cfg, x[0].tolist()))
+    exact = float64_logits(hf, x)[0]
+    assert_float32_close(m.logits(x[0]), expected, exact)
+    assert_float32_close(m.logits(x[0]), qwen1_reference(sd, cfg, x[0].tolist()), exact)
     # full forward equals prefill plus cached decode
     cache = make_cache(m.model)
     with torch.no_grad():
         steps = [m.model(x[:, :10], cache)] + [
             m.model(x[:, t : t + 1], cache) for t in range(10, 40)
         ]
-    torch.testing.assert_close(torch.cat(steps, 1)[0], expected, rtol=1e-5, atol=1e-5)
+    assert_float32_close(torch.cat(steps, 1)[0], expected, exact)
 
 
 def test_qwen1_loads_quantized_and_generates(tmp_path):
@@ -297,7 +305,7 @@ def test_dynamic_ntk_alpha_and_base_at_2x_4x_8x():
     assert [ntk_alpha(n, L) for n in (2 * L, 4 * L, 8 * L)] == [3, 7, 15]
     assert ntk_alpha(L + 1, L) == 3 and ntk_alpha(2 * L + 1, L) == 7
     # head_dim 128: base * alpha^(128/126)
-    # 3^(1 + 1/63) = 3 * e^(ln 3 / 63) = 3.05277...
+    # 3^(1 + 1/63) = 3 * e^(ln 3 / 63) = 3.05277...; rel=1e-6: the constants have 7 digits
     assert ntk_base(10000.0, 3, 128) == pytest.approx(30527.74, rel=1e-6)
     assert ntk_base(10000.0, 7, 128) == pytest.approx(72195.87, rel=1e-6)
     assert ntk_base(10000.0, 15, 128) == pytest.approx(156588.4, rel=1e-6)
@@ -308,6 +316,7 @@ def test_logn_scale_by_hand():
     pos = torch.tensor([0, L - 1, L, 2 * L - 1, 4 * L - 1, 8 * L - 1])
     # position p (0-based) gets log_L(p + 1) once p + 1 exceeds L: at 2x, 4x, 8x: 1 + log_L(k)
     want = [1.0, 1.0, math.log(L + 1) / math.log(L), 1 + 1 / 11, 1 + 2 / 11, 1 + 3 / 11]
+    # float32 values near 1 (ulp 1.2e-7): 1e-6 allows a few ulps of the log ratio's rounding
     torch.testing.assert_close(logn_scale(pos, L), torch.tensor(want), rtol=1e-6, atol=1e-6)
 
 
@@ -320,6 +329,7 @@ def test_rotary_uses_the_ntk_base_for_the_call_length():
         cos, _ = rope(torch.arange(n)[None])
         base = 10000.0 * alpha ** (16 / 14)
         inv = 1.0 / (base ** (torch.arange(0, 16, 2).float() / 16))
+        # the module evaluates this formula in float32 too: float32's default tolerance
         torch.testing.assert_close(cos[0, -1, :8], ((n - 1) * inv).cos())
     rope.train()  # Qwen1 trains without NTK
     cos, _ = rope(torch.arange(64)[None])
@@ -336,7 +346,7 @@ def test_qwen1_engine_and_chat_api(tmp_path):
     # the batched engine applies the same NTK base and LogN factors as the plain forward
     x = list(range(3, 43))  # 2.5x seq_length
     got = m.engine.forward([(m.new_sequence(), x)], all_logits=True)[0]
-    torch.testing.assert_close(got, m.logits(x), rtol=1e-5, atol=1e-5)
+    assert_float32_close(got, m.logits(x), float64_logits(m.model, torch.tensor([x]))[0])
     # chat() history pairs become Qwen1's make_context prompt
     prompt = m.encode_chat(
         [
@@ -359,11 +369,11 @@ def test_qwen1_trains_with_padding_masks(tmp_path):
     mask = torch.ones(2, 1, 40, 40, dtype=torch.bool).tril()
     h = m.model(x, None, torch.arange(40).expand(2, 40), mask)
     # training mode: plain RoPE (no NTK) and no LogN, even past seq_length
-    sd = {k: v for k, v in qwen1_state_dict(QWEN1).items()}
-    want = qwen1_reference(
-        sd, {**QWEN1, "use_dynamic_ntk": False, "use_logn_attn": False}, x[0].tolist()
+    sd, plain = qwen1_state_dict(QWEN1), {**QWEN1, "use_dynamic_ntk": False, "use_logn_attn": False}
+    want, exact = (
+        qwen1_reference(sd, plain, x[0].tolist(), dt) for dt in (torch.float32, torch.float64)
     )
-    torch.testing.assert_close(m.lm_head(h[0]), want, rtol=1e-5, atol=1e-5)
+    assert_float32_close(m.lm_head(h[0]), want, exact)
 
 
 def test_rotary_ntk_on_device_equals_the_formula_at_every_length():
@@ -374,6 +384,8 @@ def test_rotary_ntk_on_device_equals_the_formula_at_every_length():
         base = ntk_base(10000.0, ntk_alpha(n, 16), 16)
         inv = 1.0 / (base ** (torch.arange(0, 16, 2).float() / 16))
         cos, _ = rope(torch.arange(n)[None])
+        # The same float32 formula; a base one ulp off (computed on the device) moves the angle
+        # at position 1000 by up to ~2e-6, so that is the most cos may differ.
         torch.testing.assert_close(cos[0, -1, :8], ((n - 1) * inv).cos(), rtol=0, atol=2e-6)
 
 
