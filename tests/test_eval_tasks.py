@@ -113,6 +113,7 @@ def test_multiple_choice_base_mode_scores_letter_logits(name):
     records = task.evaluate(engine, samples)
     assert [r["score"] for r in records] == [0.0] + [1.0] * (len(samples) - 1)
     metrics = task.summarize(records)
+    # metrics are float64 ratios of counts: pytest.approx's default 1e-6 (here and below)
     assert metrics["accuracy"] == pytest.approx((len(samples) - 1) / len(samples))
     # k-shot: the dev example (with its answer) precedes the question
     shots = len(task._dev[samples[0]["question"].subject])

@@ -67,6 +67,9 @@ def test_logits_match_transformers(real_model, hf_model, prompts):
         ours = real_model.logits(ids)
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0].float()
+        # float32 through 24 layers and a 151,936-row head, summed in other orders than
+        # transformers: rounding, not a fixed atol; a wrong layer is off by O(1), and the
+        # argmax check below is the sharper one
         rel = ((ours - ref).abs().max() / ref.abs().max()).item()
         assert rel < 1e-3, rel
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))

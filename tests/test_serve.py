@@ -138,7 +138,8 @@ def test_chat_logprobs_are_of_the_chosen_tokens(client):
     entries = r.json()["choices"][0]["logprobs"]["content"]
     assert len(entries) == 8
     for e in entries:
-        # greedy without penalties: the chosen token is the likeliest
+        # greedy without penalties: the chosen token is the likeliest (the same float, give or
+        # take JSON's float round trip: approx's default 1e-6)
         assert e["logprob"] == pytest.approx(max(t["logprob"] for t in e["top_logprobs"]))
         assert len(e["top_logprobs"]) == 3 and isinstance(e["bytes"], list)
 

@@ -178,6 +178,7 @@ def test_logprobs(client):
     for e in entries:
         assert len(e.top_logprobs) == 3 and e.logprob <= 0
         assert e.top_logprobs[0].token == e.token  # greedy picks the likeliest
+        # the same float through JSON: approx's default 1e-6
         assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)
         assert bytes(e.bytes).decode() == e.token
 
