@@ -80,11 +80,6 @@ class ModelConfig:
         return self.head_dim_override or self.hidden_size // self.num_attention_heads
 
     @property
-    def num_kv_groups(self) -> int:
-        """Query heads that share one key/value head (grouped-query attention)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def is_moe(self) -> bool:
         return self.model_type == "qwen2_moe"
 

@@ -192,11 +192,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
-    for _, module in lora_layers(model):
-        module.enabled = enabled
-
-
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[None]:
     """Within the block the model computes as its base (DPO's reference model)."""

@@ -15,7 +15,6 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from qwenlm.agent.tools import Tool, ToolResult
 from qwenlm.sandbox import Limits, Sandbox, SandboxError, kill_group
@@ -259,9 +258,3 @@ class CodeInterpreter:
             code_interpreter,
             name_for_human="Code Interpreter",
         )
-
-
-def code_interpreter_tool(**kwargs: Any) -> tuple[Tool, CodeInterpreter]:
-    """A fresh interpreter and its tool; close the interpreter when done."""
-    interpreter = CodeInterpreter(**kwargs)
-    return interpreter.as_tool(), interpreter

@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -671,11 +671,6 @@ def global_batch_indices(n: int, step: int, size: int, seed: int) -> list[int]:
         out += order[offset : offset + take]
         offset += take
     return out
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def steps_for_epochs(n_rows: int, global_batch: int, epochs: float) -> int:

@@ -67,13 +67,6 @@ class TensorInfo:
     offset: int  # absolute offset of the data in the file
     nbytes: int
 
-    @property
-    def type_name(self) -> str:
-        try:
-            return GGMLQuantizationType(self.ggml_type).name
-        except ValueError:
-            return f"type{self.ggml_type}"
-
 
 def _supported_type_names() -> list[str]:
     return sorted(GGMLQuantizationType(t).name for t in quants.BLOCK_INFO)
