@@ -23,7 +23,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +394,6 @@ class RenderStats:
     truncated: int = 0
     tokens: int = 0
     targets: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def _render(template: ChatTemplate, messages: list[dict[str, Any]], tools: Any) -> Row:

@@ -245,10 +245,6 @@ class GGUFFile:
                 )
             self.tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
 
-    @property
-    def architecture(self) -> str | None:
-        return self.metadata.get("general.architecture")
-
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's stored bytes as a 1-D uint8 tensor (a copy)."""
         info = self.tensors[name]
