@@ -28,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qwenlm.errors import QwenlmError
+from qwenlm.models import swap_module
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -166,15 +167,11 @@ def apply_lora(
             hint=f"the model's linear layers are named {', '.join(linears)}",
         )
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(
-            parent,
-            attr,
-            LoRALinear.from_base(
-                getattr(parent, attr), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora
-            ),
+        base = model.get_submodule(name)
+        adapted = LoRALinear.from_base(
+            base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora
         )
+        swap_module(model, name, adapted)
     return names
 
 
@@ -187,8 +184,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and remove the ``LoRALinear`` wrappers; in place."""
     for name, module in list(lora_layers(model)):
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, module.fuse())
+        swap_module(model, name, module.fuse())
     return model
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError, QwenlmError
+from qwenlm.models import model_class, swap_module
 from qwenlm.quant.linear import (
     TILE_ROWS,
     DenseLinear,
@@ -141,11 +142,6 @@ def _linear_factory(
     raise QuantizationError(f"unknown head quantization {head!r}", hint="use f32, int8 or int4")
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def quantize(
     model: nn.Module, mode: str = "int8", *, group_size: int = 32, head: str | None = None
 ) -> nn.Module:
@@ -154,13 +150,13 @@ def quantize(
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             make = _linear_factory(mode, group_size, head, name)
-            _set(
+            swap_module(
                 model,
                 name,
                 make(module.weight.detach(), None if module.bias is None else module.bias.detach()),
             )
         elif isinstance(module, nn.Embedding) and mode != "f32":
-            _set(model, name, Int8Embedding.from_float(module.weight.detach()))
+            swap_module(model, name, Int8Embedding.from_float(module.weight.detach()))
     model.quantization = {"mode": mode, "group_size": group_size, "head": head}
     return model
 
@@ -226,8 +222,6 @@ def load_quantized(
     Linear weights and the embedding are read and converted a slice of rows at a time; norms
     and biases are read whole. Peak memory is the quantized model plus one slice.
     """
-    from qwenlm.models import model_class
-
     _check(mode, group_size)
     config: ModelConfig = ckpt.config
     shapes = ckpt.shapes()
@@ -283,7 +277,7 @@ def load_quantized(
         else:
             new = _chunked(read, rows, cols, Int8Embedding.from_float)
             done.add(wname)
-        _set(model, name, new)
+        swap_module(model, name, new)
         release_freed_memory()
     if "lm_head.weight" not in shapes:
         # The output head shares the embedding's values; as a kernel layer it is its own copy.
@@ -294,9 +288,9 @@ def load_quantized(
             config.hidden_size,
             lambda w: make(w, None),
         )
-        _set(model, "lm_head", tied_head)
+        swap_module(model, "lm_head", tied_head)
     if share:
-        _set(model, "model.embed_tokens", Int8Embedding.shared_with(model.lm_head))
+        swap_module(model, "model.embed_tokens", Int8Embedding.shared_with(model.lm_head))
         done.add("model.embed_tokens.weight")
     for pname, param in list(model.named_parameters()):
         if pname in done:
@@ -308,7 +302,7 @@ def load_quantized(
             raise CheckpointError(
                 f"checkpoint tensor {pname} has shape {list(value.shape)}, but the config implies {list(param.shape)}"
             )
-        _set(model, pname, nn.Parameter(value.float(), requires_grad=False))
+        swap_module(model, pname, nn.Parameter(value.float(), requires_grad=False))
     model.quantization = {"mode": mode, "group_size": group_size, "head": head}
     return model.eval()
 
@@ -337,8 +331,6 @@ def _saved_linear(ckpt: object, name: str, shapes: dict, group_size: int) -> Ker
 
 def load_saved(ckpt: object) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (its config.json's quantization_config)."""
-    from qwenlm.models import model_class
-
     q = ckpt.quantization
     if q.get("quant_method") != QUANT_METHOD or q.get("mode") not in MODES:
         raise CheckpointError(
@@ -351,16 +343,18 @@ def load_saved(ckpt: object) -> nn.Module:
         model = model_class(config)(config)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
-            _set(model, name, _saved_linear(ckpt, name, shapes, int(q.get("group_size", 32))))
+            swap_module(
+                model, name, _saved_linear(ckpt, name, shapes, int(q.get("group_size", 32)))
+            )
         elif isinstance(module, nn.Embedding):
             if f"{name}.qweight" in shapes:
-                _set(
+                swap_module(
                     model,
                     name,
                     Int8Embedding(ckpt.read(f"{name}.qweight"), ckpt.read(f"{name}.scale")),
                 )
             else:
-                _set(
+                swap_module(
                     model,
                     name,
                     nn.Embedding.from_pretrained(ckpt.read(f"{name}.weight"), freeze=True),
@@ -377,7 +371,7 @@ def load_saved(ckpt: object) -> nn.Module:
         if param.is_meta:
             if pname not in shapes:
                 raise CheckpointError(f"checkpoint is missing tensor {pname}")
-            _set(model, pname, nn.Parameter(ckpt.read(pname).float(), requires_grad=False))
+            swap_module(model, pname, nn.Parameter(ckpt.read(pname).float(), requires_grad=False))
     model.quantization = {
         "mode": q["mode"],
         "group_size": q.get("group_size", 32),
