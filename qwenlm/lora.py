@@ -28,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qwenlm.errors import QwenlmError
+from qwenlm.fsutil import atomic_write, write_json
 from qwenlm.models import swap_module
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -250,18 +251,6 @@ def adapter_config(
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_adapter(
     folder: str | os.PathLike[str],
     config: Mapping[str, Any],
@@ -280,11 +269,10 @@ def save_adapter(
         if ".lora_A." not in name and ".lora_B." not in name:
             raise AdapterError(f"{name} is not a LoRA weight")
         out[PEFT_PREFIX + name] = t.detach().to("cpu", torch.float32).contiguous()
-    _atomic_write(
+    atomic_write(
         folder / ADAPTER_WEIGHTS, lambda p: save_file(out, str(p), metadata={"format": "pt"})
     )
-    text = json.dumps(dict(config), indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(folder / ADAPTER_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
+    write_json(folder / ADAPTER_CONFIG, dict(config))
     return folder
 
 

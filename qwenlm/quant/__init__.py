@@ -24,6 +24,7 @@ from torch import nn
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError, QwenlmError
+from qwenlm.fsutil import write_json
 from qwenlm.models import model_class, swap_module
 from qwenlm.quant.linear import (
     TILE_ROWS,
@@ -388,7 +389,6 @@ def save_quantized(
     The model must not have fused projections (save before :func:`~qwenlm.api.load` prepares
     it for inference, as ``qwenlm quantize`` does).
     """
-    from qwenlm.train.checkpoint import write_json
     from qwenlm.train.export import write_hf_folder
 
     q = getattr(model, "quantization", None)

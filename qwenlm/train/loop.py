@@ -31,17 +31,16 @@ from qwenlm import registry
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
 from qwenlm.errors import QwenlmError
+from qwenlm.fsutil import atomic_write, write_json
 from qwenlm.lora import adapter_config, apply_lora, read_adapter_config, save_adapter
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.train import distributed
 from qwenlm.train.checkpoint import (
     Checkpoints,
-    atomic_write,
     flatten_optimizer_state,
     read_json,
     read_tensors,
     unflatten_optimizer_state,
-    write_json,
     write_tensors,
 )
 from qwenlm.train.data import global_batch_indices, load_records, steps_for_epochs
