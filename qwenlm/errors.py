@@ -2,6 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def json_type(value: Any) -> str:
+    """How a parsed JSON value's type reads in an error message: "an array", "null", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
 
 class QwenlmError(Exception):
     """Base class for every error qwenlm reports to a user.

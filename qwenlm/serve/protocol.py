@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenlm.errors import json_type
+
 MAX_STOP = 4
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -86,7 +88,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise invalid(message, code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid(
-            f"The request body must be a JSON object, but got {_json_type(body)}.",
+            f"The request body must be a JSON object, but got {json_type(body)}.",
             code="invalid_type",
         )
     _check_strings(body, "")
@@ -112,26 +114,10 @@ def _check_strings(value: Any, path: str) -> None:
             _check_strings(v, f"{path}[{i}]")
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 # -- field checks ------------------------------------------------------------------------------
 def _type_error(name: str, expected: str, value: Any) -> APIError:
     return invalid(
-        f"Invalid type for '{name}': expected {expected}, but got {_json_type(value)} instead.",
+        f"Invalid type for '{name}': expected {expected}, but got {json_type(value)} instead.",
         param=name,
         code="invalid_type",
     )

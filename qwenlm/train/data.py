@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from qwenlm.chat.template import ChatTemplate
-from qwenlm.errors import ChatTemplateError, QwenlmError
+from qwenlm.errors import ChatTemplateError, QwenlmError, json_type
 from qwenlm.tokenizer import Tokenizer
 
 MAX_SHOWN = 50  # problems listed in a DataError message
@@ -168,22 +168,10 @@ def _text(value: Any, what: str, *, allow_empty: bool = True) -> str:
             parts.append(part["text"])
         value = "".join(parts)
     if not isinstance(value, str):
-        raise _Invalid(f"{what} must be a string, got {_json_type(value)}")
+        raise _Invalid(f"{what} must be a string, got {json_type(value)}")
     if not allow_empty and not value.strip():
         raise _Invalid(f"{what} is empty")
     return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        dict: "an object",
-        list: "a list",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
 
 
 def _tool_calls(value: Any, what: str) -> list[dict[str, Any]]:
@@ -265,7 +253,7 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
 def parse_conversation(rec: Record, fmt: str) -> Conversation:
     value = rec.value
     if not isinstance(value, Mapping):
-        raise _Invalid(f"expected an object, got {_json_type(value)}")
+        raise _Invalid(f"expected an object, got {json_type(value)}")
     kind = record_kind(value) if fmt == "auto" else fmt
     if kind not in ("qwen", "openai"):
         raise _Invalid(
@@ -308,7 +296,7 @@ def _reply(value: Any, what: str) -> list[dict[str, Any]]:
 def parse_pair(rec: Record) -> PreferencePair:
     value = rec.value
     if not isinstance(value, Mapping):
-        raise _Invalid(f"expected an object, got {_json_type(value)}")
+        raise _Invalid(f"expected an object, got {json_type(value)}")
     for key in ("chosen", "rejected"):
         if key not in value:
             raise _Invalid(f"a preference pair needs {key!r}")
