@@ -14,6 +14,7 @@ from torch import nn
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.train.data import (
     Conversation,
+    DataError,
     RenderStats,
     Row,
     collate,
@@ -62,19 +63,9 @@ def build_sft(
 ) -> LMTask:
     """Render conversations into rows (packed when ``data.packing``) and hold out eval rows."""
     data = recipe.data
-    train_rows, stats = render_conversations(records, template, data.max_seq_len)
-    if eval_records:
-        eval_rows, _ = render_conversations(eval_records, template, data.max_seq_len)
-    else:
-        train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, recipe.train.seed)
-    report(stats, say)
-    if not train_rows:
-        from qwenlm.train.data import DataError
-
-        raise DataError(
-            ["no example keeps a supervised token after truncation"],
-            hint=f"raise data.max_seq_len (now {data.max_seq_len})",
-        )
+    train_rows, eval_rows = render_and_split(
+        render_conversations, records, eval_records, template, recipe, say, "example"
+    )
     if data.packing:
         # Packing order is fixed by the seed, so a resumed run packs the same rows.
         order = torch.randperm(
@@ -84,6 +75,35 @@ def build_sft(
         eval_rows = pack(eval_rows, data.max_seq_len)
         say(f"packed into {len(train_rows)} rows of up to {data.max_seq_len} tokens")
     return LMTask(train_rows, eval_rows, pad_id)
+
+
+def render_and_split(
+    render: Callable[[Any, ChatTemplate, int], tuple[list[Any], RenderStats]],
+    records: Sequence[Any],
+    eval_records: Sequence[Any],
+    template: ChatTemplate,
+    recipe: Recipe,
+    say: Callable[[str], Any],
+    what: str,
+) -> tuple[list[Any], list[Any]]:
+    """(train rows, eval rows): ``render`` both sets, or hold out ``data.eval_fraction``.
+
+    Reports what rendering kept, and refuses a training set that truncation emptied (``what``
+    names one record in that message: "example", "pair").
+    """
+    data = recipe.data
+    train_rows, stats = render(records, template, data.max_seq_len)
+    if eval_records:
+        eval_rows, _ = render(eval_records, template, data.max_seq_len)
+    else:
+        train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, recipe.train.seed)
+    report(stats, say)
+    if not train_rows:
+        raise DataError(
+            [f"no {what} keeps a supervised token after truncation"],
+            hint=f"raise data.max_seq_len (now {data.max_seq_len})",
+        )
+    return train_rows, eval_rows
 
 
 def report(stats: RenderStats, say: Callable[[str], Any]) -> None:
