@@ -29,6 +29,23 @@ class EvalError(QwenlmError):
     """A task's data is missing or malformed, or a run cannot be resumed as asked."""
 
 
+MODES = ("chat", "base")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a prompting mode tasks know (chat template or plain text)."""
+    if mode not in MODES:
+        raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
+    return mode
+
+
+def task_data(name: str, data: str | Path | None, what: str, hint: str) -> Path:
+    """Task ``name``'s data path, or one clear error naming ``what`` it needs and how to pass it."""
+    if data is None:
+        raise EvalError(f"{name} needs its {what}", hint=hint)
+    return Path(data)
+
+
 @dataclass(frozen=True)
 class Request:
     """One completion to make: prompt token ids and how to decode."""

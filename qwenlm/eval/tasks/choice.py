@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenlm.eval.run import EvalEngine, EvalError, Request
+from qwenlm.eval.run import EvalEngine, EvalError, Request, check_mode, task_data
 from qwenlm.eval.scoring import extract_choice
 
 LETTERS = "ABCD"
@@ -148,17 +148,11 @@ class MultipleChoice:
         shots: int | None = None,
         max_new_tokens: int = 64,
     ) -> None:
-        if data is None:
-            raise EvalError(
-                f"{self.name} needs its data folder",
-                hint=f"pass --data PATH (the {self.name} folder layout is in the README)",
-            )
-        if mode not in ("chat", "base"):
-            raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
-        self.root = Path(data)
+        hint = f"pass --data PATH (the {self.name} folder layout is in the README)"
+        self.root = task_data(self.name, data, "data folder", hint)
         if not self.root.is_dir():
             raise EvalError(f"{self.name} data folder not found: {self.root}")
-        self.mode = mode
+        self.mode = check_mode(mode)
         self.shots = self.default_shots if shots is None else shots
         self.max_new_tokens = max_new_tokens
         self._dev: dict[str, list[Question]] = {}

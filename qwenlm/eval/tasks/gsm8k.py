@@ -10,7 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qwenlm.eval.run import EvalEngine, EvalError, Request, read_jsonl, require
+from qwenlm.eval.run import (
+    EvalEngine,
+    EvalError,
+    Request,
+    check_mode,
+    read_jsonl,
+    require,
+    task_data,
+)
 from qwenlm.eval.scoring import extract_number, normalize_number
 
 # (question, chain of thought ending in "The answer is N.")
@@ -68,15 +76,10 @@ class GSM8K:
         shots: int | None = None,
         max_new_tokens: int = 384,
     ) -> None:
-        if data is None:
-            raise EvalError(
-                "gsm8k needs its data file",
-                hint="pass --data test.jsonl (lines with question and answer)",
-            )
-        if mode not in ("chat", "base"):
-            raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
-        self.data = Path(data)
-        self.mode = mode
+        self.data = task_data(
+            "gsm8k", data, "data file", "pass --data test.jsonl (lines with question and answer)"
+        )
+        self.mode = check_mode(mode)
         self.shots = 8 if shots is None else shots
         if not 0 <= self.shots <= len(EXEMPLARS):
             raise EvalError(f"gsm8k shots must be 0..{len(EXEMPLARS)}, got {self.shots}")
