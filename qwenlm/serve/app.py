@@ -211,6 +211,32 @@ def _chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> list[dict[str, An
     return out
 
 
+async def _sse_events(
+    choices: AsyncIterator[dict[str, Any]],
+    envelope: Callable[..., dict[str, Any]],
+    usage: dict[str, int] | None,
+    *,
+    opening: Sequence[dict[str, Any]] = (),
+    keep: Callable[[dict[str, Any]], bool] = lambda ch: True,
+) -> AsyncIterator[bytes]:
+    """A streamed completion's SSE body: ``opening`` and each kept choice chunk in its
+    ``envelope``, an error event if generation fails, the usage chunk when ``usage`` is given
+    (counted while streaming, so read at the end), then ``[DONE]``."""
+    extra = {"usage": None} if usage is not None else {}
+    for ch in opening:
+        yield sse_event(envelope([ch], **extra))
+    try:
+        async for ch in choices:
+            if keep(ch):
+                yield sse_event(envelope([ch], **extra))
+    except APIError as e:
+        yield sse_event(e.body())
+        return
+    if usage is not None:
+        yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
+    yield b"data: [DONE]\n\n"
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -279,29 +305,18 @@ async def chat_completions(request: Request) -> Any:
         return {**obj, **extra}
 
     if stream:
-
-        async def chunks() -> AsyncIterator[bytes]:
-            extra = {"usage": None} if include_usage else {}
-            first = {"role": "assistant", "content": ""}
-            for i in range(n):
-                yield sse_event(
-                    envelope(
-                        [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}],
-                        **extra,
-                    )
-                )
-            try:
-                async for ch in choices():
-                    if ch["delta"] or ch["logprobs"] or ch["finish_reason"]:
-                        yield sse_event(envelope([ch], **extra))
-            except APIError as e:
-                yield sse_event(e.body())
-                return
-            if include_usage:
-                yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
-            yield b"data: [DONE]\n\n"
-
-        return SSE(chunks(), [job])
+        first = {"role": "assistant", "content": ""}
+        opening = [
+            {"index": i, "delta": first, "logprobs": None, "finish_reason": None} for i in range(n)
+        ]
+        events_out = _sse_events(
+            choices(),
+            envelope,
+            usage if include_usage else None,
+            opening=opening,
+            keep=lambda ch: bool(ch["delta"] or ch["logprobs"] or ch["finish_reason"]),
+        )
+        return SSE(events_out, [job])
 
     merged = [
         {"content": [], "logprobs": [], "tool_calls": [], "finish_reason": None} for _ in range(n)
@@ -412,20 +427,7 @@ async def completions(request: Request) -> Any:
         return {**obj, "choices": chs, **extra}
 
     if stream:
-
-        async def chunks() -> AsyncIterator[bytes]:
-            extra = {"usage": None} if include_usage else {}
-            try:
-                async for ch in choices():
-                    yield sse_event(envelope([ch], **extra))
-            except APIError as e:
-                yield sse_event(e.body())
-                return
-            if include_usage:
-                yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
-            yield b"data: [DONE]\n\n"
-
-        return SSE(chunks(), jobs)
+        return SSE(_sse_events(choices(), envelope, usage if include_usage else None), jobs)
 
     merged: list[dict[str, Any]] = [
         {"index": i, "text": "", "logprobs": None, "finish_reason": None}
