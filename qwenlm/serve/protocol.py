@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenlm.chat.content import NonTextPart, join_text_parts
 from qwenlm.errors import json_type
 
 MAX_STOP = 4
@@ -330,19 +331,13 @@ def _content_text(content: Any, param: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
-        for i, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise invalid(
-                    f"Invalid '{param}[{i}]': only text content parts are supported.",
-                    param=f"{param}[{i}]",
-                )
-            parts.append(part["text"])
-        return "".join(parts)
+        try:
+            return join_text_parts(content)
+        except NonTextPart as e:
+            where = f"{param}[{e.index}]"
+            raise invalid(
+                f"Invalid '{where}': only text content parts are supported.", param=where
+            ) from None
     raise _type_error(param, "a string or an array of content parts", content)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qwenlm.chat.content import NonTextPart, join_text_parts
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.errors import ChatTemplateError, QwenlmError, json_type
 from qwenlm.tokenizer import Tokenizer
@@ -157,16 +158,11 @@ class _Invalid(Exception):
 
 def _text(value: Any, what: str, *, allow_empty: bool = True) -> str:
     if isinstance(value, list):  # OpenAI content parts
-        parts = []
-        for i, part in enumerate(value):
-            if (
-                not isinstance(part, Mapping)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise _Invalid(f"{what}[{i}] must be a {{'type': 'text', 'text': ...}} part")
-            parts.append(part["text"])
-        value = "".join(parts)
+        try:
+            value = join_text_parts(value)
+        except NonTextPart as e:
+            part = f"{what}[{e.index}]"
+            raise _Invalid(f"{part} must be a {{'type': 'text', 'text': ...}} part") from None
     if not isinstance(value, str):
         raise _Invalid(f"{what} must be a string, got {json_type(value)}")
     if not allow_empty and not value.strip():
