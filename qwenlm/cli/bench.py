@@ -7,6 +7,7 @@ import json
 import sys
 
 from qwenlm import registry
+from qwenlm.cli.common import add_group_size_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "f32", "int8", "int4"],
         help="weight formats to measure (default: int8 int4)",
     )
-    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128])
+    add_group_size_arg(p)
     p.add_argument(
         "--decode-tokens", type=int, default=128, help="tokens decoded per run (default 128)"
     )

@@ -18,9 +18,7 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
         )
     else:
         p.add_argument("-m", "--model", default=registry.DEFAULT_MODEL, help=what)
-    p.add_argument(
-        "--pull", action="store_true", help="pull a registry model first if it is not cached"
-    )
+    add_pull_arg(p)
     p.add_argument(
         "--cache-dir",
         help="model cache folder (default: $QWENLM_CACHE, $XDG_CACHE_HOME/qwenlm, ~/.cache/qwenlm)",
@@ -39,13 +37,7 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
         help="weight format: int8/int4/f32 run on native CPU kernels; none is plain PyTorch in "
         "--dtype (auto: int8 on CPU, none elsewhere)",
     )
-    p.add_argument(
-        "--group-size",
-        type=int,
-        default=32,
-        choices=[32, 64, 128],
-        help="int4 group size (default 32)",
-    )
+    add_group_size_arg(p)
     p.add_argument(
         "--kv-cache",
         default="float",
@@ -56,6 +48,22 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
         "--adapter",
         metavar="PATH",
         help="LoRA adapter folder (from qwenlm train, or PEFT) to apply to the model",
+    )
+
+
+def add_pull_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pull", action="store_true", help="pull a registry model first if it is not cached"
+    )
+
+
+def add_group_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=32,
+        choices=[32, 64, 128],
+        help="int4 group size (default 32)",
     )
 
 
