@@ -261,6 +261,22 @@ def write_tiny_gguf(
     return written
 
 
+def write_tiny_hf_folder(
+    folder: Path, config: ModelConfig | None = None, *, seed: int = 0, std: float = 0.2
+) -> dict[str, torch.Tensor]:
+    """A Hugging Face model folder of random weights (config.json, model.safetensors and the
+    tiny tokenizer), created if need be; returns the weights written."""
+    from safetensors.torch import save_file
+
+    config = config or tiny_config()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_hf()))
+    sd = random_state_dict(config, seed, std)
+    save_file(sd, str(folder / "model.safetensors"))
+    write_hf_tokenizer(folder)
+    return sd
+
+
 def write_hf_tokenizer(
     folder: Path, template: str | None = QWEN_TEMPLATE, normalizer: dict | None = None
 ) -> None:

@@ -9,9 +9,8 @@ import torch
 from helpers import (
     assert_float32_close,
     float64_logits,
-    random_state_dict,
     tiny_config,
-    write_hf_tokenizer,
+    write_tiny_hf_folder,
 )
 
 import qwenlm
@@ -34,14 +33,8 @@ TEXT = "hello world, hello wor ld in ing. " * 400
 
 @pytest.fixture
 def folder(tmp_path):
-    from safetensors.torch import save_file
-
-    cfg = tiny_config(max_position_embeddings=64)
     f = tmp_path / "m"
-    f.mkdir()
-    (f / "config.json").write_text(json.dumps(cfg.to_hf()))
-    save_file(random_state_dict(cfg, std=0.1), str(f / "model.safetensors"))
-    write_hf_tokenizer(f)
+    write_tiny_hf_folder(f, tiny_config(max_position_embeddings=64), std=0.1)
     (tmp_path / "text.txt").write_text(TEXT)
     return f
 

@@ -15,7 +15,7 @@ from helpers import (
     float64_logits,
     random_state_dict,
     tiny_config,
-    write_hf_tokenizer,
+    write_tiny_hf_folder,
 )
 
 import qwenlm
@@ -212,13 +212,7 @@ def test_dual_chunk_model_cache_and_engine(tmp_path):
     with torch.no_grad():
         assert_float32_close(cached(model, x, 50), model(x), float64_logits(model, x))
     # through qwenlm.load: the engine runs it inside one chunk and past it, prefill and decode
-    import json
-
-    from safetensors.torch import save_file
-
-    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
-    write_hf_tokenizer(tmp_path)
-    save_file(dict(random_state_dict(config)), str(tmp_path / "model.safetensors"))
+    write_tiny_hf_folder(tmp_path, config)
     m = qwenlm.load(tmp_path, quant="none", device="cpu")
     seq = m.new_sequence()
     short = x[0, :20].tolist()
@@ -242,16 +236,10 @@ def engine_matches_full_forward(m, tokens: list[int], split: int) -> None:
 
 
 def test_window_attention_in_the_engine(tmp_path):
-    import json
-
-    from safetensors.torch import save_file
-
     config = tiny_config(
         num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1
     )
-    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
-    write_hf_tokenizer(tmp_path)
-    save_file(dict(random_state_dict(config)), str(tmp_path / "model.safetensors"))
+    write_tiny_hf_folder(tmp_path, config)
     m = qwenlm.load(tmp_path, quant="none", device="cpu")
     engine_matches_full_forward(m, ids(40, seed=4)[0].tolist(), split=20)
 
@@ -264,14 +252,8 @@ def test_bad_dual_chunk_config_is_one_clear_error():
 
 
 def test_long_context_switches_when_loading(tmp_path):
-    import json
-
-    from safetensors.torch import save_file
-
     config = tiny_config()
-    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
-    write_hf_tokenizer(tmp_path)
-    save_file(dict(random_state_dict(config)), str(tmp_path / "model.safetensors"))
+    write_tiny_hf_folder(tmp_path, config)
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     m = qwenlm.load(tmp_path, quant="none", config_overrides={"rope_scaling": yarn})
     assert m.config.rope_scaling == yarn

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_float32_close, tiny_config, tiny_model, tiny_template, tiny_tokenizer
+from helpers import (
+    assert_float32_close,
+    tiny_model,
+    tiny_template,
+    tiny_tokenizer,
+    write_tiny_hf_folder,
+)
 
 from qwenlm.errors import ChatTemplateError
 from qwenlm.train import load_recipe, train
@@ -207,21 +213,10 @@ def test_preference_pairs_are_checked(tmp_path):
     ]
 
 
-def tiny_hf_folder(folder: Path) -> Path:
-    from helpers import random_state_dict, write_hf_tokenizer
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config()
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
-    save_file(random_state_dict(cfg), str(folder / "model.safetensors"))
-    write_hf_tokenizer(folder)
-    return folder
-
-
 def test_malformed_data_stops_the_run_before_anything_trains(tmp_path):
     files = write_bad_data(tmp_path)
-    model = tiny_hf_folder(tmp_path / "model")
+    model = tmp_path / "model"
+    write_tiny_hf_folder(model)
     out = tmp_path / "run"
     recipe = recipe_from_dict(
         {

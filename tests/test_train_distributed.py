@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import random_state_dict, tiny_config, write_hf_tokenizer
+from helpers import write_tiny_hf_folder
 from safetensors.torch import load_file
 
 from qwenlm.train import train
@@ -24,13 +24,7 @@ STEPS = 8
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     model = tmp / "model"
-    model.mkdir()
-    cfg = tiny_config()
-    (model / "config.json").write_text(json.dumps(cfg.to_hf()))
-    from safetensors.torch import save_file
-
-    save_file(random_state_dict(cfg), str(model / "model.safetensors"))
-    write_hf_tokenizer(model)
+    write_tiny_hf_folder(model)
     rows = [
         {
             "conversations": [

@@ -16,9 +16,7 @@ import torch
 from helpers import (
     assert_float32_close,
     float64_logits,
-    random_state_dict,
-    tiny_config,
-    write_hf_tokenizer,
+    write_tiny_hf_folder,
 )
 
 from qwenlm.train import train
@@ -28,17 +26,6 @@ from qwenlm.train.recipe import recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 QWENLM = [sys.executable, "-m", "qwenlm"]
-
-
-def tiny_hf_folder(folder: Path) -> Path:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config()
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
-    save_file(random_state_dict(cfg), str(folder / "model.safetensors"))
-    write_hf_tokenizer(folder)
-    return folder
 
 
 def sft_data(path: Path, n: int = 24) -> Path:
@@ -57,11 +44,11 @@ def sft_data(path: Path, n: int = 24) -> Path:
 
 
 def recipe(tmp: Path, out: str = "run", **sections):
+    if not (tmp / "model").exists():
+        write_tiny_hf_folder(tmp / "model")
     base = {
         "out": str(tmp / out),
-        "model": str(tiny_hf_folder(tmp / "model"))
-        if not (tmp / "model").exists()
-        else str(tmp / "model"),
+        "model": str(tmp / "model"),
         "task": "sft",
         "method": "lora",
         "data": {"train": [str(sft_data(tmp / "sft.jsonl"))], "max_seq_len": 96},

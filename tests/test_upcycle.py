@@ -7,7 +7,12 @@ import math
 
 import pytest
 import torch
-from helpers import assert_float32_close, random_state_dict, tiny_config, write_hf_tokenizer
+from helpers import (
+    assert_float32_close,
+    random_state_dict,
+    tiny_config,
+    write_tiny_hf_folder,
+)
 
 import qwenlm
 from qwenlm.cli import main as cli_main
@@ -15,18 +20,6 @@ from qwenlm.errors import CheckpointError
 from qwenlm.models import build_model
 from qwenlm.models.qwen2_moe import SparseMoeBlock
 from qwenlm.models.upcycle import UpcycleSpec, ffn_copies, upcycle_ffn, upcycle_tensors
-
-
-def dense_folder(folder):
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config()  # FFN width 96
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
-    sd = random_state_dict(cfg, std=0.1)
-    save_file(sd, str(folder / "model.safetensors"))
-    write_hf_tokenizer(folder)
-    return cfg, sd
 
 
 def moe_of(spec: UpcycleSpec, config=None, sd=None):
@@ -115,7 +108,7 @@ def test_half_of_each_expert_is_reinitialised():
 
 
 def test_upcycle_cli_model_loads_generates_and_trains(tmp_path):
-    dense_folder(tmp_path / "dense")
+    write_tiny_hf_folder(tmp_path / "dense", std=0.1)  # FFN width 96
     rc = cli_main(
         ["upcycle", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"),
          "--experts", "8", "--top-k", "2", "--expert-size", "24", "--sparse-step", "1", "--seed", "1"]
