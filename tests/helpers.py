@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwenlm.api import Qwen
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
+from qwenlm.eval.run import Completion, EvalEngine
 from qwenlm.models import build_model
 from qwenlm.tokenizer import Tokenizer, byte_decoder
 
@@ -44,6 +46,11 @@ def tiny_ranks() -> dict[bytes, int]:
 def tiny_specials() -> dict[str, int]:
     first = 256 + len(MERGES)
     return {t: first + i for i, t in enumerate(SPECIALS)}
+
+
+def random_ids(n: int, seed: int = 0, vocab: int = 300) -> torch.Tensor:
+    """(1, n) random token ids below ``vocab`` (300: ordinary tokens of the tiny vocabulary)."""
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_tokenizer() -> Tokenizer:
@@ -293,3 +300,30 @@ def write_hf_tokenizer(
     if template:
         cfg["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def tiny_qwen(config: ModelConfig | None = None) -> Qwen:
+    """The tiny random model, vocabulary and chat template behind the ``Qwen`` API."""
+    return Qwen(tiny_model(config), tiny_tokenizer(), tiny_template(), name="tiny")
+
+
+class ScriptedEngine(EvalEngine):
+    """The real EvalEngine's prompt building, with replies (or letter scores) from a function."""
+
+    def __init__(self, reply=None, scores=None) -> None:
+        super().__init__(tiny_qwen())
+        self.reply, self.scores = reply, scores
+        self.prompts: list[str] = []
+
+    def complete(self, requests):
+        out = []
+        for r in requests:
+            text = self.tokenizer.decode(list(r.prompt))
+            self.prompts.append(text)
+            out.append(Completion(self.reply(text), "stop", len(r.prompt), 1))
+        return out
+
+    def next_token_logprobs(self, prompts, candidates):
+        texts = [self.tokenizer.decode(list(p)) for p in prompts]
+        self.prompts += texts
+        return [self.scores(t) for t in texts]

@@ -1,7 +1,7 @@
 """Readers and scorers of every benchmark, on small sample files in each standard format.
 
 Scoring is checked with scripted replies (the model's part is replaced by known answers, so
-each reader, prompt, answer extraction and metric is checked exactly); test_eval_harness.py
+each reader, prompt, answer extraction and metric is checked exactly); test_eval_run.py
 runs the same tasks through a real (tiny) model.
 """
 
@@ -11,45 +11,18 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import ScriptedEngine
 
-from qwenlm.api import Qwen
-from qwenlm.eval.run import Completion, EvalEngine, EvalError
+from qwenlm.eval.run import EvalError
 from qwenlm.eval.tasks import make_task
 from qwenlm.eval.tasks.bbh import normalize_answer
 from qwenlm.eval.tasks.humaneval import HumanEval
 from qwenlm.sandbox import _namespaces_work
-from tests.helpers import tiny_model, tiny_template, tiny_tokenizer
 
 DATA = Path(__file__).parent / "data" / "eval"
 needs_sandbox = pytest.mark.skipif(
     not _namespaces_work(), reason="unprivileged user namespaces unavailable"
 )
-
-
-def tiny_qwen() -> Qwen:
-    return Qwen(tiny_model(), tiny_tokenizer(), tiny_template(), name="tiny")
-
-
-class ScriptedEngine(EvalEngine):
-    """The real EvalEngine's prompt building, with replies (or letter scores) from a function."""
-
-    def __init__(self, reply=None, scores=None) -> None:
-        super().__init__(tiny_qwen())
-        self.reply, self.scores = reply, scores
-        self.prompts: list[str] = []
-
-    def complete(self, requests):
-        out = []
-        for r in requests:
-            text = self.tokenizer.decode(list(r.prompt))
-            self.prompts.append(text)
-            out.append(Completion(self.reply(text), "stop", len(r.prompt), 1))
-        return out
-
-    def next_token_logprobs(self, prompts, candidates):
-        texts = [self.tokenizer.decode(list(p)) for p in prompts]
-        self.prompts += texts
-        return [self.scores(t) for t in texts]
 
 
 # -- multiple choice --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from helpers import (
     F32_EPS,
     assert_float32_close,
     float64_logits,
+    random_ids,
     random_state_dict,
     tiny_config,
     tiny_model,
@@ -39,10 +40,6 @@ from qwenlm.quant.nf4 import NF4_CODE, NF4Linear, dequantize_nf4, quantize_model
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
-def ids_of(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 300, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
 def randomize_lora(model: nn.Module, seed: int = 0) -> None:
     # B starts at zero, which would make any parity check trivially true.
     g = torch.Generator().manual_seed(seed)
@@ -64,7 +61,7 @@ def test_new_adapter_leaves_the_model_unchanged_and_only_lora_trains():
     model = tiny_model()
     names = apply_lora(model, target_modules=TARGETS, r=4, alpha=8)
     assert len(names) == 3 * 2  # two layers
-    x = ids_of(20)
+    x = random_ids(20)
     with torch.no_grad():
         # B starts at zero: the adapter adds exact zeros
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
@@ -77,7 +74,7 @@ def test_new_adapter_leaves_the_model_unchanged_and_only_lora_trains():
 def test_merge_equals_adapter_and_disable_equals_base():
     base = tiny_model()
     model, _ = adapted()
-    x = ids_of(24, seed=3)
+    x = random_ids(24, seed=3)
     with torch.no_grad():
         with_adapter = model(x)
         exact = float64_logits(model, x)
@@ -109,7 +106,7 @@ def test_save_and_load_round_trip_in_peft_layout(tmp_path):
     assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
     fresh = tiny_model()
     load_adapter(fresh, tmp_path)
-    x = ids_of(16)
+    x = random_ids(16)
     with torch.no_grad():
         # the same float32 weights through the same code
         torch.testing.assert_close(fresh.eval()(x), model(x), rtol=0, atol=0)
@@ -147,7 +144,7 @@ def test_peft_loads_our_adapter_and_computes_the_same_logits(tmp_path):
     save_adapter(tmp_path, adapter_config(ours), lora_state_dict(ours))
 
     peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
-    x = ids_of(32, seed=2)
+    x = random_ids(32, seed=2)
     with torch.no_grad():
         expected, exact = peft_model(x).logits, float64_logits(peft_model, x)
         got = ours(x)
@@ -218,7 +215,7 @@ def test_lora_over_nf4_trains_and_fuses():
     apply_lora(model, target_modules=TARGETS, r=4, alpha=8)
     assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)
     assert isinstance(model.model.layers[0].self_attn.k_proj, NF4Linear)  # quantized, not adapted
-    x = ids_of(12)
+    x = random_ids(12)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []

@@ -49,7 +49,7 @@ def test_gguf_loads_to_the_same_model(tmp_path, qtype):
     assert dataclasses.replace(
         m.config, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None
     ) == dataclasses.replace(config, bos_token_id=None, eos_token_id=None)
-    # the same dequantized float32 weights (test_quants: bit-exact) through the same code
+    # the same dequantized float32 weights (test_weights_quants: bit-exact) through the same code
     torch.testing.assert_close(logits_of(m.model), logits_of(reference), rtol=0, atol=0)
     assert m.tokenizer.eos_token_id == tiny_specials()["<|im_end|>"]
     assert m.template.render([{"role": "user", "content": "x"}]).endswith("<|im_start|>assistant\n")

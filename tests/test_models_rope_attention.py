@@ -13,6 +13,7 @@ from helpers import (
     assert_within,
     float32_tolerance,
     float64_logits,
+    random_ids,
     random_state_dict,
     tiny_config,
     write_tiny_hf_folder,
@@ -27,10 +28,6 @@ from qwenlm.models.attention import AttentionPlan, DualChunk, blockwise_attentio
 from qwenlm.models.rope import ScaledRotaryEmbedding, yarn_inv_freq
 
 transformers = pytest.importorskip("transformers")
-
-
-def ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, TINY_VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def hf_pair(config: ModelConfig, **hf_kwargs):
@@ -60,7 +57,7 @@ def test_yarn_matches_transformers():
     params = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     hf, ours = hf_pair(config, rope_parameters={**params, "rope_theta": 10000.0})
     assert isinstance(ours.model.rotary_emb, ScaledRotaryEmbedding)
-    x = ids(200, seed=2)
+    x = random_ids(200, seed=2, vocab=TINY_VOCAB)
     with torch.no_grad():
         expected, exact = hf(x).logits, float64_logits(hf, x)
         assert_float32_close(ours(x), expected, exact)
@@ -92,7 +89,7 @@ def test_linear_scaling_matches_transformers():
     hf, ours = hf_pair(
         config, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     )
-    x = ids(80)
+    x = random_ids(80, vocab=TINY_VOCAB)
     with torch.no_grad():
         assert_float32_close(ours(x), hf(x).logits, float64_logits(hf, x))
 
@@ -114,7 +111,7 @@ def test_sliding_window_matches_transformers():
     assert [config.window_of_layer(i) for i in range(3)] == [None, 8, 8]
     hf, ours = hf_pair(config)
     assert hf.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
-    x = ids(40, seed=4)
+    x = random_ids(40, seed=4, vocab=TINY_VOCAB)
     with torch.no_grad():
         expected, exact = hf(x).logits, float64_logits(hf, x)
         assert_float32_close(ours(x), expected, exact)
@@ -154,12 +151,12 @@ def test_dual_chunk_equals_ordinary_attention_within_one_chunk():
     plain = build_model(tiny_config(), random_state_dict(tiny_config(), seed=3).items())
     config = tiny_config(dual_chunk_attention_config=DCA)
     dca = build_model(config, random_state_dict(config, seed=3).items())
-    x = ids(24, seed=5)  # exactly one chunk
+    x = random_ids(24, seed=5, vocab=TINY_VOCAB)  # exactly one chunk
     with torch.no_grad():
         assert torch.equal(dca(x), plain(x))
         assert torch.equal(cached(dca, x, 10), cached(plain, x, 10))
         # past one chunk the two differ (1e-3 is ~100x float32 noise)
-        y = ids(60, seed=5)
+        y = random_ids(60, seed=5, vocab=TINY_VOCAB)
         assert not torch.allclose(dca(y), plain(y), atol=1e-3)
 
 
@@ -208,7 +205,7 @@ def test_dual_chunk_attention_follows_its_definition_across_chunks():
 def test_dual_chunk_model_cache_and_engine(tmp_path):
     config = tiny_config(dual_chunk_attention_config=DCA, max_position_embeddings=256)
     model = build_model(config, random_state_dict(config).items())
-    x = ids(90, seed=7)
+    x = random_ids(90, seed=7, vocab=TINY_VOCAB)
     with torch.no_grad():
         assert_float32_close(cached(model, x, 50), model(x), float64_logits(model, x))
     # through qwenlm.load: the engine runs it inside one chunk and past it, prefill and decode
@@ -241,7 +238,7 @@ def test_window_attention_in_the_engine(tmp_path):
     )
     write_tiny_hf_folder(tmp_path, config)
     m = qwenlm.load(tmp_path, quant="none", device="cpu")
-    engine_matches_full_forward(m, ids(40, seed=4)[0].tolist(), split=20)
+    engine_matches_full_forward(m, random_ids(40, seed=4, vocab=TINY_VOCAB)[0].tolist(), split=20)
 
 
 def test_bad_dual_chunk_config_is_one_clear_error():

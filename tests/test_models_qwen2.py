@@ -6,16 +6,19 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import assert_float32_close, float64_logits, random_state_dict, tiny_config, tiny_model
+from helpers import (
+    assert_float32_close,
+    float64_logits,
+    random_ids,
+    random_state_dict,
+    tiny_config,
+    tiny_model,
+)
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError
 from qwenlm.generation.cache import KVCache, make_cache
 from qwenlm.models import build_model
-
-
-def ids(n: int, seed: int = 0, vocab: int = 300) -> torch.Tensor:
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def float32_and_exact(config=None):
@@ -38,7 +41,7 @@ def prefill_then_decode(model, x: torch.Tensor, prefill: int, cache=None, pertur
 
 def test_full_forward_equals_prefill_plus_cached_decode():
     model, exact_model = float32_and_exact()
-    x = ids(40)
+    x = random_ids(40)
     with torch.no_grad():
         full, exact = model(x), exact_model(x)
         cache = make_cache(model)
@@ -53,7 +56,7 @@ def test_a_perturbed_cached_key_fails_the_cache_comparison():
     # The tolerance above must still catch a real cache bug: 1e-3 on one cached key position of
     # the last layer (keys are ~1.3 in size) moves logits ~9e-4, about 20x the tolerance.
     model, exact_model = float32_and_exact()
-    x = ids(40)
+    x = random_ids(40)
 
     def nudge(cache):
         cache[-1].keys[:, :, 5] += 1e-3  # (B, kv_heads, positions, head_dim)
@@ -68,7 +71,7 @@ def test_a_perturbed_cached_key_fails_the_cache_comparison():
 def test_chunked_prefill_with_offset_uses_causal_mask():
     # A multi-token chunk after cached tokens must not see its own future.
     model, exact_model = float32_and_exact()
-    x = ids(50, seed=1)
+    x = random_ids(50, seed=1)
     with torch.no_grad():
         full, exact = model(x), exact_model(x)
         cache = make_cache(model)
@@ -78,7 +81,7 @@ def test_chunked_prefill_with_offset_uses_causal_mask():
 
 def test_last_only_matches_last_position():
     model, exact_model = float32_and_exact()
-    x = ids(12)
+    x = random_ids(12)
     with torch.no_grad():
         # lm_head on one row may use another kernel than on twelve: float32 noise, not equality.
         assert_float32_close(model(x, last_only=True), model(x)[:, -1:], exact_model(x)[:, -1:])
@@ -86,7 +89,7 @@ def test_last_only_matches_last_position():
 
 def test_cache_trim_and_regrow():
     model, exact_model = float32_and_exact()
-    x = ids(30, seed=2)
+    x = random_ids(30, seed=2)
     with torch.no_grad():
         full, exact = model(x), exact_model(x)
         cache = make_cache(model)
@@ -109,7 +112,7 @@ def test_kv_cache_grows_past_its_step():
 
 def test_batched_forward_matches_single_rows():
     model, exact_model = float32_and_exact()
-    x = torch.cat([ids(16, seed=3), ids(16, seed=4)])
+    x = torch.cat([random_ids(16, seed=3), random_ids(16, seed=4)])
     with torch.no_grad():
         both = model(x)
         # A batch of two may block the matmuls differently from a batch of one.
@@ -125,7 +128,7 @@ def test_tied_embeddings_share_one_tensor():
 def test_bfloat16_runs_and_tracks_float32():
     config = tiny_config()
     m32, m16 = tiny_model(config), tiny_model(config, dtype=torch.bfloat16)
-    x = ids(20)
+    x = random_ids(20)
     with torch.no_grad():
         a, b = m32(x), m16(x)
     assert b.dtype == torch.bfloat16
@@ -189,7 +192,7 @@ def test_logits_match_transformers_qwen2(tie):
     config = ModelConfig.from_hf(hf_config.to_dict())
     assert config.tie_word_embeddings == tie
     ours = build_model(config, hf.state_dict().items())
-    x = ids(64, seed=5)
+    x = random_ids(64, seed=5)
     with torch.no_grad():
         expected = hf(x).logits
         # transformers in float64 is the exact answer; ours may be as far from it as

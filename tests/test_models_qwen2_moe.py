@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_VOCAB, assert_float32_close, float64_logits, write_hf_tokenizer
+from helpers import TINY_VOCAB, assert_float32_close, float64_logits, random_ids, write_hf_tokenizer
 
 import qwenlm
 from qwenlm.config import ModelConfig
@@ -52,10 +52,6 @@ def hf_moe(folder, seed: int = 0, **overrides):
     return hf
 
 
-def ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, TINY_VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
 def ours_from(folder):
     config = ModelConfig.from_json_file(folder / "config.json")
     return build_model(config, st_format.iter_tensors(folder))
@@ -76,7 +72,7 @@ def test_logits_match_transformers_qwen2_moe(tmp_path, overrides):
     sparse = [isinstance(layer.mlp, SparseMoeBlock) for layer in ours.model.layers]
     assert sparse == [c.is_sparse_layer(i) for i in range(c.num_hidden_layers)]
     assert any(sparse) and not all(sparse)
-    x = ids(48, seed=3)
+    x = random_ids(48, seed=3, vocab=TINY_VOCAB)
     with torch.no_grad():
         expected, exact = hf(x).logits, float64_logits(hf, x)
         # within float32 noise of transformers in float64 (see helpers.assert_float32_close)
@@ -98,7 +94,7 @@ def test_sparse_step_2_and_routing_is_grouped(tmp_path):
         e.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0])) for e in block.experts
     ]
     with torch.no_grad():
-        ours(ids(40))
+        ours(random_ids(40, vocab=TINY_VOCAB))
     for h in hooks:
         h.remove()
     # each expert runs at most once per forward, on all of its tokens together
@@ -108,7 +104,7 @@ def test_sparse_step_2_and_routing_is_grouped(tmp_path):
 def test_aux_loss_matches_transformers_and_reaches_router_gradients(tmp_path):
     hf = hf_moe(tmp_path)
     ours = ours_from(tmp_path)
-    x = ids(32, seed=1)
+    x = random_ids(32, seed=1, vocab=TINY_VOCAB)
     with torch.no_grad():
         out = hf(x, output_router_logits=True)
         logits = ours.router_logits(x)
@@ -148,7 +144,7 @@ def test_aux_loss_matches_transformers_and_reaches_router_gradients(tmp_path):
 
 def test_moe_folder_loads_and_generates_through_qwenlm_load(tmp_path):
     hf = hf_moe(tmp_path)
-    x = ids(24, seed=2)
+    x = random_ids(24, seed=2, vocab=TINY_VOCAB)
     with torch.no_grad():
         expected, exact = hf(x).logits[0], float64_logits(hf, x)[0]
     m = qwenlm.load(tmp_path, quant="none", device="cpu")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import ScriptedEngine
 
 from qwenlm.eval.run import EvalError
 from qwenlm.eval.tasks.tooluse import DEFAULT_DATA, ToolUse
-from tests.test_eval_tasks import ScriptedEngine
 
 
 def test_shipped_set_is_well_formed():

@@ -14,9 +14,7 @@ from helpers import (
     assert_float32_close,
     float64_logits,
     tiny_config,
-    tiny_model,
-    tiny_template,
-    tiny_tokenizer,
+    tiny_qwen,
 )
 
 from qwenlm.api import Qwen
@@ -39,12 +37,7 @@ DATA = Path(__file__).parent / "data" / "eval"
 @pytest.fixture(scope="module")
 def qwen() -> Qwen:
     # The tiny vocabulary spends about a token per byte: few-shot prompts need a longer context.
-    return Qwen(
-        tiny_model(tiny_config(max_position_embeddings=4096)),
-        tiny_tokenizer(),
-        tiny_template(),
-        name="tiny",
-    )
+    return tiny_qwen(tiny_config(max_position_embeddings=4096))
 
 
 def test_engine_completions_equal_plain_greedy_generation(qwen):
@@ -136,7 +129,7 @@ def test_perplexity_equals_direct_computation(qwen):
     ids = qwen.tokenizer.encode((DATA / "ppl.txt").read_text())
     logprobs = torch.log_softmax(qwen.logits(ids)[:-1], -1)
     nll = -logprobs.gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
-    # Another batching of the same tokens: float32 noise (~1e-5 per token's nll, see test_model)
+    # Another batching of the same tokens: float32 noise (~1e-5 per token's nll, see test_models_qwen2)
     # moves the mean by as much, and exp() turns that into ~1e-5 relative; 1e-4 leaves 10x.
     assert result.metrics["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
     assert result.metrics["tokens"] == len(ids) - 1
