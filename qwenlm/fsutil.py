@@ -28,7 +28,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)``, fsync it, and rename it onto ``path``; a crash leaves old or new, never half."""
+    """``write(tmp)``, fsync it, rename it onto ``path``: a crash leaves old or new, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)

@@ -516,7 +516,10 @@ def list_models(*, cache_dir: str | os.PathLike[str] | None = None) -> list[dict
 # --------------------------------------------------------------------------- resolve
 
 
-_RESOLVE_HINT = "pass a .gguf file, a Hugging Face model folder (with config.json), or a model name from `qwenlm list`"
+_RESOLVE_HINT = (
+    "pass a .gguf file, a Hugging Face model folder (with config.json), or a model name from "
+    "`qwenlm list`"
+)
 
 
 def _check_gguf(path: Path) -> Path:

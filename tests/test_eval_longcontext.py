@@ -106,8 +106,9 @@ def test_needle_prompt_places_the_needle(folder):
 
 def test_longppl_and_needle_commands(folder, tmp_path, capsys):
     data = str(tmp_path / "text.txt")
-    rc = cli_main(["longppl", str(folder), "--data", data, "--lengths", "32,96", "--score-last", "16",
-                   "--output", str(tmp_path / "ppl.json"), "--no-progress"])  # fmt: skip
+    rc = cli_main(["longppl", str(folder), "--data", data, "--lengths", "32,96",
+                   "--score-last", "16", "--output", str(tmp_path / "ppl.json"),
+                   "--no-progress"])  # fmt: skip
     assert rc == 0
     table = capsys.readouterr().out
     assert "| tokens | base | yarn | dca |" in table and "| 96 |" in table

@@ -129,8 +129,9 @@ def test_perplexity_equals_direct_computation(qwen):
     ids = qwen.tokenizer.encode((DATA / "ppl.txt").read_text())
     logprobs = torch.log_softmax(qwen.logits(ids)[:-1], -1)
     nll = -logprobs.gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
-    # Another batching of the same tokens: float32 noise (~1e-5 per token's nll, see test_models_qwen2)
-    # moves the mean by as much, and exp() turns that into ~1e-5 relative; 1e-4 leaves 10x.
+    # Another batching of the same tokens: float32 noise (~1e-5 per token's nll, see
+    # test_models_qwen2) moves the mean by as much, and exp() makes that ~1e-5 relative; 1e-4
+    # leaves 10x.
     assert result.metrics["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
     assert result.metrics["tokens"] == len(ids) - 1
     strided = run_eval(qwen, Perplexity(DATA / "ppl.txt", context=16, stride=8), progress=False)

@@ -256,7 +256,9 @@ HUMANEVAL_SAMPLE = {
     "task_id": "Sample/0",
     "prompt": 'def add(a: int, b: int) -> int:\n    """Add two numbers."""\n',
     "entry_point": "add",
-    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+    "test": "def check(candidate):\n"
+    "    assert candidate(2, 3) == 5\n"
+    "    assert candidate(-1, 1) == 0\n",
 }
 
 

@@ -1,4 +1,4 @@
-"""LoRA as a transform, PEFT's adapter format (checked against PEFT itself), NF4 weights, merging."""
+"""LoRA as a transform, PEFT's adapter format (checked against PEFT itself), NF4, merging."""
 
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def test_upcycle_cli_model_loads_generates_and_trains(tmp_path):
     write_tiny_hf_folder(tmp_path / "dense", std=0.1)  # FFN width 96
     rc = cli_main(
         ["upcycle", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"),
-         "--experts", "8", "--top-k", "2", "--expert-size", "24", "--sparse-step", "1", "--seed", "1"]
+         "--experts", "8", "--top-k", "2", "--expert-size", "24", "--sparse-step", "1",
+         "--seed", "1"]
     )  # fmt: skip
     assert rc == 0
     m = qwenlm.load(tmp_path / "moe", quant="none", device="cpu")

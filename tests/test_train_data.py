@@ -1,4 +1,4 @@
-"""Training data: checks with locations, the assistant-only loss mask, truncation, packing, recipes."""
+"""Training data: checks with locations, assistant-only loss mask, truncation, packing, recipes."""
 
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def test_tool_calls_render_and_train_with_the_real_template(real_model_path, tmp
     [c] = load_records([str(path)], "chat")
     ids, mask = template.render_for_training(c.messages, tools=c.tools)
     assert supervised_text(template, ids, mask) == (
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        "<|im_end|>"
         "It is 21 degrees in Paris.<|im_end|>"
     )
     assert ids == template.encode(c.messages, tools=c.tools, add_generation_prompt=False)
@@ -121,7 +122,7 @@ def test_tool_calls_render_and_train_with_the_real_template(real_model_path, tmp
     assert "<tools>" in text and '<tool_response>\n{"temp": 21}\n</tool_response>' in text
 
 
-# -- malformed data ----------------------------------------------------------------------------------
+# -- malformed data -------------------------------------------------------------------------------
 BAD_JSONL = [
     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}',
     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}',
@@ -130,7 +131,8 @@ BAD_JSONL = [
     '{"messages": [{"role": "user"}, {"role": "assistant", "content": "ok"}]}',
     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": NaN}]}',
     '{"messages": [{"role": "user", "content": "hi"}]}',
-    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]}',
+    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": '
+    '[{"function": {"name": "f", "arguments": "{bad"}}]}]}',
 ]
 BAD_QWEN = [
     {
@@ -349,7 +351,7 @@ def test_text_corpus_is_tokenized_once_and_memory_mapped(tmp_path):
     assert tokenize_corpus(files, tok, tmp_path / "cache").tolist()[:7] == tok.encode("changed")
 
 
-# -- recipes ---------------------------------------------------------------------------------------------
+# -- recipes --------------------------------------------------------------------------------------
 def test_recipe_overrides_and_their_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(

@@ -96,7 +96,7 @@ def test_cosine_schedule_warms_up_and_floors_at_ten_percent():
     assert lrs[-1] == pytest.approx(1e-4)
 
 
-# -- no lost work -----------------------------------------------------------------------------------
+# -- no lost work ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted 25-step LoRA run (dropout on, so RNG state matters on resume)."""
@@ -197,7 +197,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(reference):
         train(recipe_from_dict(ref_data))
 
 
-# -- methods ----------------------------------------------------------------------------------------
+# -- methods --------------------------------------------------------------------------------------
 def test_pretraining_from_scratch_lowers_train_and_eval_loss_and_generates(tmp_path):
     data = {
         "out": str(tmp_path / "tiny-lm"),

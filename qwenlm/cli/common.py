@@ -11,7 +11,10 @@ from qwenlm import registry
 
 
 def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
-    what = f"registry name, .gguf file or Hugging Face model folder (default: {registry.DEFAULT_MODEL})"
+    what = (
+        "registry name, .gguf file or Hugging Face model folder "
+        f"(default: {registry.DEFAULT_MODEL})"
+    )
     if positional:
         p.add_argument(
             "model", nargs="?", default=registry.DEFAULT_MODEL, metavar="MODEL", help=what

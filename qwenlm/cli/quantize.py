@@ -14,7 +14,8 @@ from qwenlm.cli.common import add_group_size_arg, add_pull_arg
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm quantize",
-        description="Quantize a model's weights and save it as a folder that every qwenlm command loads.",
+        description="Quantize a model's weights and save it as a folder that every qwenlm command "
+        "loads.",
     )
     p.add_argument(
         "model",

@@ -80,7 +80,7 @@ class EvalEngine:
     def chat_prompt(
         self, messages: Sequence[Mapping[str, Any]], *, reply_prefix: str = ""
     ) -> tuple[int, ...]:
-        """Ids of a conversation with the assistant's turn opened (and started with ``reply_prefix``)."""
+        """Ids of a conversation with the assistant's turn opened, begun with ``reply_prefix``."""
         ids = self.model.encode_chat(messages)
         return tuple(ids + self.tokenizer.encode(reply_prefix))
 
@@ -217,7 +217,7 @@ def run_eval(
         raise EvalError(f"{task.name}: sample ids are not unique")
     engine = engine or EvalEngine(model)
     model_name = str(getattr(model, "name", None) or "model")
-    # ``settings``: how the model was loaded (quantization, dtype), part of what a resumed run must match.
+    # ``settings``: how the model was loaded (quantization, dtype), which a resumed run must match.
     meta = {
         "task": task.name,
         "model": model_name,
@@ -238,7 +238,8 @@ def run_eval(
             old = json.loads(meta_path.read_text())
             if {k: old.get(k) for k in meta} != meta:
                 raise EvalError(
-                    f"{out} holds a run with other settings ({old.get('task')} on {old.get('model')}, {old.get('config')})",
+                    f"{out} holds a run with other settings ({old.get('task')} on "
+                    f"{old.get('model')}, {old.get('config')})",
                     hint="use another --output folder, or --restart to discard that run",
                 )
             earlier_seconds = float(old.get("seconds", 0.0))

@@ -255,7 +255,8 @@ def load_quantized(
         expected = tuple(module.weight.shape)
         if tuple(shapes[wname]) != expected:
             raise CheckpointError(
-                f"checkpoint tensor {wname} has shape {list(shapes[wname])}, but the config implies {list(expected)}"
+                f"checkpoint tensor {wname} has shape {list(shapes[wname])}, but the config "
+                f"implies {list(expected)}"
             )
         rows, cols = expected
 
@@ -301,7 +302,8 @@ def load_quantized(
         value = ckpt.read(pname)
         if tuple(value.shape) != tuple(param.shape):
             raise CheckpointError(
-                f"checkpoint tensor {pname} has shape {list(value.shape)}, but the config implies {list(param.shape)}"
+                f"checkpoint tensor {pname} has shape {list(value.shape)}, but the config implies "
+                f"{list(param.shape)}"
             )
         swap_module(model, pname, nn.Parameter(value.float(), requires_grad=False))
     model.quantization = {"mode": mode, "group_size": group_size, "head": head}

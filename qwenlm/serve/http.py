@@ -92,7 +92,7 @@ async def collect(request: Request, jobs: list[Job], gen: AsyncIterator[Any]) ->
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body, at most ``limit`` bytes (413 past it), parsed by :func:`protocol.parse_json_body`."""
+    """The body, at most ``limit`` bytes (413 past it), parsed by ``protocol.parse_json_body``."""
     too_big = APIError(
         413,
         f"The request body is larger than this server accepts ({limit} bytes).",

@@ -72,7 +72,7 @@ def _finite_float(text: str) -> float:
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; NaN, Infinity, bad UTF-8 and lone surrogates are errors."""
+    """The request body as a JSON object; NaN, Infinity, bad UTF-8, lone surrogates are errors."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -48,7 +48,8 @@ class DataError(QwenlmError):
         lines = "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
         n = len(self.problems)
         super().__init__(
-            f"{n} problem{'s' if n != 1 else ''} in the training data; nothing was trained:\n  {lines}",
+            f"{n} problem{'s' if n != 1 else ''} in the training data; nothing was trained:\n  "
+            f"{lines}",
             hint=hint or "fix or remove these records and run again",
         )
 
@@ -589,7 +590,8 @@ def tokenize_corpus(
             raise DataError(problems)
         if log:
             log(
-                f"tokenizing {len(docs)} document(s) from {len(paths)} file(s) (cached for later runs)"
+                f"tokenizing {len(docs)} document(s) from {len(paths)} file(s) (cached for later "
+                f"runs)"
             )
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")

@@ -273,7 +273,8 @@ class _Run:
             if ckpt is not None:
                 ckpt.close()
             self.say(
-                f"data checked: {len(task.train_rows)} training rows, {len(task.eval_rows)} eval rows"
+                f"data checked: {len(task.train_rows)} training rows, {len(task.eval_rows)} eval "
+                f"rows"
             )
             return TrainResult(self.out, 0, total)
         self.tok, self.template_src, self.config = tok, template_src, config
@@ -585,7 +586,8 @@ class _Run:
         G = self.r.train.micro_batch_size * self.r.train.grad_accum * d.world
         if trainer.get("global_batch") != G or trainer.get("seed") != self.r.train.seed:
             self.say(
-                f"warning: the checkpoint was trained with global batch {trainer.get('global_batch')} "
+                f"warning: the checkpoint was trained with global batch "
+                f"{trainer.get('global_batch')} "
                 f"and seed {trainer.get('seed')}, this run uses {G} and {self.r.train.seed}: the "
                 "data order from here on differs from the original run's"
             )

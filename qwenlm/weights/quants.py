@@ -280,7 +280,8 @@ def dequantize(
     name = _type_name(qtype)
     if data.dtype != torch.uint8 or data.dim() != 1:
         raise ValueError(
-            f"expected raw data as a 1-D uint8 tensor, got {data.dtype} with shape {tuple(data.shape)}"
+            f"expected raw data as a 1-D uint8 tensor, got {data.dtype} with shape "
+            f"{tuple(data.shape)}"
         )
     if not dtype.is_floating_point:
         raise ValueError(f"dequantize needs a floating-point output dtype, got {dtype}")

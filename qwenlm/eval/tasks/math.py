@@ -81,7 +81,8 @@ class MATH:
             reference = row.get("answer") or last_boxed(str(row.get("solution", "")))
             if reference is None:
                 raise EvalError(
-                    f"{self.data} problem {row['id']}: no answer field and no \\boxed{{}} in the solution"
+                    f"{self.data} problem {row['id']}: no answer field and no \\boxed{{}} in the "
+                    f"solution"
                 )
             samples.append(
                 {

@@ -34,9 +34,8 @@ CHAT_PROMPT = (
 
 def describe(text: str, tests: list[str]) -> str:
     return (
-        f"You are an expert Python programmer, and here is your task: {text} Your code should pass these tests:\n\n"
-        + "\n".join(tests)
-        + "\n"
+        f"You are an expert Python programmer, and here is your task: {text} Your code should pass "
+        f"these tests:\n\n" + "\n".join(tests) + "\n"
     )
 
 
