@@ -189,6 +189,36 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _resume(
+    out: Path, meta: dict[str, Any], restart: bool
+) -> tuple[Path, dict[Any, dict[str, Any]], float]:
+    """(records file, records already there by id, seconds spent) of run folder ``out``.
+
+    Refuses a folder holding a run with other settings; ``restart`` discards what is there.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    records_path, meta_path = out / "records.jsonl", out / "run.json"
+    if restart:
+        records_path.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+    earlier_seconds = 0.0
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise EvalError(
+                f"{out} holds a run with other settings ({old.get('task')} on "
+                f"{old.get('model')}, {old.get('config')})",
+                hint="use another --output folder, or --restart to discard that run",
+            )
+        earlier_seconds = float(old.get("seconds", 0.0))
+    done = {}
+    if records_path.exists():
+        for r in _read_records(records_path):
+            done[r["id"]] = r
+    meta_path.write_text(json.dumps({**meta, "seconds": earlier_seconds}, indent=1))
+    return records_path, done, earlier_seconds
+
+
 def run_eval(
     model: Any,
     task: Task,
@@ -228,25 +258,7 @@ def run_eval(
     earlier_seconds = 0.0
     records_path = None
     if output is not None:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        records_path, meta_path = out / "records.jsonl", out / "run.json"
-        if restart:
-            records_path.unlink(missing_ok=True)
-            meta_path.unlink(missing_ok=True)
-        if meta_path.exists():
-            old = json.loads(meta_path.read_text())
-            if {k: old.get(k) for k in meta} != meta:
-                raise EvalError(
-                    f"{out} holds a run with other settings ({old.get('task')} on "
-                    f"{old.get('model')}, {old.get('config')})",
-                    hint="use another --output folder, or --restart to discard that run",
-                )
-            earlier_seconds = float(old.get("seconds", 0.0))
-        if records_path.exists():
-            for r in _read_records(records_path):
-                done[r["id"]] = r
-        meta_path.write_text(json.dumps({**meta, "seconds": earlier_seconds}, indent=1))
+        records_path, done, earlier_seconds = _resume(Path(output), meta, restart)
     todo = [s for s in samples if s["id"] not in done]
     bar = None
     if progress:

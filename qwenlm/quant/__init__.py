@@ -211,6 +211,46 @@ def _same_matrix(ckpt: object, a: str, b: str, shapes: dict) -> bool:
     return True
 
 
+def _load_matrix(
+    ckpt: object,
+    shapes: dict,
+    name: str,
+    module: nn.Module,
+    mode: str,
+    group_size: int,
+    head: str | None,
+) -> tuple[nn.Module, set[str]]:
+    """Module ``name`` (a linear layer or the embedding) converted slice by slice from the
+    checkpoint, and the names of the tensors it was made from."""
+    wname = f"{name}.weight"
+    if wname not in shapes:
+        raise CheckpointError(f"checkpoint is missing tensor {wname}")
+    expected = tuple(module.weight.shape)
+    if tuple(shapes[wname]) != expected:
+        raise CheckpointError(
+            f"checkpoint tensor {wname} has shape {list(shapes[wname])}, but the config "
+            f"implies {list(expected)}"
+        )
+    rows, cols = expected
+
+    def read(r: tuple[int, int]) -> torch.Tensor:
+        return ckpt.read(wname, r)
+
+    if type(module) is nn.Linear:
+        bname = f"{name}.bias"
+        if module.bias is not None and bname not in shapes:
+            raise CheckpointError(f"checkpoint is missing tensor {bname}")
+        bias = ckpt.read(bname) if module.bias is not None else None
+        make = _linear_factory(mode, group_size, head, name)
+        new = _chunked(read, rows, cols, lambda w: make(w, None))
+        if bias is not None:
+            new.bias = bias.float().contiguous()
+        return new, {wname, bname}
+    if mode == "f32":
+        return nn.Embedding(rows, cols, _weight=ckpt.read(wname), _freeze=True), {wname}
+    return _chunked(read, rows, cols, Int8Embedding.from_float), {wname}
+
+
 def load_quantized(
     ckpt: object,
     mode: str = "int8",
@@ -242,43 +282,14 @@ def load_quantized(
         )
     )
     for name, module in list(model.named_modules()):
-        is_linear = type(module) is nn.Linear
-        if not is_linear and not isinstance(module, nn.Embedding):
+        if type(module) is not nn.Linear and not isinstance(module, nn.Embedding):
             continue
         if share and name == "model.embed_tokens":
             continue  # made from the head below
-        wname = f"{name}.weight"
-        if wname not in shapes:
-            if name == "lm_head":
-                continue  # tied: built from the embedding below
-            raise CheckpointError(f"checkpoint is missing tensor {wname}")
-        expected = tuple(module.weight.shape)
-        if tuple(shapes[wname]) != expected:
-            raise CheckpointError(
-                f"checkpoint tensor {wname} has shape {list(shapes[wname])}, but the config "
-                f"implies {list(expected)}"
-            )
-        rows, cols = expected
-
-        def read(r: tuple[int, int], wname: str = wname) -> torch.Tensor:
-            return ckpt.read(wname, r)
-
-        if is_linear:
-            bname = f"{name}.bias"
-            if module.bias is not None and bname not in shapes:
-                raise CheckpointError(f"checkpoint is missing tensor {bname}")
-            bias = ckpt.read(bname) if module.bias is not None else None
-            make = _linear_factory(mode, group_size, head, name)
-            new = _chunked(read, rows, cols, lambda w, make=make: make(w, None))
-            if bias is not None:
-                new.bias = bias.float().contiguous()
-            done.update({wname, bname})
-        elif mode == "f32":
-            new = nn.Embedding(rows, cols, _weight=ckpt.read(wname), _freeze=True)
-            done.add(wname)
-        else:
-            new = _chunked(read, rows, cols, Int8Embedding.from_float)
-            done.add(wname)
+        if f"{name}.weight" not in shapes and name == "lm_head":
+            continue  # tied: built from the embedding below
+        new, read = _load_matrix(ckpt, shapes, name, module, mode, group_size, head)
+        done.update(read)
         swap_module(model, name, new)
         release_freed_memory()
     if "lm_head.weight" not in shapes:

@@ -368,17 +368,7 @@ async def completions(request: Request) -> Any:
     P.unsupported(body, {"echo": False, "suffix": "", "best_of": 1})
     svc.check_model(name)
     tok = svc.model.tokenizer
-    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
-    if any(not p for p in ids):
-        raise P.invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
-    for p in ids:
-        svc.budget(len(p), params, "prompt")
-    if len(ids) * n > svc.config.max_num_seqs:
-        raise P.invalid(
-            f"This server runs at most {svc.config.max_num_seqs} sequences per request "
-            "(prompts times n).",
-            param="prompt",
-        )
+    ids = _prompt_ids(svc, prompts, params, n)
     events: asyncio.Queue[Output] = asyncio.Queue()
     jobs: list[Job] = []
     try:
@@ -429,11 +419,38 @@ async def completions(request: Request) -> Any:
     if stream:
         return SSE(_sse_events(choices(), envelope, usage if include_usage else None), jobs)
 
+    chunks = await collect(request, jobs, choices())
+    merged = _merge_text_choices(chunks, len(ids) * n, bool(params.logprobs))
+    return JSONResponse({**envelope(merged), "usage": _usage(usage["prompt"], usage["completion"])})
+
+
+def _prompt_ids(
+    svc: Service, prompts: list[Any], params: SamplingParams, n: int
+) -> list[list[int]]:
+    """The prompts of a completions request as token ids, each within the budget."""
+    tok = svc.model.tokenizer
+    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+    if any(not p for p in ids):
+        raise P.invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
+    for p in ids:
+        svc.budget(len(p), params, "prompt")
+    if len(ids) * n > svc.config.max_num_seqs:
+        raise P.invalid(
+            f"This server runs at most {svc.config.max_num_seqs} sequences per request "
+            "(prompts times n).",
+            param="prompt",
+        )
+    return ids
+
+
+def _merge_text_choices(
+    chunks: list[dict[str, Any]], count: int, with_logprobs: bool
+) -> list[dict[str, Any]]:
+    """``count`` text-completion choices from their streamed chunks (text and logprobs joined)."""
     merged: list[dict[str, Any]] = [
-        {"index": i, "text": "", "logprobs": None, "finish_reason": None}
-        for i in range(len(ids) * n)
+        {"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(count)
     ]
-    for ch in await collect(request, jobs, choices()):
+    for ch in chunks:
         m = merged[ch["index"]]
         m["text"] += ch["text"]
         m["finish_reason"] = ch["finish_reason"] or m["finish_reason"]
@@ -443,7 +460,7 @@ async def completions(request: Request) -> Any:
             else:
                 for k in m["logprobs"]:
                     m["logprobs"][k] += ch["logprobs"][k]
-    if params.logprobs:
+    if with_logprobs:
         for m in merged:
             m["logprobs"] = m["logprobs"] or {
                 "tokens": [],
@@ -451,7 +468,7 @@ async def completions(request: Request) -> Any:
                 "top_logprobs": [],
                 "text_offset": [],
             }
-    return JSONResponse({**envelope(merged), "usage": _usage(usage["prompt"], usage["completion"])})
+    return merged
 
 
 async def list_models(request: Request) -> Any:
