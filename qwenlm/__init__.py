@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # Loaded on first use so that `qwenlm list` and `qwenlm pull` do not pay for importing torch.
 _LAZY = {
     "load": "qwenlm.api",
+    "export_gguf": "qwenlm.cli.export",
     "Qwen": "qwenlm.api",
     "GenerationConfig": "qwenlm.generation.generate",
     "ModelConfig": "qwenlm.config",
@@ -25,6 +26,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from qwenlm.api import Qwen, load
     from qwenlm.chat.template import ChatTemplate
+    from qwenlm.cli.export import export_gguf
     from qwenlm.config import ModelConfig
     from qwenlm.errors import QwenlmError
     from qwenlm.generation.generate import GenerationConfig
@@ -38,6 +40,7 @@ __all__ = [
     "QwenlmError",
     "Tokenizer",
     "__version__",
+    "export_gguf",
     "load",
 ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,16 @@ from qwenlm.chat.qwen1 import Qwen1ChatTemplate
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
 from qwenlm.errors import GenerationError
+from qwenlm.generation.embed import Embedder
 from qwenlm.generation.engine import Engine, SequenceState
 from qwenlm.generation.fastpath import accelerate
 from qwenlm.generation.generate import (
     GenerationChunk,
     GenerationConfig,
+    GenerationResult,
     Speculation,
+    SpeculationStats,
+    batch_generate,
     stream_generate,
 )
 from qwenlm.models import build_model, cuda_graph_safe
@@ -160,8 +165,10 @@ def load(
 class Qwen:
     """A loaded model with its tokenizer and chat template.
 
-    ``chat`` / ``chat_stream`` follow the Qwen model cards; ``generate`` / ``stream`` complete raw
-    text; ``stream_chat`` is the chunk-level stream that surfaces (CLI, server) build on.
+    Strings out: ``chat`` / ``chat_stream`` (text deltas) follow the Qwen model cards;
+    ``generate`` completes raw text. Chunks out (:class:`GenerationChunk`: text, token ids,
+    finish reason, counts, logprobs): ``chat_chunks`` and ``generate_chunks``, the streams the
+    CLI and other surfaces build on. ``batch`` completes many prompts together.
     """
 
     def __init__(
@@ -213,19 +220,35 @@ class Qwen:
         return GenerationConfig(**values)
 
     def new_sequence(self) -> SequenceState:
-        """A KV-cache holder to pass as ``cache=`` so follow-up prompts reuse their shared prefix."""
+        """A sequence state to pass as ``sequence=``: follow-up prompts that start with what it
+        holds (the next turn of a conversation) prefill only the rest."""
         return self.engine.new_sequence()
 
     # -- raw ids ---------------------------------------------------------------------------
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Next-token logits (T, vocab), float32, for every position of the token ids ``ids``."""
-        x = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        if x.shape[1] == 0:
+        """Next-token logits (T, vocab), float32, for every position of the token ids ``ids``,
+        computed the way generation prefills them (the same numbers on every surface)."""
+        prompt = torch.as_tensor(ids, dtype=torch.long).reshape(-1).tolist()
+        if not prompt:
             raise GenerationError("logits() needs at least one token id")
-        if int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size:
+        if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
             raise GenerationError(f"token ids must be in 0..{self.config.vocab_size - 1}")
-        with torch.inference_mode():
-            return self.model(x)[0].float()
+        return self.engine.prefill(self.engine.new_sequence(), prompt, all_logits=True)
+
+    # -- embeddings ------------------------------------------------------------------------
+    def embedder(self, inputs: Sequence[str | Sequence[int]]) -> Embedder:
+        """An :class:`~qwenlm.generation.embed.Embedder` for ``inputs`` (texts, encoded as plain
+        text, or token ids), to step one forward pass at a time (the server does)."""
+        return Embedder(self.engine, [self._ids(x) for x in inputs])
+
+    def embed(self, inputs: str | Sequence[str | Sequence[int]]) -> torch.Tensor:
+        """Unit-length embeddings, (len(inputs), hidden) float32 (one row for a single string):
+        the mean of the final hidden states over each input's tokens, inputs run together."""
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        embedder = self.embedder(items)
+        while not embedder.step():
+            pass
+        return embedder.result()
 
     # -- completion of raw text ------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -239,7 +262,7 @@ class Qwen:
         *,
         prompt_lookup: bool = False,
         num_draft: int = 5,
-        stats: object | None = None,
+        stats: SpeculationStats | None = None,
     ) -> Speculation | None:
         """Speculative decoding settings for ``speculate=``: a draft model or prompt lookup."""
         if draft is None and not prompt_lookup:
@@ -252,11 +275,11 @@ class Qwen:
             draft=draft.engine if draft is not None else None, num_draft=num_draft, stats=stats
         )
 
-    def stream(
+    def generate_chunks(
         self,
         prompt: str | Sequence[int],
         *,
-        cache: SequenceState | None = None,
+        sequence: SequenceState | None = None,
         speculate: Speculation | None = None,
         **options: Any,
     ) -> Iterator[GenerationChunk]:
@@ -266,13 +289,30 @@ class Qwen:
             self.tokenizer,
             self._ids(prompt),
             self.generation_config(**options),
-            cache=cache,
+            sequence=_sequence(sequence, options),
             speculation=speculate,
         )
 
     def generate(self, prompt: str | Sequence[int], **options: Any) -> str:
-        """The completion of ``prompt`` as one string (collects :meth:`stream`)."""
-        return "".join(chunk.text for chunk in self.stream(prompt, **options))
+        """The completion of ``prompt`` as one string (collects :meth:`generate_chunks`)."""
+        return "".join(chunk.text for chunk in self.generate_chunks(prompt, **options))
+
+    def batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        speculate: Speculation | None = None,
+        **options: Any,
+    ) -> list[GenerationResult]:
+        """Complete every prompt, decoding them together (weights are read once per step for
+        all); each result equals what :meth:`generate_chunks` gives for that prompt alone."""
+        return batch_generate(
+            self.engine,
+            self.tokenizer,
+            [self._ids(p) for p in prompts],
+            self.generation_config(**options),
+            speculation=speculate,
+        )
 
     # -- chat -------------------------------------------------------------------------------
     def encode_chat(
@@ -281,18 +321,22 @@ class Qwen:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        **template_kwargs: Any,
     ) -> list[int]:
-        """Prompt ids for a conversation, rendered with the model's own chat template."""
+        """Prompt ids for a conversation, rendered with the model's own chat template.
+
+        ``template_kwargs`` reach the template as variables, e.g. ``enable_thinking=False``
+        for Qwen3's."""
         return self.template.encode(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
 
-    def stream_chat(
+    def chat_chunks(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        cache: SequenceState | None = None,
+        sequence: SequenceState | None = None,
         speculate: Speculation | None = None,
         **options: Any,
     ) -> Iterator[GenerationChunk]:
@@ -303,7 +347,7 @@ class Qwen:
             self.tokenizer,
             ids,
             self.generation_config(**options),
-            cache=cache,
+            sequence=_sequence(sequence, options),
             speculation=speculate,
         )
 
@@ -312,7 +356,7 @@ class Qwen:
     ) -> Iterator[str]:
         """Text deltas of the reply to ``query`` after ``history`` (pairs or message dicts)."""
         messages = _messages(query, history, system)
-        for chunk in self.stream_chat(messages, **options):
+        for chunk in self.chat_chunks(messages, **options):
             if chunk.text:
                 yield chunk.text
 
@@ -334,6 +378,32 @@ class Qwen:
         else:
             history.append((query, response))
         return response, history
+
+    # -- deprecated names --------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], **options: Any) -> Iterator[GenerationChunk]:
+        """Deprecated: use :meth:`generate_chunks`."""
+        _deprecated("stream", "generate_chunks")
+        return self.generate_chunks(prompt, **options)
+
+    def stream_chat(
+        self, messages: Sequence[Mapping[str, Any]], **options: Any
+    ) -> Iterator[GenerationChunk]:
+        """Deprecated: use :meth:`chat_chunks` (chunks; :meth:`chat_stream` yields strings)."""
+        _deprecated("stream_chat", "chat_chunks")
+        return self.chat_chunks(messages, **options)
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"Qwen.{old} is deprecated; use Qwen.{new}", DeprecationWarning, stacklevel=3)
+
+
+def _sequence(sequence: SequenceState | None, options: dict[str, Any]) -> SequenceState | None:
+    """``sequence=``, or its old name ``cache=`` (deprecated), taken out of ``options``."""
+    if "cache" in options:
+        warnings.warn("cache= is deprecated; use sequence=", DeprecationWarning, stacklevel=3)
+        old = options.pop("cache")
+        sequence = sequence if sequence is not None else old
+    return sequence
 
 
 def _messages(query: str, history: History | None, system: str | None) -> list[dict[str, Any]]:

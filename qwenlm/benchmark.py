@@ -92,7 +92,7 @@ def measure_decode(model: Any, *, context: int, tokens: int) -> dict[str, float]
     engine = model.engine
     seq = engine.new_sequence()
     prompt = text_tokens(model, max(context, 1))
-    (logits,) = engine.forward([(seq, prompt)])
+    logits = engine.prefill(seq, prompt)
     t0 = time.perf_counter()
     for _ in range(tokens):
         (logits,) = engine.forward([(seq, [int(logits.argmax())])])
@@ -106,9 +106,7 @@ def measure_prefill(model: Any, *, tokens: int) -> dict[str, float]:
     prompt = text_tokens(model, tokens)
     seq = engine.new_sequence()
     t0 = time.perf_counter()
-    from qwenlm.generation.generate import prefill
-
-    logits = prefill(engine, seq, prompt)
+    logits = engine.prefill(seq, prompt)
     int(logits.argmax())
     dt = time.perf_counter() - t0
     return {"prefill_tok_s": tokens / dt, "ttft_s": dt}
@@ -124,8 +122,7 @@ def perplexity(
         chunk = ids[a : a + window]
         if len(chunk) < 2:
             break
-        seq = model.engine.new_sequence()
-        logits = model.engine.forward([(seq, chunk)], all_logits=True)[0]
+        logits = model.logits(chunk)
         lp = torch.log_softmax(logits[:-1], dim=-1)
         target = torch.tensor(chunk[1:])
         nll -= float(lp.gather(1, target[:, None]).sum())

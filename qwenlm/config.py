@@ -12,20 +12,48 @@ from typing import Any
 
 from qwenlm.errors import CheckpointError
 
-# model_type values whose checkpoints the dense Qwen2 model file can run.
-DENSE_MODEL_TYPES = ("qwen2",)
 # Every model_type with a model file (Qwen1's "qwen" is mapped onto "qwen2" by weights/qwen1.py).
-MODEL_TYPES = ("qwen2", "qwen2_moe")
-# Hugging Face's defaults for Qwen2-MoE keys that a config.json may leave out.
-MOE_DEFAULTS: dict[str, Any] = {
-    "num_experts": 60,
-    "num_experts_per_tok": 4,
-    "moe_intermediate_size": 1408,
-    "shared_expert_intermediate_size": 5632,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": (),
-    "norm_topk_prob": False,
-    "router_aux_loss_coef": 0.001,
+# Qwen3 is Qwen2's layout with RMSNorm on each head's queries and keys: the same model files.
+MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+# GGUF architectures (llama.cpp's names) that from_gguf reads, and the model_type of each.
+GGUF_ARCHITECTURES = {
+    "qwen": "qwen2",  # Qwen1: fused QKV, split by weights/gguf.py
+    "qwen2": "qwen2",
+    "qwen2moe": "qwen2_moe",
+    "qwen3": "qwen3",
+    "qwen3moe": "qwen3_moe",
+}
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")
+# Hugging Face's defaults (its configuration classes) for keys that a config.json may leave out.
+TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2_moe": {
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": (),
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001,
+    },
+    "qwen3": {"head_dim_override": 128, "attention_bias": False},
+    "qwen3_moe": {
+        "attention_bias": False,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": (),
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001,
+    },
+}
+_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
@@ -55,7 +83,10 @@ class ModelConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151645
     rope_scaling: Mapping[str, Any] | None = None
-    # Qwen2-MoE (None for dense models).
+    # Qwen3's switch for a bias on Q, K, V and O (false in its releases); None is Qwen2's fixed
+    # layout: a bias on Q, K and V only.
+    attention_bias: bool | None = None
+    # Qwen2-MoE and Qwen3-MoE (None for dense models; Qwen3-MoE has no shared expert).
     num_experts: int | None = None
     num_experts_per_tok: int | None = None
     moe_intermediate_size: int | None = None
@@ -81,10 +112,15 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.model_type == "qwen2_moe"
+        return self.model_type in MOE_MODEL_TYPES
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether attention normalises each head's queries and keys (Qwen3)."""
+        return self.model_type in QK_NORM_MODEL_TYPES
 
     def is_sparse_layer(self, i: int) -> bool:
-        """Whether decoder layer ``i`` runs experts (Hugging Face's rule for Qwen2-MoE)."""
+        """Whether decoder layer ``i`` runs experts (Hugging Face's rule for Qwen2/3-MoE)."""
         if not self.is_moe or not self.num_experts or i in (self.mlp_only_layers or ()):
             return False
         return (i + 1) % (self.decoder_sparse_step or 1) == 0
@@ -194,9 +230,14 @@ class ModelConfig:
             and rope_params.get("rope_type", "default") != "default"
         ):
             kwargs["rope_scaling"] = dict(rope_params)
-        if model_type == "qwen2_moe":
-            for key, value in MOE_DEFAULTS.items():
-                kwargs.setdefault(key, value)
+        if model_type == "qwen3_moe":
+            # transformers 5 writes Qwen3-MoE's expert count as num_local_experts.
+            if "num_experts" not in kwargs and cfg.get("num_local_experts") is not None:
+                kwargs["num_experts"] = cfg["num_local_experts"]
+            # Qwen3-MoE has no shared expert, whatever stray key a config carries.
+            kwargs.pop("shared_expert_intermediate_size", None)
+        for key, value in TYPE_DEFAULTS.get(model_type, {}).items():
+            kwargs.setdefault(key, value)
         for key in ("eos_token_id", "mlp_only_layers", "layer_types"):
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = tuple(kwargs[key])
@@ -216,12 +257,12 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, metadata: Mapping[str, Any], vocab_size: int | None = None) -> ModelConfig:
-        """Build from GGUF metadata (``{arch}.block_count`` and friends)."""
+        """Build from GGUF metadata (``{arch}.block_count`` and friends), as llama.cpp reads it."""
         arch = metadata.get("general.architecture")
-        if arch not in DENSE_MODEL_TYPES:
+        if arch not in GGUF_ARCHITECTURES:
             raise CheckpointError(
                 f"unsupported GGUF architecture {arch!r}",
-                hint=f"this version of qwenlm runs {', '.join(DENSE_MODEL_TYPES)} models",
+                hint=f"this version of qwenlm runs {', '.join(GGUF_ARCHITECTURES)} models",
             )
 
         def get(key: str, default: Any = None) -> Any:
@@ -230,33 +271,48 @@ class ModelConfig:
                 raise CheckpointError(f"GGUF metadata is missing {arch}.{key}")
             return value
 
-        n_heads = int(get("attention.head_count"))
         tokens = metadata.get("tokenizer.ggml.tokens")
         if vocab_size is None:
             vocab_size = len(tokens) if tokens is not None else None
         if vocab_size is None:
             raise CheckpointError("GGUF has neither a vocabulary nor an embedding table size")
-        eos = metadata.get("tokenizer.ggml.eos_token_id")
-        bos = metadata.get("tokenizer.ggml.bos_token_id")
-        return cls(
-            vocab_size=int(vocab_size),
-            hidden_size=int(get("embedding_length")),
-            intermediate_size=int(get("feed_forward_length")),
-            num_hidden_layers=int(get("block_count")),
-            num_attention_heads=n_heads,
-            num_key_value_heads=int(get("attention.head_count_kv", n_heads)),
-            max_position_embeddings=int(get("context_length")),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            model_type=arch,
-            bos_token_id=int(bos) if bos is not None else None,
-            eos_token_id=int(eos) if eos is not None else None,
-        )
+        hidden, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+        ff = int(get("feed_forward_length"))
+        head_dim = int(get("attention.key_length", hidden // n_heads))
+        if int(get("attention.value_length", head_dim)) != head_dim:
+            raise CheckpointError(f"GGUF: {arch}.attention.value_length differs from key_length")
+        if int(get("rope.dimension_count", head_dim)) != head_dim:
+            raise CheckpointError(
+                f"GGUF: {arch}.rope.dimension_count is not the head size {head_dim}",
+                hint="partial rotary embeddings are not supported",
+            )
+        model_type = GGUF_ARCHITECTURES[arch]
+        hf: dict[str, Any] = {
+            "model_type": model_type,
+            "vocab_size": int(vocab_size),
+            "hidden_size": hidden,
+            # Qwen1 states the width of its two up projections together.
+            "intermediate_size": ff // 2 if arch == "qwen" else ff,
+            "num_hidden_layers": int(get("block_count")),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
+            "max_position_embeddings": int(get("context_length")),
+            "rope_theta": float(get("rope.freq_base", 10000.0)),
+            "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+            "rope_scaling": _gguf_rope_scaling(arch, metadata),
+        }
+        if head_dim != hidden // n_heads or model_type in QK_NORM_MODEL_TYPES:
+            hf["head_dim"] = head_dim  # Qwen3's default (128) is not hidden / heads
+        for key in ("bos_token_id", "eos_token_id"):
+            value = metadata.get(f"tokenizer.ggml.{key}")
+            hf[key] = int(value) if value is not None else None
+        if model_type in MOE_MODEL_TYPES:
+            hf.update(_gguf_moe(arch, get, ff))
+        return cls.from_hf(hf)
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json form (the inverse of :meth:`from_hf`)."""
-        arch = "Qwen2MoeForCausalLM" if self.is_moe else "Qwen2ForCausalLM"
-        out: dict[str, Any] = {"architectures": [arch]}
+        out: dict[str, Any] = {"architectures": [_ARCHITECTURES[self.model_type]]}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None:
@@ -266,3 +322,66 @@ class ModelConfig:
             )
         out["num_key_value_heads"] = self.num_key_value_heads
         return out
+
+
+def _gguf_moe(arch: str, get: Any, ff: int) -> dict[str, Any]:
+    """The MoE keys of a qwen2moe / qwen3moe GGUF, with llama.cpp's defaults."""
+    if float(get("expert_weights_scale", 1.0)) not in (0.0, 1.0):
+        raise CheckpointError(f"GGUF: {arch}.expert_weights_scale is not supported")
+    if int(get("expert_gating_func", 1)) != 1:  # 1: softmax, the only gating Qwen uses
+        raise CheckpointError(f"GGUF: {arch}.expert_gating_func other than softmax")
+    used = int(get("expert_used_count"))
+    out: dict[str, Any] = {
+        "num_experts": int(get("expert_count")),
+        "num_experts_per_tok": used,
+        "moe_intermediate_size": int(get("expert_feed_forward_length", ff // max(used, 1))),
+        # llama.cpp runs experts in every layer, and renormalises the chosen experts' weights
+        # for Qwen3-MoE (whose releases set norm_topk_prob) but not for Qwen2-MoE.
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": bool(get("expert_weights_norm", arch == "qwen3moe")),
+    }
+    if arch == "qwen2moe":
+        out["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length", ff))
+    return out
+
+
+def _gguf_rope_scaling(arch: str, metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``{arch}.rope.scaling.*`` as the config.json ``rope_scaling`` block that means the same.
+
+    llama.cpp's YaRN multiplies cos and sin by ``attn_factor * (1 + 0.1 ln factor)``, so a
+    stored attn_factor becomes Hugging Face's attention_factor times the same term; the keys
+    Hugging Face's YaRN has no counterpart for must hold their neutral values.
+    """
+
+    def opt(key: str) -> Any:
+        return metadata.get(f"{arch}.rope.scaling.{key}")
+
+    kind = opt("type")
+    if kind in (None, "none"):
+        return None
+    factor = opt("factor")
+    if kind not in ("yarn", "linear") or factor is None or float(factor) <= 0:
+        raise CheckpointError(
+            f"GGUF: unsupported rope scaling {kind!r} (factor {factor!r})",
+            hint="qwenlm runs yarn and linear rope scaling with a positive factor",
+        )
+    factor = float(factor)
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    neutral = {"yarn_log_multiplier": 0.0, "yarn_attn_factor": 1.0}
+    for key, value in neutral.items():
+        if opt(key) is not None and float(opt(key)) != value:
+            raise CheckpointError(f"GGUF: {arch}.rope.scaling.{key} {opt(key)} is not supported")
+    if opt("yarn_ext_factor") is not None and float(opt("yarn_ext_factor")) not in (-1.0, 1.0):
+        raise CheckpointError(f"GGUF: {arch}.rope.scaling.yarn_ext_factor is not supported")
+    out: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
+    if opt("original_context_length") is not None:
+        out["original_max_position_embeddings"] = int(opt("original_context_length"))
+    for key in ("beta_fast", "beta_slow"):
+        if opt(f"yarn_{key}") is not None:
+            out[key] = float(opt(f"yarn_{key}"))
+    attn_factor = opt("attn_factor")
+    if attn_factor is not None and float(attn_factor) != 1.0:
+        out["attention_factor"] = float(attn_factor) * (0.1 * math.log(factor) + 1.0)
+    return out

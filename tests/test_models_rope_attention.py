@@ -192,11 +192,10 @@ def test_dual_chunk_attention_follows_its_definition_across_chunks():
     rotary = build_model(config, random_state_dict(config).items()).model.rotary_emb
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 80, 16, generator=g) for _ in range(3))
-    pos = torch.arange(80)
-    cos, sin = rotary(pos[None])
-    plan = AttentionPlan(pos, 0, dual_chunk=DualChunk(32, 8), rotary=lambda p: rotary(p[None]))
-    plan.block = 16  # several tiles per chunk
-    got = plan.attend(q, k, v, cos, sin, None)
+    pos = torch.arange(80)[None]
+    cos, sin = rotary(pos)
+    plan = AttentionPlan(pos, dual_chunk=DualChunk(32, 8), rotary=rotary, block=16)
+    got = plan.attend(*plan.rotate(q, k, cos, sin), v)  # block 16: several tiles per chunk
     want = naive_dual_chunk(q, k, v, rotary, 32, 8)
     exact = naive_dual_chunk(q.double(), k.double(), v.double(), rotary, 32, 8)
     assert_float32_close(got, want, exact)

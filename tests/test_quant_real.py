@@ -7,9 +7,8 @@ import torch
 
 import qwenlm
 from qwenlm.benchmark import perplexity
-from qwenlm.generation.batch import batch_generate
-from qwenlm.generation.generate import GenerationConfig, generate
-from qwenlm.generation.speculative import SpeculationStats, speculative_step
+from qwenlm.generation.generate import GenerationConfig, batch_generate, generate, generate_step
+from qwenlm.generation.speculative import Speculation, SpeculationStats
 from qwenlm.kernels import cpu_kernels
 
 pytestmark = [
@@ -41,7 +40,7 @@ def test_prompt_lookup_speculation_is_exactly_greedy_on_real_weights(int8_model)
     ids = int8_model.encode_chat([{"role": "user", "content": code}])
     plain = generate(int8_model.engine, int8_model.tokenizer, ids, GREEDY).token_ids
     stats = SpeculationStats()
-    steps = speculative_step(int8_model.engine, ids, num_draft=5, stats=stats)
+    steps = generate_step(int8_model.engine, ids, speculation=Speculation(num_draft=5, stats=stats))
     spec = [next(steps) for _ in range(len(plain))]
     assert spec == plain
     assert stats.accepted > 0

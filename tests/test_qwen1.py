@@ -3,86 +3,31 @@
 from __future__ import annotations
 
 import base64
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_float32_close, float64_logits, tiny_ranks
-from safetensors.torch import save_file
+from helpers import (
+    QWEN1,
+    assert_float32_close,
+    assert_within,
+    float32_tolerance,
+    float64_logits,
+    qwen1_state_dict,
+    tiny_ranks,
+    write_qwen1_folder,
+)
 
 import qwenlm
 from qwenlm.chat.qwen1 import Qwen1ChatTemplate
 from qwenlm.errors import CheckpointError
 from qwenlm.generation.cache import make_cache
+from qwenlm.kernels import cpu_kernels
 from qwenlm.models.rope import logn_scale, ntk_alpha, ntk_base
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
 from qwenlm.weights.qwen1 import qwen1_config
-
-QWEN1 = {
-    "architectures": ["QWenLMHeadModel"],
-    "model_type": "qwen",
-    "vocab_size": 480,  # 269 tiny BPE tokens + Qwen1's 208 specials, padded
-    "hidden_size": 64,
-    "intermediate_size": 192,  # Qwen1 states w1 + w2: each is 96 wide
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "kv_channels": 16,
-    "rotary_emb_base": 10000,
-    "rotary_pct": 1.0,
-    "layer_norm_epsilon": 1e-6,
-    "seq_length": 16,
-    "max_position_embeddings": 256,
-    "use_dynamic_ntk": True,
-    "use_logn_attn": True,
-    "no_bias": True,
-    "tie_word_embeddings": False,
-}
-
-
-def qwen1_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    d, f = cfg["hidden_size"], cfg["intermediate_size"] // 2
-    p = cfg["num_attention_heads"] * cfg["kv_channels"]
-
-    def r(*shape: int, std: float = 0.2) -> torch.Tensor:
-        return std * torch.randn(*shape, generator=g)
-
-    sd = {
-        "transformer.wte.weight": r(cfg["vocab_size"], d),
-        "transformer.ln_f.weight": 1 + r(d, std=0.1),
-        "lm_head.weight": r(cfg["vocab_size"], d),
-    }
-    for i in range(cfg["num_hidden_layers"]):
-        h = f"transformer.h.{i}."
-        sd |= {
-            h + "ln_1.weight": 1 + r(d, std=0.1),
-            h + "attn.c_attn.weight": r(3 * p, d),
-            h + "attn.c_attn.bias": r(3 * p, std=0.1),
-            h + "attn.c_proj.weight": r(d, p),
-            h + "ln_2.weight": 1 + r(d, std=0.1),
-            h + "mlp.w1.weight": r(f, d),
-            h + "mlp.w2.weight": r(f, d),
-            h + "mlp.c_proj.weight": r(d, f),
-            h + "attn.rotary_emb.inv_freq": torch.ones(8),  # old checkpoints carry it
-        }
-    return sd
-
-
-def write_qwen1_folder(folder, cfg: dict | None = None, seed: int = 0) -> dict:
-    cfg = cfg or QWEN1
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in tiny_ranks().items()]
-    (folder / "qwen.tiktoken").write_text("\n".join(lines) + "\n")
-    (folder / "generation_config.json").write_text(
-        json.dumps({"top_p": 0.8, "top_k": 0, "max_window_size": 6144, "eos_token_id": 151643})
-    )
-    sd = qwen1_state_dict(cfg, seed)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
-    return sd
 
 
 def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,17 +35,25 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def qwen1_reference(
-    sd: dict, cfg: dict, ids: list[int], dtype: torch.dtype = torch.float32
+    sd: dict,
+    cfg: dict,
+    ids: list[int],
+    prompt_len: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """One forward pass written from Qwen1's modeling_qwen.py (no cache), in Qwen1's names.
 
+    ``prompt_len``: the tokens after it were generated one at a time with the KV cache, so
+    dynamic NTK's factor is the one Qwen1 computed at prefill, from the prompt's length.
     ``dtype=torch.float64`` gives the exact answer that float32 results are measured against.
     """
     sd = {k: v.to(dtype) for k, v in sd.items()}
     T, H, D, L = len(ids), cfg["num_attention_heads"], cfg["kv_channels"], cfg["seq_length"]
     alpha = 1.0
-    if cfg["use_dynamic_ntk"]:  # QWenModel.get_ntk_alpha
-        alpha = max(2 ** math.ceil(math.log(T / L, 2) + 1) - 1, 1)
+    if cfg["use_dynamic_ntk"]:  # QWenModel.get_ntk_alpha, kept in _ntk_alpha_cached_list
+        n = prompt_len or T
+        alpha = max(2 ** math.ceil(math.log(n / L, 2) + 1) - 1, 1)
     base = cfg["rotary_emb_base"] * alpha ** (D / (D - 2))
     inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=dtype) / D))
     freqs = torch.outer(torch.arange(T, dtype=dtype), inv_freq)
@@ -147,7 +100,9 @@ def test_qwen1_folder_matches_qwen1_reference(tmp_path, T):
     sd = write_qwen1_folder(tmp_path)
     m = qwenlm.load(tmp_path, quant="none", device="cpu")
     x = torch.randint(0, 269, (T,), generator=torch.Generator().manual_seed(T)).tolist()
-    want, exact = (qwen1_reference(sd, QWEN1, x, dtype) for dtype in (torch.float32, torch.float64))
+    want, exact = (
+        qwen1_reference(sd, QWEN1, x, dtype=dtype) for dtype in (torch.float32, torch.float64)
+    )
     assert_float32_close(m.logits(x), want, exact)
 
 
@@ -360,6 +315,37 @@ def test_qwen1_engine_and_chat_api(tmp_path):
     assert history == [("a", "b"), ("hello", response)]
 
 
+@pytest.mark.parametrize("prompt_len", [10, 40])
+def test_dynamic_ntk_is_fixed_per_sequence_at_prefill(tmp_path, prompt_len):
+    # Qwen1 computes the NTK factor from the prompt's length at prefill and keeps it while
+    # decoding; a sequence's logits must not move with its batch-mates' lengths either.
+    sd = write_qwen1_folder(tmp_path)
+    m = qwenlm.load(tmp_path, quant="f32", device="cpu")  # row-exact kernels where present
+    engine = m.engine
+    x = list(range(3, 70))  # decoding runs past 4x seq_length
+    want, exact = (
+        qwen1_reference(sd, QWEN1, x, prompt_len=prompt_len, dtype=dt)
+        for dt in (torch.float32, torch.float64)
+    )
+    alone, beside = engine.new_sequence(), engine.new_sequence()
+    longer = engine.new_sequence()  # 130 tokens: NTK factor 15 where ours is 1 or 7
+    first = engine.prefill(alone, x[:prompt_len])
+    assert torch.equal(engine.prefill(beside, x[:prompt_len]), first)
+    engine.prefill(longer, list(range(5, 135)))
+    # Against the reference in float64: float32 rounding of differently ordered sums (the
+    # reference's own float32 error sets the bound); the bug this guards against moved logits
+    # by ~1.
+    tol = float32_tolerance(want, exact)
+    assert_within(first, exact[prompt_len - 1], tol)
+    for i in range(prompt_len, len(x)):
+        (a,) = engine.forward([(alone, [x[i]])])
+        b, _ = engine.forward([(beside, [x[i]]), (longer, [7])])
+        if cpu_kernels() is not None:
+            assert torch.equal(a, b)  # row-exact path: the batch-mate changes no bit
+        assert_within(a, exact[i], tol)
+        assert_within(b, exact[i], tol)
+
+
 def test_qwen1_trains_with_padding_masks(tmp_path):
     """LogN and dynamic NTK are inference-only in Qwen1, so training takes padded batches."""
     write_qwen1_folder(tmp_path)
@@ -371,7 +357,7 @@ def test_qwen1_trains_with_padding_masks(tmp_path):
     # training mode: plain RoPE (no NTK) and no LogN, even past seq_length
     sd, plain = qwen1_state_dict(QWEN1), {**QWEN1, "use_dynamic_ntk": False, "use_logn_attn": False}
     want, exact = (
-        qwen1_reference(sd, plain, x[0].tolist(), dt) for dt in (torch.float32, torch.float64)
+        qwen1_reference(sd, plain, x[0].tolist(), dtype=dt) for dt in (torch.float32, torch.float64)
     )
     assert_float32_close(m.lm_head(h[0]), want, exact)
 

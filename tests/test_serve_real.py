@@ -102,6 +102,55 @@ def ask(text: str) -> list[dict[str, str]]:
 GREEDY = {"temperature": 0}
 
 
+# -- one numeric path --------------------------------------------------------------------------
+SURFACE_PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    # ~700 tokens: the prompt crosses a prefill piece boundary (512)
+    "Summarize this code in one sentence:\n"
+    + "\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}" for i in range(60)),
+]
+
+
+def test_every_surface_gives_the_same_tokens(server, real_model_path):
+    """`qwenlm generate`, the Python API and the server (alone, and beside 7 other streams)."""
+    import qwenlm
+
+    api = qwenlm.load(real_model_path)
+    n = 24
+    for prompt in SURFACE_PROMPTS:
+        cli = subprocess.run(
+            [sys.executable, "-m", "qwenlm", "generate", "-m", str(real_model_path), "-",
+             "--greedy", "--max-new-tokens", str(n)],
+            input=prompt, capture_output=True, text=True, cwd=ROOT, timeout=600, check=True,
+        ).stdout.removesuffix("\n")  # fmt: skip
+        python = "".join(
+            c.text for c in api.chat_chunks(ask(prompt), max_new_tokens=n, temperature=0)
+        )
+        body = {"model": MODEL, "messages": ask(prompt), "max_tokens": n, **GREEDY}
+        alone = httpx.post(server + "/v1/chat/completions", json=body, headers=auth(), timeout=600)
+        stop = threading.Event()
+
+        def noise(i: int, stop: threading.Event = stop) -> None:
+            req = {"model": MODEL, "messages": ask(f"Count from {i} to 500."), "stream": True,
+                   "max_tokens": 120}  # fmt: skip
+            with httpx.stream("POST", server + "/v1/chat/completions", json=req,
+                              headers=auth(), timeout=600) as r:  # fmt: skip
+                for _ in r.iter_lines():
+                    if stop.is_set():
+                        return
+
+        others = [threading.Thread(target=noise, args=(i,)) for i in range(7)]
+        for t in others:
+            t.start()
+        time.sleep(2)
+        busy = httpx.post(server + "/v1/chat/completions", json=body, headers=auth(), timeout=600)
+        stop.set()
+        for t in others:
+            t.join(600)
+        texts = [r.json()["choices"][0]["message"]["content"] for r in (alone, busy)]
+        assert cli == python == texts[0] == texts[1], (cli, python, texts)
+
+
 # -- the OpenAI client -------------------------------------------------------------------------
 def test_chat_and_usage(client):
     r = client.chat.completions.create(
@@ -188,6 +237,89 @@ def test_completions_endpoint(client):
         model=MODEL, prompt="def add(a, b):\n", max_tokens=16, stop=["\n\n"], **GREEDY
     )
     assert "return" in r.choices[0].text and r.choices[0].finish_reason in ("stop", "length")
+
+
+# -- Ollama's API and embeddings, through their clients ------------------------------------------
+def test_the_ollama_client_chats_generates_lists_shows_and_embeds(server, client):
+    ollama = pytest.importorskip("ollama")
+    api = ollama.Client(host=server, headers=auth(), timeout=300)
+    greedy = {"temperature": 0, "num_predict": 8}
+    hello = ask("Say hello.")
+    # Ollama's own name for the model, as its users write it
+    whole = api.chat(model="qwen2.5-coder:0.5b", messages=hello, options=greedy)
+    assert whole.done and whole.message.content and whole.eval_count <= 8
+    parts = list(api.chat(model=MODEL, messages=hello, options=greedy, stream=True))
+    assert "".join(p.message.content for p in parts) == whole.message.content
+    openai_reply = client.chat.completions.create(
+        model=MODEL, messages=hello, max_tokens=8, **GREEDY
+    )
+    assert openai_reply.choices[0].message.content == whole.message.content  # one engine
+    gen = api.generate(model=MODEL, prompt="Write a Python add function.", options=greedy)
+    streamed = api.generate(
+        model=MODEL, prompt="Write a Python add function.", options=greedy, stream=True
+    )
+    assert "".join(p.response for p in streamed) == gen.response and gen.response
+    # fill-in-the-middle through `suffix`, with Qwen2.5-Coder's FIM tokens
+    fim = api.generate(
+        model=MODEL,
+        prompt="def add(a, b):\n    ",
+        suffix="\n\nprint(add(1, 2))\n",
+        options={"temperature": 0, "num_predict": 16},
+    )
+    assert "a + b" in fim.response
+    assert [m.model for m in api.list().models] == [MODEL]
+    shown = api.show(MODEL)
+    assert shown.modelinfo["qwen2.context_length"] == 32768
+    assert {"completion", "tools", "insert"} <= set(shown.capabilities)
+    assert shown.details.parameter_size.endswith("M")
+    (running,) = api.ps().models
+    assert running.context_length == 32768
+    vectors = api.embed(model=MODEL, input=["hello", "world"]).embeddings
+    assert len(vectors) == 2 and len(vectors[0]) == 896
+
+
+PARAPHRASES = [
+    ("How do I reverse a list in Python?", "What is the way to reverse a Python list?"),
+    ("The cat is sleeping on the sofa.", "A cat naps on the couch."),
+    ("Open the file and read every line.", "Read all lines from the file after opening it."),
+    ("The weather is cold and rainy today.", "Today it is raining and chilly."),
+    ("She bought three apples at the market.", "At the market she purchased three apples."),
+    ("The server returned a 404 error.", "The server responded with a not-found error."),
+]
+UNRELATED = [
+    ("How do I reverse a list in Python?", "The cat is sleeping on the sofa."),
+    ("The weather is cold and rainy today.", "Open the file and read every line."),
+    ("She bought three apples at the market.", "The server returned a 404 error."),
+    ("A cat naps on the couch.", "What is the way to reverse a Python list?"),
+    ("Today it is raining and chilly.", "At the market she purchased three apples."),
+    (
+        "Read all lines from the file after opening it.",
+        "The server responded with a not-found error.",
+    ),
+]
+
+
+def test_embeddings_rank_paraphrases_above_unrelated_pairs(client):
+    texts = sorted({t for pair in PARAPHRASES + UNRELATED for t in pair})
+    got = client.embeddings.create(model=MODEL, input=texts)  # base64 on the wire
+    vec = {t: d.embedding for t, d in zip(texts, got.data, strict=True)}
+    assert got.usage.prompt_tokens > len(texts)
+    for v in vec.values():
+        assert abs(sum(x * x for x in v) - 1) < 1e-5 and len(v) == 896
+    again = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.embedding for d in again.data] == [vec[t] for t in texts]  # deterministic
+    alone = client.embeddings.create(model=MODEL, input=texts[3]).data[0].embedding
+    assert alone == vec[texts[3]]  # a batch gives each text what it gets alone
+
+    def cos(a: str, b: str) -> float:
+        return sum(x * y for x, y in zip(vec[a], vec[b], strict=True))
+
+    para = [cos(a, b) for a, b in PARAPHRASES]
+    other = [cos(a, b) for a, b in UNRELATED]
+    print("paraphrase cosines", [round(x, 3) for x in para])  # shown with -rA
+    print("unrelated cosines", [round(x, 3) for x in other])
+    assert sum(para) / len(para) > sum(other) / len(other) + 0.2
+    assert min(para) > max(other)
 
 
 def test_raw_sse_stream(server):

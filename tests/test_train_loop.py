@@ -129,6 +129,183 @@ def test_sigkill_then_resume_reproduces_the_losses_exactly(reference, tmp_path):
     got = losses(tmp_path / "killed")
     assert sorted(got) == list(range(1, 26))
     assert got == expected  # exactly: same floats, step for step
+    assert_same_adapter(tmp_path / "killed", Path(ref_data["out"]))  # and the same weights
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigkill_inside_checkpoint_writes_never_leaves_a_partial_checkpoint(reference, tmp_path):
+    """Checklist 10: killed at many moments, half of them while a checkpoint is being written,
+    every step-N folder verifies; the resumed runs end with the uninterrupted run's weights."""
+    import random
+
+    from qwenlm.train.checkpoint import Checkpoints
+
+    _, ref_data = reference
+    out = tmp_path / "killed"
+    data = {**ref_data, "out": str(out), "checkpoint": {"every": 1, "keep": 3}}
+    ckpts = Checkpoints(out / "checkpoints")
+    log = out / "log.jsonl"
+    rng = random.Random(0)
+    flags: tuple[str, ...] = ()
+    kills = inside = 0
+    for attempt in range(5):  # four kills, then a run left to finish
+        proc = cli_train(data, *flags, tmp=tmp_path)
+        flags = ("--resume",)
+        logged = log.stat().st_size if log.exists() else 0
+        kill_at = None
+        deadline = time.monotonic() + 240
+        while attempt < 4 and proc.poll() is None and time.monotonic() < deadline:
+            saving = ckpts.root.is_dir() and any(
+                p.name.endswith(".partial") for p in ckpts.root.iterdir()
+            )
+            if kill_at is None and log.exists() and log.stat().st_size > logged:
+                kill_at = time.monotonic() + rng.uniform(0.0, 0.5)  # training: a random moment
+            if (attempt % 2 == 0 and saving) or (
+                attempt % 2 == 1 and kill_at and time.monotonic() > kill_at
+            ):
+                os.kill(proc.pid, signal.SIGKILL)
+                kills, inside = kills + 1, inside + saving
+                break
+            time.sleep(0.002)
+        _, err = proc.communicate(timeout=240)
+        if attempt == 4 or proc.returncode == 0:
+            assert proc.returncode == 0, err
+            break
+        assert proc.returncode == -signal.SIGKILL, err
+        for step in ckpts.steps():
+            assert ckpts.verify(ckpts.path(step)) is None, step  # never a partial step-N
+    assert kills == 4 and inside >= 2, (kills, inside)
+    assert losses(out) == losses(Path(ref_data["out"]))
+    assert_same_adapter(out, Path(ref_data["out"]))
+
+
+class _Killed(BaseException):
+    """Death at a given file-system call: no handler runs, as with SIGKILL."""
+
+
+def test_death_at_every_file_operation_of_a_save_leaves_old_or_new_never_half(
+    tmp_path, monkeypatch
+):
+    import shutil
+
+    from qwenlm.train import checkpoint as ck
+
+    def write(step):
+        def fill(part):
+            ck.write_tensors(part / "weights.safetensors", {"w": torch.full((4,), float(step))})
+            ck.write_json(part / "trainer.json", {"step": step})
+
+        return fill
+
+    real = {"replace": os.replace, "fsync": os.fsync, "save_file": ck.save_file}
+    point = 0
+    while True:
+        point += 1
+        root = tmp_path / f"run-{point}"
+        ckpts = ck.Checkpoints(root, keep=2)
+        ckpts.save(1, write(1))
+        calls = 0
+
+        def dies(name, die_at=point):
+            def op(*args, **kwargs):
+                nonlocal calls
+                calls += 1
+                if calls == die_at:
+                    raise _Killed(name)
+                return real[name](*args, **kwargs)
+
+            return op
+
+        monkeypatch.setattr(os, "replace", dies("replace"))
+        monkeypatch.setattr(os, "fsync", dies("fsync"))
+        monkeypatch.setattr(ck, "save_file", dies("save_file"))
+        try:
+            ckpts.save(2, write(2))
+            finished = True
+        except _Killed:
+            finished = False
+        monkeypatch.undo()
+        steps = ckpts.steps()
+        assert all(ckpts.verify(ckpts.path(s)) is None for s in steps), (point, steps)
+        assert ckpts.latest() == ckpts.path(2 if 2 in steps else 1)
+        ckpts.clean_partials()
+        assert sorted(p.name for p in root.iterdir()) == [f"step-{s:08d}" for s in sorted(steps)]
+        shutil.rmtree(root)
+        if finished:
+            break
+    assert point > 8  # every write, fsync and rename of a save was a place to die
+
+
+def test_a_full_disk_during_a_save_stops_cleanly_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from qwenlm.train import checkpoint as ck
+
+    data = recipe(tmp_path, train={"steps": 10}, checkpoint={"every": 5})
+    real_save = ck.save_file
+
+    def save_file(tensors, path, metadata=None):
+        if "step-00000010" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", save_file)
+    with pytest.raises(ck.CheckpointWriteError) as e:
+        train(recipe_from_dict(data))
+    assert "could not save checkpoint step 10" in str(e.value)
+    assert "No space left on device; checkpoint" in str(e.value)
+    assert "step-00000005 is intact" in str(e.value) and "--resume" in str(e.value)
+    root = Path(data["out"]) / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000005"]  # no half-written folder
+    assert ck.Checkpoints(root).verify(root / "step-00000005") is None
+    monkeypatch.undo()
+    result = train(recipe_from_dict(data), resume=True)
+    assert result.resumed_from == 5 and result.step == 10
+
+
+def test_resume_refuses_other_data_or_another_recipe_unless_forced(reference, tmp_path):
+    import shutil
+
+    _, ref_data = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_data["out"], out)
+    moved = tmp_path / "moved.jsonl"  # the same bytes elsewhere: fine
+    shutil.copy(ref_data["data"]["train"][0], moved)
+    same = {**ref_data, "out": str(out), "data": {**ref_data["data"], "train": [str(moved)]}}
+    with moved.open("a") as f:
+        f.write(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "new"},
+                        {"role": "assistant", "content": "row"},
+                    ]
+                }
+            )
+            + "\n"
+        )
+    with pytest.raises(TrainError, match="trained with other data") as e:
+        train(recipe_from_dict(same), resume=True)
+    assert "--force-resume" in str(e.value)
+    messages: list[str] = []
+    result = train(recipe_from_dict(same), force_resume=True, say=messages.append)
+    assert result.resumed_from == 25 and any("continuing anyway" in m for m in messages)
+    shutil.rmtree(out)
+    shutil.copytree(ref_data["out"], out)
+    other = {**ref_data, "out": str(out), "optim": {"lr": 1e-3}}
+    with pytest.raises(TrainError, match="trained with other recipe"):
+        train(recipe_from_dict(other), resume=True)
+    longer = {**ref_data, "out": str(out), "train": {**ref_data["train"], "steps": 27}}
+    assert train(recipe_from_dict(longer), resume=True).step == 27  # more steps: allowed
 
 
 def test_corrupt_newest_checkpoint_is_detected_and_the_one_before_used(reference, tmp_path):
@@ -322,6 +499,67 @@ def test_activation_checkpointing_keeps_the_math(tmp_path):
         runs[name] = losses(tmp_path / name)
     # recomputation repeats the same float32 ops: equal up to a few ulps (1.2e-7) of the loss
     assert runs["plain"] == pytest.approx(runs["checkpointed"], rel=1e-6)
+
+
+def test_export_round_trip_gives_equal_logits_in_a_fresh_process(tmp_path):
+    """Checklist 30: fine-tuned weights, saved with their sha256, reload in a new process with
+    the in-memory model's logits on 5 prompts; one flipped byte and the load is refused."""
+    from helpers import tiny_model, tiny_tokenizer
+    from safetensors.torch import load_file
+
+    from qwenlm.errors import CheckpointError
+    from qwenlm.train.export import WEIGHTS, write_hf_folder
+
+    model = tiny_model()
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # a few steps of training, in memory
+        x = torch.randint(0, 300, (2, 16), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    folder = write_hf_folder(
+        tmp_path / "m",
+        config=model.config,
+        tensors=model.state_dict(),
+        tokenizer=tiny_tokenizer(),
+        chat_template=None,
+    )
+    prompts = [[(7 * i + j) % 300 for j in range(5 + 3 * i)] for i in range(5)]
+    with torch.no_grad():
+        expected = {str(i): model(torch.tensor([p]))[0] for i, p in enumerate(prompts)}
+    script = (
+        "import json, sys, torch, qwenlm\n"
+        "from safetensors.torch import save_file\n"
+        "m = qwenlm.load(sys.argv[1], dtype='float32', device='cpu', quant='none')\n"
+        "prompts = json.loads(sys.argv[3])\n"
+        "logits = {str(i): m.logits(p).contiguous() for i, p in enumerate(prompts)}\n"
+        "save_file(logits, sys.argv[2])\n"
+    )
+    got_path = tmp_path / "logits.safetensors"
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(got_path), json.dumps(prompts)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    got = load_file(str(got_path))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)  # bit for bit
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(index["metadata"]["sha256"][WEIGHTS]) == 64
+    blob = bytearray((folder / WEIGHTS).read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # one bit, deep in the tensor data
+    (folder / WEIGHTS).write_bytes(bytes(blob))
+    import qwenlm
+
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        qwenlm.load(folder, quant="none")
 
 
 def test_full_finetune_writes_a_model_folder_that_loads(tmp_path):

@@ -123,7 +123,7 @@ class FunctionCallingAgent:
         self.loose = loose  # also accept tag-less JSON calls (see loose_tool_calls)
         self.max_steps = max_steps
         self.options = {"temperature": 0.0, "max_new_tokens": 512, **options}
-        self.cache = model.new_sequence()
+        self.sequence = model.new_sequence()  # the conversation's KV cache, reused per turn
 
     def reply(
         self,
@@ -139,10 +139,10 @@ class FunctionCallingAgent:
         limit, and a repeated call adds nothing.
         """
         text = ""
-        stream = self.model.stream_chat(
+        stream = self.model.chat_chunks(
             messages,
             tools=self.tools.schemas() if tools else None,
-            cache=self.cache,
+            sequence=self.sequence,
             **self.options,
         )
         try:

@@ -121,7 +121,7 @@ class ReActAgent:
         # The model stops where an observation belongs; the framework supplies it.
         self.stop = (*options.pop("stop", ()), "Observation:")
         self.options = {"temperature": 0.0, "max_new_tokens": 512, **options}
-        self.cache = model.new_sequence()
+        self.sequence = model.new_sequence()  # reused: each step extends the same turn
 
     def run(self, query: str, *, on_step: Callable[[AgentStep], None] | None = None) -> AgentResult:
         prompt = self.model.encode_chat(
@@ -133,7 +133,9 @@ class ReActAgent:
             ids = prompt + self.model.tokenizer.encode(text)
             out = "".join(
                 c.text
-                for c in self.model.stream(ids, cache=self.cache, stop=self.stop, **self.options)
+                for c in self.model.generate_chunks(
+                    ids, sequence=self.sequence, stop=self.stop, **self.options
+                )
             )
             text += out
             final = out.rfind("Final Answer:")

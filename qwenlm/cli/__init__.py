@@ -23,6 +23,7 @@ COMMANDS = {
     "profile": ("qwenlm.cli.bench:profile_main", "the model cards' speed and memory table"),
     "train": ("qwenlm.cli.train:main", "pretrain, fine-tune (full, LoRA, Q-LoRA) or DPO-train"),
     "merge": ("qwenlm.cli.merge:main", "fold a LoRA adapter into its base model"),
+    "export": ("qwenlm.cli.export:main", "write a model as a GGUF file for llama.cpp / Ollama"),
     "upcycle": ("qwenlm.cli.upcycle:main", "turn a dense model into a mixture of experts"),
     "longppl": ("qwenlm.cli.longctx:ppl_main", "perplexity by context length, extensions on/off"),
     "needle": ("qwenlm.cli.longctx:needle_main", "needle-in-a-haystack grid and heatmap"),

@@ -50,7 +50,7 @@ class ChatSession:
         self.system = system
         self.options = options or {}
         self.messages: list[dict[str, str]] = []
-        self.cache = model.new_sequence()
+        self.sequence = model.new_sequence()
 
     def reset(self) -> None:
         self.messages = []
@@ -67,7 +67,7 @@ class ChatSession:
         t0 = time.perf_counter()
         stream = None
         try:
-            stream = self.model.stream_chat(messages, cache=self.cache, **self.options)
+            stream = self.model.chat_chunks(messages, sequence=self.sequence, **self.options)
             for chunk in stream:
                 if chunk.text:
                     parts.append(chunk.text)

@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, help="completions per problem for pass@k (code tasks)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default 0: greedy)")
     p.add_argument("--max-new-tokens", type=int, help="longest completion (task default)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (and per save)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="samples decoded together (and saved together); results do not depend on it",
+    )
     p.add_argument("--restart", action="store_true", help="discard earlier records in --output")
     p.add_argument(
         "--json", action="store_true", help="print the summary as JSON instead of a table"

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", "-v", action="store_true", help="print token counts and speed to stderr"
     )
     g = p.add_argument_group(
-        "speculative decoding (greedy only: implies --greedy and --repetition-penalty 1)"
+        "speculative decoding (the same output as without it, for any sampling settings; "
+        "fastest with --greedy)"
     )
     g.add_argument(
         "--draft", metavar="MODEL", help="a smaller model of the same family that proposes tokens"
@@ -51,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.ignore_eos:
         options["ignore_eos"] = True
     speculative = args.draft is not None or args.prompt_lookup
-    if speculative:
-        options.update(temperature=0.0, repetition_penalty=1.0)
     model = load_model(args, quiet=not args.verbose)
     model.generation_config(**options)  # validate the flags before any work
     stats = None
@@ -72,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             draft, prompt_lookup=args.prompt_lookup, num_draft=args.num_draft, stats=stats
         )
     if args.raw:
-        stream = model.stream(prompt, speculate=spec, **options)
+        stream = model.generate_chunks(prompt, speculate=spec, **options)
     else:
         messages = [{"role": "system", "content": args.system}] if args.system is not None else []
-        stream = model.stream_chat(
+        stream = model.chat_chunks(
             [*messages, {"role": "user", "content": prompt}], speculate=spec, **options
         )
     t0 = time.perf_counter()

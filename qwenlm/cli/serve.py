@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
-        "/v1/completions, /v1/models, /health, /metrics) with a web chat page at /.",
+        "/v1/completions, /v1/embeddings, /v1/models, /health, /metrics) and Ollama's API "
+        "(/api/chat, /api/generate, /api/embed, /api/tags, ...), with a web chat page at /.",
     )
     add_model_args(p, positional=True)
     g = p.add_argument_group("network")
@@ -82,11 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--prefill-chunk",
         type=int,
-        default=16,
-        help="prompt tokens per sequence per forward. The default 16 keeps every forward on "
-        "the exact per-row path: a request gives the same tokens alone, under load or from the "
-        "prefix cache. Larger (e.g. 512) prefills long prompts faster, with rounding-level "
-        "differences between those cases (default 16)",
+        default=512,
+        help="prompts prefill in pieces ending at multiples of this many positions, each "
+        "piece alone in its forward pass, and the prefix cache reuses whole pieces: a request "
+        "gives the same tokens alone, under load, from the cache and through `qwenlm "
+        "generate`. Another value changes results at the rounding level against other "
+        "surfaces; above 16 (default 512)",
     )
     g.add_argument(
         "--tool-prompt",
@@ -95,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how tools reach the model: native (the chat template's tools, Qwen2.5's "
         "<tool_call>), react (the Qwen ReAct prompt) or auto (native when the template "
         "supports tools)",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=["auto", "think", "none", "deepseek_r1", "qwen3"],
+        default="auto",
+        help="split replies that open with <think> into reasoning_content and content: think "
+        "(on; deepseek_r1 and qwen3 are other names for it), none (off) or auto (on when the "
+        "chat template mentions <think>, as reasoning models' templates do)",
     )
     g = p.add_argument_group("logging")
     g.add_argument("--no-access-log", action="store_true", help="do not log each request")
@@ -117,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
             "qwenlm serve needs starlette and uvicorn",
             hint="pip install 'qwenlm[serve]'",
         ) from None
+    from qwenlm.generation.engine import SMALL_SEGMENT
     from qwenlm.serve import ServeConfig, serve
 
-    for name in ("max_num_seqs", "max_queue", "max_body_bytes", "port", "prefill_chunk"):
+    for name in ("max_num_seqs", "max_queue", "max_body_bytes", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise QwenlmError(f"--{name.replace('_', '-')} must be positive")
+    if args.prefill_chunk <= SMALL_SEGMENT:
+        raise QwenlmError(f"--prefill-chunk must be above {SMALL_SEGMENT}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
@@ -141,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         prefill_chunk=args.prefill_chunk,
         max_model_len=args.max_model_len,
         tool_prompt=args.tool_prompt,
+        reasoning_parser=args.reasoning_parser,
         cors_origins=args.cors_origin,
+        cache_dir=args.cache_dir,
     )
     print(f"serving {config.model_names[0]} on http://{args.host}:{args.port}", file=sys.stderr)
     serve(

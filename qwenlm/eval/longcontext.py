@@ -186,7 +186,7 @@ def greedy(
     x = torch.tensor([list(ids)], device=device)
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            token = int(model(x, cache, last_only=True)[0, -1].argmax())
+            token = int(model(x, cache, logits_at=-1)[0, -1].argmax())
             if token in stop:
                 break
             out.append(token)

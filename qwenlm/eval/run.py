@@ -5,9 +5,9 @@ batch of samples into per-sample records (prompting the model through :class:`Ev
 ``task.summarize(records)`` gives the metrics. Records are appended to ``records.jsonl`` after
 every batch, so an interrupted run picks up where it stopped.
 
-:class:`EvalEngine` is the only thing tasks know about the model. ``complete`` maps a list of
-requests to completions; today it runs them one after another, and a batched engine can take
-its place without a task changing.
+:class:`EvalEngine` is the only thing tasks know about the model. ``complete`` sends a batch of
+requests through the engine's scheduler together (the same one the server runs), so they
+decode side by side; each completion equals what the request gives alone.
 """
 
 from __future__ import annotations
@@ -18,11 +18,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from qwenlm.errors import QwenlmError
+from qwenlm.generation.config import GenerationConfig
+from qwenlm.generation.scheduler import Output, Scheduler
+from qwenlm.generation.scheduler import Request as EngineRequest
+from qwenlm.generation.stream import GenerationChunk, collect
+
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen
 
 
 class EvalError(QwenlmError):
@@ -69,12 +76,14 @@ class Completion:
 class EvalEngine:
     """What a task sees of a model: prompts in, completions or next-token scores out."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Qwen, *, batch_size: int = 8) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
-        # Consecutive prompts of a task share a long prefix (instructions, few-shot examples);
-        # the prompt cache prefills only what differs.
-        self._cache = model.new_sequence()
+        # Consecutive prompts of a task share a long prefix (instructions, few-shot examples):
+        # the scheduler's prefix cache prefills it once.
+        self.scheduler = Scheduler(
+            model.engine, model.tokenizer, max_num_seqs=batch_size, max_queue=1 << 20
+        )
         self.generated_tokens = 0
 
     def chat_prompt(
@@ -88,33 +97,43 @@ class EvalEngine:
         return tuple(self.tokenizer.encode(text))
 
     def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        """Completions for ``requests``, in order. The seam for a batched engine."""
+        """Completions for ``requests``, in order, decoded together."""
+        outputs: list[list[Output]] = [[] for _ in requests]
+        jobs = [
+            EngineRequest(
+                r.prompt,
+                GenerationConfig(
+                    max_new_tokens=r.max_new_tokens,
+                    stop=r.stop,
+                    temperature=r.temperature,
+                    top_p=r.top_p,
+                    top_k=0,
+                    repetition_penalty=1.0,
+                    seed=r.seed,
+                ),
+                outs.append,
+            )
+            for r, outs in zip(requests, outputs, strict=True)
+        ]
+        self.scheduler.run(jobs)
         out = []
-        for r in requests:
-            parts: list[str] = []
-            last = None
-            for chunk in self.model.stream(
-                list(r.prompt),
-                cache=self._cache,
-                max_new_tokens=r.max_new_tokens,
-                stop=r.stop,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                top_k=0,
-                repetition_penalty=1.0,
-                seed=r.seed,
-            ):
-                parts.append(chunk.text)
-                last = chunk
-            self.generated_tokens += last.completion_tokens
+        for outs in outputs:
+            errors = [o.error for o in outs if o.error is not None]
+            if errors:
+                raise EvalError(f"generation failed: {errors[0]}")
+            result = collect(
+                GenerationChunk(
+                    o.text, o.token_ids, o.finish_reason, o.prompt_tokens, o.completion_tokens
+                )
+                for o in outs
+            )
+            self.generated_tokens += result.completion_tokens
             out.append(
                 Completion(
-                    "".join(parts),
-                    last.finish_reason or "length",
-                    last.prompt_tokens,
-                    last.completion_tokens,
+                    result.text, result.finish_reason, result.prompt_tokens,
+                    result.completion_tokens,
                 )
-            )
+            )  # fmt: skip
         return out
 
     def next_token_logprobs(
@@ -123,9 +142,7 @@ class EvalEngine:
         """For each prompt, the log-probabilities of the ``candidates`` as its next token."""
         out = []
         for prompt in prompts:
-            ids = list(prompt)
-            n = self._cache.reuse(ids)
-            (logits,) = self.model.engine.forward([(self._cache, ids[n:])])
+            logits = self.scheduler.prompt_logits(list(prompt))
             logprobs = torch.log_softmax(logits, dim=-1)
             out.append([float(logprobs[c]) for c in candidates])
         return out
@@ -220,7 +237,7 @@ def _resume(
 
 
 def run_eval(
-    model: Any,
+    model: Qwen,
     task: Task,
     *,
     output: str | os.PathLike[str] | None = None,
@@ -245,7 +262,7 @@ def run_eval(
     ids = [s["id"] for s in samples]
     if len(set(ids)) != len(ids):
         raise EvalError(f"{task.name}: sample ids are not unique")
-    engine = engine or EvalEngine(model)
+    engine = engine or EvalEngine(model, batch_size=batch_size)
     model_name = str(getattr(model, "name", None) or "model")
     # ``settings``: how the model was loaded (quantization, dtype), which a resumed run must match.
     meta = {

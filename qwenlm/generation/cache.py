@@ -1,15 +1,20 @@
-"""The plain KV cache: one object per layer, passed into the model's forward.
+"""Key/value caches: the plain one for direct use of the model, and the engine's per-sequence one.
 
-The engine (engine.py) keeps its own per-sequence caches; this one is for direct use of the
-model, one sequence (or a same-length batch) at a time.
+Both are read by attention through the one cache protocol,
+:class:`~qwenlm.models.attention.LayerCache`: the plain :class:`KVCache` is itself a layer
+cache; a :class:`SequenceCache` holds every layer of one sequence and is attended through the
+engine's ragged-batch views (``engine.BatchLayer``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence as Seq
 
 import torch
 from torch import nn
 
 from qwenlm.config import ModelConfig
+from qwenlm.models.attention import AttentionPlan
 
 
 class KVCache:
@@ -25,10 +30,12 @@ class KVCache:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.offset = 0
+        self.ntk_alpha: float | None = None
 
     def update_and_fetch(
         self, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, kv_heads, T, head_dim); returns every stored position."""
         T = k.shape[2]
         need = self.offset + T
         if self.keys is None or need > self.keys.shape[2]:
@@ -47,6 +54,16 @@ class KVCache:
         self.offset = need
         return self.keys[:, :, :need], self.values[:, :, :need]
 
+    def attend(
+        self,
+        q: torch.Tensor | tuple[torch.Tensor, ...],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:
+        keys, values = self.update_and_fetch(k, v)
+        return plan.attend(q, keys, values)
+
     def trim(self, n: int) -> int:
         """Drop the last ``n`` positions; returns how many were dropped."""
         n = min(max(n, 0), self.offset)
@@ -55,6 +72,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.offset = 0
+        self.ntk_alpha = None
 
     @property
     def nbytes(self) -> int:
@@ -67,3 +85,140 @@ def make_cache(model: nn.Module | ModelConfig) -> list[KVCache]:
     """A fresh cache list for ``model`` (or its config): one KVCache per layer."""
     config = model if isinstance(model, ModelConfig) else model.config
     return [KVCache() for _ in range(config.num_hidden_layers)]
+
+
+class SequenceCache:
+    """Keys and values of one sequence for every layer: (kv_heads, capacity, head_dim) buffers.
+
+    With ``quantized=True`` each stored row (one head, one position) is int8 codes plus a
+    float scale (``key_scales``, ``value_scales``: (kv_heads, capacity)), a quarter of the
+    float32 memory. Capacity grows geometrically in steps of ``step`` positions.
+    """
+
+    step = 256
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        quantized: bool = False,
+    ) -> None:
+        self.shape = (n_kv_heads, 0, head_dim)
+        self.quantized = quantized
+        self.dtype = torch.int8 if quantized else dtype
+        self.device = device
+        self.keys = [
+            torch.empty(self.shape, dtype=self.dtype, device=device) for _ in range(n_layers)
+        ]
+        self.values = [
+            torch.empty(self.shape, dtype=self.dtype, device=device) for _ in range(n_layers)
+        ]
+        n_scaled = n_layers if quantized else 0
+        self.key_scales = [torch.empty(n_kv_heads, 0, device=device) for _ in range(n_scaled)]
+        self.value_scales = [torch.empty(n_kv_heads, 0, device=device) for _ in range(n_scaled)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+    def buffers(self) -> tuple[list[torch.Tensor], ...]:
+        return (self.keys, self.values, self.key_scales, self.value_scales)
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` positions in total."""
+        if n <= self.capacity:
+            return
+        cap = max(n, self.capacity + self.capacity // 2)
+        cap = -(-cap // self.step) * self.step
+        for buffers in self.buffers():
+            for i, old in enumerate(buffers):
+                new = old.new_empty((old.shape[0], cap, *old.shape[2:]))
+                new[:, : self.length] = old[:, : self.length]
+                buffers[i] = new
+
+    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (kv_heads, T, head_dim) at positions pos .. pos + T - 1."""
+        T = k.shape[1]
+        if not self.quantized:
+            self.keys[layer][:, pos : pos + T] = k
+            self.values[layer][:, pos : pos + T] = v
+            return
+        pairs = (
+            (k, self.keys[layer], self.key_scales[layer]),
+            (v, self.values[layer], self.value_scales[layer]),
+        )
+        for x, codes, scales in pairs:
+            amax = x.float().abs().amax(-1)  # (kv_heads, T)
+            inv = 127.0 / amax.clamp(min=1e-30)
+            codes[:, pos : pos + T] = torch.round(x.float() * inv[..., None]).to(torch.int8)
+            scales[:, pos : pos + T] = amax / 127.0
+
+    def read(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions 0 .. n - 1 as floats, (kv_heads, n, head_dim)."""
+        K, V = self.keys[layer][:, :n], self.values[layer][:, :n]
+        if not self.quantized:
+            return K, V
+        return (
+            K.float() * self.key_scales[layer][:, :n, None],
+            V.float() * self.value_scales[layer][:, :n, None],
+        )
+
+    def copy_from(self, other: SequenceCache, n: int) -> None:
+        """The first ``n`` positions of ``other`` (same shapes), e.g. to fork a sequence."""
+        self.reserve(n)
+        for mine, theirs in zip(self.buffers(), other.buffers(), strict=True):
+            for dst, src in zip(mine, theirs, strict=True):
+                dst[:, :n] = src[:, :n]
+        self.length = n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for group in self.buffers() for t in group)
+
+
+class SequenceState:
+    """A sequence being generated: the token ids whose keys and values sit in its cache.
+
+    ``exact`` counts the leading positions whose keys and values are bit for bit what a fresh
+    prefill of the same tokens computes (whole prefill chunks at fixed boundaries); the prefix
+    cache reuses only those, so a cached prefix never changes a result. ``ntk_alpha`` is
+    dynamic NTK's factor, fixed at the sequence's first prefill (None: not used).
+    """
+
+    def __init__(self, cache: SequenceCache) -> None:
+        self.cache = cache
+        self.tokens: list[int] = []
+        self.exact = 0
+        self.ntk_alpha: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def trim(self, n: int) -> None:
+        """Forget the last ``n`` tokens (rejected drafts, a diverging prompt)."""
+        n = min(max(n, 0), len(self.tokens))
+        if n:
+            del self.tokens[len(self.tokens) - n :]
+            self.cache.length = len(self.tokens)
+            self.exact = min(self.exact, len(self.tokens))
+
+    def reuse(self, prompt: Seq[int], *, exact: bool = False, chunk: int = 1) -> int:
+        """Keep the longest cached prefix of ``prompt`` (at least one token stays to run);
+        returns its length. ``exact`` keeps only whole prefill chunks of ``chunk`` tokens that
+        a fresh prefill would compute the same way."""
+        n, limit = 0, min(len(self.tokens), len(prompt) - 1)
+        while n < limit and self.tokens[n] == prompt[n]:
+            n += 1
+        if exact:
+            n = min(n, self.exact) // chunk * chunk
+        self.trim(len(self.tokens) - n)
+        return n
+
+    def reset(self) -> None:
+        self.trim(len(self.tokens))
+        self.ntk_alpha = None

@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from qwenlm.models.attention import AttentionPlan
+
 if TYPE_CHECKING:
-    from qwenlm.generation.engine import Engine, SequenceCache
+    from qwenlm.generation.cache import SequenceCache
+    from qwenlm.generation.engine import Engine
 
 
 class _GraphLayer:
@@ -29,8 +32,17 @@ class _GraphLayer:
     ) -> None:
         self.keys, self.values, self.pos, self.mask = keys, values, pos, mask
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor | tuple[torch.Tensor, ...],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:
         # q: (1, H, 1, D); k, v: (1, Hkv, 1, D). Write this position, attend over the filled ones.
+        # Graphs are recorded only for plain attention (models.cuda_graph_safe), so q is one
+        # tensor and the plan adds nothing to the fixed mask.
+        assert isinstance(q, torch.Tensor)
         self.keys.index_copy_(1, self.pos, k[0])
         self.values.index_copy_(1, self.pos, v[0])
         return F.scaled_dot_product_attention(
@@ -48,6 +60,9 @@ class _Recorded:
         self.capacity = cache.capacity
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        # Dynamic NTK's factor of the sequence (fixed at its prefill), an input like the token.
+        self.alpha = torch.ones(1, 1, device=device)
+        dynamic = engine.dynamic_ntk
         self.arange = torch.arange(self.capacity, device=device)
         model = engine.model
         # The buffers, not the cache object: the cache is this record's weak key.
@@ -56,8 +71,10 @@ class _Recorded:
         def step() -> torch.Tensor:
             mask = (self.arange <= self.pos)[None, None, None, :]
             views = [_GraphLayer(k, v, self.pos, mask) for k, v in zip(keys, values, strict=True)]
-            h = model.model(self.token, views, self.pos[None])
-            return model.lm_head(h[0, -1:]).float()[0]
+            alpha = self.alpha if dynamic else None
+            return model(self.token, views, positions=self.pos[None], ntk_alpha=alpha).float()[
+                0, -1
+            ]
 
         # Warm up on a side stream (allocator, cuBLAS workspaces), as graph capture requires.
         # The warm-up writes keys at the last position, past the filled part, which a real step
@@ -73,9 +90,10 @@ class _Recorded:
         with torch.cuda.graph(self.graph), torch.inference_mode():
             self.logits = step()
 
-    def run(self, token: int, pos: int) -> torch.Tensor:
+    def run(self, token: int, pos: int, alpha: float | None) -> torch.Tensor:
         self.token.fill_(token)
         self.pos.fill_(pos)
+        self.alpha.fill_(1.0 if alpha is None else alpha)
         self.graph.replay()
         return self.logits.clone()
 
@@ -89,9 +107,12 @@ class GraphDecoder:
             weakref.WeakKeyDictionary()
         )
 
-    def step(self, cache: SequenceCache, token: int, pos: int) -> torch.Tensor:
-        """Logits (vocab,) for ``token`` at position ``pos``; stores its keys and values."""
+    def step(
+        self, cache: SequenceCache, token: int, pos: int, alpha: float | None = None
+    ) -> torch.Tensor:
+        """Logits (vocab,) for ``token`` at position ``pos`` (dynamic NTK factor ``alpha``);
+        stores its keys and values."""
         rec = self._graphs.get(cache)
         if rec is None or rec.capacity != cache.capacity:
             rec = self._graphs[cache] = _Recorded(self.engine, cache)
-        return rec.run(token, pos)
+        return rec.run(token, pos, alpha)

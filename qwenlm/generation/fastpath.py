@@ -16,7 +16,9 @@ import ctypes
 import torch
 from torch import nn
 
+from qwenlm.generation.engine import BatchLayer
 from qwenlm.kernels import cpu_kernels, num_threads
+from qwenlm.models.attention import AttentionPlan, LayerCache
 from qwenlm.quant.linear import (
     SMALL_BATCH,
     DenseLinear,
@@ -103,6 +105,8 @@ class KernelLayer(nn.Module):
     @staticmethod
     def supported(layer: nn.Module) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "q_norm", None) is not None:
+            return False  # the native layer has no step for Qwen3's q/k norms
         mods = (
             [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
             if all(hasattr(m, n) for m, n in ((attn, "qkv_proj"), (mlp, "gate_up_proj")))
@@ -139,20 +143,27 @@ class KernelLayer(nn.Module):
             self._desc = (key, desc, tensors)  # the tensors stay referenced while in use
         return self._desc[1]
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        cache: LayerCache,
+    ) -> torch.Tensor:
         lib = cpu_kernels()
         rows = x.shape[0] * x.shape[1]
         if (
             lib is None
             or x.device.type != "cpu"
             or rows > SMALL_BATCH
-            or mask is not None
-            or not hasattr(cache, "layout")
+            or not plan.ordinary
+            or not isinstance(cache, BatchLayer)
             or x.dtype != torch.float32
             or cos.dtype != torch.float32
             or (desc := self._descriptor()) is None
         ):
-            return self.layer(x, cos, sin, mask, cache)
+            return self.layer(x, cos, sin, plan, cache)
         H, D = self.H, self.D
         d_model = x.shape[-1]
         h = x.reshape(rows, d_model).clone()  # residual stream, updated in place

@@ -1,8 +1,30 @@
-"""Choosing the next token from logits: pure functions, no model and no state."""
+"""Choosing the next token: the one sampler every surface uses.
+
+:func:`sample` is the pure step (filters, then a draw). :class:`Sampler` is one sequence's
+sampling state, built from a :class:`~qwenlm.generation.config.GenerationConfig`: its random
+generator, the tokens seen so far for the penalties, the logits processors, and the
+log-probabilities asked for. The CLI, the Python API, the server, the evaluator and
+speculative decoding all sample through it, so equal settings give equal tokens everywhere.
+"""
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+
+from qwenlm.generation.config import GenerationConfig
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and the ``top`` alternatives (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 def apply_repetition_penalty(
@@ -25,12 +47,14 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> int:
     """One token id from ``logits`` (vocab,).
 
-    temperature 0 is greedy. top_k 0 and top_p 1.0 switch those filters off. The filters
-    apply in the order the reference implementation uses: temperature, top-k, top-p.
+    temperature 0 is greedy. top_k 0, top_p 1.0 and min_p 0 switch those filters off. The
+    filters apply in the order the reference implementations use: temperature, top-k, top-p,
+    min-p (tokens below ``min_p`` times the top token's probability are dropped).
     """
     if temperature <= 0:
         return int(torch.argmax(logits))
@@ -46,4 +70,91 @@ def sample(
         drop[-1] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A random generator seeded with ``seed`` (any integer), or a fresh random seed."""
+    seed = secrets.randbits(63) if seed is None else seed % 2**64
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Sampler:
+    """One sequence's sampling: processors, penalties, filters, the draw and its logprobs.
+
+    ``seed_offset`` gives the ``n`` choices of one seeded request different draws.
+    """
+
+    def __init__(
+        self,
+        config: GenerationConfig,
+        prompt: Sequence[int],
+        vocab_size: int,
+        device: torch.device,
+        *,
+        seed_offset: int = 0,
+    ) -> None:
+        self.config = config
+        seed = None if config.seed is None else config.seed + seed_offset
+        self.generator = make_generator(seed, device)
+        self.generated: list[int] = []
+        self.seen: torch.Tensor | None = None
+        if config.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
+        self.counts: torch.Tensor | None = None
+        if config.presence_penalty or config.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, device=device)
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if config.logit_bias:
+            ids = [t for t in config.logit_bias if t < vocab_size]
+            self.bias = (
+                torch.tensor(ids, dtype=torch.long, device=device),
+                torch.tensor([config.logit_bias[t] for t in ids], device=device),
+            )
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` after the processors, the bias and the penalties (before the filters)."""
+        c = self.config
+        x = logits
+        for processor in c.logits_processors:
+            x = processor(self.generated, x)
+        if self.bias is not None:
+            x = x.clone()
+            x[self.bias[0]] += self.bias[1]
+        if self.seen is not None:
+            x = apply_repetition_penalty(x, self.seen, c.repetition_penalty)
+        if self.counts is not None:
+            x = x - self.counts * c.frequency_penalty - (self.counts > 0) * c.presence_penalty
+        return x
+
+    def __call__(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """Choose the next token from ``logits`` (vocab,) and remember it."""
+        c = self.config
+        token = sample(
+            self.adjusted(logits),
+            temperature=c.temperature,
+            top_k=c.top_k,
+            top_p=c.top_p,
+            min_p=c.min_p,
+            generator=self.generator,
+        )
+        lp = self.logprob(logits, token) if c.logprobs else None
+        self.generated.append(token)
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+        return token, lp
+
+    def logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        """The log-probability of ``token`` under the model's own distribution (no sampling
+        settings), with the ``top_logprobs`` most likely alternatives."""
+        lp = torch.log_softmax(logits.float(), -1)
+        top: list[tuple[int, float]] = []
+        if self.config.top_logprobs:
+            values, ids = torch.topk(lp, self.config.top_logprobs)
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(token, float(lp[token]), top)

@@ -1,27 +1,27 @@
 """Speculative decoding: cheap guesses of the next few tokens, checked by the model in one pass.
 
-Two sources of guesses: a smaller draft model sharing the tokenizer (the 0.5B for the 1.5B),
-or prompt lookup, which copies what followed the last occurrence of the current n-gram in the
-context (strong when the output repeats the input, as in code editing). The target model scores
-the last token plus k guesses in one forward pass; guesses are kept while they equal the
-target's greedy choice, and the first disagreement is replaced by the target's own token.
+Two sources of guesses (proposers): a smaller draft model sharing the tokenizer (the 0.5B for
+the 1.5B), or prompt lookup, which copies what followed the latest earlier occurrence of the
+current n-gram in the context (strong when the output repeats the input, as in code editing),
+and proposes nothing when no n-gram matches. The scheduler feeds the last token plus the
+guesses as one segment, samples each row with the sequence's own sampler and keeps guesses
+while they equal what it sampled.
 
-The output is exactly plain greedy decoding's: the prompt is prefilled the same way, and the
-engine computes each verified row exactly as a one-token step would. Only greedy decoding
-(temperature 0, no repetition penalty) is supported.
+The output is exactly that of decoding without speculation, for greedy decoding and for
+seeded sampling alike: every verified row is computed as a one-token step would compute it
+(the engine's row-exact path), and the sampler draws once per emitted token, in order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from qwenlm.errors import GenerationError
 from qwenlm.generation.engine import SMALL_SEGMENT, Engine, SequenceState
-from qwenlm.generation.generate import PREFILL_CHUNK, prefill
 
 
 @dataclass
@@ -58,6 +58,21 @@ def lookup_draft(context: Seq[int], k: int, max_ngram: int = 3, min_ngram: int =
     return []
 
 
+class Proposer(Protocol):
+    def propose(self, context: Seq[int], k: int) -> list[int]:
+        """Up to ``k`` guesses of the tokens after ``context`` (may be none)."""
+        ...
+
+
+@dataclass
+class PromptLookup:
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def propose(self, context: Seq[int], k: int) -> list[int]:
+        return lookup_draft(context, k, self.max_ngram, self.min_ngram)
+
+
 class DraftModel:
     """A smaller model proposing tokens greedily, with its own cached sequence."""
 
@@ -67,7 +82,7 @@ class DraftModel:
 
     def propose(self, context: Seq[int], k: int) -> list[int]:
         """Catch up with ``context`` (reusing the cached prefix), then guess k tokens."""
-        logits = prefill(self.engine, self.seq, context)
+        logits = self.engine.prefill(self.seq, context, exact=False)
         out: list[int] = []
         for i in range(k):
             token = int(torch.argmax(logits))
@@ -77,57 +92,30 @@ class DraftModel:
         return out
 
 
-def speculative_step(
-    target: Engine,
-    prompt: Seq[int],
-    *,
-    draft: Engine | None = None,
-    num_draft: int = 5,
-    max_ngram: int = 3,
-    cache: SequenceState | None = None,
-    stats: SpeculationStats | None = None,
-    prefill_chunk: int = PREFILL_CHUNK,
-) -> Iterator[int]:
-    """Yield greedy tokens for ``prompt`` without end, verifying up to ``num_draft`` guesses
-    per target pass. Guesses come from ``draft`` if given, else from prompt lookup."""
-    if not prompt:
-        raise GenerationError("the prompt is empty; give at least one token")
-    if not 1 <= num_draft < SMALL_SEGMENT:
-        raise GenerationError(
-            f"num_draft must be between 1 and {SMALL_SEGMENT - 1}, got {num_draft}"
-        )
-    if draft is not None and draft.config.vocab_size != target.config.vocab_size:
-        raise GenerationError(
-            "the draft model's vocabulary differs from the target's",
-            hint="use a draft from the same model family (same tokenizer)",
-        )
-    stats = stats if stats is not None else SpeculationStats()
-    proposer = DraftModel(draft) if draft is not None else None
-    seq = cache if cache is not None else target.new_sequence()
-    context = list(prompt)
-    token = int(torch.argmax(prefill(target, seq, prompt, prefill_chunk)))
-    while True:
-        stats.emitted += 1
-        context.append(token)
-        yield token
-        # `token` is not in the target's cache yet: it leads the verification segment.
-        guesses = (
-            proposer.propose(context, num_draft)
-            if proposer
-            else lookup_draft(context, num_draft, max_ngram)
-        )
-        rows = target.forward([(seq, [token, *guesses])], all_logits=True)[0]
-        choice = rows.argmax(-1).tolist()  # the target's greedy token after each row
-        accepted = 0
-        while accepted < len(guesses) and guesses[accepted] == choice[accepted]:
-            accepted += 1
-        seq.trim(len(guesses) - accepted)
-        stats.target_passes += 1
-        stats.proposed += len(guesses)
-        stats.accepted += accepted
-        stats.history.append(accepted)
-        for g in guesses[:accepted]:
-            stats.emitted += 1
-            context.append(g)
-            yield g
-        token = choice[accepted]
+@dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding settings: a draft model, or prompt lookup when ``draft`` is None."""
+
+    draft: Engine | None = None
+    num_draft: int = 5
+    max_ngram: int = 3
+    stats: SpeculationStats | None = None  # filled in, if given
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_draft < SMALL_SEGMENT:
+            raise GenerationError(
+                f"num_draft must be between 1 and {SMALL_SEGMENT - 1}, got {self.num_draft}"
+            )
+
+    def check(self, target: Engine) -> None:
+        if self.draft is not None and self.draft.config.vocab_size != target.config.vocab_size:
+            raise GenerationError(
+                "the draft model's vocabulary differs from the target's",
+                hint="use a draft from the same model family (same tokenizer)",
+            )
+
+    def proposer(self) -> Proposer:
+        """A fresh proposer for one sequence."""
+        if self.draft is not None:
+            return DraftModel(self.draft)
+        return PromptLookup(self.max_ngram)

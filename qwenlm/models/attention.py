@@ -1,9 +1,14 @@
-"""Long-context attention: LogN scaling, sliding windows, Dual Chunk Attention, chunked compute.
+"""Attention: the plan each layer attends by, the cache protocol, and long-context variants.
 
-The model builds one :class:`AttentionPlan` per layer when its config turns one of these on, and
-hands it to the attention module in place of the mask. Plans compute attention block by block
-with an online softmax (flash-style), so a long input never materialises a T x S score matrix:
-peak extra memory is ``block x block`` scores per head.
+The model builds one :class:`AttentionPlan` per layer and forward pass (positions, LogN,
+sliding window, dual chunk attention, an explicit mask) and hands it, with the rotated queries
+and keys, to the layer's cache through the one cache protocol, :class:`LayerCache`. Caches
+store keys and values their own way and attend through the plan, so every kind of cache
+(plain, the engine's ragged batches, CUDA graphs, none) computes the same attention.
+
+Window and dual chunk attention compute block by block with an online softmax (flash-style),
+so a long input never materialises a T x S score matrix: peak extra memory is ``block x
+block`` scores per head.
 
 Dual Chunk Attention (An et al. 2024, as in Qwen2.5-1M's ``dual_chunk_attention_config``) keeps
 every relative position the model sees below the chunk size: keys sit at ``p mod L``
@@ -16,25 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError, GenerationError
 from qwenlm.models.rope import logn_scale
 
 BLOCK = 512
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (T, D) or (B, T, D)
-    if cos.dim() == 2:
-        cos, sin = cos[None], sin[None]
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 @dataclass(frozen=True)
@@ -137,119 +133,204 @@ def blockwise_attention(
     return out.reshape(B, H, T, D)
 
 
-@dataclass
-class AttentionPlan:
-    """How one layer attends when long-context features are on (passed where the mask goes)."""
+# On CPU, a chunk of queries after cached keys is attended in blocks of this many queries: the
+# explicit mask sends SDPA to a path that materialises (heads, T, S) scores, and blocks bound
+# that to ~15 MB (14 heads x 128 x 2048 floats for the 0.5B).
+_MASKED_QUERY_BLOCK = 128
 
-    positions: torch.Tensor  # (T,) positions of the queries, the same in every batch row
-    offset: int  # cached positions before these queries (plain caches)
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, half-split ("NeoX") layout: x (B, H, T, D); cos, sin (B, T, D) or (T, D)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How one layer attends in one forward pass: built by the model, read by the cache.
+
+    ``positions`` (B, T) are the new tokens' positions. ``window``, ``dual_chunk`` and LogN
+    (``q_scale``, (B, T)) come from the config; ``mask`` is an explicit boolean mask for padded
+    or packed batches without a cache. Window and dual chunk attention switch on per attended
+    sequence, only once it is longer than the window or the chunk: a sequence's numbers never
+    depend on how long its batch-mates are.
+    """
+
+    positions: torch.Tensor
     window: int | None = None
-    q_scale: torch.Tensor | None = None  # (T,) LogN factors
     dual_chunk: DualChunk | None = None
+    q_scale: torch.Tensor | None = None
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    mask: torch.Tensor | None = None
     block: int = BLOCK
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: object | None,
-    ) -> torch.Tensor:
-        """Rotate q, k (B, H, T, D) and attend, storing k, v in ``cache``; returns (B, H, T, D)."""
-        T = q.shape[2]
-        dc, window = None, None
-        if self.dual_chunk is not None or self.window is not None:
-            last = int(self.positions.max()) + 1  # LogN alone needs no host round trip
-            if self.dual_chunk is not None and last > self.dual_chunk.chunk_len:
-                dc = self.dual_chunk
-            if self.window is not None and last > self.window:
-                window = self.window
-        if dc is None:
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    @property
+    def ordinary(self) -> bool:
+        """Plain causal attention over every cached key: what the native decode path computes."""
+        return (
+            self.window is None
+            and self.dual_chunk is None
+            and self.q_scale is None
+            and self.mask is None
+        )
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+        """Rotary embedding (and LogN scaling) of q, k (B, H, T, D).
+
+        Under dual chunk attention keys sit at ``p mod L`` and the query comes in three
+        rotations (own, previous and older chunks); below one chunk the first rotation and the
+        keys equal the ordinary ones bit for bit, so short sequences attend as without it.
+        """
+        if self.dual_chunk is None:
+            qs: tuple[torch.Tensor, ...] = (rotate(q, cos, sin),)
+            k = rotate(k, cos, sin)
         else:
-            # Keys at p mod L; the query in three rotations, chosen per key chunk below.
-            k = _rotate(k, *self.rotary(self.positions % dc.chunk_len))
-            qs = tuple(_rotate(q, *self.rotary(p)) for p in dc.query_positions(self.positions))
+            dc, pos = self.dual_chunk, self.positions
+            k = rotate(k, *self.rotary(pos % dc.chunk_len))
+            qs = tuple(rotate(q, *self.rotary(p)) for p in dc.query_positions(pos))
         if self.q_scale is not None:
-            s = self.q_scale[None, None, :, None].to(q.dtype)
-            if dc is None:
-                q = q * s
-            else:
-                qs = tuple(x * s for x in qs)
-        if cache is not None and hasattr(cache, "attend"):
-            if dc is None and window is None:
-                return cache.attend(q, k, v)
-            # The engine's caches: each sequence attends blockwise over its own keys.
-            return cache.attend_blockwise(
-                qs if dc is not None else q,
-                k,
-                v,
-                window=window,
-                chunk_len=dc.chunk_len if dc is not None else None,
-                block=self.block,
-            )
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)  # (B, Hkv, S, D)
+            s = self.q_scale[:, None, :, None].to(q.dtype)
+            qs = tuple(x * s for x in qs)
+        return (qs[0] if len(qs) == 1 else qs), k
+
+    def attend(
+        self, q: torch.Tensor | tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of the last T of S positions: q (B, H, T, D) as :meth:`rotate` gave it,
+        k, v (B, Hkv, S, D) every key so far. Returns (B, H, T, D)."""
+        qs = q if isinstance(q, tuple) else (q,)
+        T, S = qs[0].shape[2], k.shape[2]
+        dc = (
+            self.dual_chunk
+            if self.dual_chunk is not None and self.dual_chunk.chunk_len < S
+            else None
+        )
+        window = self.window if self.window is not None and self.window < S else None
         if dc is None and window is None:
-            # Exactly the ordinary path, so a plan that changes nothing changes no bit.
-            mask = None
-            if self.offset > 0 and T > 1:
-                rows = self.positions[:, None]
-                mask = torch.arange(self.offset + T, device=q.device)[None, :] <= rows
-            return F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None and T > 1,
-                enable_gqa=q.shape[1] != k.shape[1],
-            )
+            return sdpa(qs[0], k, v, mask=self.mask)
         return blockwise_attention(
-            qs if dc is not None else q,
+            qs if dc is not None else qs[0],
             k,
             v,
-            self.positions,
+            torch.arange(S - T, S, device=k.device),
             window=window,
             chunk_len=dc.chunk_len if dc is not None else None,
             block=self.block,
         )
 
 
-def needs_plans(config: ModelConfig, training: bool = False) -> bool:
-    """Whether the config turns on attention the ordinary path lacks (LogN only at inference)."""
-    windows = any(config.window_of_layer(i) for i in range(config.num_hidden_layers))
-    logn = config.use_logn_attn and not training
-    return bool(logn or windows or config.dual_chunk_attention_config)
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal attention of the last T of S positions (q (B, H, T, D); k, v (B, Hkv, S, D))."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and q.device.type == "cuda" and T > 1:
+        # Flash attention takes grouped heads only as repeated copies.
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        gqa = False
+    if mask is not None or T == 1 or T == S:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa
+        )
+    # A chunk after cached keys needs an explicit mask; on CPU its queries go in blocks.
+    out = torch.empty_like(q)
+    block = _MASKED_QUERY_BLOCK if q.device.type == "cpu" else T
+    for a in range(0, T, block):
+        b = min(T, a + block)
+        n = S - T + b  # keys the block's last query sees
+        rows = torch.arange(S - T + a, n, device=q.device)[:, None]
+        m = torch.arange(n, device=q.device)[None, :] <= rows
+        out[:, :, a:b] = F.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, :n], v[:, :, :n], attn_mask=m, enable_gqa=gqa
+        )
+    return out
+
+
+class LayerCache(Protocol):
+    """What attention needs from a key/value cache: the one cache protocol of qwenlm.
+
+    One object per layer is passed into the model. ``attend`` stores the new keys and values
+    (k, v: (B, Hkv, T, D), rotated) and returns the attention output (B, H, T, D) of the
+    queries ``q`` (as :meth:`AttentionPlan.rotate` gave them) over everything stored, computed
+    with ``plan`` (usually ``plan.attend`` on the stored keys). The plain cache
+    (``qwenlm.generation.cache.KVCache``), the engine's ragged batches and the CUDA-graph decode
+    step implement it.
+    """
+
+    def attend(
+        self,
+        q: torch.Tensor | tuple[torch.Tensor, ...],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: AttentionPlan,
+    ) -> torch.Tensor: ...
+
+
+class SequentialCache(LayerCache, Protocol):
+    """A cache of one sequence (or a batch of equal-length ones) that knows its length, so the
+    model can number new tokens without being given positions. ``ntk_alpha`` is dynamic NTK's
+    factor, fixed when the cache is first filled (Qwen1 fixes it at prefill)."""
+
+    offset: int
+    ntk_alpha: float | None
+
+
+class NoCache:
+    """Attention without a cache (a full forward pass): keys and values are the new ones."""
+
+    def attend(
+        self,
+        q: torch.Tensor | tuple[torch.Tensor, ...],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:
+        return plan.attend(q, k, v)
+
+
+NO_CACHE = NoCache()
 
 
 def make_plans(
     config: ModelConfig,
     positions: torch.Tensor,
-    offset: int,
-    rotary: nn.Module,
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    *,
     training: bool,
+    mask: torch.Tensor | None = None,
 ) -> list[AttentionPlan]:
-    """One plan per layer for queries at ``positions`` (B, T) after ``offset`` cached ones."""
-    if positions.shape[0] > 1 and not bool((positions == positions[:1]).all()):
-        raise GenerationError("long-context attention needs the same positions in every row")
-    pos = positions[0]
+    """One plan per layer for queries at ``positions`` (B, T); layers that attend alike share one."""
     q_scale = None
     if config.use_logn_attn and not training:  # Qwen1 scales only at inference
-        q_scale = logn_scale(pos, config.seq_length or config.max_position_embeddings)
+        q_scale = logn_scale(positions, config.seq_length or config.max_position_embeddings)
     dual_chunk = DualChunk.from_config(config)
-    return [
-        AttentionPlan(
-            positions=pos,
-            offset=offset,
-            window=config.window_of_layer(i),
-            q_scale=q_scale,
-            dual_chunk=dual_chunk,
-            rotary=lambda p: rotary(p[None]),
-            # Larger tiles on accelerators, where each tile is a few kernel launches.
-            block=BLOCK if pos.device.type == "cpu" else 4 * BLOCK,
-        )
-        for i in range(config.num_hidden_layers)
-    ]
+    if (dual_chunk is not None or any_window(config)) and mask is not None:
+        raise GenerationError("window and dual chunk attention do not take an explicit mask")
+    plans: dict[int | None, AttentionPlan] = {}
+    out = []
+    for i in range(config.num_hidden_layers):
+        window = config.window_of_layer(i)
+        if window not in plans:
+            plans[window] = AttentionPlan(
+                positions=positions,
+                window=window,
+                dual_chunk=dual_chunk,
+                q_scale=q_scale,
+                rotary=rotary if dual_chunk is not None else None,
+                mask=mask,
+                # Larger tiles on accelerators, where each tile is a few kernel launches.
+                block=BLOCK if positions.device.type == "cpu" else 4 * BLOCK,
+            )
+        out.append(plans[window])
+    return out
+
+
+def any_window(config: ModelConfig) -> bool:
+    return any(config.window_of_layer(i) for i in range(config.num_hidden_layers))

@@ -1,31 +1,31 @@
-"""Qwen2 / Qwen2.5 dense decoder: GQA with Q/K/V bias, RoPE, RMSNorm, SwiGLU.
+"""Qwen2 / Qwen2.5 / Qwen3 dense decoder: GQA with Q/K/V bias, RoPE, RMSNorm, SwiGLU.
+
+Qwen3 is the same layout without the Q/K/V bias and with RMSNorm on each head's queries and
+keys before the rotation (``self_attn.q_norm`` / ``k_norm``, from ``config.qk_norm``).
 
 Module and parameter names reproduce the Hugging Face checkpoint (``model.layers.N.self_attn.
 q_proj``...), so a state dict loads with no mapping table. The KV cache is passed in: a list with
-one object per layer that has ``offset`` and ``update_and_fetch(k, v)``, or, for caches that
-own their attention (the engine's ragged batches), ``attend(q, k, v)``.
+one object per layer implementing :class:`~qwenlm.models.attention.LayerCache`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qwenlm.config import ModelConfig
-from qwenlm.models.attention import AttentionPlan, make_plans, needs_plans
-from qwenlm.models.rope import ScaledRotaryEmbedding, needs_scaled_rotary
-
-
-class LayerCache(Protocol):
-    offset: int
-
-    def update_and_fetch(
-        self, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+from qwenlm.models.attention import (
+    NO_CACHE,
+    AttentionPlan,
+    LayerCache,
+    SequentialCache,
+    make_plans,
+)
+from qwenlm.models.rope import ScaledRotaryEmbedding, needs_scaled_rotary, ntk_alpha
 
 
 def concat_linears(mods: Sequence[nn.Module]) -> nn.Module:
@@ -58,12 +58,16 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the half-split ("NeoX") layout that Qwen uses."""
 
+    dynamic_ntk = False  # see rope.ScaledRotaryEmbedding
+
     def __init__(self, head_dim: int, base: float) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.base = base
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, ntk_alpha: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Computed in float32 from the positions each call: cheap next to the matmuls, and the
         # values equal the reference implementation's to the last bit.
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device)
@@ -73,17 +77,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (B, T, D) -> broadcast over heads
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -91,11 +84,16 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        # Qwen2 puts a bias on Q, K and V only.
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        # Qwen2 puts a bias on Q, K and V only (attention_bias None); Qwen3's attention_bias
+        # switches one on all four projections.
+        qkv_bias, o_bias = config.attention_bias is not False, bool(config.attention_bias)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=o_bias)
+        # Qwen3 normalises each head's query and key (over head_dim) before the rotation.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def fuse(self) -> None:
         """Compute Q, K and V with one matrix product (inference only)."""
@@ -107,8 +105,8 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: LayerCache | None,
+        plan: AttentionPlan,
+        cache: LayerCache,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if hasattr(self, "qkv_proj"):
@@ -126,24 +124,10 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # q: (B, n_heads, T, D); k, v: (B, n_kv_heads, T, D)
-        if isinstance(mask, AttentionPlan):
-            # Long-context attention (LogN, window, dual chunk) rotates and attends itself.
-            y = mask.attend(q, k, v, cos, sin, cache)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None and hasattr(cache, "attend"):
-            y = cache.attend(q, k, v)  # the cache stores k, v and masks by itself
-        else:
-            if cache is not None:
-                k, v = cache.update_and_fetch(k, v)  # (B, n_kv_heads, S, D), S = past + T
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None and T > 1,
-                enable_gqa=self.n_heads != self.n_kv_heads,
-            )
+        if self.q_norm is not None:  # Qwen3: RMSNorm per head on queries and keys
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = plan.rotate(q, k, cos, sin)
+        y = cache.attend(q, k, v, plan)  # stores k, v; attends over everything stored
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -181,10 +165,10 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: LayerCache | None,
+        plan: AttentionPlan,
+        cache: LayerCache,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -211,29 +195,43 @@ class Qwen2Model(nn.Module):
         cache: Sequence[LayerCache] | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        *,
+        ntk_alpha: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Final hidden states (B, T, hidden) for ``input_ids`` (B, T).
+
+        Without ``positions`` the tokens follow what ``cache`` holds (a
+        :class:`~qwenlm.models.attention.SequentialCache`) or start at 0. ``ntk_alpha`` (B, T)
+        fixes dynamic NTK's factor per token (caches of one sequence remember theirs).
+        """
         B, T = input_ids.shape
-        given_mask = mask
-        owns_attention = cache is not None and hasattr(cache[0], "attend")
-        offset = cache[0].offset if cache is not None and not owns_attention else 0
         if positions is None:
-            if owns_attention:
-                raise ValueError("caches that own attention need explicit positions")
+            offset = cast(SequentialCache, cache[0]).offset if cache is not None else 0
             positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
-        if mask is None and offset > 0 and T > 1:
-            # Queries at offset..offset+T-1 see every cached key plus the causal part of the new ones.
-            rows = torch.arange(offset, offset + T, device=input_ids.device)[:, None]
-            mask = torch.arange(offset + T, device=input_ids.device)[None, :] <= rows  # (T, S)
-        cos, sin = self.rotary_emb(positions)
-        masks: Sequence[torch.Tensor | AttentionPlan | None] = [mask] * len(self.layers)
-        if needs_plans(self.config, self.training):
-            if given_mask is not None:
-                raise ValueError("long-context attention does not take an explicit mask")
-            masks = make_plans(self.config, positions, offset, self.rotary_emb, self.training)
+        if self.rotary_emb.dynamic_ntk and ntk_alpha is None and cache is not None:
+            ntk_alpha = self._fixed_ntk_alpha(cast(Sequence[SequentialCache], cache), positions)
+        cos, sin = self.rotary_emb(positions, ntk_alpha)
+        plans = make_plans(
+            self.config,
+            positions,
+            lambda p: self.rotary_emb(p, ntk_alpha),
+            training=self.training,
+            mask=mask,
+        )
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[i], cache[i] if cache is not None else None)
+            x = layer(x, cos, sin, plans[i], cache[i] if cache is not None else NO_CACHE)
         return self.norm(x)
+
+    def _fixed_ntk_alpha(
+        self, cache: Sequence[SequentialCache], positions: torch.Tensor
+    ) -> torch.Tensor:
+        """A plain cache keeps the dynamic-NTK factor its first call (the prompt) gave it."""
+        if cache[0].ntk_alpha is None:
+            alpha = ntk_alpha(int(positions.max()) + 1, self.rotary_emb.seq_length)
+            for c in cache:
+                c.ntk_alpha = alpha
+        return torch.tensor(cache[0].ntk_alpha, device=positions.device).expand(positions.shape)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -260,16 +258,19 @@ class Qwen2ForCausalLM(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        last_only: bool = False,
+        ntk_alpha: torch.Tensor | None = None,
+        logits_at: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for ``input_ids`` (B, T).
 
         ``cache`` holds one object per layer and is extended in place. ``mask`` (boolean,
         broadcastable to (B, heads, T, S), True = attend) replaces the causal mask, for padded
-        batches. ``last_only`` computes logits for the last position only (B, 1, vocab): the
-        output head is the largest matrix, so prefill should not run it for every prompt token.
+        batches. ``logits_at`` (an index, or a tensor of indices into T) computes logits for
+        those positions only (B, len, vocab): the output head is the largest matrix, so
+        prefill should not run it for every prompt token.
         """
-        h = self.model(input_ids, cache, positions, mask)
-        if last_only:
-            h = h[:, -1:]
+        h = self.model(input_ids, cache, positions, mask, ntk_alpha=ntk_alpha)
+        if logits_at is not None:
+            idx = torch.as_tensor(logits_at, device=h.device).reshape(-1)
+            h = h[:, idx]
         return self.lm_head(h)

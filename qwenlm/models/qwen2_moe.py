@@ -1,9 +1,11 @@
-"""Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): the Qwen2 decoder with mixture-of-experts MLPs.
+"""Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B) and Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B):
+the Qwen2 / Qwen3 decoder with mixture-of-experts MLPs.
 
-Attention, norms and rotary embedding are Qwen2's (imported from qwen2.py); what differs is
-the MLP of sparse layers: a softmax router picks ``num_experts_per_tok`` of ``num_experts``
-fine-grained experts per token (weights renormalised when ``norm_topk_prob``), and a shared
-expert, scaled by a sigmoid gate, sees every token. Layer ``i`` is sparse unless it is in
+Attention, norms and rotary embedding are Qwen2's (imported from qwen2.py, with Qwen3's q/k
+norms where the config has them); what differs is the MLP of sparse layers: a softmax router
+picks ``num_experts_per_tok`` of ``num_experts`` fine-grained experts per token (weights
+renormalised when ``norm_topk_prob``), and, in Qwen2-MoE only, a shared expert, scaled by a
+sigmoid gate, sees every token. Layer ``i`` is sparse unless it is in
 ``mlp_only_layers`` or ``(i + 1) % decoder_sparse_step != 0``. Parameter names are Hugging
 Face's (``mlp.gate``, ``mlp.experts.N.gate_proj``, ``mlp.shared_expert``,
 ``mlp.shared_expert_gate``).
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from qwenlm.config import ModelConfig
+from qwenlm.models.attention import AttentionPlan, LayerCache
 from qwenlm.models.qwen2 import MLP, Attention, Qwen2ForCausalLM, Qwen2Model, RMSNorm
 
 
@@ -66,8 +69,11 @@ class SparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(
             MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)
         )
-        self.shared_expert = MLP(config, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        # Qwen3-MoE has no shared expert (its config leaves the size unset).
+        self.shared_expert: MLP | None = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP(config, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (N, E), and each token's chosen experts and weights (N, top_k)."""
@@ -96,7 +102,8 @@ class SparseMoeBlock(nn.Module):
                 sel = slice(start, start + n)
                 out.index_add_(0, rows[sel], self.experts[e](h[rows[sel]]) * w[sel])
                 start += n
-        out = out + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
         if self.training and self.aux_coef > 0 and torch.is_grad_enabled():
             aux = load_balancing_loss([logits], self.num_experts, self.top_k)
             out = AddAuxLoss.apply(out, aux * self.aux_coef)
@@ -104,7 +111,8 @@ class SparseMoeBlock(nn.Module):
 
     def fuse(self) -> None:
         for expert in [*self.experts, self.shared_expert]:
-            expert.fuse()
+            if expert is not None:
+                expert.fuse()
 
 
 class DecoderLayer(nn.Module):
@@ -120,10 +128,10 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: object,
-        cache: object,
+        plan: AttentionPlan,
+        cache: LayerCache,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,7 +143,7 @@ class Qwen2MoeModel(Qwen2Model):
 
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
-    """The Qwen2-MoE language model: token ids in, next-token logits out."""
+    """The Qwen2-MoE / Qwen3-MoE language model: token ids in, next-token logits out."""
 
     def __init__(self, config: ModelConfig) -> None:
         nn.Module.__init__(self)

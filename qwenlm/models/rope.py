@@ -103,8 +103,9 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
 class ScaledRotaryEmbedding(nn.Module):
     """Rotary embedding (half-split layout) with YaRN, linear or dynamic-NTK frequencies.
 
-    Dynamic NTK (Qwen1) picks its factor from the longest position in the call, like Qwen1 does
-    from the sequence length at prefill; it is off in training mode, as in Qwen1. Everything is
+    Dynamic NTK (Qwen1) takes its factor per sequence from the caller, who fixes it at prefill
+    from the prompt's length as Qwen1 does (without one, from the longest position of each
+    row); it is off in training mode, as in Qwen1. Everything is
     computed on the positions' device, so a decode step makes no host round trip (and can be
     recorded in a CUDA graph).
     """
@@ -121,28 +122,44 @@ class ScaledRotaryEmbedding(nn.Module):
         if self.kind in ("yarn", "linear") and "factor" not in self.scaling:
             raise CheckpointError(f"config: rope_scaling type {self.kind!r} needs a 'factor'")
 
-    def inv_freq(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def inv_freq(
+        self, positions: torch.Tensor, ntk_alpha: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """(inv_freq, attention factor): inv_freq is (D/2,), or (B, T, D/2) under dynamic NTK."""
         device = positions.device
         if self.kind == "yarn":
             return yarn_inv_freq(self.dim, self.base, self.scaling, self.max_positions, device)
         base: float | torch.Tensor = self.base
         if self.dynamic_ntk and not self.training and positions.numel():
-            # ntk_alpha and ntk_base as tensor operations on the longest position + 1.
-            n = positions.max().double() + 1
-            alpha = (2 ** torch.ceil(torch.log2(n / self.seq_length) + 1) - 1).clamp(min=1)
+            if ntk_alpha is None:
+                # No sequence state: the call is the whole prompt, as at Qwen1's prefill.
+                ntk_alpha = ntk_alpha_of_length(
+                    positions.amax(-1, keepdim=True) + 1, self.seq_length
+                )
+            alpha = ntk_alpha.double().expand(positions.shape)[..., None]  # (B, T, 1)
             base = (self.base * alpha ** (self.dim / (self.dim - 2))).float()
         inv_freq = default_inv_freq(self.dim, base, device)
         if self.kind == "linear":
             inv_freq = inv_freq / float(self.scaling["factor"])
         return inv_freq, 1.0
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq, attention_factor = self.inv_freq(positions)
+    def forward(
+        self, positions: torch.Tensor, ntk_alpha: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, T, D) for ``positions`` (B, T); ``ntk_alpha`` (B, T) or (B, 1) fixes
+        dynamic NTK's factor per token (else it follows the longest position of each row)."""
+        inv_freq, attention_factor = self.inv_freq(positions, ntk_alpha)
         freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
         if attention_factor == 1.0:
             return emb.cos(), emb.sin()
         return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def ntk_alpha_of_length(length: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """:func:`ntk_alpha` as tensor operations (no host round trip)."""
+    n = length.double()
+    return (2 ** torch.ceil(torch.log2(n / seq_length) + 1) - 1).clamp(min=1)
 
 
 def needs_scaled_rotary(config: ModelConfig) -> bool:

@@ -67,6 +67,9 @@ def ffn_copies(num_experts: int, expert_size: int, ffn_size: int) -> int:
 def moe_config(dense: ModelConfig, spec: UpcycleSpec) -> ModelConfig:
     if dense.is_moe:
         raise CheckpointError("upcycle: the model is a mixture of experts already")
+    if dense.qk_norm:
+        # The result is Qwen2-MoE, whose attention has no q/k norms to carry Qwen3's over.
+        raise CheckpointError("upcycle: Qwen3 models are not supported, only Qwen2 / Qwen2.5")
     h = dense.intermediate_size
     return dataclasses.replace(
         dense,

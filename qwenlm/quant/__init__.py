@@ -344,12 +344,17 @@ def _saved_linear(ckpt: object, name: str, shapes: dict, group_size: int) -> Ker
 
 
 def load_saved(ckpt: object) -> nn.Module:
-    """Rebuild a model saved by :func:`save_quantized` (its config.json's quantization_config)."""
+    """Rebuild a model saved by :func:`save_quantized` (its config.json's quantization_config),
+    or load a GPTQ / AWQ checkpoint (see :mod:`qwenlm.quant.gptq`)."""
     q = ckpt.quantization
+    if q.get("quant_method") in ("gptq", "awq"):
+        from qwenlm.quant.gptq import load_gptq_awq
+
+        return load_gptq_awq(ckpt)
     if q.get("quant_method") != QUANT_METHOD or q.get("mode") not in MODES:
         raise CheckpointError(
             f"unsupported quantization_config {dict(q)}",
-            hint="qwenlm reads the int8/int4/f32 checkpoints it writes",
+            hint="qwenlm reads the int8/int4/f32 checkpoints it writes, and GPTQ and AWQ ones",
         )
     config: ModelConfig = ckpt.config
     shapes = ckpt.shapes()
@@ -408,6 +413,11 @@ def save_quantized(
     if not q:
         raise QuantizationError(
             "the model is not quantized", hint="quantize it first, or save it as a plain model"
+        )
+    if q.get("mode") not in MODES:
+        raise QuantizationError(
+            f"a {q['mode']} model (from a GPTQ / AWQ checkpoint) cannot be saved",
+            hint="load the checkpoint itself where it is needed",
         )
     if any(hasattr(layer.self_attn, "qkv_proj") for layer in _layers(model)):
         raise QuantizationError(

@@ -1,36 +1,45 @@
-"""The HTTP server: OpenAI's /v1 API, /health, /metrics and the web chat page, on Starlette.
+"""The HTTP server: OpenAI's /v1 API, Ollama's /api, /health, /metrics and the web chat page.
 
 Streaming and non-streaming replies come from one generator of per-choice deltas
-(:func:`_deltas`); the non-streaming reply collects it. The whole app sits inside
-:class:`~qwenlm.serve.http.Guard` (the API key on every route, errors in OpenAI's shape, no
-tracebacks).
+(:func:`~qwenlm.serve.replies.deltas`); the non-streaming reply collects it. Ollama's routes
+live in :mod:`~qwenlm.serve.ollama`, embeddings in :mod:`~qwenlm.serve.embeddings`. The whole
+app sits inside :class:`~qwenlm.serve.http.Guard` (the API key on every route, errors in
+OpenAI's shape or Ollama's, no tracebacks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from qwenlm.errors import QwenlmError
-from qwenlm.generation.engine import SMALL_SEGMENT
-from qwenlm.generation.generate import GenerationConfig
+from qwenlm.errors import GenerationError, QwenlmError
+from qwenlm.generation import scheduler as engine
+from qwenlm.generation.config import GenerationConfig
+from qwenlm.generation.engine import PREFILL_CHUNK, SMALL_SEGMENT
+from qwenlm.generation.sampling import TokenLogprob
+from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler
+from qwenlm.serve import embeddings, ollama, reasoning
 from qwenlm.serve import protocol as P
 from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
-from qwenlm.serve.http import SSE, Guard, collect, error_response, read_json, sse_event
+from qwenlm.serve.http import SSE, Guard, Job, collect, error_response, read_json, sse_event
 from qwenlm.serve.protocol import APIError, SamplingParams
-from qwenlm.serve.scheduler import Job, Output, Scheduler, TokenLogprob
+from qwenlm.serve.replies import ChoiceParser, chat_logprobs, deltas, token_text
+
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen
 
 STATIC = Path(__file__).parent / "static"
 PAGE_CSP = (
@@ -50,17 +59,19 @@ class ServeConfig:
     max_num_seqs: int = 16
     max_queue: int = 64
     prefix_cache_tokens: int = 16384
-    prefill_chunk: int = SMALL_SEGMENT  # larger: faster long prompts, results not batch-exact
+    prefill_chunk: int = PREFILL_CHUNK  # prompt pieces; other values change results slightly
     max_model_len: int | None = None  # default: the model's context length
     tool_prompt: str = "auto"  # auto | native | react
+    reasoning_parser: str = "auto"  # auto | think | none (deepseek_r1, qwen3: think)
     cors_origins: Sequence[str] = field(default_factory=tuple)
+    cache_dir: str | None = None  # where /api/pull puts models (default: the registry's)
 
 
 # -- the model-facing part ---------------------------------------------------------------------
 class Service:
     """The model, its scheduler and the request handling that needs both."""
 
-    def __init__(self, model: Any, config: ServeConfig) -> None:
+    def __init__(self, model: Qwen, config: ServeConfig) -> None:
         self.model = model
         self.config = config
         self.names = list(config.model_names) or [model.name or "qwenlm"]
@@ -68,17 +79,20 @@ class Service:
             model.config.max_position_embeddings,
             config.max_model_len or model.config.max_position_embeddings,
         )
+        if config.prefill_chunk <= SMALL_SEGMENT:
+            raise ValueError(f"prefill_chunk must be above {SMALL_SEGMENT}")
+        model.engine.prefill_chunk = config.prefill_chunk
         self.scheduler = Scheduler(
             model.engine,
             model.tokenizer,
             max_num_seqs=config.max_num_seqs,
             max_queue=config.max_queue,
             prefix_cache_tokens=config.prefix_cache_tokens,
-            prefill_chunk=config.prefill_chunk,
         )
         self.tool_mode = config.tool_prompt
         if self.tool_mode == "auto":
             self.tool_mode = "native" if template_has_tools(model.template.source) else "react"
+        self.reasoning = reasoning.parser_enabled(config.reasoning_parser, model.template.source)
         self.created = int(time.time())
         self.http: dict[int, int] = {}  # status -> count, for /metrics (the Guard's)
 
@@ -98,10 +112,16 @@ class Service:
                 temperature=params.temperature,
                 top_p=params.top_p,
                 top_k=params.top_k,
+                min_p=params.min_p,
                 repetition_penalty=params.repetition_penalty,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                logit_bias=params.logit_bias or None,
                 seed=params.seed,
                 stop=params.stop,
                 ignore_eos=params.ignore_eos,
+                logprobs=params.logprobs,
+                top_logprobs=params.top_logprobs,
             )
         except QwenlmError as e:
             raise P.invalid(e.message) from None
@@ -129,36 +149,66 @@ class Service:
         *,
         events: asyncio.Queue[Output] | None = None,
         offset: int = 0,
+        logits_processors: Sequence[Callable] = (),
     ) -> Job:
         limit = self.budget(len(prompt), params, param)
-        job = Job(
+        if n > self.config.max_num_seqs:
+            raise APIError(
+                400,
+                f"Invalid 'n': this server runs at most {self.config.max_num_seqs} sequences "
+                "at once.",
+                param="n",
+            )
+        events = events if events is not None else asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        config = self.generation_config(params, limit)
+        if logits_processors:
+            config = dataclasses.replace(config, logits_processors=tuple(logits_processors))
+        request = engine.Request(
             prompt,
-            params,
-            self.generation_config(params, limit),
+            config,
+            lambda out: loop.call_soon_threadsafe(events.put_nowait, out),
             n=n,
-            max_new_tokens=limit,
             timeout=self.config.request_timeout,
-            events=events,
             offset=offset,
         )
-        self.scheduler.submit(job)
-        return job
+        try:
+            self.scheduler.submit(request)
+        except QueueFull:
+            raise APIError(
+                503,
+                "The server is overloaded: too many requests are waiting. Retry shortly.",
+                type="server_error",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            ) from None
+        except EngineFailed:
+            raise P.engine_failed() from None
+        except GenerationError as e:
+            raise P.invalid(e.message, param=param) from None
+        return Job(request, events)
 
     # -- chat prompts -------------------------------------------------------------------------
     def chat_prompt(
-        self, messages: list[dict[str, Any]], spec: P.ToolSpec | None, params: SamplingParams
+        self,
+        messages: list[dict[str, Any]],
+        spec: P.ToolSpec | None,
+        params: SamplingParams,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> tuple[list[int], str, str, SamplingParams]:
-        """(prompt ids, reply mode, forced reply prefix, params) for a chat request."""
+        """(prompt ids, reply mode, forced reply prefix, params) for a chat request;
+        ``template_kwargs`` are variables for the chat template (``enable_thinking``)."""
         m = self.model
+        kw = template_kwargs or {}
         try:
             if spec is None or spec.choice == "none":
-                return m.encode_chat(messages), "plain", "", params
+                return m.encode_chat(messages, **kw), "plain", "", params
             if self.tool_mode == "react":
                 head, pad = react_conversation(messages, spec)
-                ids = m.encode_chat(head) + m.tokenizer.encode(pad)
+                ids = m.encode_chat(head, **kw) + m.tokenizer.encode(pad)
                 params = SamplingParams(**{**params.__dict__, "stop": (*params.stop, REACT_STOP)})
                 return ids, "react", "", params
-            ids = m.encode_chat(messages, tools=spec.tools)
+            ids = m.encode_chat(messages, tools=spec.tools, **kw)
         except QwenlmError as e:
             raise P.invalid(e.message, param="messages") from None
         prefix = ""
@@ -173,42 +223,24 @@ class Service:
             )
         return ids, "native", prefix, params
 
-
-async def _deltas(
-    jobs: list[Job], events: asyncio.Queue[Output], parsers: list[ReplyParser]
-) -> AsyncIterator[tuple[int, str, list[TokenLogprob] | None, list[Any], Output]]:
-    """(choice, content, logprobs, tool calls, event) for every engine event of ``jobs``."""
-    left = sum(j.n for j in jobs)
-    while left:
-        out = await events.get()
-        if out.error is not None:
-            raise APIError(500, out.error, type="server_error", code="engine_error")
-        parser = parsers[out.index]
-        content = parser.feed(out.text)
-        calls: list[Any] = []
-        if out.finish_reason is not None:
-            left -= 1
-            rest, calls, reason = parser.finish(out.finish_reason)
-            content += rest
-            out.finish_reason = reason
-        yield out.index, content, out.logprobs, calls, out
-
-
-def _token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
-    b = tokenizer.id_to_bytes(token)
-    return b.decode("utf-8", errors="replace"), list(b)
-
-
-def _chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
-    out = []
-    for lp in lps:
-        text, raw = _token_text(tokenizer, lp.token)
-        top = []
-        for t, v in lp.top:
-            tt, tb = _token_text(tokenizer, t)
-            top.append({"token": tt, "logprob": v, "bytes": tb})
-        out.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
-    return out
+    def parsers(
+        self,
+        n: int,
+        prompt: list[int],
+        mode: str,
+        prefix: str = "",
+        tools: Sequence[dict[str, Any]] = (),
+    ) -> list[ChoiceParser]:
+        """One reply parser per choice; reasoning is split off when the reasoning parser is on
+        (``--reasoning-parser``)."""
+        opened = self.reasoning and reasoning.prompt_opens_thinking(self.model.tokenizer, prompt)
+        return [
+            ChoiceParser(
+                ReplyParser(mode, prefix, tools),
+                reasoning.ThinkSplitter(opened) if self.reasoning else None,
+            )
+            for _ in range(n)
+        ]
 
 
 async def _sse_events(
@@ -267,19 +299,22 @@ async def chat_completions(request: Request) -> Any:
     spec = P.tool_spec(body)
     params, n = P.sampling_params(body, svc.model.config.vocab_size, chat=True)
     stream, include_usage = P.stream_options(body)
+    template_kwargs = reasoning.template_kwargs(body.get("chat_template_kwargs"))
     _refuse_unsupported(body)
     svc.check_model(name)
-    prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params)
+    prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params, template_kwargs)
     events: asyncio.Queue[Output] = asyncio.Queue()
     job = svc.submit(prompt, params, n, "messages", events=events)
-    parsers = [ReplyParser(mode, prefix, spec.tools if spec else ()) for _ in range(n)]
+    parsers = svc.parsers(n, prompt, mode, prefix, spec.tools if spec else ())
     rid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
     tok = svc.model.tokenizer
     usage = {"prompt": len(prompt), "completion": 0}
 
     async def choices() -> AsyncIterator[dict[str, Any]]:
-        async for index, content, lps, calls, out in _deltas([job], events, parsers):
+        async for index, thought, content, lps, calls, out in deltas([job], events, parsers):
             delta: dict[str, Any] = {}
+            if thought:
+                delta["reasoning_content"] = thought
             if content:
                 delta["content"] = content
             if calls:
@@ -289,7 +324,7 @@ async def chat_completions(request: Request) -> Any:
             yield {
                 "index": index,
                 "delta": delta,
-                "logprobs": {"content": _chat_logprobs(tok, lps)} if lps else None,
+                "logprobs": {"content": chat_logprobs(tok, lps)} if lps else None,
                 "finish_reason": out.finish_reason,
             }
 
@@ -319,10 +354,12 @@ async def chat_completions(request: Request) -> Any:
         return SSE(events_out, [job])
 
     merged = [
-        {"content": [], "logprobs": [], "tool_calls": [], "finish_reason": None} for _ in range(n)
+        {"reasoning": [], "content": [], "logprobs": [], "tool_calls": [], "finish_reason": None}
+        for _ in range(n)
     ]
     for ch in await collect(request, [job], choices()):
         m = merged[ch["index"]]
+        m["reasoning"].append(ch["delta"].get("reasoning_content", ""))
         m["content"].append(ch["delta"].get("content", ""))
         m["tool_calls"] += ch["delta"].get("tool_calls", [])
         if ch["logprobs"]:
@@ -332,6 +369,8 @@ async def chat_completions(request: Request) -> Any:
     for i, m in enumerate(merged):
         content = "".join(m["content"])
         message: dict[str, Any] = {"role": "assistant", "content": content}
+        if svc.reasoning:
+            message["reasoning_content"] = "".join(m["reasoning"]) or None
         if m["tool_calls"]:
             message["content"] = content or None
             message["tool_calls"] = [
@@ -378,7 +417,7 @@ async def completions(request: Request) -> Any:
         for job in jobs:
             job.cancel()
         raise
-    parsers = [ReplyParser("plain") for _ in range(len(ids) * n)]
+    parsers = [ChoiceParser(ReplyParser("plain")) for _ in range(len(ids) * n)]
     rid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
     usage = {"prompt": sum(len(p) for p in ids), "completion": 0}
     offsets = [0] * (len(ids) * n)
@@ -388,10 +427,10 @@ async def completions(request: Request) -> Any:
             return None
         tokens, values, tops, text_offset = [], [], [], []
         for lp in lps:
-            text, _ = _token_text(tok, lp.token)
+            text, _ = token_text(tok, lp.token)
             tokens.append(text)
             values.append(lp.logprob)
-            tops.append({_token_text(tok, t)[0]: v for t, v in lp.top} if lp.top else None)
+            tops.append({token_text(tok, t)[0]: v for t, v in lp.top} if lp.top else None)
             text_offset.append(offsets[index])
             offsets[index] += len(text)
         return {
@@ -402,7 +441,7 @@ async def completions(request: Request) -> Any:
         }
 
     async def choices() -> AsyncIterator[dict[str, Any]]:
-        async for index, content, lps, _, out in _deltas(jobs, events, parsers):
+        async for index, _, content, lps, _, out in deltas(jobs, events, parsers):
             if out.finish_reason is not None:
                 usage["completion"] += out.completion_tokens
             yield {
@@ -496,6 +535,11 @@ def _model_card(svc: Service, name: str) -> dict[str, Any]:
 async def health(request: Request) -> Any:
     svc: Service = request.app.state.service
     s = svc.scheduler
+    if not s.alive:
+        return JSONResponse(
+            {"status": "error", "reason": "the engine stopped after an internal error"},
+            status_code=503,
+        )
     return JSONResponse({"status": "ok", "running": s.running, "waiting": s.waiting})
 
 
@@ -555,13 +599,13 @@ async def static(request: Request) -> Any:
 
 
 def _endpoint(fn: Callable) -> Callable:
-    """Every error of a handler becomes an OpenAI-shaped JSON response."""
+    """Every error of a handler becomes a JSON response (OpenAI's shape, Ollama's on /api/)."""
 
     async def wrapped(request: Request) -> Any:
         try:
             return await fn(request)
         except APIError as e:
-            return error_response(e)
+            return error_response(e, request.url.path)
 
     wrapped.__name__ = fn.__name__
     return wrapped
@@ -569,11 +613,12 @@ def _endpoint(fn: Callable) -> Callable:
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     code = getattr(exc, "status_code", 404)
+    path = request.url.path
     if code == 405:
-        return error_response(APIError(405, "Method not allowed.", code="method_not_allowed"))
-    return error_response(
-        APIError(404, f"Unknown route {request.url.path[:100]}.", code="not_found")
-    )
+        err = APIError(405, "Method not allowed.", code="method_not_allowed")
+    else:
+        err = APIError(404, f"Unknown route {path[:100]}.", code="not_found")
+    return error_response(err, path)
 
 
 def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
@@ -589,6 +634,8 @@ def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
         Route("/v1/models/{model:path}", _endpoint(get_model)),
         Route("/v1/chat/completions", _endpoint(chat_completions), methods=["POST"]),
         Route("/v1/completions", _endpoint(completions), methods=["POST"]),
+        Route("/v1/embeddings", _endpoint(embeddings.create), methods=["POST"]),
+        *ollama.routes(_endpoint),
     ]
 
     @contextlib.asynccontextmanager

@@ -21,11 +21,28 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from qwenlm.generation import scheduler as engine
+from qwenlm.generation.scheduler import Output
 from qwenlm.serve import protocol as P
 from qwenlm.serve.protocol import APIError
-from qwenlm.serve.scheduler import Job
 
 log = logging.getLogger("qwenlm.serve")
+
+
+class Job:
+    """A submitted request as the HTTP side holds it: its events arrive on ``events``."""
+
+    def __init__(self, request: engine.Request, events: asyncio.Queue[Output]) -> None:
+        self.request = request
+        self.events = events
+
+    @property
+    def n(self) -> int:
+        return self.request.n
+
+    def cancel(self) -> None:
+        """Stop generating (the client left); the scheduler drops it at its next step."""
+        self.request.cancel()
 
 
 def sse_event(obj: Any) -> bytes:
@@ -35,13 +52,15 @@ def sse_event(obj: Any) -> bytes:
 class SSE:
     """A server-sent-event stream that stops its jobs the moment the client disconnects."""
 
+    content_type = b"text/event-stream; charset=utf-8"
+
     def __init__(self, chunks: AsyncIterator[bytes], jobs: list[Job]) -> None:
         self.chunks = chunks
         self.jobs = jobs
 
     async def __call__(self, scope: Any, receive: Callable, send: Callable) -> None:
         headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"content-type", self.content_type),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
         ]
@@ -113,8 +132,15 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return P.parse_json_body(b"".join(parts))
 
 
-def error_response(e: APIError) -> Response:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+def is_ollama(path: str) -> bool:
+    """Whether ``path`` is one of Ollama's routes, whose errors are ``{"error": "message"}``."""
+    return path.startswith("/api/")
+
+
+def error_response(e: APIError, path: str = "") -> Response:
+    """``e`` in OpenAI's error shape, or Ollama's for Ollama's routes."""
+    body = {"error": e.message} if is_ollama(path) else e.body()
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
 
 
 class Guard:
@@ -173,10 +199,9 @@ class Guard:
             if scope.get("method") == "OPTIONS" and self.cors:
                 await self.app(scope, receive, tracked_send)
             elif not self.authorized(headers):
-                page = not scope["path"].startswith("/v1/") and scope["path"] not in (
-                    "/health",
-                    "/metrics",
-                )
+                path = scope["path"]
+                page = not path.startswith("/v1/") and not is_ollama(path)
+                page = page and path not in ("/health", "/metrics")
                 given = b"authorization" in headers
                 e = APIError(
                     401,
@@ -186,7 +211,7 @@ class Guard:
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": 'Basic realm="qwenlm"' if page else "Bearer"},
                 )
-                await error_response(e)(scope, receive, tracked_send)
+                await error_response(e, scope["path"])(scope, receive, tracked_send)
             else:
                 await self.app(scope, receive, tracked_send)
         except Exception as e:  # the last line: log the kind of failure, never its details
@@ -199,6 +224,6 @@ class Guard:
                     code="internal_error",
                 )
                 with contextlib.suppress(Exception):
-                    await error_response(err)(scope, receive, tracked_send)
+                    await error_response(err, scope.get("path", ""))(scope, receive, tracked_send)
         finally:
             self.responses[status] = self.responses.get(status, 0) + 1

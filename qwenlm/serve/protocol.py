@@ -59,6 +59,16 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def engine_failed() -> APIError:
+    """503: the engine's loop stopped on an internal error and serves nothing more."""
+    return APIError(
+        503,
+        "The engine stopped after an internal error; the server must be restarted.",
+        type="server_error",
+        code="engine_failed",
+    )
+
+
 # -- parsing the body --------------------------------------------------------------------------
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
@@ -237,6 +247,7 @@ class SamplingParams:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -276,6 +287,7 @@ def sampling_params(
         temperature=_number(body, "temperature", 0.0, 2.0, None),
         top_p=_number(body, "top_p", 0.0, 1.0, None),
         top_k=_integer(body, "top_k", -1, None, None),
+        min_p=_number(body, "min_p", 0.0, 1.0, None),
         repetition_penalty=_number(body, "repetition_penalty", 0.01, 10.0, None),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
@@ -458,11 +470,14 @@ def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
     )
 
 
-def completion_prompts(body: Mapping[str, Any], vocab_size: int) -> list[str | list[int]]:
-    """``prompt`` of /v1/completions: a string, strings, token ids, or lists of token ids."""
-    value = body.get("prompt")
+def completion_prompts(
+    body: Mapping[str, Any], vocab_size: int, name: str = "prompt"
+) -> list[str | list[int]]:
+    """``prompt`` of /v1/completions (``input`` of /v1/embeddings: ``name``): a string,
+    strings, token ids, or lists of token ids."""
+    value = body.get(name)
     if value is None:
-        raise invalid("Missing required parameter: 'prompt'.", param="prompt")
+        raise invalid(f"Missing required parameter: '{name}'.", param=name)
 
     def ids(xs: list[Any], param: str) -> list[int]:
         if any(isinstance(t, bool) or not isinstance(t, int) for t in xs):
@@ -476,11 +491,11 @@ def completion_prompts(body: Mapping[str, Any], vocab_size: int) -> list[str | l
     elif isinstance(value, list) and value and all(isinstance(x, str) for x in value):
         prompts = list(value)
     elif isinstance(value, list) and value and all(isinstance(x, list) for x in value):
-        prompts = [ids(x, f"prompt[{i}]") for i, x in enumerate(value)]
+        prompts = [ids(x, f"{name}[{i}]") for i, x in enumerate(value)]
     elif isinstance(value, list) and value:
-        prompts = [ids(value, "prompt")]
+        prompts = [ids(value, name)]
     else:
-        raise _type_error("prompt", "a string, an array of strings or of token ids", value)
+        raise _type_error(name, "a string, an array of strings or of token ids", value)
     if any(len(p) == 0 for p in prompts):
-        raise invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
+        raise invalid(f"Invalid '{name}': the {name} is empty.", param=name)
     return prompts

@@ -34,6 +34,10 @@ class CheckpointCorrupt(QwenlmError):
     """A checkpoint folder whose files do not match its manifest."""
 
 
+class CheckpointWriteError(QwenlmError):
+    """A checkpoint could not be written (a full disk, say); the earlier ones are intact."""
+
+
 def write_tensors(
     path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -42,6 +46,9 @@ def write_tensors(
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from qwenlm.weights.safetensors import read_header
+
+    read_header(path)  # a crafted or damaged header is refused before the library reads it
     try:
         return load_file(str(path))
     except Exception as e:  # the Rust reader raises its own error types
@@ -121,6 +128,26 @@ class Checkpoints:
             shutil.rmtree(partial)
         partial.mkdir()
         return partial
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Checkpoint ``step``: ``write(folder)`` fills a hidden folder, then :meth:`commit`.
+
+        If anything fails (a full disk), the half-written folder is removed and
+        :class:`CheckpointWriteError` says so; the checkpoints before are untouched.
+        """
+        partial = self.begin(step)
+        try:
+            write(partial)
+            return self.commit(partial, step)
+        except Exception as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            before = [s for s in self.steps() if s != step]
+            kept = f"checkpoint {self.path(before[0])} is intact" if before else "no checkpoint"
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise CheckpointWriteError(
+                f"could not save checkpoint step {step} in {self.root}: {why}; {kept}",
+                hint="free disk space, then continue with --resume",
+            ) from None
 
     def commit(self, partial: Path, step: int) -> Path:
         """Seal ``partial`` with a manifest and rename it into place; prune old checkpoints."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.lora import lora_disabled
-from qwenlm.train.data import PairRow, PreferencePair, collate, render_pairs
+from qwenlm.train.data import PairRow, PreferencePair, RenderStats, collate, render_pairs
 from qwenlm.train.losses import dpo_loss, sequence_logprobs
 from qwenlm.train.recipe import Recipe
 from qwenlm.train.sft import render_and_split
@@ -22,6 +22,7 @@ from qwenlm.train.sft import render_and_split
 
 class DPOTask:
     kind = "dpo"
+    render_stats: RenderStats | None = None  # what rendering kept, truncated and dropped
 
     def __init__(
         self,
@@ -84,13 +85,15 @@ def build_dpo(
     pad_id: int,
     say: Callable[[str], Any],
 ) -> DPOTask:
-    train_rows, eval_rows = render_and_split(
+    train_rows, eval_rows, stats = render_and_split(
         render_pairs, pairs, eval_pairs, template, recipe, say, "pair"
     )
-    return DPOTask(
+    task = DPOTask(
         train_rows,
         eval_rows,
         pad_id,
         beta=recipe.dpo.beta,
         label_smoothing=recipe.dpo.label_smoothing,
     )
+    task.render_stats = stats
+    return task

@@ -3,12 +3,15 @@
 What training and ``qwenlm merge`` save reloads through the same loader as any downloaded
 model (``qwenlm.load(folder)``), and the tokenizer files are the standard byte-level BPE
 ``tokenizer.json`` (vocabulary, merges, Qwen's split pattern), so transformers reads them too.
+The index records the weights' sha256 (``metadata.sha256``), which the loader checks: a
+changed byte is refused rather than served.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +20,19 @@ import torch
 from qwenlm.config import ModelConfig
 from qwenlm.fsutil import write_json
 from qwenlm.tokenizer import QWEN_PATTERN, Tokenizer, byte_decoder
-from qwenlm.train.checkpoint import write_tensors
+from qwenlm.train.checkpoint import sha256_file, write_tensors
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+@cache
+def _byte_encoder() -> dict[int, str]:
+    return {v: k for k, v in byte_decoder().items()}
+
+
 def _bytelevel(b: bytes) -> str:
-    enc = {v: k for k, v in byte_decoder().items()}
+    enc = _byte_encoder()  # built once: a 150k-token vocabulary calls this 450k times
     return "".join(enc[x] for x in b)
 
 
@@ -155,9 +163,14 @@ def write_hf_folder(
     }
     write_tensors(folder / WEIGHTS, weights, metadata={"format": "pt"})
     # The index names the weight file, so other *.safetensors in the folder (a checkpoint's
-    # optimizer state) are never taken for weights.
+    # optimizer state) are never taken for weights, and holds its checksum.
+    metadata = {
+        "total_size": (folder / WEIGHTS).stat().st_size,
+        "sha256": {WEIGHTS: sha256_file(folder / WEIGHTS)},
+    }
     write_json(
-        folder / INDEX, {"metadata": {}, "weight_map": dict.fromkeys(sorted(weights), WEIGHTS)}
+        folder / INDEX,
+        {"metadata": metadata, "weight_map": dict.fromkeys(sorted(weights), WEIGHTS)},
     )
     hf = config.to_hf()
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")

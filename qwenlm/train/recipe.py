@@ -44,6 +44,7 @@ class DataConfig:
     eval: tuple[str, ...] = ()
     format: str = "auto"  # auto (from content), qwen, openai, preference, text
     eval_fraction: float = 0.0  # held out of train when no eval files are given
+    max_rejected: float = 0.0  # fraction of bad records skipped (each reported) instead of fatal
     max_seq_len: int = 1024
     packing: bool = False  # several examples per row, attention kept within each example
     cache_dir: str | None = None  # tokenized text corpora (default: the qwenlm cache)
@@ -180,6 +181,7 @@ class Recipe:
             f"data.format {self.data.format!r} is not auto, qwen, openai, preference or text",
         )
         need(0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
+        need(0.0 <= self.data.max_rejected < 1.0, "data.max_rejected must be in [0, 1)")
         need(self.data.max_seq_len >= 2, "data.max_seq_len must be at least 2")
         loop = self.train
         need(

@@ -30,6 +30,7 @@ class LMTask:
     """Cross-entropy of the target tokens of token rows (summed; the loop normalises)."""
 
     kind = "lm"
+    render_stats: RenderStats | None = None  # what rendering kept, truncated and dropped
 
     def __init__(self, train_rows: Sequence[Row], eval_rows: Sequence[Row], pad_id: int) -> None:
         self.train_rows = train_rows
@@ -63,7 +64,7 @@ def build_sft(
 ) -> LMTask:
     """Render conversations into rows (packed when ``data.packing``) and hold out eval rows."""
     data = recipe.data
-    train_rows, eval_rows = render_and_split(
+    train_rows, eval_rows, stats = render_and_split(
         render_conversations, records, eval_records, template, recipe, say, "example"
     )
     if data.packing:
@@ -74,7 +75,9 @@ def build_sft(
         train_rows = pack([train_rows[i] for i in order.tolist()], data.max_seq_len)
         eval_rows = pack(eval_rows, data.max_seq_len)
         say(f"packed into {len(train_rows)} rows of up to {data.max_seq_len} tokens")
-    return LMTask(train_rows, eval_rows, pad_id)
+    task = LMTask(train_rows, eval_rows, pad_id)
+    task.render_stats = stats
+    return task
 
 
 def render_and_split(
@@ -85,8 +88,9 @@ def render_and_split(
     recipe: Recipe,
     say: Callable[[str], Any],
     what: str,
-) -> tuple[list[Any], list[Any]]:
-    """(train rows, eval rows): ``render`` both sets, or hold out ``data.eval_fraction``.
+) -> tuple[list[Any], list[Any], RenderStats]:
+    """(train rows, eval rows, render stats): ``render`` both sets, or hold out
+    ``data.eval_fraction`` of the training rows.
 
     Reports what rendering kept, and refuses a training set that truncation emptied (``what``
     names one record in that message: "example", "pair").
@@ -103,7 +107,7 @@ def render_and_split(
             [f"no {what} keeps a supervised token after truncation"],
             hint=f"raise data.max_seq_len (now {data.max_seq_len})",
         )
-    return train_rows, eval_rows
+    return train_rows, eval_rows, stats
 
 
 def report(stats: RenderStats, say: Callable[[str], Any]) -> None:

@@ -7,6 +7,7 @@ per-format code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from typing import Any
 
 import torch
 
+from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
-from qwenlm.errors import CheckpointError, ModelNotFoundError
+from qwenlm.errors import ChatTemplateError, CheckpointError, ModelNotFoundError
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import gguf as gguf_format
 from qwenlm.weights import qwen1
@@ -40,6 +42,7 @@ class Checkpoint:
     quantization: dict[str, Any] | None = None  # config.json's quantization_config
     qwen1: bool = False  # Qwen1 tensor names, mapped onto Qwen2's by weights/qwen1.py
     _gguf: gguf_format.GGUFFile | None = None
+    _pieces: dict[str, gguf_format.Piece] | None = None  # where each HF tensor lies in _gguf
     _shards: dict[str, Path] | None = None
     _raw_shapes: dict[str, tuple[int, ...]] | None = None  # Qwen1 names, for read()
 
@@ -54,11 +57,7 @@ class Checkpoint:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape by Hugging Face name, without reading any data."""
         if self._gguf is not None:
-            return {
-                hf: info.shape
-                for name, info in self._gguf.tensors.items()
-                if (hf := gguf_format.hf_name(name)) is not None
-            }
+            return {hf: piece.shape for hf, piece in self._gguf_pieces().items()}
         if self.qwen1:
             return qwen1.map_shapes(st_format.shapes(self.path))
         return st_format.shapes(self.path)
@@ -66,10 +65,10 @@ class Checkpoint:
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One tensor as float32 (integer tensors as stored), optionally only rows start..stop."""
         if self._gguf is not None:
-            names = _gguf_names(self._gguf)
-            if name not in names:
+            pieces = self._gguf_pieces()
+            if name not in pieces:
                 raise CheckpointError(f"tensor {name} is not in {self.path}")
-            return self._gguf.load(names[name], torch.float32, rows)
+            return gguf_format.read(self._gguf, pieces[name], torch.float32, rows)
         if self._shards is None:
             self._shards = st_format.locate(self.path)
         if self.qwen1:
@@ -77,6 +76,12 @@ class Checkpoint:
                 self._raw_shapes = st_format.shapes(self.path)
             return qwen1.read_mapped(self._read_hf, self._raw_shapes, name, rows)
         return self._read_hf(name, rows)
+
+    def _gguf_pieces(self) -> dict[str, gguf_format.Piece]:
+        assert self._gguf is not None
+        if self._pieces is None:
+            self._pieces = gguf_format.tensor_map(self._gguf)
+        return self._pieces
 
     def _read_hf(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         assert self._shards is not None
@@ -95,8 +100,37 @@ class Checkpoint:
         self.close()
 
 
-def _gguf_names(gf: gguf_format.GGUFFile) -> dict[str, str]:
-    return {hf: name for name in gf.tensors if (hf := gguf_format.hf_name(name)) is not None}
+def _checked(ckpt: Checkpoint, declared: dict[str, Any]) -> Checkpoint:
+    """Refuse, at load, what would otherwise fail or misbehave on a request later.
+
+    ``declared``: the token ids the checkpoint itself names (eos, bos), by where they are set.
+    """
+    vocab = ckpt.config.vocab_size
+    declared = {
+        **declared,
+        "the tokenizer's eos token": ckpt.tokenizer.eos_token_id,
+        "generation_config.json eos_token_id": ckpt.generation_defaults.get("stop_token_ids"),
+    }
+    for what, values in declared.items():
+        for i in values if isinstance(values, (list, tuple)) else [values]:
+            if i is not None and not (type(i) is int and 0 <= i < vocab):
+                raise CheckpointError(
+                    f"{ckpt.path}: {what} {i!r} is outside the vocabulary (0..{vocab - 1})",
+                    hint="the checkpoint's config and its vocabulary disagree",
+                )
+    if ckpt.chat_template is not None:
+        try:
+            ChatTemplate(ckpt.chat_template, ckpt.tokenizer)  # parses it and test-renders it
+        except ChatTemplateError as e:
+            raise CheckpointError(
+                f"{ckpt.path}: the chat template in this checkpoint is unusable: {e.message}",
+                hint="pass a trusted template instead (chat_template.jinja in a model folder)",
+            ) from None
+    return ckpt
+
+
+def _declared_ids(config_json: dict[str, Any]) -> dict[str, Any]:
+    return {f"config.json {k}": config_json.get(k) for k in ("eos_token_id", "bos_token_id")}
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -117,6 +151,8 @@ def _open_gguf(path: Path) -> Checkpoint:
         if emb is None:
             raise CheckpointError(f"GGUF file {path} has no token_embd.weight tensor")
         config = ModelConfig.from_gguf(meta, vocab_size=emb.shape[0])
+        # GGUF has no tie flag: a tied output head is stored by leaving output.weight out.
+        config = dataclasses.replace(config, tie_word_embeddings="output.weight" not in gf.tensors)
         tokenizer = Tokenizer.from_gguf_metadata(meta)
         if tokenizer.vocab_size > config.vocab_size:
             raise CheckpointError(
@@ -124,15 +160,21 @@ def _open_gguf(path: Path) -> Checkpoint:
                 f"{config.vocab_size} rows"
             )
         template = meta.get("tokenizer.chat_template")
-        return Checkpoint(
+        # Qwen1 files get Qwen1's chat format and stops, as its folders do.
+        qwen1_file = gf.architecture == "qwen"
+        ckpt = Checkpoint(
             path=path,
             format="gguf",
             config=config,
             tokenizer=tokenizer,
             chat_template=template if isinstance(template, str) else None,
+            generation_defaults=_qwen1_defaults(tokenizer, {}) if qwen1_file else {},
             name=meta.get("general.name"),
+            qwen1=qwen1_file,
             _gguf=gf,
         )
+        ids = {k: meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "bos_token_id")}
+        return _checked(ckpt, ids)
     except BaseException:
         gf.close()
         raise
@@ -158,6 +200,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
     if isinstance(raw, dict) and qwen1.is_qwen1(raw):
         return _open_qwen1_folder(folder, raw)
     config = ModelConfig.from_json_file(folder / "config.json")
+    st_format.verify_digests(folder)
     tokenizer = Tokenizer.from_hf_folder(folder, vocab_size=config.vocab_size)
     template = None
     if (folder / "chat_template.jinja").is_file():
@@ -175,7 +218,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         if eos is not None:
             defaults["stop_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
     quantization = _read_json(folder / "config.json").get("quantization_config")
-    return Checkpoint(
+    ckpt = Checkpoint(
         path=folder,
         format="hf",
         config=config,
@@ -185,6 +228,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         name=folder.name,
         quantization=quantization if isinstance(quantization, dict) else None,
     )
+    return _checked(ckpt, _declared_ids(raw))
 
 
 def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
@@ -192,25 +236,33 @@ def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
     if not (folder / "qwen.tiktoken").is_file():
         raise CheckpointError(f"Qwen1 folder {folder} has no qwen.tiktoken vocabulary")
     tokenizer = Tokenizer.from_tiktoken_file(folder / "qwen.tiktoken", vocab_size=config.vocab_size)
-    defaults = dict(qwen1.GENERATION_DEFAULTS)
+    gen = {}
     if (folder / "generation_config.json").is_file():
         gen = _read_json(folder / "generation_config.json")
-        defaults.update({k: gen[k] for k in _GENERATION_KEYS if k in gen})
-        if gen.get("do_sample") is False:
-            defaults["temperature"] = 0.0
-        if isinstance(gen.get("max_window_size"), int):
-            defaults["max_window_size"] = gen["max_window_size"]
-    # Qwen1's chat() stops at the end or start of a turn, and at end of text.
-    defaults["stop_token_ids"] = tuple(
-        tokenizer.special_tokens[t] for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
-    )
-    return Checkpoint(
+    ckpt = Checkpoint(
         path=folder,
         format="hf",
         config=config,
         tokenizer=tokenizer,
         chat_template=None,
-        generation_defaults=defaults,
+        generation_defaults=_qwen1_defaults(tokenizer, gen),
         name=folder.name,
         qwen1=True,
     )
+    return _checked(ckpt, _declared_ids(raw))
+
+
+def _qwen1_defaults(tokenizer: Tokenizer, gen: dict[str, Any]) -> dict[str, Any]:
+    """Qwen1's generation defaults, updated from a generation_config.json's values ``gen``."""
+    defaults = dict(qwen1.GENERATION_DEFAULTS)
+    defaults.update({k: gen[k] for k in _GENERATION_KEYS if k in gen})
+    if gen.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    if isinstance(gen.get("max_window_size"), int):
+        defaults["max_window_size"] = gen["max_window_size"]
+    # Qwen1's chat() stops at the end or start of a turn, and at end of text.
+    stops = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+    defaults["stop_token_ids"] = tuple(
+        tokenizer.special_tokens[t] for t in stops if t in tokenizer.special_tokens
+    )
+    return defaults

@@ -254,6 +254,11 @@ class GGUFFile:
             )
         return TensorInfo(name, shape, ggml_type, start, nbytes)
 
+    @property
+    def architecture(self) -> str | None:
+        """``general.architecture``: qwen2, qwen2moe, qwen3, qwen (Qwen1) ..."""
+        return self.metadata.get("general.architecture")
+
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's stored bytes as a 1-D uint8 tensor (a copy)."""
         info = self.tensors[name]
@@ -265,18 +270,28 @@ class GGUFFile:
     ) -> torch.Tensor:
         """The tensor dequantized to ``dtype``, in torch (row-major) shape.
 
-        ``rows=(start, stop)`` reads only those rows of the outermost dimension, so a large
-        matrix can be converted piece by piece.
+        ``rows=(start, stop)`` reads only those rows of the tensor viewed as a matrix (leading
+        dimensions flattened: row ``e * n + r`` of an (E, n, k) stack of experts is row ``r``
+        of expert ``e``; the elements of a 1-D tensor), so a large matrix can be converted
+        piece by piece and one expert read without the others. The result is (stop - start,
+        k), or (stop - start,) for a 1-D tensor.
         """
         info = self.tensors[name]
         shape, offset, nbytes = info.shape, info.offset, info.nbytes
         if rows is not None:
             start, stop = rows
-            if not 0 <= start <= stop <= shape[0]:
-                raise ValueError(f"rows {rows} out of range for {name} with {shape[0]} rows")
-            row_bytes = nbytes // shape[0]  # rows are whole blocks: the row length is a multiple
-            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
-            shape = (stop - start, *shape[1:])
+            n_rows = matrix_rows(shape)
+            if not 0 <= start <= stop <= n_rows:
+                raise ValueError(f"rows {rows} out of range for {name} with {n_rows} rows")
+            block = quants.BLOCK_INFO[info.ggml_type][0]
+            if len(shape) == 1 and block != 1 and (start, stop) != (0, n_rows):
+                raise ValueError(f"{name} is a quantized vector: read it whole")
+            # Rows are whole blocks (the row length is a multiple), or single elements of an
+            # unquantized vector.
+            row_bytes = nbytes // n_rows if (start, stop) != (0, n_rows) else 0
+            if row_bytes:
+                offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+            shape = (stop - start,) if len(shape) == 1 else (stop - start, shape[-1])
         view = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
         # The ACCESS_COPY mapping is writable, so torch can wrap it without a copy; dequantize
         # writes only into its own output.
@@ -313,7 +328,8 @@ class GGUFFile:
         self.close()
 
 
-# GGUF tensor names (llama.cpp's) -> Hugging Face Qwen2 names.
+# GGUF tensor names (llama.cpp's, as gguf's TENSOR_NAMES spells them for the qwen, qwen2,
+# qwen2moe, qwen3 and qwen3moe architectures) -> Hugging Face Qwen2 / Qwen3 names.
 _LAYER_MAP = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -323,34 +339,111 @@ _LAYER_MAP = {
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
 _GLOBAL_MAP = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Tensors that hold several Hugging Face tensors: every expert's matrix stacked into one
+# (n_expert, rows, cols) tensor, and Qwen1's fused Q, K, V (as many key/value heads as heads).
+_EXPERTS = {
+    "ffn_gate_exps.weight": "gate_proj",
+    "ffn_up_exps.weight": "up_proj",
+    "ffn_down_exps.weight": "down_proj",
+}
+_FUSED_QKV = {"attn_qkv.weight": "weight", "attn_qkv.bias": "bias"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None for tensors qwenlm does not use."""
-    if gguf_name in _GLOBAL_MAP:
-        return _GLOBAL_MAP[gguf_name]
-    m = _BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"model.layers.{int(m.group(1))}.{_LAYER_MAP[m.group(2)]}"
-    return None
+def matrix_rows(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor viewed as a matrix (leading dimensions flattened; a vector's elements)."""
+    n = 1
+    for d in shape[:-1] if len(shape) > 1 else shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where a Hugging Face tensor of ``shape`` lies in a GGUF file: ``rows`` rows of tensor
+    ``name`` viewed as a matrix (see :meth:`GGUFFile.load`), from row ``start``."""
+
+    name: str
+    start: int
+    rows: int
+    shape: tuple[int, ...]
+
+
+def _layer_pieces(i: int, rest: str, info: TensorInfo) -> dict[str, Piece]:
+    prefix = f"model.layers.{i}."
+    shape = info.shape
+    if rest in _LAYER_MAP:
+        # llama.cpp stores the shared expert's gate, a (1, hidden) matrix, as a vector.
+        target = (1, shape[-1]) if rest == "ffn_gate_inp_shexp.weight" else shape
+        return {prefix + _LAYER_MAP[rest]: Piece(info.name, 0, matrix_rows(shape), target)}
+    if rest in _EXPERTS:
+        if len(shape) != 3:
+            raise CheckpointError(f"GGUF tensor {info.name} has shape {list(shape)}, not 3-D")
+        n, rows, cols = shape
+        proj = _EXPERTS[rest]
+        return {
+            f"{prefix}mlp.experts.{e}.{proj}.weight": Piece(info.name, e * rows, rows, (rows, cols))
+            for e in range(n)
+        }
+    if rest in _FUSED_QKV:
+        if shape[0] % 3:
+            raise CheckpointError(f"GGUF tensor {info.name} has {shape[0]} rows, not 3 equal parts")
+        rows, kind = shape[0] // 3, _FUSED_QKV[rest]
+        return {
+            f"{prefix}self_attn.{p}.{kind}": Piece(info.name, j * rows, rows, (rows, *shape[1:]))
+            for j, p in enumerate(("q_proj", "k_proj", "v_proj"))
+        }
+    return {}  # e.g. rope_freqs, which no Qwen file needs
+
+
+def tensor_map(gf: GGUFFile) -> dict[str, Piece]:
+    """Every Hugging Face tensor the file holds, by name, and where it lies."""
+    out: dict[str, Piece] = {}
+    for name, info in gf.tensors.items():
+        if name in _GLOBAL_MAP:
+            out[_GLOBAL_MAP[name]] = Piece(name, 0, matrix_rows(info.shape), info.shape)
+        elif m := _BLOCK_RE.fullmatch(name):
+            out.update(_layer_pieces(int(m.group(1)), m.group(2), info))
+    return out
+
+
+def read(
+    gf: GGUFFile,
+    piece: Piece,
+    dtype: torch.dtype = torch.float32,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The tensor a :class:`Piece` describes, or only its rows start..stop."""
+    n = piece.shape[0]
+    a, b = rows if rows is not None else (0, n)
+    if not 0 <= a <= b <= n:
+        raise ValueError(f"rows {rows} out of range for a tensor with {n} rows")
+    k = piece.rows // n  # stored rows per row: several where a vector holds a 1-row matrix
+    t = gf.load(piece.name, dtype, (piece.start + a * k, piece.start + b * k))
+    return t.reshape(b - a, *piece.shape[1:])
 
 
 def iter_tensors(
     gf: GGUFFile, dtype: torch.dtype = torch.float32
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, dequantized tensor) one at a time, so peak memory stays one tensor."""
-    for name in gf.tensors:
-        target = hf_name(name)
-        if target is not None:
-            yield target, gf.load(name, dtype)
+    for hf, piece in tensor_map(gf).items():
+        yield hf, read(gf, piece, dtype)
