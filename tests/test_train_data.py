@@ -451,7 +451,7 @@ BAD_CONVERSATIONS = [
     ),
     ({"messages": conv(("user", "q"), ("tool", "r"))}, "no assistant tool call asked for"),
     ({"messages": conv(("system", "s"), ("user", "q"))}, "has no assistant turn"),
-    ({"messages": [{"role": "user", "content": 7}]}, "must be a string, got a number"),
+    ({"messages": [{"role": "user", "content": 7}]}, "must be a string, got an integer"),
     (
         {"conversations": [{"from": "user", "value": TEN_MB}, {"from": "assistant", "value": "a"}]},
         "conversations[0].value has 10,485,760 characters (at most 1,048,576 a turn)",

@@ -531,6 +531,7 @@ def test_export_round_trip_gives_equal_logits_in_a_fresh_process(tmp_path):
     prompts = [[(7 * i + j) % 300 for j in range(5 + 3 * i)] for i in range(5)]
     with torch.no_grad():
         expected = {str(i): model(torch.tensor([p]))[0] for i, p in enumerate(prompts)}
+    exact = {str(i): float64_logits(model, torch.tensor([p]))[0] for i, p in enumerate(prompts)}
     script = (
         "import json, sys, torch, qwenlm\n"
         "from safetensors.torch import save_file\n"
@@ -550,7 +551,9 @@ def test_export_round_trip_gives_equal_logits_in_a_fresh_process(tmp_path):
     got = load_file(str(got_path))
     assert got.keys() == expected.keys()
     for k in expected:
-        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)  # bit for bit
+        # The same weights, but qwenlm.load fuses the projections for inference: other matmul
+        # shapes sum in other orders (CPU-dependent), so float32 noise, not bit for bit.
+        assert_float32_close(got[k], expected[k], exact[k])
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(index["metadata"]["sha256"][WEIGHTS]) == 64
     blob = bytearray((folder / WEIGHTS).read_bytes())

@@ -67,6 +67,14 @@ class TensorInfo:
     offset: int  # absolute offset of the data in the file
     nbytes: int
 
+    @property
+    def type_name(self) -> str:
+        """The GGML type's name (F32, Q8_0, Q4_K ...), or ``typeN`` for an unknown code N."""
+        try:
+            return GGMLQuantizationType(self.ggml_type).name
+        except ValueError:
+            return f"type{self.ggml_type}"
+
 
 def _supported_type_names() -> list[str]:
     return sorted(GGMLQuantizationType(t).name for t in quants.BLOCK_INFO)
