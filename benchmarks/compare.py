@@ -310,7 +310,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, {args.threads} threads; torch {info['torch']}, "
+        f"Machine: {info['cpu']}, {info['cores']} cores, {args.threads} threads; torch "
+        f"{info['torch']}, "
         f"llama-cpp-python {info['llama_cpp']}, transformers {info['transformers']}; "
         f"load average at the end {', '.join(f'{x:.2f}' for x in info['load_average'])}; "
         f"measured read bandwidth {bw:.1f} GB/s; medians of {args.rounds} interleaved rounds."

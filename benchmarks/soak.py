@@ -174,6 +174,52 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
+def watch(
+    threads: list[threading.Thread],
+    results: list[Result],
+    lock: threading.Lock,
+    began: float,
+    window: float,
+    pid: int,
+) -> list[dict]:
+    """Every ``window`` seconds while the clients run: requests finished, p50 / p99 of the
+    good ones, and the server's memory and open files (printed as they come)."""
+    windows: list[dict] = []
+    edge = began
+    while any(t.is_alive() for t in threads):
+        time.sleep(0.5)
+        now = time.monotonic()
+        if now - edge >= window or not any(t.is_alive() for t in threads):
+            rss, fds = process_stats(pid)
+            with lock:
+                done = [r for r in results if edge - began <= r.at < now - began]
+            good = [r.latency for r in done if r.outcome == "ok"]
+            windows.append(
+                {
+                    "start_s": round(edge - began),
+                    "requests": len(done),
+                    "p50_s": round(percentile(good, 0.5), 3),
+                    "p99_s": round(percentile(good, 0.99), 3),
+                    "rss_mib": round(rss, 1),
+                    "fds": fds,
+                }
+            )
+            print(json.dumps(windows[-1]), flush=True)
+            edge = now
+    return windows
+
+
+def wait_until_idle(url: str, seconds: float = 30.0) -> dict:
+    """Until nothing runs or waits (dropped streams are reaped at the next step), or time out;
+    returns the last /health answer."""
+    deadline = time.monotonic() + seconds
+    while True:
+        health = httpx.get(url + "/health", timeout=10).json()
+        if not (health["running"] or health["waiting"]) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.2)
+
+
 def soak(args: argparse.Namespace) -> int:
     key = "sk-soak-" + secrets.token_hex(8)
     port = free_port()
@@ -222,35 +268,10 @@ def soak(args: argparse.Namespace) -> int:
         ]
         for t in threads:
             t.start()
-        edge = began
-        while any(t.is_alive() for t in threads):
-            time.sleep(0.5)
-            now = time.monotonic()
-            if now - edge >= args.window or not any(t.is_alive() for t in threads):
-                rss, fds = process_stats(proc.pid)
-                with lock:
-                    done = [r for r in results if edge - began <= r.at < now - began]
-                good = [r.latency for r in done if r.outcome == "ok"]
-                windows.append(
-                    {
-                        "start_s": round(edge - began),
-                        "requests": len(done),
-                        "p50_s": round(percentile(good, 0.5), 3),
-                        "p99_s": round(percentile(good, 0.99), 3),
-                        "rss_mib": round(rss, 1),
-                        "fds": fds,
-                    }
-                )
-                print(json.dumps(windows[-1]), flush=True)
-                edge = now
+        windows = watch(threads, results, lock, began, args.window, proc.pid)
         for t in threads:
             t.join(args.timeout + 10)
-        deadline = time.monotonic() + 30  # dropped streams are reaped at the next step
-        while True:
-            health = httpx.get(url + "/health", timeout=10).json()
-            if not (health["running"] or health["waiting"]) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        health = wait_until_idle(url)
         end_rss, end_fds = process_stats(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)

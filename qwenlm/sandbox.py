@@ -91,7 +91,8 @@ class SandboxResult:
     """How a sandboxed program ended.
 
     ``status``: ``"ok"`` (exit 0), ``"error"`` (non-zero exit or an exception), ``"timeout"``
-    (wall clock), ``"cpu_limit"``, ``"killed"`` (another signal, e.g. the output cap), ``"output_limit"``.
+    (wall clock), ``"cpu_limit"``, ``"killed"`` (another signal, e.g. the output cap),
+    ``"output_limit"``.
     """
 
     status: str
@@ -130,7 +131,10 @@ def check(ret, what):
 
 def mount(src, dst, fstype=None, flags=0, data=None):
     enc = lambda s: None if s is None else s.encode()
-    check(libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)), "mount " + dst)
+    check(
+        libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+        "mount " + dst,
+    )
 
 def runtime_paths():
     # What the interpreter loads from: its prefixes, its import path, the system libraries.
@@ -154,7 +158,8 @@ def expose(path, bound, depth=0):
                 expose(os.path.join(os.path.realpath(cur), *parts[i:]), bound, depth + 1)
             return
     path = "/" + "/".join(parts)
-    if path == "/" or not os.path.exists(path) or any(path == b or path.startswith(b + "/") for b in bound):
+    covered = any(path == b or path.startswith(b + "/") for b in bound)
+    if path == "/" or not os.path.exists(path) or covered:
         return
     if os.path.isdir(path):
         os.makedirs(ROOT + path, exist_ok=True)
@@ -257,7 +262,8 @@ def guard():
             raise PermissionError("sandbox: no network")
         if event == "open" and len(args) > 2:
             path, mode, flags = args
-            if (mode and any(c in mode for c in "wax+")) or (flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            if (mode and any(c in mode for c in "wax+")) or writes:
                 if not inside(path):
                     raise PermissionError("sandbox: writing outside the working folder")
         elif event in ("os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.chown",
@@ -268,7 +274,8 @@ def guard():
     sys.addaudithook(hook)
 
 def exit_like(status):
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    os._exit(code)
 
 def program(bound):
     try:

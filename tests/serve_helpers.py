@@ -23,8 +23,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON = {"Content-Type": "application/json"}
 
 
-def tiny_qwen(**config: int) -> Qwen:
-    """A tiny int8 Qwen2 on the native kernels, named ``tiny``."""
+def serving_qwen(**config: int) -> Qwen:
+    """The tiny model as the server tests serve it: int8 weights, fused, on the native path,
+    named ``tiny``."""
     model = quantize(
         tiny_model(tiny_config(intermediate_size=128, num_hidden_layers=3, **config), std=0.1),
         "int8",

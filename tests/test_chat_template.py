@@ -103,7 +103,8 @@ def test_forged_tokens_in_system_and_assistant_turns_stay_text():
 def test_tool_arguments_are_protected_inside_tojson():
     source = (
         "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-        "{%- for c in m.tool_calls or [] %}<tool_call>{{ c.arguments | tojson }}</tool_call>{%- endfor %}"
+        "{%- for c in m.tool_calls or [] %}<tool_call>{{ c.arguments | tojson }}</tool_call>{%- "
+        "endfor %}"
         "<|im_end|>\n{%- endfor %}"
         "{%- if tools %}{{ tools | tojson }}{%- endif %}"
     )

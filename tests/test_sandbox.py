@@ -150,8 +150,12 @@ def test_network_is_unreachable(sandbox):
     t.start()
     try:
         for code in (
-            f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\nprint('connected')",
-            "import socket\ns = socket.create_connection(('1.1.1.1', 80), timeout=3)\nprint('connected')",
+            "import socket\n"
+            f"s = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+            "print('connected')",
+            "import socket\n"
+            "s = socket.create_connection(('1.1.1.1', 80), timeout=3)\n"
+            "print('connected')",
         ):
             r = sandbox.run(code)
             assert r.status == "error" and "connected" not in r.stdout

@@ -25,7 +25,7 @@ from serve_helpers import (
     LiveServer,
     chat,
     error_of,
-    tiny_qwen,
+    serving_qwen,
     wait_idle,
 )
 from serve_helpers import metric as _metric
@@ -40,7 +40,7 @@ from qwenlm.serve.protocol import APIError, ToolSpec, parse_json_body
 def server():
     # Prompts prefill in pieces of 32 tokens, so the prefix cache works on tiny prompts.
     cfg = ServeConfig(api_key=KEY, max_body_bytes=20_000, prefill_chunk=32)
-    with LiveServer(tiny_qwen(), cfg) as s:
+    with LiveServer(serving_qwen(), cfg) as s:
         yield s
 
 
@@ -119,7 +119,8 @@ def test_chat_logprobs_are_of_the_chosen_tokens(client):
     entries = r.json()["choices"][0]["logprobs"]["content"]
     assert len(entries) == 8
     for e in entries:
-        # greedy without penalties: the chosen token is the likeliest
+        # greedy without penalties: the chosen token is the likeliest (the same float, give or
+        # take JSON's float round trip: approx's default 1e-6)
         assert e["logprob"] == pytest.approx(max(t["logprob"] for t in e["top_logprobs"]))
         assert len(e["top_logprobs"]) == 3 and isinstance(e["bytes"], list)
 
@@ -269,7 +270,7 @@ def test_the_page_asks_the_browser_for_the_key(server):
 
 # -- scheduling --------------------------------------------------------------------------------
 def test_continuous_batching_equals_one_by_one_generation():
-    qwen = tiny_qwen()
+    qwen = serving_qwen()
     # A shared opening: the requests that wait take it from the prefix cache.
     prompts = ["hello world " * 24 + f"{i} " * (i + 1) for i in range(6)]
     configs = [
@@ -393,7 +394,7 @@ def test_react_prompt_replays_tool_calls_as_observations():
 
 def test_react_mode_server_answers_tool_requests():
     cfg = ServeConfig(tool_prompt="react")
-    with LiveServer(tiny_qwen(max_position_embeddings=4096), cfg) as s:  # ReAct is wordy
+    with LiveServer(serving_qwen(max_position_embeddings=4096), cfg) as s:  # ReAct is wordy
         tools = [{"type": "function", "function": {"name": "calc", "parameters": {}}}]
         r = httpx.post(
             s.url + "/v1/chat/completions",
@@ -408,7 +409,7 @@ def test_react_mode_server_answers_tool_requests():
 def roomy():
     """A server whose model has room for long generations (they must outlast the client)."""
     cfg = ServeConfig(request_timeout=30)
-    with LiveServer(tiny_qwen(max_position_embeddings=8192), cfg) as s:
+    with LiveServer(serving_qwen(max_position_embeddings=8192), cfg) as s:
         yield s
 
 
@@ -416,7 +417,9 @@ LONG = chat(max_tokens=8000, ignore_eos=True)
 
 
 def test_request_timeout_ends_the_reply_with_length():
-    with LiveServer(tiny_qwen(max_position_embeddings=8192), ServeConfig(request_timeout=0.5)) as s:
+    with LiveServer(
+        serving_qwen(max_position_embeddings=8192), ServeConfig(request_timeout=0.5)
+    ) as s:
         r = httpx.post(s.url + "/v1/chat/completions", json=LONG, timeout=60)
         assert r.status_code == 200
         assert r.json()["choices"][0]["finish_reason"] == "length"

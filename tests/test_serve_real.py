@@ -227,6 +227,7 @@ def test_logprobs(client):
     for e in entries:
         assert len(e.top_logprobs) == 3 and e.logprob <= 0
         assert e.top_logprobs[0].token == e.token  # greedy picks the likeliest
+        # the same float through JSON: approx's default 1e-6
         assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)
         assert bytes(e.bytes).decode() == e.token
 
@@ -520,8 +521,8 @@ KILLED_CLIENTS = textwrap.dedent(
     port, key, model, count = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     socks = []
     for i in range(count):
-        body = json.dumps({"model": model, "stream": True, "max_tokens": 400,
-                           "messages": [{"role": "user", "content": f"Tell me a long story, part {i}."}]})
+        ask = [{"role": "user", "content": f"Tell me a long story, part {i}."}]
+        body = json.dumps({"model": model, "stream": True, "max_tokens": 400, "messages": ask})
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall((f"POST /v1/chat/completions HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n"
                    f"Authorization: Bearer {key}\\r\\nContent-Type: application/json\\r\\n"
@@ -537,7 +538,8 @@ KILLED_CLIENTS = textwrap.dedent(
             except (TimeoutError, BlockingIOError):
                 pass
         # every client has its stream open; the running ones are mid-way through their text
-        if all(b"data:" in x for x in seen) and sum(b'"content": "' in x.replace(b'"content": ""', b"") for x in seen) >= 16:
+        texts = sum(b'"content": "' in x.replace(b'"content": ""', b"") for x in seen)
+        if all(b"data:" in x for x in seen) and texts >= 16:
             break
     print("READY", flush=True)
     time.sleep(600)

@@ -40,7 +40,7 @@ from serve_helpers import (
     chat,
     error_of,
     metric,
-    tiny_qwen,
+    serving_qwen,
     wait_idle,
 )
 
@@ -54,7 +54,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def server():
-    with LiveServer(tiny_qwen(), ServeConfig(api_key=KEY, max_body_bytes=8 * MiB)) as s:
+    with LiveServer(serving_qwen(), ServeConfig(api_key=KEY, max_body_bytes=8 * MiB)) as s:
         yield s
 
 
@@ -67,7 +67,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def roomy():
     """No key, and a context with room for generations that outlast their clients."""
-    with LiveServer(tiny_qwen(max_position_embeddings=8192), ServeConfig(max_queue=256)) as s:
+    with LiveServer(serving_qwen(max_position_embeddings=8192), ServeConfig(max_queue=256)) as s:
         yield s
 
 
@@ -117,7 +117,7 @@ def test_a_dead_engine_answers_503_on_health_and_every_inference_route(monkeypat
         raise RuntimeError("reaping broke\r\nFAKE log line")
 
     caplog.set_level(logging.ERROR, logger="qwenlm")
-    with LiveServer(tiny_qwen()) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+    with LiveServer(serving_qwen()) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         monkeypatch.setattr(s.service.scheduler, "_reap", broken)
         # The request in flight when the loop died gets an error, not a hang.
         error_of(c.post("/v1/chat/completions", json=chat(max_tokens=2)), 500)
@@ -153,7 +153,7 @@ def test_serve_exits_with_an_error_when_the_engine_dies(monkeypatch):
     def broken(self) -> None:
         raise RuntimeError("reaping broke")
 
-    model, port, outcome = tiny_qwen(), free_port(), {}
+    model, port, outcome = serving_qwen(), free_port(), {}
     monkeypatch.setattr(Scheduler, "_reap", broken)  # the scheduler serve() builds
 
     def run() -> None:
@@ -181,7 +181,7 @@ def test_serve_exits_with_an_error_when_the_engine_dies(monkeypatch):
 
 def test_a_wedged_engine_cannot_hang_a_client(monkeypatch):
     cfg = ServeConfig(request_timeout=0.5, stall_timeout=1.0)
-    with LiveServer(tiny_qwen(), cfg) as s:
+    with LiveServer(serving_qwen(), cfg) as s:
         engine, release = s.service.model.engine, threading.Event()
         real = engine.prefill_piece
 
@@ -326,7 +326,7 @@ def test_a_failed_stream_ends_with_an_error_frame_then_done(server, client, monk
 
 
 def test_one_failing_forward_pass_fails_only_its_request():
-    qwen = tiny_qwen()
+    qwen = serving_qwen()
     engine, tok = qwen.engine, qwen.tokenizer
     prompts = [tok.encode(f"hello world {i} " * 3) for i in range(4)]
     config = qwen.generation_config(max_new_tokens=12, temperature=0, ignore_eos=True)
@@ -466,14 +466,14 @@ def test_every_route_but_the_health_probe_needs_the_key(server, caplog):
 
 def test_health_can_be_made_to_need_the_key():
     cfg = ServeConfig(api_key=KEY, health_requires_key=True)
-    with LiveServer(tiny_qwen(), cfg) as s:
+    with LiveServer(serving_qwen(), cfg) as s:
         assert error_of(httpx.get(s.url + "/health"), 401)["code"] == "invalid_api_key"
         assert httpx.get(s.url + "/health", headers=AUTH).status_code == 200
 
 
 def test_cors_preflight_passes_without_the_key_and_never_allows_credentials():
     cfg = ServeConfig(api_key=KEY, cors_origins=("http://page.example",))
-    with LiveServer(tiny_qwen(), cfg) as s:
+    with LiveServer(serving_qwen(), cfg) as s:
         preflight = {
             "Origin": "http://page.example",
             "Access-Control-Request-Method": "POST",
@@ -696,7 +696,7 @@ def test_health_and_short_requests_answer_during_a_long_generation(roomy):
 
 def test_a_bounded_queue_takes_two_running_and_two_waiting(monkeypatch):
     cfg = ServeConfig(max_num_seqs=2, max_queue=2)
-    with LiveServer(tiny_qwen(max_position_embeddings=8192), cfg) as s:
+    with LiveServer(serving_qwen(max_position_embeddings=8192), cfg) as s:
         engine, gate = s.service.model.engine, threading.Event()
         real = engine.forward
 

@@ -1,4 +1,4 @@
-"""Training data: checks with locations, the assistant-only loss mask, truncation, packing, recipes."""
+"""Training data: checks with locations, assistant-only loss mask, truncation, packing, recipes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, tiny_model, tiny_template, tiny_tokenizer
+from helpers import (
+    assert_float32_close,
+    tiny_model,
+    tiny_template,
+    tiny_tokenizer,
+    write_tiny_hf_folder,
+)
 
 from qwenlm.errors import ChatTemplateError
 from qwenlm.train import load_recipe, train
@@ -107,7 +113,8 @@ def test_tool_calls_render_and_train_with_the_real_template(real_model_path, tmp
     [c] = load_records([str(path)], "chat")
     ids, mask = template.render_for_training(c.messages, tools=c.tools)
     assert supervised_text(template, ids, mask) == (
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        "<|im_end|>"
         "It is 21 degrees in Paris.<|im_end|>"
     )
     assert ids == template.encode(c.messages, tools=c.tools, add_generation_prompt=False)
@@ -115,7 +122,7 @@ def test_tool_calls_render_and_train_with_the_real_template(real_model_path, tmp
     assert "<tools>" in text and '<tool_response>\n{"temp": 21}\n</tool_response>' in text
 
 
-# -- malformed data ----------------------------------------------------------------------------------
+# -- malformed data -------------------------------------------------------------------------------
 BAD_JSONL = [
     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}',
     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}',
@@ -124,7 +131,8 @@ BAD_JSONL = [
     '{"messages": [{"role": "user"}, {"role": "assistant", "content": "ok"}]}',
     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": NaN}]}',
     '{"messages": [{"role": "user", "content": "hi"}]}',
-    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]}',
+    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": '
+    '[{"function": {"name": "f", "arguments": "{bad"}}]}]}',
 ]
 BAD_QWEN = [
     {
@@ -207,21 +215,10 @@ def test_preference_pairs_are_checked(tmp_path):
     ]
 
 
-def tiny_hf_folder(folder: Path) -> Path:
-    from helpers import random_state_dict, write_hf_tokenizer
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config()
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
-    save_file(random_state_dict(cfg), str(folder / "model.safetensors"))
-    write_hf_tokenizer(folder)
-    return folder
-
-
 def test_malformed_data_stops_the_run_before_anything_trains(tmp_path):
     files = write_bad_data(tmp_path)
-    model = tiny_hf_folder(tmp_path / "model")
+    model = tmp_path / "model"
+    write_tiny_hf_folder(model)
     out = tmp_path / "run"
     recipe = recipe_from_dict(
         {
@@ -292,17 +289,19 @@ def test_packed_rows_compute_exactly_the_unpacked_losses():
     packed = pack(rows, max_seq_len=sum(len(r.ids) for r in rows[:3]))
     assert [len(p.segments) for p in packed] == [3, 2]
     net = TargetLogprobs(tiny_model()).eval()
+    exact_net = TargetLogprobs(tiny_model(dtype=torch.float64)).eval()
     pad = t.tokenizer.pad_token_id
 
-    def logprobs(rs):
+    def logprobs(rs, net=net):
         b = collate(rs, pad)
         with torch.no_grad():
             return net(b.input_ids, b.positions, b.attn_mask, b.targets)
 
     separate = torch.cat([logprobs([r]) for r in rows])
-    together = logprobs(packed)  # two packed rows, the second padded
-    torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logprobs(rows), separate, rtol=1e-5, atol=1e-5)  # right-padded
+    exact = torch.cat([logprobs([r], exact_net) for r in rows])
+    # packing and padding change only the summation order: float32 noise against float64
+    assert_float32_close(logprobs(packed), separate, exact)  # two packed rows, one padded
+    assert_float32_close(logprobs(rows), separate, exact)  # right-padded
 
 
 def test_padding_never_makes_gradients_nan():
@@ -352,7 +351,7 @@ def test_text_corpus_is_tokenized_once_and_memory_mapped(tmp_path):
     assert tokenize_corpus(files, tok, tmp_path / "cache").tolist()[:7] == tok.encode("changed")
 
 
-# -- recipes ---------------------------------------------------------------------------------------------
+# -- recipes --------------------------------------------------------------------------------------
 def test_recipe_overrides_and_their_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(
@@ -452,7 +451,7 @@ BAD_CONVERSATIONS = [
     ),
     ({"messages": conv(("user", "q"), ("tool", "r"))}, "no assistant tool call asked for"),
     ({"messages": conv(("system", "s"), ("user", "q"))}, "has no assistant turn"),
-    ({"messages": [{"role": "user", "content": 7}]}, "must be a string, got a number"),
+    ({"messages": [{"role": "user", "content": 7}]}, "must be a string, got an integer"),
     (
         {"conversations": [{"from": "user", "value": TEN_MB}, {"from": "assistant", "value": "a"}]},
         "conversations[0].value has 10,485,760 characters (at most 1,048,576 a turn)",
@@ -492,16 +491,8 @@ def test_labels_cover_assistant_tokens_only_and_an_empty_batch_is_not_nan():
 
 
 def test_the_run_writes_a_data_manifest_and_skips_what_max_rejected_allows(tmp_path):
-    from helpers import write_hf_tokenizer
-    from safetensors.torch import save_file
-
     model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(tiny_config().to_hf()))
-    from helpers import random_state_dict
-
-    save_file(random_state_dict(tiny_config()), str(model / "model.safetensors"))
-    write_hf_tokenizer(model)
+    write_tiny_hf_folder(model)
     data = tmp_path / "d.jsonl"
     good = [
         json.dumps({"messages": conv(("user", f"q{i}"), ("assistant", "hello"))}) for i in range(39)

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_state_dict, tiny_config, write_hf_tokenizer
+from helpers import (
+    assert_float32_close,
+    float64_logits,
+    write_tiny_hf_folder,
+)
 
 from qwenlm.train import train
 from qwenlm.train.loop import TrainError, cosine_lr
@@ -22,17 +26,6 @@ from qwenlm.train.recipe import recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 QWENLM = [sys.executable, "-m", "qwenlm"]
-
-
-def tiny_hf_folder(folder: Path) -> Path:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config()
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
-    save_file(random_state_dict(cfg), str(folder / "model.safetensors"))
-    write_hf_tokenizer(folder)
-    return folder
 
 
 def sft_data(path: Path, n: int = 24) -> Path:
@@ -51,11 +44,11 @@ def sft_data(path: Path, n: int = 24) -> Path:
 
 
 def recipe(tmp: Path, out: str = "run", **sections):
+    if not (tmp / "model").exists():
+        write_tiny_hf_folder(tmp / "model")
     base = {
         "out": str(tmp / out),
-        "model": str(tiny_hf_folder(tmp / "model"))
-        if not (tmp / "model").exists()
-        else str(tmp / "model"),
+        "model": str(tmp / "model"),
         "task": "sft",
         "method": "lora",
         "data": {"train": [str(sft_data(tmp / "sft.jsonl"))], "max_seq_len": 96},
@@ -97,12 +90,13 @@ def cli_train(data: dict, *args: str, tmp: Path) -> subprocess.Popen:
 
 def test_cosine_schedule_warms_up_and_floors_at_ten_percent():
     lrs = [cosine_lr(s, total=100, peak=1e-3, warmup=10, min_ratio=0.1) for s in range(100)]
+    # the schedule is float64 arithmetic: pytest.approx's default 1e-6
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(1e-4)
 
 
-# -- no lost work -----------------------------------------------------------------------------------
+# -- no lost work ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted 25-step LoRA run (dropout on, so RNG state matters on resume)."""
@@ -348,7 +342,7 @@ def test_peft_loads_a_trained_adapter_with_the_same_logits(reference):
     hf = peft.PeftModel.from_pretrained(hf, ref_data["out"]).eval()
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+        assert_float32_close(ours.eval()(ids), hf(ids).logits, float64_logits(hf, ids))
 
 
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
@@ -380,7 +374,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(reference):
         train(recipe_from_dict(ref_data))
 
 
-# -- methods ----------------------------------------------------------------------------------------
+# -- methods --------------------------------------------------------------------------------------
 def test_pretraining_from_scratch_lowers_train_and_eval_loss_and_generates(tmp_path):
     data = {
         "out": str(tmp_path / "tiny-lm"),
@@ -470,7 +464,8 @@ def test_dpo_raises_the_chosen_minus_rejected_margin_on_held_out_pairs(tmp_path)
     train(recipe_from_dict(data))
     e = evals(Path(data["out"]))
     before, after = e[0], e[20]
-    assert before["eval_reward_margin"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
+    # policy == reference (B = 0): the two log-ratios differ by float32 noise, ~1e-5 per token
+    assert before["eval_reward_margin"] == pytest.approx(0.0, abs=1e-4)
     assert after["eval_margin"] > before["eval_margin"] + 5.0
     assert after["eval_accuracy"] == 1.0 and after["eval_loss"] < before["eval_loss"]
 
@@ -502,6 +497,7 @@ def test_activation_checkpointing_keeps_the_math(tmp_path):
         )
         train(recipe_from_dict(data))
         runs[name] = losses(tmp_path / name)
+    # recomputation repeats the same float32 ops: equal up to a few ulps (1.2e-7) of the loss
     assert runs["plain"] == pytest.approx(runs["checkpointed"], rel=1e-6)
 
 
@@ -535,6 +531,7 @@ def test_export_round_trip_gives_equal_logits_in_a_fresh_process(tmp_path):
     prompts = [[(7 * i + j) % 300 for j in range(5 + 3 * i)] for i in range(5)]
     with torch.no_grad():
         expected = {str(i): model(torch.tensor([p]))[0] for i, p in enumerate(prompts)}
+    exact = {str(i): float64_logits(model, torch.tensor([p]))[0] for i, p in enumerate(prompts)}
     script = (
         "import json, sys, torch, qwenlm\n"
         "from safetensors.torch import save_file\n"
@@ -554,7 +551,9 @@ def test_export_round_trip_gives_equal_logits_in_a_fresh_process(tmp_path):
     got = load_file(str(got_path))
     assert got.keys() == expected.keys()
     for k in expected:
-        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)  # bit for bit
+        # The same weights, but qwenlm.load fuses the projections for inference: other matmul
+        # shapes sum in other orders (CPU-dependent), so float32 noise, not bit for bit.
+        assert_float32_close(got[k], expected[k], exact[k])
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(index["metadata"]["sha256"][WEIGHTS]) == 64
     blob = bytearray((folder / WEIGHTS).read_bytes())
@@ -578,7 +577,9 @@ def test_full_finetune_writes_a_model_folder_that_loads(tmp_path):
         qwenlm.load(p) for p in (out, out / "checkpoints" / "step-00000004", data["model"])
     )
     ids = final.encode_chat([{"role": "user", "content": "say hello"}])
-    torch.testing.assert_close(final.logits(ids), ckpt.logits(ids))
+    # the last checkpoint holds the final weights: the same logits; training moved them by far
+    # more than float32 noise (1e-3 is ~100x)
+    torch.testing.assert_close(final.logits(ids), ckpt.logits(ids), rtol=0, atol=0)
     assert not torch.allclose(final.logits(ids), base.logits(ids), atol=1e-3)
     assert final.encode_chat([{"role": "user", "content": "hi"}]) == base.encode_chat(
         [{"role": "user", "content": "hi"}]

@@ -16,7 +16,6 @@ import contextlib
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 from qwenlm.agent.tools import Tool, ToolResult
 from qwenlm.sandbox import Limits, Sandbox, SandboxError, kill_group
@@ -260,9 +259,3 @@ class CodeInterpreter:
             code_interpreter,
             name_for_human="Code Interpreter",
         )
-
-
-def code_interpreter_tool(**kwargs: Any) -> tuple[Tool, CodeInterpreter]:
-    """A fresh interpreter and its tool; close the interpreter when done."""
-    interpreter = CodeInterpreter(**kwargs)
-    return interpreter.as_tool(), interpreter

@@ -36,6 +36,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.visitor import NodeTransformer
 
+from qwenlm.chat.content import NonTextPart, join_text_parts
 from qwenlm.errors import ChatTemplateError
 from qwenlm.tokenizer import Tokenizer
 
@@ -406,16 +407,12 @@ def normalize_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
         m = dict(m)
         content = m.get("content")
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if (
-                    not isinstance(part, Mapping)
-                    or part.get("type") != "text"
-                    or not isinstance(part.get("text"), str)
-                ):
-                    raise ChatTemplateError(f"messages[{i}].content: only text parts are supported")
-                texts.append(part["text"])
-            content = "".join(texts)
+            try:
+                content = join_text_parts(content)
+            except NonTextPart:
+                raise ChatTemplateError(
+                    f"messages[{i}].content: only text parts are supported"
+                ) from None
         if content is None and role == "assistant" and m.get("tool_calls"):
             content = ""
         if not isinstance(content, str):

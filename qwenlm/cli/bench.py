@@ -7,13 +7,15 @@ import json
 import sys
 
 from qwenlm import registry
+from qwenlm.cli.common import add_group_size_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm bench",
         description="Measure decode and prefill speed, time to first token, peak memory and (with "
-        "--ppl) perplexity for each weight format, each in a fresh process. Medians of --runs runs.",
+        "--ppl) perplexity for each weight format, each in a fresh process. Medians of --runs "
+        "runs.",
     )
     p.add_argument(
         "model",
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "f32", "int8", "int4", "gguf"],
         help="weight formats to measure (default: int8 int4)",
     )
-    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128])
+    add_group_size_arg(p)
     p.add_argument(
         "--decode-tokens", type=int, default=128, help="tokens decoded per run (default 128)"
     )
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         const=20480,
         default=0,
         metavar="TOKENS",
-        help="also measure perplexity on TOKENS tokens of data/text/kjv-genesis.txt (default 20480)",
+        help="also measure perplexity on TOKENS tokens of data/text/kjv-genesis.txt "
+        "(default 20480)",
     )
     p.add_argument("--threads", type=int, help="torch/kernel threads (default: torch's)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     info = machine_info()
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch "
+        f"{info['torch']}, "
         f"load average {', '.join(f'{x:.2f}' for x in info['load_average'])}"
     )
     print(markdown(results))
@@ -165,8 +169,10 @@ def profile_main(argv: list[str] | None = None) -> int:
                 cells.append(run_profile_cell(spec))
     info = machine_info()
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
-        f"KV cache {args.kv_cache}, load average {', '.join(f'{x:.2f}' for x in info['load_average'])}"
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch "
+        f"{info['torch']}, "
+        f"KV cache {args.kv_cache}, load average "
+        f"{', '.join(f'{x:.2f}' for x in info['load_average'])}"
     )
     head = (
         ["format"]

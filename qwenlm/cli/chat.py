@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tools",
         metavar="LIST",
-        help="let the model call tools: 'code' (a sandboxed Python interpreter), 'calculator', or both comma-separated",
+        help="let the model call tools: 'code' (a sandboxed Python interpreter), 'calculator', or "
+        "both comma-separated",
     )
     return p
 
@@ -157,9 +158,8 @@ def run(
                 session.system = value
                 write("(system prompt set)\n")
             else:
-                write(
-                    f"system prompt: {session.system if session.system is not None else '(the template default)'}\n"
-                )
+                shown = session.system if session.system is not None else "(the template default)"
+                write(f"system prompt: {shown}\n")
             continue
         if command.startswith("/") and " " not in command:
             write(f"unknown command {command}; /help lists them\n")

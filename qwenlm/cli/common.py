@@ -13,16 +13,17 @@ from qwenlm import registry
 
 
 def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
-    what = f"registry name, .gguf file or Hugging Face model folder (default: {registry.DEFAULT_MODEL})"
+    what = (
+        "registry name, .gguf file or Hugging Face model folder "
+        f"(default: {registry.DEFAULT_MODEL})"
+    )
     if positional:
         p.add_argument(
             "model", nargs="?", default=registry.DEFAULT_MODEL, metavar="MODEL", help=what
         )
     else:
         p.add_argument("-m", "--model", default=registry.DEFAULT_MODEL, help=what)
-    p.add_argument(
-        "--pull", action="store_true", help="pull a registry model first if it is not cached"
-    )
+    add_pull_arg(p)
     p.add_argument(
         "--cache-dir",
         help="model cache folder (default: $QWENLM_CACHE, $XDG_CACHE_HOME/qwenlm, ~/.cache/qwenlm)",
@@ -42,13 +43,7 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
         "forward pass), gguf runs a GGUF file's own formats as stored; none is plain PyTorch in "
         "--dtype (auto: int8 on CPU, none elsewhere)",
     )
-    p.add_argument(
-        "--group-size",
-        type=int,
-        default=32,
-        choices=[32, 64, 128],
-        help="int4 group size (default 32)",
-    )
+    add_group_size_arg(p)
     p.add_argument(
         "--kv-cache",
         default="float",
@@ -70,6 +65,22 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="split the model over N processes: start with torchrun --nproc-per-node N -m "
         "qwenlm ... (gloo on CPU, NCCL on CUDA; rank 0 does the I/O; default 1)",
+    )
+
+
+def add_pull_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pull", action="store_true", help="pull a registry model first if it is not cached"
+    )
+
+
+def add_group_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=32,
+        choices=[32, 64, 128],
+        help="int4 group size (default 32)",
     )
 
 

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if stats is not None:
             print(
                 f"[speculation: {stats.accepted}/{stats.proposed} guesses accepted "
-                f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target pass]",
+                f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target "
+                f"pass]",
                 file=sys.stderr,
             )
     return 0

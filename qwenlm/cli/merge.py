@@ -59,7 +59,8 @@ def merge_adapter(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm merge",
-        description="Fold a LoRA adapter into its base model and write a Hugging Face model folder.",
+        description="Fold a LoRA adapter into its base model and write a Hugging Face model "
+        "folder.",
     )
     p.add_argument(
         "--adapter", required=True, help="adapter folder (adapter_config.json + weights)"

@@ -43,6 +43,23 @@ class EvalError(QwenlmError):
     """A task's data is missing or malformed, or a run cannot be resumed as asked."""
 
 
+MODES = ("chat", "base")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a prompting mode tasks know (chat template or plain text)."""
+    if mode not in MODES:
+        raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
+    return mode
+
+
+def task_data(name: str, data: str | Path | None, what: str, hint: str) -> Path:
+    """Task ``name``'s data path, or one clear error naming ``what`` it needs and how to pass it."""
+    if data is None:
+        raise EvalError(f"{name} needs its {what}", hint=hint)
+    return Path(data)
+
+
 @dataclass(frozen=True)
 class Request:
     """One completion to make: prompt token ids and how to decode."""
@@ -79,8 +96,7 @@ class EvalEngine:
     def chat_prompt(
         self, messages: Sequence[Mapping[str, Any]], *, reply_prefix: str = ""
     ) -> tuple[int, ...]:
-        """Ids of a conversation with the assistant's turn opened (and started with
-        ``reply_prefix``)."""
+        """Ids of a conversation with the assistant's turn opened, begun with ``reply_prefix``."""
         ids = self.model.encode_chat(messages)
         return tuple(ids + self.tokenizer.encode(reply_prefix))
 
@@ -197,6 +213,89 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _start(
+    output: str | os.PathLike[str] | None,
+    meta: dict[str, Any],
+    restart: bool,
+    samples: list[dict[str, Any]],
+    dist: Dist | None,
+) -> tuple[Path | None, dict[Any, dict[str, Any]], float, list[int]]:
+    """(records file, records already made by id, seconds spent, indices still to do); rank 0
+    reads the run folder and sends the work list to the other ranks."""
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    done: dict[Any, dict[str, Any]] = {}
+    earlier_seconds = 0.0
+    records_path = None
+    try:
+        if output is not None and rank == 0:
+            records_path, done, earlier_seconds = _resume(Path(output), meta, restart)
+    except BaseException:
+        if world > 1:
+            dist.broadcast_ints([-1])  # the other ranks wait for the work list: let them go
+        raise
+    todo = [i for i, s in enumerate(samples) if s["id"] not in done]
+    if world > 1:
+        todo = dist.broadcast_ints(todo if rank == 0 else None)
+        if todo == [-1]:
+            raise EvalError("rank 0 could not open the run; its error says why")
+    return records_path, done, earlier_seconds, todo
+
+
+def _append(
+    records_path: Path, new: list[dict[str, Any]], meta: dict[str, Any], seconds: float
+) -> None:
+    with records_path.open("a", encoding="utf-8") as f:
+        for r in new:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (records_path.parent / "run.json").write_text(
+        json.dumps({**meta, "seconds": seconds}, indent=1)
+    )
+
+
+def _write_summary(out: Path, result: EvalResult, meta: dict[str, Any], generated: int) -> None:
+    summary = {
+        "task": result.task,
+        "model": result.model,
+        "config": meta["config"],
+        "settings": meta["settings"],
+        "metrics": result.metrics,
+        "samples": len(result.records),
+        "seconds": round(result.seconds, 1),
+        "generated_tokens": generated,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+
+
+def _resume(
+    out: Path, meta: dict[str, Any], restart: bool
+) -> tuple[Path, dict[Any, dict[str, Any]], float]:
+    """(records file, records already there by id, seconds spent) of run folder ``out``.
+
+    Refuses a folder holding a run with other settings; ``restart`` discards what is there.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    records_path, meta_path = out / "records.jsonl", out / "run.json"
+    if restart:
+        records_path.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+    earlier_seconds = 0.0
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise EvalError(
+                f"{out} holds a run with other settings ({old.get('task')} on "
+                f"{old.get('model')}, {old.get('config')})",
+                hint="use another --output folder, or --restart to discard that run",
+            )
+        earlier_seconds = float(old.get("seconds", 0.0))
+    done = {}
+    if records_path.exists():
+        for r in _read_records(records_path):
+            done[r["id"]] = r
+    meta_path.write_text(json.dumps({**meta, "seconds": earlier_seconds}, indent=1))
+    return records_path, done, earlier_seconds
+
+
 def run_eval(
     model: Qwen,
     task: Task,
@@ -229,28 +328,14 @@ def run_eval(
         raise EvalError(f"{task.name}: sample ids are not unique")
     engine = engine or EvalEngine(model, batch_size=batch_size)
     model_name = str(getattr(model, "name", None) or "model")
-    # ``settings``: how the model was loaded (quantization, dtype), part of what a resumed run must match.
+    # ``settings``: how the model was loaded (quantization, dtype), which a resumed run must match.
     meta = {
         "task": task.name,
         "model": model_name,
         "config": task.config(),
         "settings": settings or {},
     }
-    done: dict[Any, dict[str, Any]] = {}
-    earlier_seconds = 0.0
-    records_path = None
-    try:
-        if output is not None and rank == 0:
-            records_path, earlier_seconds = _open_output(Path(output), meta, restart, done)
-    except BaseException:
-        if world > 1:
-            dist.broadcast_ints([-1])  # the other ranks wait for the work list: let them go
-        raise
-    todo = [i for i, s in enumerate(samples) if s["id"] not in done]
-    if world > 1:
-        todo = dist.broadcast_ints(todo if rank == 0 else None)
-        if todo == [-1]:
-            raise EvalError("rank 0 could not open the run; its error says why")
+    records_path, done, earlier_seconds, todo = _start(output, meta, restart, samples, dist)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -275,14 +360,7 @@ def run_eval(
             for r in new:
                 done[r["id"]] = r
             if records_path is not None:
-                with records_path.open("a", encoding="utf-8") as f:
-                    for r in new:
-                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                (records_path.parent / "run.json").write_text(
-                    json.dumps(
-                        {**meta, "seconds": earlier_seconds + time.monotonic() - t0}, indent=1
-                    )
-                )
+                _append(records_path, new, meta, earlier_seconds + time.monotonic() - t0)
             if bar is not None:
                 bar.update(len(new))
     finally:
@@ -303,46 +381,8 @@ def run_eval(
     if output is not None:
         result.output = Path(output)
     if output is not None and rank == 0:
-        summary = {
-            "task": task.name,
-            "model": model_name,
-            "config": task.config(),
-            "settings": meta["settings"],
-            "metrics": result.metrics,
-            "samples": len(records),
-            "seconds": round(result.seconds, 1),
-            "generated_tokens": generated,
-        }
-        (Path(output) / "summary.json").write_text(
-            json.dumps(summary, indent=1, ensure_ascii=False)
-        )
+        _write_summary(Path(output), result, meta, generated)
     return result
-
-
-def _open_output(
-    out: Path, meta: dict[str, Any], restart: bool, done: dict[Any, dict[str, Any]]
-) -> tuple[Path, float]:
-    """Prepare the results folder: check a resumed run's settings, read its records into
-    ``done``; returns the records file and the seconds earlier runs took."""
-    earlier_seconds = 0.0
-    out.mkdir(parents=True, exist_ok=True)
-    records_path, meta_path = out / "records.jsonl", out / "run.json"
-    if restart:
-        records_path.unlink(missing_ok=True)
-        meta_path.unlink(missing_ok=True)
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if {k: old.get(k) for k in meta} != meta:
-            raise EvalError(
-                f"{out} holds a run with other settings ({old.get('task')} on {old.get('model')}, {old.get('config')})",
-                hint="use another --output folder, or --restart to discard that run",
-            )
-        earlier_seconds = float(old.get("seconds", 0.0))
-    if records_path.exists():
-        for r in _read_records(records_path):
-            done[r["id"]] = r
-    meta_path.write_text(json.dumps({**meta, "seconds": earlier_seconds}, indent=1))
-    return records_path, earlier_seconds
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

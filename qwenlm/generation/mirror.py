@@ -5,7 +5,8 @@ collective operation: all ranks run it together, on the same segments. Rank 0 ru
 else alone (the scheduler, the server, the evaluator, the CLI) through a :class:`LeaderEngine`,
 which sends each forward pass's segments before running it: whether it returns hidden states
 instead of logits, and for each segment the sequence's id, the position it starts at, its
-tokens, whether every row's logits are wanted and dynamic NTK's factor. A :class:`FollowerEngine` on every other rank runs the same pass on caches of
+tokens, whether every row's logits are wanted and dynamic NTK's factor. A
+:class:`FollowerEngine` on every other rank runs the same pass on caches of
 its own, which hold the same sequences for its heads. What happens to sequences between passes
 travels with the next one: forks (a copy of a prefix) and sequences rank 0 let go of. Trims
 need no message: a segment starting at position p drops whatever the follower held past p.

@@ -40,6 +40,16 @@ def cuda_graph_safe(config: ModelConfig) -> bool:
     return not (config.is_moe or windows or config.dual_chunk_attention_config)
 
 
+def swap_module(model: nn.Module, name: str, new: nn.Module | nn.Parameter) -> None:
+    """Put ``new`` (a module, or a parameter) at the dotted ``name`` of ``model``, in place.
+
+    The one way transforms (quantization, LoRA, merging) and loaders replace parts of a built
+    model; ``name`` is as ``named_modules()`` / ``named_parameters()`` spell it.
+    """
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)  # get_submodule("") is the model itself
+
+
 def build_model(
     config: ModelConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -71,10 +81,8 @@ def build_model(
                 f"implies {list(expected)}",
                 hint="the checkpoint and its config.json / metadata disagree",
             )
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+        swap_module(model, name, nn.Parameter(value, requires_grad=False))
         loaded.add(name)
     if unknown:
         raise CheckpointError(

@@ -26,6 +26,8 @@ from torch import nn
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError, QwenlmError
+from qwenlm.fsutil import write_json
+from qwenlm.models import model_class, swap_module
 from qwenlm.quant.gguf import FLOAT_TYPES, GROUP, KINDS, GGUFEmbedding, GGUFLinear, pack
 from qwenlm.quant.linear import (
     TILE_ROWS,
@@ -146,11 +148,6 @@ def _linear_factory(
     raise QuantizationError(f"unknown head quantization {head!r}", hint="use f32, int8 or int4")
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def quantize(
     model: nn.Module, mode: str = "int8", *, group_size: int = 32, head: str | None = None
 ) -> nn.Module:
@@ -164,13 +161,13 @@ def quantize(
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             make = _linear_factory(mode, group_size, head, name)
-            _set(
+            swap_module(
                 model,
                 name,
                 make(module.weight.detach(), None if module.bias is None else module.bias.detach()),
             )
         elif isinstance(module, nn.Embedding) and mode != "f32":
-            _set(model, name, Int8Embedding.from_float(module.weight.detach()))
+            swap_module(model, name, Int8Embedding.from_float(module.weight.detach()))
     model.quantization = {"mode": mode, "group_size": group_size, "head": head}
     return model
 
@@ -220,7 +217,8 @@ def _gguf_linear(
         from gguf import GGMLQuantizationType
 
         raise QuantizationError(
-            f"{wname} is stored as {GGMLQuantizationType(qtype).name}, which --quant gguf cannot run",
+            f"{wname} is stored as {GGMLQuantizationType(qtype).name}, which --quant gguf "
+            "cannot run",
             hint="use --quant int8 or int4, or a file in "
             + ", ".join(t.name for t in KINDS)
             + ", F16 or F32",
@@ -250,6 +248,50 @@ def _same_matrix(ckpt: object, a: str, b: str, shapes: dict) -> bool:
     return True
 
 
+def _load_matrix(
+    ckpt: object,
+    shapes: dict,
+    name: str,
+    module: nn.Module,
+    mode: str,
+    group_size: int,
+    head: str | None,
+) -> tuple[nn.Module, set[str]]:
+    """Module ``name`` (a linear layer or the embedding) converted slice by slice from the
+    checkpoint, and the names of the tensors it was made from."""
+    wname = f"{name}.weight"
+    if wname not in shapes:
+        raise CheckpointError(f"checkpoint is missing tensor {wname}")
+    expected = tuple(module.weight.shape)
+    if tuple(shapes[wname]) != expected:
+        raise CheckpointError(
+            f"checkpoint tensor {wname} has shape {list(shapes[wname])}, but the config "
+            f"implies {list(expected)}"
+        )
+    rows, cols = expected
+
+    def read(r: tuple[int, int]) -> torch.Tensor:
+        return ckpt.read(wname, r)
+
+    if type(module) is nn.Linear:
+        bname = f"{name}.bias"
+        if module.bias is not None and bname not in shapes:
+            raise CheckpointError(f"checkpoint is missing tensor {bname}")
+        bias = ckpt.read(bname) if module.bias is not None else None
+        if mode == "gguf":
+            return _gguf_linear(ckpt, wname, rows, cols, bias), {wname, bname}
+        make = _linear_factory(mode, group_size, head, name)
+        new = _chunked(read, rows, cols, lambda w: make(w, None))
+        if bias is not None:
+            new.bias = bias.float().contiguous()
+        return new, {wname, bname}
+    if mode == "gguf":
+        return GGUFEmbedding(_gguf_linear(ckpt, wname, rows, cols, None)), {wname}
+    if mode == "f32":
+        return nn.Embedding(rows, cols, _weight=ckpt.read(wname), _freeze=True), {wname}
+    return _chunked(read, rows, cols, Int8Embedding.from_float), {wname}
+
+
 def load_quantized(
     ckpt: object,
     mode: str = "int8",
@@ -262,8 +304,6 @@ def load_quantized(
     Linear weights and the embedding are read and converted a slice of rows at a time; norms
     and biases are read whole. Peak memory is the quantized model plus one slice.
     """
-    from qwenlm.models import model_class
-
     _check(mode, group_size)
     config: ModelConfig = ckpt.config
     shapes = ckpt.shapes()
@@ -289,49 +329,15 @@ def load_quantized(
         )
     )
     for name, module in list(model.named_modules()):
-        is_linear = type(module) is nn.Linear
-        if not is_linear and not isinstance(module, nn.Embedding):
+        if type(module) is not nn.Linear and not isinstance(module, nn.Embedding):
             continue
         if share and name == "model.embed_tokens":
             continue  # made from the head below
-        wname = f"{name}.weight"
-        if wname not in shapes:
-            if name == "lm_head":
-                continue  # tied: built from the embedding below
-            raise CheckpointError(f"checkpoint is missing tensor {wname}")
-        expected = tuple(module.weight.shape)
-        if tuple(shapes[wname]) != expected:
-            raise CheckpointError(
-                f"checkpoint tensor {wname} has shape {list(shapes[wname])}, but the config implies {list(expected)}"
-            )
-        rows, cols = expected
-
-        def read(r: tuple[int, int], wname: str = wname) -> torch.Tensor:
-            return ckpt.read(wname, r)
-
-        if is_linear:
-            bname = f"{name}.bias"
-            if module.bias is not None and bname not in shapes:
-                raise CheckpointError(f"checkpoint is missing tensor {bname}")
-            bias = ckpt.read(bname) if module.bias is not None else None
-            if mode == "gguf":
-                new = _gguf_linear(ckpt, wname, rows, cols, bias)
-            else:
-                make = _linear_factory(mode, group_size, head, name)
-                new = _chunked(read, rows, cols, lambda w, make=make: make(w, None))
-                if bias is not None:
-                    new.bias = bias.float().contiguous()
-            done.update({wname, bname})
-        elif mode == "gguf":
-            new = GGUFEmbedding(_gguf_linear(ckpt, wname, rows, cols, None))
-            done.add(wname)
-        elif mode == "f32":
-            new = nn.Embedding(rows, cols, _weight=ckpt.read(wname), _freeze=True)
-            done.add(wname)
-        else:
-            new = _chunked(read, rows, cols, Int8Embedding.from_float)
-            done.add(wname)
-        _set(model, name, new)
+        if f"{name}.weight" not in shapes and name == "lm_head":
+            continue  # tied: built from the embedding below
+        new, read = _load_matrix(ckpt, shapes, name, module, mode, group_size, head)
+        done.update(read)
+        swap_module(model, name, new)
         release_freed_memory()
     if "lm_head.weight" not in shapes:
         # The output head shares the embedding's values; as a kernel layer it is its own copy.
@@ -347,14 +353,14 @@ def load_quantized(
                 config.hidden_size,
                 lambda w: make(w, None),
             )
-        _set(model, "lm_head", tied_head)
+        swap_module(model, "lm_head", tied_head)
     if share:
         emb = (
             GGUFEmbedding(model.lm_head, shared=True)
             if mode == "gguf"
             else Int8Embedding.shared_with(model.lm_head)
         )
-        _set(model, "model.embed_tokens", emb)
+        swap_module(model, "model.embed_tokens", emb)
         done.add("model.embed_tokens.weight")
     for pname, param in list(model.named_parameters()):
         if pname in done:
@@ -364,9 +370,10 @@ def load_quantized(
         value = ckpt.read(pname)
         if tuple(value.shape) != tuple(param.shape):
             raise CheckpointError(
-                f"checkpoint tensor {pname} has shape {list(value.shape)}, but the config implies {list(param.shape)}"
+                f"checkpoint tensor {pname} has shape {list(value.shape)}, but the config implies "
+                f"{list(param.shape)}"
             )
-        _set(model, pname, nn.Parameter(value.float(), requires_grad=False))
+        swap_module(model, pname, nn.Parameter(value.float(), requires_grad=False))
     model.quantization = {"mode": mode, "group_size": group_size, "head": head}
     return model.eval()
 
@@ -407,8 +414,6 @@ def _saved_linear(ckpt: object, name: str, shapes: dict, group_size: int) -> Ker
 def load_saved(ckpt: object) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (its config.json's quantization_config),
     or load a GPTQ / AWQ checkpoint (see :mod:`qwenlm.quant.gptq`)."""
-    from qwenlm.models import model_class
-
     q = ckpt.quantization
     if q.get("quant_method") in ("gptq", "awq"):
         from qwenlm.quant.gptq import load_gptq_awq
@@ -425,16 +430,18 @@ def load_saved(ckpt: object) -> nn.Module:
         model = model_class(config)(config)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
-            _set(model, name, _saved_linear(ckpt, name, shapes, int(q.get("group_size", 32))))
+            swap_module(
+                model, name, _saved_linear(ckpt, name, shapes, int(q.get("group_size", 32)))
+            )
         elif isinstance(module, nn.Embedding):
             if f"{name}.qweight" in shapes:
-                _set(
+                swap_module(
                     model,
                     name,
                     Int8Embedding(ckpt.read(f"{name}.qweight"), ckpt.read(f"{name}.scale")),
                 )
             else:
-                _set(
+                swap_module(
                     model,
                     name,
                     nn.Embedding.from_pretrained(ckpt.read(f"{name}.weight"), freeze=True),
@@ -451,7 +458,7 @@ def load_saved(ckpt: object) -> nn.Module:
         if param.is_meta:
             if pname not in shapes:
                 raise CheckpointError(f"checkpoint is missing tensor {pname}")
-            _set(model, pname, nn.Parameter(ckpt.read(pname).float(), requires_grad=False))
+            swap_module(model, pname, nn.Parameter(ckpt.read(pname).float(), requires_grad=False))
     model.quantization = {
         "mode": q["mode"],
         "group_size": q.get("group_size", 32),
@@ -468,7 +475,6 @@ def save_quantized(
     The model must not have fused projections (save before :func:`~qwenlm.api.load` prepares
     it for inference, as ``qwenlm quantize`` does).
     """
-    from qwenlm.train.checkpoint import write_json
     from qwenlm.train.export import write_hf_folder
 
     q = getattr(model, "quantization", None)

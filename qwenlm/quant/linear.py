@@ -102,7 +102,10 @@ class KernelLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def _act_scratch(M: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,11 +312,13 @@ class Int4Linear(KernelLinear):
         N, K = weight.shape
         if group_size not in (32, 64, 128) or K % group_size or K % 64:
             raise ValueError(
-                f"in_features {K} must be a multiple of 64 and of the group size {group_size} (32, 64 or 128)"
+                f"in_features {K} must be a multiple of 64 and of the group size {group_size} "
+                "(32, 64 or 128)"
             )
         w = weight.float().view(N, K // group_size, group_size)
         lo, hi = w.amin(-1), w.amax(-1)
-        # Round the group parameters to float16 first, so the codes are chosen for the stored values.
+        # Round the group parameters to float16 first, so the codes are chosen for the stored
+        # values.
         mins = lo.to(torch.float16)
         scales = ((hi - mins.float()) / 15).clamp(min=1e-8).to(torch.float16)
         q = torch.round((w - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15)

@@ -302,6 +302,27 @@ def _unavailable(why: str) -> APIError:
     return APIError(503, why[0].upper() + why[1:] + ".", type="server_error", code="unavailable")
 
 
+async def _sse_events(
+    choices: AsyncIterator[dict[str, Any]],
+    envelope: Callable[..., dict[str, Any]],
+    usage: dict[str, int] | None,
+    *,
+    opening: Sequence[dict[str, Any]] = (),
+    keep: Callable[[dict[str, Any]], bool] = lambda ch: True,
+) -> AsyncIterator[bytes]:
+    """A streamed completion's SSE body: ``opening`` and each kept choice chunk in its
+    ``envelope``, then the usage chunk when ``usage`` is given (counted while streaming, so
+    read at the end). :class:`SSE` adds the error frame if generation fails, and ``[DONE]``."""
+    extra = {"usage": None} if usage is not None else {}
+    for ch in opening:
+        yield sse_event(envelope([ch], **extra))
+    async for ch in choices:
+        if keep(ch):
+            yield sse_event(envelope([ch], **extra))
+    if usage is not None:
+        yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -379,24 +400,18 @@ async def chat_completions(request: Request) -> Any:
         return {**obj, **extra}
 
     if stream:
-
-        async def chunks() -> AsyncIterator[bytes]:
-            extra = {"usage": None} if include_usage else {}
-            first = {"role": "assistant", "content": ""}
-            for i in range(n):
-                yield sse_event(
-                    envelope(
-                        [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}],
-                        **extra,
-                    )
-                )
-            async for ch in choices():
-                if ch["delta"] or ch["logprobs"] or ch["finish_reason"]:
-                    yield sse_event(envelope([ch], **extra))
-            if include_usage:
-                yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
-
-        return SSE(chunks(), [job])
+        first = {"role": "assistant", "content": ""}
+        opening = [
+            {"index": i, "delta": first, "logprobs": None, "finish_reason": None} for i in range(n)
+        ]
+        events_out = _sse_events(
+            choices(),
+            envelope,
+            usage if include_usage else None,
+            opening=opening,
+            keep=lambda ch: bool(ch["delta"] or ch["logprobs"] or ch["finish_reason"]),
+        )
+        return SSE(events_out, [job])
 
     merged = [
         {"reasoning": [], "content": [], "logprobs": [], "tool_calls": [], "finish_reason": None}
@@ -453,22 +468,7 @@ async def completions(request: Request) -> Any:
     P.unsupported(body, {"echo": False, "suffix": "", "best_of": 1})
     svc.check_model(name)
     tok = svc.model.tokenizer
-    for p in prompts:
-        if isinstance(p, str):
-            svc.check_size(len(p), "prompt")
-    ids = await run_in_threadpool(
-        lambda: [tok.encode(p) if isinstance(p, str) else p for p in prompts]
-    )
-    if any(not p for p in ids):
-        raise P.invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
-    for p in ids:
-        svc.budget(len(p), params, "prompt")
-    if len(ids) * n > svc.config.max_num_seqs:
-        raise P.invalid(
-            f"This server runs at most {svc.config.max_num_seqs} sequences per request "
-            "(prompts times n).",
-            param="prompt",
-        )
+    ids = await run_in_threadpool(_prompt_ids, svc, prompts, params, n)
     events: asyncio.Queue[Output] = asyncio.Queue()
     jobs: list[Job] = []
     try:
@@ -517,21 +517,44 @@ async def completions(request: Request) -> Any:
         return {**obj, "choices": chs, **extra}
 
     if stream:
+        return SSE(_sse_events(choices(), envelope, usage if include_usage else None), jobs)
 
-        async def chunks() -> AsyncIterator[bytes]:
-            extra = {"usage": None} if include_usage else {}
-            async for ch in choices():
-                yield sse_event(envelope([ch], **extra))
-            if include_usage:
-                yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
+    chunks = await collect(request, jobs, choices())
+    merged = _merge_text_choices(chunks, len(ids) * n, bool(params.logprobs))
+    return JSONResponse({**envelope(merged), "usage": _usage(usage["prompt"], usage["completion"])})
 
-        return SSE(chunks(), jobs)
 
+def _prompt_ids(
+    svc: Service, prompts: list[Any], params: SamplingParams, n: int
+) -> list[list[int]]:
+    """The prompts of a completions request as token ids, each within the budget (run on a
+    worker thread: tokenizing must not stall the event loop)."""
+    tok = svc.model.tokenizer
+    for p in prompts:
+        if isinstance(p, str):
+            svc.check_size(len(p), "prompt")
+    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+    if any(not p for p in ids):
+        raise P.invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
+    for p in ids:
+        svc.budget(len(p), params, "prompt")
+    if len(ids) * n > svc.config.max_num_seqs:
+        raise P.invalid(
+            f"This server runs at most {svc.config.max_num_seqs} sequences per request "
+            "(prompts times n).",
+            param="prompt",
+        )
+    return ids
+
+
+def _merge_text_choices(
+    chunks: list[dict[str, Any]], count: int, with_logprobs: bool
+) -> list[dict[str, Any]]:
+    """``count`` text-completion choices from their streamed chunks (text and logprobs joined)."""
     merged: list[dict[str, Any]] = [
-        {"index": i, "text": "", "logprobs": None, "finish_reason": None}
-        for i in range(len(ids) * n)
+        {"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(count)
     ]
-    for ch in await collect(request, jobs, choices()):
+    for ch in chunks:
         m = merged[ch["index"]]
         m["text"] += ch["text"]
         m["finish_reason"] = ch["finish_reason"] or m["finish_reason"]
@@ -541,7 +564,7 @@ async def completions(request: Request) -> Any:
             else:
                 for k in m["logprobs"]:
                     m["logprobs"][k] += ch["logprobs"][k]
-    if params.logprobs:
+    if with_logprobs:
         for m in merged:
             m["logprobs"] = m["logprobs"] or {
                 "tokens": [],
@@ -549,7 +572,7 @@ async def completions(request: Request) -> Any:
                 "top_logprobs": [],
                 "text_offset": [],
             }
-    return JSONResponse({**envelope(merged), "usage": _usage(usage["prompt"], usage["completion"])})
+    return merged
 
 
 async def list_models(request: Request) -> Any:

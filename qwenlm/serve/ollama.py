@@ -392,6 +392,11 @@ async def _respond(
     if stream:
         return NDJSON(_lines(parts()), [job])
     got = await collect(request, [job], parts())
+    return JSONResponse(_joined(got, chat=chat, logprobs=bool(want_logprobs)))
+
+
+def _joined(got: list[dict[str, Any]], *, chat: bool, logprobs: bool) -> dict[str, Any]:
+    """The one object of a reply not streamed: the ``done`` part with every part's text."""
     final = got[-1]
     content = "".join(p["message"]["content"] if chat else p["response"] for p in got)
     thinking = "".join(p.get("message", p).get("thinking", "") for p in got)
@@ -406,9 +411,9 @@ async def _respond(
         final["response"] = content
         if thinking:
             final["thinking"] = thinking
-    if want_logprobs:
+    if logprobs:
         final["logprobs"] = [lp for p in got for lp in p.get("logprobs", [])]
-    return JSONResponse(final)
+    return final
 
 
 def _loaded(name: str, chat: bool) -> JSONResponse:

@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenlm.chat.content import NonTextPart, join_text_parts
+from qwenlm.errors import json_type
+
 MAX_STOP = 4
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -79,7 +82,7 @@ def _finite_float(text: str) -> float:
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; NaN, Infinity, bad UTF-8 and lone surrogates are errors."""
+    """The request body as a JSON object; NaN, Infinity, bad UTF-8, lone surrogates are errors."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -96,7 +99,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise invalid(message, code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid(
-            f"The request body must be a JSON object, but got {_json_type(body)}.",
+            f"The request body must be a JSON object, but got {json_type(body)}.",
             code="invalid_type",
         )
     _check_strings(body, "")
@@ -122,26 +125,10 @@ def _check_strings(value: Any, path: str) -> None:
             _check_strings(v, f"{path}[{i}]")
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 # -- field checks ------------------------------------------------------------------------------
 def _type_error(name: str, expected: str, value: Any) -> APIError:
     return invalid(
-        f"Invalid type for '{name}': expected {expected}, but got {_json_type(value)} instead.",
+        f"Invalid type for '{name}': expected {expected}, but got {json_type(value)} instead.",
         param=name,
         code="invalid_type",
     )
@@ -356,19 +343,13 @@ def _content_text(content: Any, param: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
-        for i, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise invalid(
-                    f"Invalid '{param}[{i}]': only text content parts are supported.",
-                    param=f"{param}[{i}]",
-                )
-            parts.append(part["text"])
-        return "".join(parts)
+        try:
+            return join_text_parts(content)
+        except NonTextPart as e:
+            where = f"{param}[{e.index}]"
+            raise invalid(
+                f"Invalid '{where}': only text content parts are supported.", param=where
+            ) from None
     raise _type_error(param, "a string or an array of content parts", content)
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwenlm.errors import QwenlmError
+from qwenlm.fsutil import atomic_write, fsync_dir, write_json
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"step-(\d{8})")
@@ -35,38 +36,6 @@ class CheckpointCorrupt(QwenlmError):
 
 class CheckpointWriteError(QwenlmError):
     """A checkpoint could not be written (a full disk, say); the earlier ones are intact."""
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)``, fsync it, and rename it onto ``path``; a crash leaves old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # some writers create 0600 files; a checkpoint is ordinary data
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def write_tensors(

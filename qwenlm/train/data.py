@@ -25,16 +25,17 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from qwenlm.chat.content import NonTextPart, join_text_parts
 from qwenlm.chat.template import ChatTemplate
-from qwenlm.errors import ChatTemplateError, QwenlmError
+from qwenlm.errors import ChatTemplateError, QwenlmError, json_type
 from qwenlm.strictjson import DuplicateKeyError, unique_keys
 from qwenlm.tokenizer import Tokenizer
 
@@ -52,7 +53,8 @@ class DataError(QwenlmError):
         lines = "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
         n = len(self.problems)
         super().__init__(
-            f"{n} problem{'s' if n != 1 else ''} in the training data; nothing was trained:\n  {lines}",
+            f"{n} problem{'s' if n != 1 else ''} in the training data; nothing was trained:\n  "
+            f"{lines}",
             hint=hint or "fix or remove these records and run again",
         )
 
@@ -215,35 +217,18 @@ class _Invalid(Exception):
 def _text(value: Any, what: str, *, allow_empty: bool = True) -> str:
     """The text of a message (content parts joined), checked for type, emptiness and size."""
     if isinstance(value, list):  # OpenAI content parts
-        parts = []
-        for i, part in enumerate(value):
-            if (
-                not isinstance(part, Mapping)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise _Invalid(f"{what}[{i}] must be a {{'type': 'text', 'text': ...}} part")
-            parts.append(part["text"])
-        value = "".join(parts)
+        try:
+            value = join_text_parts(value)
+        except NonTextPart as e:
+            part = f"{what}[{e.index}]"
+            raise _Invalid(f"{part} must be a {{'type': 'text', 'text': ...}} part") from None
     if not isinstance(value, str):
-        raise _Invalid(f"{what} must be a string, got {_json_type(value)}")
+        raise _Invalid(f"{what} must be a string, got {json_type(value)}")
     if len(value) > MAX_TURN_CHARS:
         raise _Invalid(f"{what} has {len(value):,} characters (at most {MAX_TURN_CHARS:,} a turn)")
     if not allow_empty and not value.strip():
         raise _Invalid(f"{what} is empty")
     return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        dict: "an object",
-        list: "a list",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
 
 
 def _tool_calls(value: Any, what: str) -> list[dict[str, Any]]:
@@ -336,7 +321,7 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
 def parse_conversation(rec: Record, fmt: str) -> Conversation:
     value = rec.value
     if not isinstance(value, Mapping):
-        raise _Invalid(f"expected an object, got {_json_type(value)}")
+        raise _Invalid(f"expected an object, got {json_type(value)}")
     kind = record_kind(value) if fmt == "auto" else fmt
     if kind not in ("qwen", "openai"):
         raise _Invalid(
@@ -379,7 +364,7 @@ def _reply(value: Any, what: str) -> list[dict[str, Any]]:
 def parse_pair(rec: Record) -> PreferencePair:
     value = rec.value
     if not isinstance(value, Mapping):
-        raise _Invalid(f"expected an object, got {_json_type(value)}")
+        raise _Invalid(f"expected an object, got {json_type(value)}")
     for key in ("chosen", "rejected"):
         if key not in value:
             raise _Invalid(f"a preference pair needs {key!r}")
@@ -485,7 +470,6 @@ class RenderStats:
     truncated: int = 0
     tokens: int = 0
     targets: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def _render(template: ChatTemplate, messages: list[dict[str, Any]], tools: Any) -> Row:
@@ -708,7 +692,8 @@ def tokenize_corpus(
             raise DataError(problems)
         if log:
             log(
-                f"tokenizing {len(docs)} document(s) from {len(paths)} file(s) (cached for later runs)"
+                f"tokenizing {len(docs)} document(s) from {len(paths)} file(s) (cached for later "
+                f"runs)"
             )
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
@@ -773,11 +758,6 @@ def global_batch_indices(n: int, step: int, size: int, seed: int) -> list[int]:
         out += order[offset : offset + take]
         offset += take
     return out
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def steps_for_epochs(n_rows: int, global_batch: int, epochs: float) -> int:

@@ -33,17 +33,16 @@ from qwenlm import registry
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
 from qwenlm.errors import QwenlmError
+from qwenlm.fsutil import atomic_write, write_json
 from qwenlm.lora import adapter_config, apply_lora, read_adapter_config, save_adapter
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.train import distributed
 from qwenlm.train.checkpoint import (
     Checkpoints,
-    atomic_write,
     flatten_optimizer_state,
     read_json,
     read_tensors,
     unflatten_optimizer_state,
-    write_json,
     write_tensors,
 )
 from qwenlm.train.data import data_digest, global_batch_indices, load_records, steps_for_epochs
@@ -340,7 +339,8 @@ class _Run:
             if ckpt is not None:
                 ckpt.close()
             self.say(
-                f"data checked: {len(task.train_rows)} training rows, {len(task.eval_rows)} eval rows"
+                f"data checked: {len(task.train_rows)} training rows, "
+                f"{len(task.eval_rows)} eval rows"
             )
             return TrainResult(self.out, 0, total)
         self.tok, self.template_src, self.config = tok, template_src, config
@@ -382,55 +382,65 @@ class _Run:
         if start == 0 and len(task.eval_rows):
             result.eval = self._evaluate(net, task, 0)
         with StopSignals() as stop, self._progress(total, start):
-            step = start
-            last_saved = start if resumed_from is not None else -1
-            t_start = time.perf_counter()
-            while step < total:
-                t0 = time.perf_counter()
-                record = self._step(net, opt, task, step, total, G)
-                step += 1
-                elapsed = time.perf_counter() - t0
-                record.update(
-                    step=step,
-                    tokens_per_s=record["tokens"] / elapsed if elapsed > 0 else 0.0,
-                    elapsed_s=round(time.perf_counter() - t_start, 3),
-                )
-                result.step, result.loss = step, record["loss"]
-                if step % r.log.every == 0 or step == total:
-                    self._log({"kind": "train", **record})
-                self._bar_update(record)
-                stopping = d.any(stop.signum is not None)
-                if (
-                    len(task.eval_rows)
-                    and r.eval.every
-                    and step % r.eval.every == 0
-                    and step < total
-                ):
-                    result.eval = self._evaluate(net, task, step)
-                if (
-                    stopping
-                    or step == total
-                    or (r.checkpoint.every and step % r.checkpoint.every == 0)
-                ):
-                    self._save(step, net, opt)
-                    last_saved = step
-                    if r.log.plot and d.is_main:
-                        self._plot()
-                if stopping:
-                    self.say(
-                        f"stopped by signal at step {step}/{total}; checkpoint saved in "
-                        f"{self.ckpts.path(step)}; continue with --resume"
-                    )
-                    result.interrupted = True
-                    return result
-            if last_saved != step:
-                self._save(step, net, opt)
+            step = self._train_steps(net, opt, task, result, stop, resumed_from, G)
+            if result.interrupted:
+                return result
         if len(task.eval_rows):
             result.eval = self._evaluate(net, task, step)
         self._finish(net)
         if r.log.plot and d.is_main and not self._plot():
             self.say("loss.png not written: install matplotlib (pip install 'qwenlm[train]')")
         return result
+
+    def _train_steps(
+        self,
+        net: nn.Module,
+        opt: torch.optim.Optimizer,
+        task: Any,
+        result: TrainResult,
+        stop: StopSignals,
+        resumed_from: int | None,
+        G: int,
+    ) -> int:
+        """Steps from ``result.step`` to the last, logging, evaluating and saving as the recipe
+        says; returns the step reached (``result.interrupted`` when a signal stopped it)."""
+        r, d = self.r, self.d
+        start, total = result.step, result.total_steps
+        step = start
+        last_saved = start if resumed_from is not None else -1
+        t_start = time.perf_counter()
+        while step < total:
+            t0 = time.perf_counter()
+            record = self._step(net, opt, task, step, total, G)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            record.update(
+                step=step,
+                tokens_per_s=record["tokens"] / elapsed if elapsed > 0 else 0.0,
+                elapsed_s=round(time.perf_counter() - t_start, 3),
+            )
+            result.step, result.loss = step, record["loss"]
+            if step % r.log.every == 0 or step == total:
+                self._log({"kind": "train", **record})
+            self._bar_update(record)
+            stopping = d.any(stop.signum is not None)
+            if len(task.eval_rows) and r.eval.every and step % r.eval.every == 0 and step < total:
+                result.eval = self._evaluate(net, task, step)
+            if stopping or step == total or (r.checkpoint.every and step % r.checkpoint.every == 0):
+                self._save(step, net, opt)
+                last_saved = step
+                if r.log.plot and d.is_main:
+                    self._plot()
+            if stopping:
+                self.say(
+                    f"stopped by signal at step {step}/{total}; checkpoint saved in "
+                    f"{self.ckpts.path(step)}; continue with --resume"
+                )
+                result.interrupted = True
+                return step
+        if last_saved != step:
+            self._save(step, net, opt)
+        return step
 
     def _step(
         self, net: nn.Module, opt: torch.optim.Optimizer, task: Any, step: int, total: int, G: int
@@ -679,7 +689,8 @@ class _Run:
         G = self.r.train.micro_batch_size * self.r.train.grad_accum * d.world
         if trainer.get("global_batch") != G or trainer.get("seed") != self.r.train.seed:
             self.say(
-                f"warning: the checkpoint was trained with global batch {trainer.get('global_batch')} "
+                f"warning: the checkpoint was trained with global batch "
+                f"{trainer.get('global_batch')} "
                 f"and seed {trainer.get('seed')}, this run uses {G} and {self.r.train.seed}: the "
                 "data order from here on differs from the original run's"
             )

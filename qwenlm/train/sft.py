@@ -14,6 +14,7 @@ from torch import nn
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.train.data import (
     Conversation,
+    DataError,
     RenderStats,
     Row,
     collate,
@@ -63,19 +64,9 @@ def build_sft(
 ) -> LMTask:
     """Render conversations into rows (packed when ``data.packing``) and hold out eval rows."""
     data = recipe.data
-    train_rows, stats = render_conversations(records, template, data.max_seq_len)
-    if eval_records:
-        eval_rows, _ = render_conversations(eval_records, template, data.max_seq_len)
-    else:
-        train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, recipe.train.seed)
-    report(stats, say)
-    if not train_rows:
-        from qwenlm.train.data import DataError
-
-        raise DataError(
-            ["no example keeps a supervised token after truncation"],
-            hint=f"raise data.max_seq_len (now {data.max_seq_len})",
-        )
+    train_rows, eval_rows, stats = render_and_split(
+        render_conversations, records, eval_records, template, recipe, say, "example"
+    )
     if data.packing:
         # Packing order is fixed by the seed, so a resumed run packs the same rows.
         order = torch.randperm(
@@ -87,6 +78,36 @@ def build_sft(
     task = LMTask(train_rows, eval_rows, pad_id)
     task.render_stats = stats
     return task
+
+
+def render_and_split(
+    render: Callable[[Any, ChatTemplate, int], tuple[list[Any], RenderStats]],
+    records: Sequence[Any],
+    eval_records: Sequence[Any],
+    template: ChatTemplate,
+    recipe: Recipe,
+    say: Callable[[str], Any],
+    what: str,
+) -> tuple[list[Any], list[Any], RenderStats]:
+    """(train rows, eval rows, render stats): ``render`` both sets, or hold out
+    ``data.eval_fraction`` of the training rows.
+
+    Reports what rendering kept, and refuses a training set that truncation emptied (``what``
+    names one record in that message: "example", "pair").
+    """
+    data = recipe.data
+    train_rows, stats = render(records, template, data.max_seq_len)
+    if eval_records:
+        eval_rows, _ = render(eval_records, template, data.max_seq_len)
+    else:
+        train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, recipe.train.seed)
+    report(stats, say)
+    if not train_rows:
+        raise DataError(
+            [f"no {what} keeps a supervised token after truncation"],
+            hint=f"raise data.max_seq_len (now {data.max_seq_len})",
+        )
+    return train_rows, eval_rows, stats
 
 
 def report(stats: RenderStats, say: Callable[[str], Any]) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoints of every supported format, opened into one shape: config, tokenizer, template, tensors.
+"""Checkpoints of every supported format, opened into one shape: config, tokenizer, template and
+tensors.
 
 Every source is mapped onto the Hugging Face Qwen2 tensor names, so models load with no
 per-format code.

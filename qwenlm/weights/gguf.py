@@ -69,6 +69,7 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
+        """The GGML type's name (F32, Q8_0, Q4_K ...), or ``typeN`` for an unknown code N."""
         try:
             return GGMLQuantizationType(self.ggml_type).name
         except ValueError:
@@ -223,37 +224,47 @@ class GGUFFile:
         for name, shape, ggml_type, offset in infos:
             if name in self.tensors:
                 raise cur.fail(f"duplicate tensor {name!r}")
-            if any(d <= 0 for d in shape):
-                raise cur.fail(f"tensor {name} has shape {list(shape)}")
-            if ggml_type not in quants.BLOCK_INFO:
-                try:
-                    tname = GGMLQuantizationType(ggml_type).name
-                except ValueError:
-                    tname = f"unknown type {ggml_type}"
+            info = self._place(cur, name, shape, ggml_type, data_start + offset)
+            if offset % alignment:
                 raise CheckpointError(
-                    f"GGUF tensor {name} in {self.path} uses {tname}, which qwenlm cannot read",
-                    hint="supported: " + ", ".join(_supported_type_names()),
-                )
-            n_elements = 1
-            for d in shape:
-                n_elements *= d
-            block = quants.BLOCK_INFO[ggml_type][0]
-            if shape[-1] % block:
-                raise cur.fail(f"tensor {name} row length {shape[-1]} is not a multiple of {block}")
-            nbytes = quants.tensor_nbytes(ggml_type, n_elements)
-            start = data_start + offset
-            if offset % alignment or start + nbytes > cur.size:
-                raise CheckpointError(
-                    f"malformed GGUF file {self.path}: data of tensor {name} "
-                    f"(bytes {start}..{start + nbytes}) lies outside the file ({cur.size} bytes)"
-                    if start + nbytes > cur.size
-                    else f"malformed GGUF file {self.path}: tensor {name} offset is not aligned",
+                    f"malformed GGUF file {self.path}: tensor {name} offset is not aligned",
                     hint="the file may be truncated; pull or download it again",
                 )
-            self.tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
+            self.tensors[name] = info
+
+    def _place(
+        self, cur: _Cursor, name: str, shape: tuple[int, ...], ggml_type: int, start: int
+    ) -> TensorInfo:
+        """Tensor ``name``'s entry, once its shape, type and bytes are checked to fit the file."""
+        if any(d <= 0 for d in shape):
+            raise cur.fail(f"tensor {name} has shape {list(shape)}")
+        if ggml_type not in quants.BLOCK_INFO:
+            try:
+                tname = GGMLQuantizationType(ggml_type).name
+            except ValueError:
+                tname = f"unknown type {ggml_type}"
+            raise CheckpointError(
+                f"GGUF tensor {name} in {self.path} uses {tname}, which qwenlm cannot read",
+                hint="supported: " + ", ".join(_supported_type_names()),
+            )
+        n_elements = 1
+        for d in shape:
+            n_elements *= d
+        block = quants.BLOCK_INFO[ggml_type][0]
+        if shape[-1] % block:
+            raise cur.fail(f"tensor {name} row length {shape[-1]} is not a multiple of {block}")
+        nbytes = quants.tensor_nbytes(ggml_type, n_elements)
+        if start + nbytes > cur.size:
+            raise CheckpointError(
+                f"malformed GGUF file {self.path}: data of tensor {name} "
+                f"(bytes {start}..{start + nbytes}) lies outside the file ({cur.size} bytes)",
+                hint="the file may be truncated; pull or download it again",
+            )
+        return TensorInfo(name, shape, ggml_type, start, nbytes)
 
     @property
     def architecture(self) -> str | None:
+        """``general.architecture``: qwen2, qwen2moe, qwen3, qwen (Qwen1) ..."""
         return self.metadata.get("general.architecture")
 
     def raw(self, name: str) -> torch.Tensor:

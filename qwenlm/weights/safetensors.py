@@ -211,9 +211,15 @@ def iter_tensors(
             raise
         except Exception as e:  # the Rust reader raises its own error types
             raise CheckpointError(
-                f"malformed safetensors file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                _malformed(path, e),
                 hint="the file may be truncated or corrupt; download it again",
             ) from None
+
+
+def _malformed(path: Path, e: Exception) -> str:
+    """The error for a file the safetensors reader refused, with the first line of its reason."""
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"malformed safetensors file {path}: {reason}"
 
 
 def locate(folder: Path) -> dict[str, Path]:
@@ -236,12 +242,10 @@ def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 
 def read(path: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """Tensor ``name`` of shard ``path`` (float32 if floating point), optionally rows start..stop."""
+    """Tensor ``name`` of shard ``path`` (float32 if floating point), or rows start..stop of it."""
     try:
         with safe_open(str(path), framework="pt") as f:
             t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
     except Exception as e:
-        raise CheckpointError(
-            f"malformed safetensors file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from None
+        raise CheckpointError(_malformed(path, e)) from None
     return t.float() if t.is_floating_point() else t

@@ -118,7 +118,7 @@ def load_export(path) -> torch.nn.Module:
         return build_model(ckpt.config, ckpt.tensors()).eval()
 
 
-# -- sources ----------------------------------------------------------------------------------------
+# -- sources --------------------------------------------------------------------------------------
 def save_folder(folder, model, config=None, tokenizer=None, template=QWEN_TEMPLATE):
     """A model folder as ``qwenlm train`` / ``qwenlm merge`` write them."""
     return write_hf_folder(

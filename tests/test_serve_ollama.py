@@ -19,9 +19,8 @@ pytest.importorskip("ollama")
 
 import httpx
 import ollama
-from serve_helpers import LiveServer
-from test_registry import FAKE, FakeSource
-from test_serve import tiny_qwen
+from helpers import FAKE, FakeSource
+from serve_helpers import LiveServer, serving_qwen
 
 from qwenlm import registry
 from qwenlm.serve import ServeConfig
@@ -35,7 +34,7 @@ GREEDY = {"temperature": 0, "num_predict": 12}
 @pytest.fixture(scope="module")
 def server():
     cfg = ServeConfig(api_key=KEY, max_body_bytes=20_000, prefill_chunk=32, max_model_len=256)
-    with LiveServer(tiny_qwen(), cfg) as s:
+    with LiveServer(serving_qwen(), cfg) as s:
         yield s
 
 
@@ -253,7 +252,7 @@ def fake_registry(tmp_path, monkeypatch):
 def test_pull_streams_progress_and_fills_the_cache(fake_registry, tmp_path):
     cache = tmp_path / "cache"
     cfg = ServeConfig(prefill_chunk=32, cache_dir=str(cache))
-    with LiveServer(tiny_qwen(), cfg) as s:
+    with LiveServer(serving_qwen(), cfg) as s:
         client = ollama.Client(host=s.url)
         lines = list(client.pull("fake:1b", stream=True))
         statuses = [x.status for x in lines]

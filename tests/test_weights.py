@@ -49,7 +49,8 @@ def test_gguf_loads_to_the_same_model(tmp_path, qtype):
     assert dataclasses.replace(
         m.config, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None
     ) == dataclasses.replace(config, bos_token_id=None, eos_token_id=None)
-    torch.testing.assert_close(logits_of(m.model), logits_of(reference), rtol=1e-5, atol=1e-5)
+    # the same dequantized float32 weights (test_weights_quants: bit-exact) through the same code
+    torch.testing.assert_close(logits_of(m.model), logits_of(reference), rtol=0, atol=0)
     assert m.tokenizer.eos_token_id == tiny_specials()["<|im_end|>"]
     assert m.template.render([{"role": "user", "content": "x"}]).endswith("<|im_start|>assistant\n")
 
@@ -76,6 +77,7 @@ def test_gguf_metadata_and_tensor_directory_match_ggufs_reader(gguf_path):
             if isinstance(ours, np.ndarray):
                 assert ours.tolist() == list(theirs)
             else:
+                # float32 fields that one side may widen to float64: approx's default 1e-6
                 assert ours == pytest.approx(theirs) if isinstance(ours, float) else ours == theirs
 
 
@@ -84,7 +86,9 @@ def test_untied_gguf_without_output_weight_ties_to_embedding(tmp_path):
     written = write_tiny_gguf(path, drop=("lm_head.weight",))
     m = qwenlm.load(path, quant="none")
     assert m.model.lm_head.weight is m.model.model.embed_tokens.weight
-    torch.testing.assert_close(m.model.lm_head.weight, written["model.embed_tokens.weight"])
+    torch.testing.assert_close(
+        m.model.lm_head.weight, written["model.embed_tokens.weight"], rtol=0, atol=0
+    )  # F32 tensors: read back bit for bit
 
 
 @pytest.mark.parametrize("quant", ["none", "int8"])
@@ -246,7 +250,10 @@ def write_hf_folder(folder, *, shards: int = 1, index: bool = True, tie: bool = 
 def test_hf_folder_loads(tmp_path, shards, index):
     config, sd = write_hf_folder(tmp_path / "m", shards=shards, index=index)
     m = qwenlm.load(tmp_path / "m", quant="none")
-    torch.testing.assert_close(logits_of(m.model), logits_of(build_model(config, sd.items())))
+    # the same float32 weights through the same code
+    torch.testing.assert_close(
+        logits_of(m.model), logits_of(build_model(config, sd.items())), rtol=0, atol=0
+    )
     assert m.generation_config().temperature == 0.3
     assert m.generation_config().top_k == 5
     assert m.generation_config().stop_token_ids == (1, 2)
