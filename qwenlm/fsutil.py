@@ -6,6 +6,7 @@ adapters and quantized folders all write through it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -45,3 +46,12 @@ def write_json(path: Path, data: Any) -> None:
     """``data`` as indented UTF-8 JSON, written atomically."""
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256, hex, read in 4 MB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

@@ -508,7 +508,7 @@ def test_export_round_trip_gives_equal_logits_in_a_fresh_process(tmp_path):
     from safetensors.torch import load_file
 
     from qwenlm.errors import CheckpointError
-    from qwenlm.train.export import WEIGHTS, write_hf_folder
+    from qwenlm.weights.hf_writer import WEIGHTS, write_hf_folder
 
     model = tiny_model()
     model.requires_grad_(True)

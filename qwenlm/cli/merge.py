@@ -26,8 +26,8 @@ def merge_adapter(
     from qwenlm import registry
     from qwenlm.lora import AdapterError, load_adapter, merge_lora, read_adapter_config
     from qwenlm.models import build_model
-    from qwenlm.train.export import write_hf_folder
     from qwenlm.weights import open_checkpoint
+    from qwenlm.weights.hf_writer import write_hf_folder
 
     base = model or read_adapter_config(adapter).get("base_model_name_or_path")
     if not base:

@@ -475,7 +475,7 @@ def save_quantized(
     The model must not have fused projections (save before :func:`~qwenlm.api.load` prepares
     it for inference, as ``qwenlm quantize`` does).
     """
-    from qwenlm.train.export import write_hf_folder
+    from qwenlm.weights.hf_writer import write_hf_folder
 
     q = getattr(model, "quantization", None)
     if not q:

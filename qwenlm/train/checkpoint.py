@@ -11,7 +11,6 @@ pickled: tensors go to safetensors, everything else to JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from qwenlm.errors import QwenlmError
-from qwenlm.fsutil import atomic_write, fsync_dir, write_json
+from qwenlm.fsutil import fsync_dir, sha256_file, write_json
+from qwenlm.weights.safetensors import read_header
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"step-(\d{8})")
@@ -38,29 +38,12 @@ class CheckpointWriteError(QwenlmError):
     """A checkpoint could not be written (a full disk, say); the earlier ones are intact."""
 
 
-def write_tensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> None:
-    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(data, str(p), metadata=dict(metadata or {})))
-
-
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from qwenlm.weights.safetensors import read_header
-
     read_header(path)  # a crafted or damaged header is refused before the library reads it
     try:
         return load_file(str(path))
     except Exception as e:  # the Rust reader raises its own error types
         raise CheckpointCorrupt(f"cannot read {path}: {e}") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- optimizer state <-> safetensors + JSON -------------------------------------------------------

@@ -589,7 +589,7 @@ class _Run:
 
     def _write_weights(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         if self.r.method == "full":
-            from qwenlm.train.export import write_hf_folder
+            from qwenlm.weights.hf_writer import write_hf_folder
 
             write_hf_folder(
                 folder,

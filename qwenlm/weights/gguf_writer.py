@@ -26,8 +26,8 @@ from qwenlm.config import ModelConfig
 from qwenlm.errors import QwenlmError
 from qwenlm.fsutil import atomic_write
 from qwenlm.tokenizer import Tokenizer
-from qwenlm.train.export import _bytelevel, bpe_merges
 from qwenlm.weights import gguf as gguf_format
+from qwenlm.weights.hf_writer import _bytelevel, bpe_merges
 
 # --type -> (type of the matrices, general.file_type). Norms, biases and routers stay F32.
 TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {

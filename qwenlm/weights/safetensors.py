@@ -12,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from qwenlm.errors import CheckpointError
+from qwenlm.fsutil import atomic_write
 from qwenlm.strictjson import DuplicateKeyError, unique_keys
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -249,3 +251,11 @@ def read(path: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Te
     except Exception as e:
         raise CheckpointError(_malformed(path, e)) from None
     return t.float() if t.is_floating_point() else t
+
+
+def write_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` as a safetensors file, atomically (a reader never sees half a file)."""
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(data, str(p), metadata=dict(metadata or {})))

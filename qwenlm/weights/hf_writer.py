@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from qwenlm.config import ModelConfig
-from qwenlm.fsutil import write_json
+from qwenlm.fsutil import sha256_file, write_json
 from qwenlm.tokenizer import QWEN_PATTERN, Tokenizer, byte_decoder
-from qwenlm.train.checkpoint import sha256_file, write_tensors
+from qwenlm.weights.safetensors import write_tensors
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
