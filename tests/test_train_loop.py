@@ -23,6 +23,7 @@ from qwenlm.train import train
 from qwenlm.train.loop import TrainError, cosine_lr
 from qwenlm.train.plot import read_log
 from qwenlm.train.recipe import recipe_from_dict
+from qwenlm.weights.safetensors import write_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 QWENLM = [sys.executable, "-m", "qwenlm"]
@@ -199,7 +200,7 @@ def test_death_at_every_file_operation_of_a_save_leaves_old_or_new_never_half(
 
     def write(step):
         def fill(part):
-            ck.write_tensors(part / "weights.safetensors", {"w": torch.full((4,), float(step))})
+            write_tensors(part / "weights.safetensors", {"w": torch.full((4,), float(step))})
             ck.write_json(part / "trainer.json", {"step": step})
 
         return fill

@@ -43,11 +43,11 @@ from qwenlm.train.checkpoint import (
     read_json,
     read_tensors,
     unflatten_optimizer_state,
-    write_tensors,
 )
 from qwenlm.train.data import data_digest, global_batch_indices, load_records, steps_for_epochs
 from qwenlm.train.losses import TargetLogprobs
 from qwenlm.train.recipe import Recipe, dump_yaml
+from qwenlm.weights.safetensors import write_tensors
 
 LOG = "log.jsonl"
 
