@@ -197,6 +197,7 @@ def test_death_at_every_file_operation_of_a_save_leaves_old_or_new_never_half(
     import shutil
 
     from qwenlm.train import checkpoint as ck
+    from qwenlm.weights import safetensors as st
 
     def write(step):
         def fill(part):
@@ -205,7 +206,7 @@ def test_death_at_every_file_operation_of_a_save_leaves_old_or_new_never_half(
 
         return fill
 
-    real = {"replace": os.replace, "fsync": os.fsync, "save_file": ck.save_file}
+    real = {"replace": os.replace, "fsync": os.fsync, "save_file": st.save_file}
     point = 0
     while True:
         point += 1
@@ -226,7 +227,7 @@ def test_death_at_every_file_operation_of_a_save_leaves_old_or_new_never_half(
 
         monkeypatch.setattr(os, "replace", dies("replace"))
         monkeypatch.setattr(os, "fsync", dies("fsync"))
-        monkeypatch.setattr(ck, "save_file", dies("save_file"))
+        monkeypatch.setattr(st, "save_file", dies("save_file"))
         try:
             ckpts.save(2, write(2))
             finished = True
@@ -250,16 +251,17 @@ def test_a_full_disk_during_a_save_stops_cleanly_and_keeps_the_last_checkpoint(
     import errno
 
     from qwenlm.train import checkpoint as ck
+    from qwenlm.weights import safetensors as st
 
     data = recipe(tmp_path, train={"steps": 10}, checkpoint={"every": 5})
-    real_save = ck.save_file
+    real_save = st.save_file
 
     def save_file(tensors, path, metadata=None):
         if "step-00000010" in path:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(ck, "save_file", save_file)
+    monkeypatch.setattr(st, "save_file", save_file)
     with pytest.raises(ck.CheckpointWriteError) as e:
         train(recipe_from_dict(data))
     assert "could not save checkpoint step 10" in str(e.value)

@@ -54,9 +54,12 @@ class KernelLinear(nn.Module):
         q = getattr(self, "qweight", None)
         if q is None or q.device.type != "cpu" or n * 4 > _SCRATCH_LIMIT:
             return self.dequantize()
-        buf = getattr(_scratch, "buf", None)
+        # One buffer per mode: a tensor made under inference_mode cannot be written outside it.
+        name = "inference" if torch.is_inference_mode_enabled() else "plain"
+        buf = getattr(_scratch, name, None)
         if buf is None or buf.numel() < n:
-            buf = _scratch.buf = torch.empty(n)
+            buf = torch.empty(n)
+            setattr(_scratch, name, buf)
         return self.dequantize(out=buf[:n].view(self.out_features, self.in_features))
 
     def _describe(self) -> LinearDesc:
