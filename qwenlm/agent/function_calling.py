@@ -14,10 +14,13 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwenlm.agent.tools import Tool, ToolRegistry, ToolResult
 from qwenlm.chat.tools import ToolCall, parse_tool_calls
+
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen
 
 
 @dataclass
@@ -107,7 +110,7 @@ class FunctionCallingAgent:
 
     def __init__(
         self,
-        model: Any,
+        model: Qwen,
         tools: ToolRegistry | Iterable[Tool],
         *,
         system: str | None = None,
@@ -228,7 +231,7 @@ class ToolChatSession:
 
     def __init__(
         self,
-        model: Any,
+        model: Qwen,
         tools: ToolRegistry | Iterable[Tool],
         *,
         system: str | None = None,
@@ -302,7 +305,7 @@ def parse_tool_names(spec: str) -> list[str]:
 
 @contextlib.contextmanager
 def tool_chat_session(
-    model: Any, tools: str, *, system: str | None = None, options: dict[str, Any] | None = None
+    model: Qwen, tools: str, *, system: str | None = None, options: dict[str, Any] | None = None
 ) -> Iterator[ToolChatSession]:
     """A :class:`ToolChatSession` with the tools named in ``tools`` ("code", "calculator",
     comma-separated); the code interpreter's sandbox is shut down on exit."""

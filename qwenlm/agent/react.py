@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwenlm.agent.function_calling import AgentResult, AgentStep, as_registry
 from qwenlm.agent.tools import Tool, ToolRegistry
+
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen
 
 TOOL_DESC = (
     "{name}: Call this tool to interact with the {human} API. What is the {human} API useful "
@@ -107,7 +110,7 @@ class ReActAgent:
 
     def __init__(
         self,
-        model: Any,
+        model: Qwen,
         tools: ToolRegistry | Iterable[Tool],
         *,
         max_steps: int = 6,

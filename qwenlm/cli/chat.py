@@ -7,7 +7,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from qwenlm.cli.common import (
     add_model_args,
@@ -16,6 +16,9 @@ from qwenlm.cli.common import (
     load_model,
     sampling_options,
 )
+
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen
 
 HELP = '''commands:
   /reset          start a new conversation (the system prompt stays)
@@ -51,7 +54,7 @@ class ChatSession:
     """A conversation with one model: its messages, system prompt and reusable KV cache."""
 
     def __init__(
-        self, model: Any, *, system: str | None = None, options: dict[str, Any] | None = None
+        self, model: Qwen, *, system: str | None = None, options: dict[str, Any] | None = None
     ) -> None:
         self.model = model
         self.system = system

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwenlm.cli.common import add_model_args, load_model
 from qwenlm.eval.longcontext import (
@@ -19,6 +19,9 @@ from qwenlm.eval.longcontext import (
     perplexity_by_length,
     ppl_table,
 )
+
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -37,7 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _variants(args: argparse.Namespace, model: Any) -> dict[str, dict[str, Any]]:
+def _variants(args: argparse.Namespace, model: Qwen) -> dict[str, dict[str, Any]]:
     allv = default_variants(model.config, args.yarn_factor)
     dca = allv["dca"]["dual_chunk_attention_config"]
     if args.dca_chunk:

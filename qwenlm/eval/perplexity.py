@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qwenlm.eval.run import EvalEngine, EvalError
 
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen
 
-def token_nll(model: Any, ids: list[int], score_from: int) -> tuple[float, int]:
+
+def token_nll(model: Qwen, ids: list[int], score_from: int) -> tuple[float, int]:
     """Sum of -log p(token | prefix) over ``ids[score_from:]`` (``score_from`` >= 1), and count."""
     x = torch.tensor([ids], device=model.device)
     with torch.inference_mode():

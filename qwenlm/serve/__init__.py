@@ -6,10 +6,13 @@ Needs the ``serve`` extra (``pip install 'qwenlm[serve]'``: starlette and uvicor
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING
 
 from qwenlm.generation.scheduler import EngineFailed
 from qwenlm.serve.app import ServeConfig, create_app
+
+if TYPE_CHECKING:
+    from qwenlm.api import Qwen
 
 __all__ = ["ServeConfig", "create_app", "serve"]
 
@@ -17,7 +20,7 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def serve(
-    model: Any,
+    model: Qwen,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,

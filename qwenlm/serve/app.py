@@ -688,7 +688,7 @@ async def _internal(request: Request, exc: Exception) -> Response:
     return error_response(internal_error())
 
 
-def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
+def create_app(model: Qwen, config: ServeConfig | None = None) -> Guard:
     """The ASGI application serving ``model`` (a :class:`qwenlm.Qwen`)."""
     config = config or ServeConfig()
     service = Service(model, config)
