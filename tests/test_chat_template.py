@@ -225,7 +225,9 @@ def test_a_template_hostile_only_on_some_input_is_stopped_at_render():
     )
     t = ChatTemplate(source, tiny_tokenizer())
     assert t.render([{"role": "user", "content": "calm"}]) == "calm"
-    with pytest.raises(ChatTemplateLimitError, match=r"ran past|loops ran too long"):
+    # Which bound trips first (time, loop count or output size) depends on the CPU's speed;
+    # each is a correct stop.
+    with pytest.raises(ChatTemplateLimitError, match=r"ran past|loops ran too long|output passed"):
         t.render([{"role": "user", "content": "boom"}])
     assert t.render([{"role": "user", "content": "calm"}]) == "calm"  # and it still works
 
