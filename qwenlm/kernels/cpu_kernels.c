@@ -902,10 +902,16 @@ ALWAYS void broadcast_words(const int8_t *x, vi *lo, vi *hi, int n, int off) {
  * accumulators stay in registers while a block, unpacked once, serves all of them; a
  * group's blocks stay in L1/L2 for the next tile of rows. Every row runs the same
  * instructions in any tile, so its result never depends on R.                            */
+#if defined(__AVX2__)
 #define TILE 8
+#else
+#define TILE 1 /* plain C gains nothing from tiles, and one copy of each kernel builds faster */
+#endif
 /* Read ahead of the blocks in use: a task's groups are one stream of a few KB, too short
    for the hardware prefetcher to ramp up on. */
+#ifndef PF_BYTES
 #define PF_BYTES 2048
+#endif
 ALWAYS void prefetch_record(const uint8_t *g, int rec) {
     for (int o = 0; o < rec; o += 64) __builtin_prefetch(g + PF_BYTES + o, 0, 3);
 }
@@ -1074,6 +1080,7 @@ ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_a
         const uint8_t *gp = (const uint8_t *)L->w + g * stride;
         const int64_t n0 = g * GG, valid = MIN(GG, L->N - n0);
         for (int64_t m0 = 0, R; m0 < M; m0 += R) {
+#if TILE > 1
             R = M - m0 >= 8 ? 8 : M - m0 >= 4 ? 4 : M - m0;
             switch (R) {
             case 8: group_tile(fmt, gp, nb, a, m0, 8, acc); break;
@@ -1082,6 +1089,10 @@ ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_a
             case 2: group_tile(fmt, gp, nb, a, m0, 2, acc); break;
             default: group_tile(fmt, gp, nb, a, m0, 1, acc);
             }
+#else
+            R = 1;
+            group_tile(fmt, gp, nb, a, m0, 1, acc);
+#endif
             for (int64_t m = 0; m < R; m++) {
                 vf_store(out, acc[m]);
                 float *yr = y + (m0 + m) * ldy + n0;
