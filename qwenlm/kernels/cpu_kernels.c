@@ -261,7 +261,7 @@ static inline int64_t pieces(int64_t n, int64_t per) { return (n + per - 1) / pe
 enum {
     QLM_F32 = 0,      /* float32 rows */
     QLM_I8 = 1,       /* int8 rows, one float scale per row */
-    QLM_I8_TILED = 2, /* the same, NR rows interleaved in 64-byte runs */
+    QLM_I8_TILED = 2, /* the same, GG rows interleaved as Q8_0's quants (see the GGUF kernels) */
     QLM_I4 = 3,       /* 4-bit groups of G with a half scale and minimum */
     QLM_Q4_0 = 4,     /* GGUF block formats, 8 rows interleaved per block (see gguf.py) */
     QLM_Q4_1 = 5,
@@ -364,19 +364,47 @@ static void quantize_act_row(const float *x, int8_t *xq, float *xd, int64_t M, i
     int8_t *q = xq + m * K;
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
+        int sum[2] = {0, 0};
+#if defined(__AVX2__)
+        /* the same operations as the plain loop below, eight at a time: the same codes */
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), mx); /* a NaN is skipped, as below */
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+        const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        __m256i c[4];
+        for (int i = 0; i < 4; i++) {
+            const __m256 t = _mm256_mul_ps(v[i], _mm256_set1_ps(inv));
+            /* round half away from zero: add 0.5 with t's sign, then truncate */
+            c[i] = _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(t, sign), _mm256_set1_ps(0.5f))));
+        }
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+        _mm256_storeu_si256((__m256i *)(q + b * 32), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        for (int half = 0; half < 2; half++) {
+            __m256i t = _mm256_add_epi32(c[2 * half], c[2 * half + 1]);
+            __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+            sum[half] = _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
+        }
+#else
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) {
             float a = fabsf(xb[j]);
             amax = a > amax ? a : amax;
         }
         float inv = amax > 0 ? 127.0f / amax : 0.0f;
-        int sum[2] = {0, 0};
         for (int j = 0; j < 32; j++) {
             float v = xb[j] * inv;
             int8_t c = (int8_t)(v < 0 ? v - 0.5f : v + 0.5f); /* round half away from 0 */
             q[b * 32 + j] = c;
             sum[j >> 4] += c;
         }
+#endif
         d[b] = amax / 127.0f;
         s32[b] = sum[0] + sum[1];
         xs[b] = d[b] * (float)s32[b];
@@ -442,65 +470,39 @@ static inline float hsum256(__m256 a) {
 
 /* ---- int8 weights, one float scale per output row ------------------------------------- */
 
-/* Tiled int8 layout: a tile of NR rows stores their first 64 weights one row after another,
- * then their next 64, and so on, so a tile is one contiguous stream of NR * K bytes. Rows of
- * K = 896 bytes (the 0.5B model) are too short for the hardware prefetcher to pick up as NR
- * separate streams; one stream plus a software prefetch PF bytes ahead reads memory about
- * 1.7x faster here. */
-#define PF_BYTES 3072
-
+/* Plain rows, where the interleaved layout of the fast path (QLM_I8_TILED, run by the GGUF
+ * kernels below) does not apply. Each row computes what the interleaved kernel computes for
+ * it: the exact integer sum of each block of 32, then s = fma(sum, xd, s) block by block, so
+ * a row's result does not depend on the layout either. */
 static void dot4_i8(const int8_t *xq, const float *xd, const int8_t *const w[NR], int64_t K,
-                    int tiled, float out[NR]) {
-    /* Row r's weights k..k+63 start at W(r, k): w[r] + k, or tiled w[r] + k * NR with
-       w[r] = tile + 64 r. */
-    const int64_t step = tiled ? NR : 1;
-#define W(r, k) (w[r] + (k) * step)
-    float s[NR] = {0};
-#if defined(__AVX512BW__)
-    __m512 a[NR];
-    for (int r = 0; r < NR; r++) a[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
-        __m512i xv = _mm512_loadu_si512(xq + k);
-        __m512i ax = _mm512_abs_epi8(xv);
-        __mmask64 neg = _mm512_movepi8_mask(xv);
-        __m512 d = halves(xd[k / 32], xd[k / 32 + 1]);
-        for (int r = 0; r < NR; r++) {
-            if (tiled) _mm_prefetch((const char *)W(r, k) + PF_BYTES, _MM_HINT_T0);
-            __m512i wv = _mm512_loadu_si512(W(r, k));
-            /* |x| * (w * sign(x)) keeps the unsigned operand unsigned; no 16-bit overflow
-               since |w|, |x| <= 127. */
-            __m512i sw = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);
-            a[r] = _mm512_fmadd_ps(sum_i8_pairs(ax, sw), d, a[r]);
-        }
-    }
-    for (int r = 0; r < NR; r++) s[r] = _mm512_reduce_add_ps(a[r]);
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 a[NR];
-    for (int r = 0; r < NR; r++) a[r] = _mm256_setzero_ps();
+                    float out[NR]) {
+#if defined(__AVX2__)
+    __m128 s = _mm_setzero_ps(); /* row r in lane r */
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t k = 0; k < K; k += 32) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
-        __m256i ax = _mm256_sign_epi8(xv, xv);
-        __m256 d = _mm256_set1_ps(xd[k / 32]);
-        int64_t k64 = k & ~(int64_t)63, off = k & 63;
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
+        const __m256i ax = _mm256_sign_epi8(xv, xv);
+        __m256i p[NR];
         for (int r = 0; r < NR; r++) {
-            const int8_t *p = W(r, k64) + off;
-            if (tiled && !off) _mm_prefetch((const char *)p + PF_BYTES, _MM_HINT_T0);
-            __m256i wv = _mm256_loadu_si256((const __m256i *)p);
-            a[r] = _mm256_fmadd_ps(sum_i8_pairs(ax, _mm256_sign_epi8(wv, xv)), d, a[r]);
+            /* |x| * (w with x's sign) keeps maddubs' unsigned operand unsigned */
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w[r] + k));
+            p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones);
         }
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+        const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        s = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_set1_ps(xd[k / 32]), s);
     }
-    for (int r = 0; r < NR; r++) s[r] = hsum256(a[r]);
+    _mm_storeu_ps(out, s);
 #else
+    float s[NR] = {0};
     for (int r = 0; r < NR; r++)
         for (int64_t b = 0; b < K / 32; b++) {
             int32_t t = 0;
-            const int8_t *p = W(r, b / 2 * 64) + (b % 2) * 32;
-            for (int j = 0; j < 32; j++) t += (int32_t)xq[b * 32 + j] * (int32_t)p[j];
-            s[r] += (float)t * xd[b];
+            for (int j = 0; j < 32; j++) t += (int32_t)xq[b * 32 + j] * (int32_t)w[r][b * 32 + j];
+            s[r] = fmaf((float)t, xd[b], s[r]);
         }
-#endif
-#undef W
     for (int r = 0; r < NR; r++) out[r] = s[r];
+#endif
 }
 
 /* ---- 4-bit weights: groups of G (32, 64 or 128) along K, each with a half scale and min --
@@ -632,14 +634,12 @@ static void i8_rows(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t
     const int8_t *w = L->w;
     const float *scale = L->scale;
     const int64_t K = L->K, N = L->N;
-    const int tiled = L->kind == QLM_I8_TILED; /* tiled needs N % NR == 0 (the caller's rule) */
     for (int64_t b = n0; b < n1; b += NR) {
         const int8_t *rows[NR];
-        for (int r = 0; r < NR; r++)
-            rows[r] = tiled ? w + b * K + r * 64 : w + MIN(b + r, N - 1) * K;
+        for (int r = 0; r < NR; r++) rows[r] = w + MIN(b + r, N - 1) * K;
         for (int64_t m = 0; m < M; m++) {
             float out[NR];
-            dot4_i8(a->q + m * K, a->d + m * (K / 32), rows, K, tiled, out);
+            dot4_i8(a->q + m * K, a->d + m * (K / 32), rows, K, out);
             for (int r = 0; r < NR && b + r < n1; r++)
                 y[m * ldy + b + r] = out[r] * scale[b + r] + (L->bias ? L->bias[b + r] : 0.0f);
         }
@@ -676,7 +676,7 @@ static void i4_rows(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t
     }
 }
 
-/* ---- GGUF block formats, as stored -------------------------------------------------------
+/* ---- GGUF block formats, as stored, and interleaved int8 rows ------------------------------
  * Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 (blocks of 32) and Q4_K Q5_K Q6_K (super-blocks of 256) keep their
  * bytes; at load (qwenlm/quant/gguf.py) each group of 8 output rows is interleaved per block,
  * so that one 32-byte load holds 4 weights of each of the 8 rows: lane r (4 bytes) belongs to
@@ -684,7 +684,7 @@ static void i4_rows(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t
  * lanes of one vector with no horizontal add. Per block and group (all little-endian):
  *   Q4_0  d[8] f16 | qs 4 x 32 B                     Q4_1  d[8] | m[8] | qs
  *   Q5_0  d[8] | qh 32 B | qs                        Q5_1  d[8] | m[8] | qh | qs
- *   Q8_0  d[8] | qs 8 x 32 B (int8)
+ *   Q8_0  d[8] | qs 8 x 32 B (int8)                 int8 rows (QLM_I8_TILED): qs only
  *   Q4_K  d[8] | dmin[8] | scales 3 x 32 B | qs 4 chunks x 8 x 32 B
  *   Q5_K  d[8] | dmin[8] | scales | qh 8 x 32 B | qs
  *   Q6_K  d[8] | scales 8 x 16 B | 8 x (ql 4 x 32 B | qh 2 x 32 B)
@@ -897,23 +897,46 @@ ALWAYS void broadcast_words(const int8_t *x, vi *lo, vi *hi, int n, int off) {
 #define ACT_S32(a, m) ((a)->s32 + (m) * ((a)->K / 32))
 #define ACT_S(a, m) ((a)->s + (m) * ((a)->K / 16))
 
-/* Q4_0 Q4_1 Q5_0 Q5_1 Q8_0: nb blocks of one group for input rows m0 .. m0+mn-1. */
-ALWAYS void q32_group(const int fmt, const uint8_t *g, int64_t nb, const qlm_act_t *a,
-                      int64_t m0, int64_t mn, vf *acc) {
+/* Each kernel below runs R input rows (m0 .. m0+R-1) over all nb blocks of one group and
+ * leaves each row's 8 sums in acc. R is a compile-time count (1 .. TILE), so the rows'
+ * accumulators stay in registers while a block, unpacked once, serves all of them; a
+ * group's blocks stay in L1/L2 for the next tile of rows. Every row runs the same
+ * instructions in any tile, so its result never depends on R.                            */
+#if defined(__AVX2__)
+#define TILE 8
+#else
+#define TILE 1 /* plain C gains nothing from tiles, and one copy of each kernel builds faster */
+#endif
+/* Read ahead of the blocks in use: a task's groups are one stream of a few KB, too short
+   for the hardware prefetcher to ramp up on. */
+#ifndef PF_BYTES
+#define PF_BYTES 2048
+#endif
+ALWAYS void prefetch_record(const uint8_t *g, int rec) {
+    for (int o = 0; o < rec; o += 64) __builtin_prefetch(g + PF_BYTES + o, 0, 3);
+}
+
+/* Q4_0 Q4_1 Q5_0 Q5_1 Q8_0, and int8 rows (QLM_I8_TILED: Q8_0's layout with one float scale
+   per row instead of a half per block, applied by the caller). */
+ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t nb, const qlm_act_t *a,
+                     int64_t m0, const int R, vf *acc) {
     const int mins = fmt == QLM_Q4_1 || fmt == QLM_Q5_1;
     const int five = fmt == QLM_Q5_0 || fmt == QLM_Q5_1;
+    const int eight = fmt == QLM_Q8_0 || fmt == QLM_I8_TILED;
+    const int scaled = fmt != QLM_I8_TILED;
     const int zero_point = fmt == QLM_Q4_0 ? 8 : fmt == QLM_Q5_0 ? 16 : 0;
-    const int rec = 16 + (mins ? 16 : 0) + (five ? 32 : 0) + (fmt == QLM_Q8_0 ? 256 : 128);
-    for (int64_t m = 0; m < mn; m++) acc[m] = vf_zero();
+    const int head = scaled ? 16 + (mins ? 16 : 0) : 0;
+    const int rec = head + (five ? 32 : 0) + (eight ? 256 : 128);
+    vf s[TILE];
+    for (int m = 0; m < R; m++) s[m] = vf_zero();
     for (int64_t b = 0; b < nb; b++, g += rec) {
-        const vf d = vf_load_h8(g), mv = mins ? vf_load_h8(g + 16) : vf_zero();
-        const uint8_t *q = g + (mins ? 32 : 16);
-        vi u[8], w[8];
-        if (fmt == QLM_Q8_0) {
-            for (int k = 0; k < 8; k++) {
-                w[k] = vi_load(q + 32 * k);
-                u[k] = vi_abs8(w[k]); /* |w| * (x with w's sign) keeps maddubs' operand unsigned */
-            }
+        prefetch_record(g, rec);
+        const vf d = scaled ? vf_load_h8(g) : vf_zero(), mv = mins ? vf_load_h8(g + 16) : vf_zero();
+        const uint8_t *q = g + head;
+        vi u[8];
+        if (eight) {
+            /* |w| * (x with w's sign) keeps maddubs' unsigned operand unsigned */
+            for (int k = 0; k < 8; k++) u[k] = vi_abs8(vi_load(q + 32 * k));
         } else {
             unpack_nibbles(q + (five ? 32 : 0), u, 4, 1);
             if (five) {
@@ -921,11 +944,11 @@ ALWAYS void q32_group(const int fmt, const uint8_t *g, int64_t nb, const qlm_act
                 for (int p = 0; p < 8; p++) u[p] = vi_or(u[p], top_bits(h, p, 1));
             }
         }
-        for (int64_t m = m0; m < m0 + mn; m++) {
-            const int8_t *x = ACT_ROW(a, m) + b * 32;
+        for (int m = 0; m < R; m++) {
+            const int8_t *x = ACT_ROW(a, m0 + m) + b * 32;
             vi xb[8], isum;
-            if (fmt == QLM_Q8_0) {
-                for (int k = 0; k < 8; k++) xb[k] = vi_sign8(vi_bcast32(x + 4 * k), w[k]);
+            if (eight) {
+                for (int k = 0; k < 8; k++) xb[k] = vi_sign8(vi_bcast32(x + 4 * k), vi_load(q + 32 * k));
                 isum = dot_u8_sum(u, xb, 8, 1);
             } else {
                 for (int k = 0; k < 4; k++) {
@@ -935,22 +958,24 @@ ALWAYS void q32_group(const int fmt, const uint8_t *g, int64_t nb, const qlm_act
                 isum = dot_u8_sum(u, xb, 8, five ? 4 : 8);
             }
             if (zero_point) /* zero_point * s32, as a shift */
-                isum = vi_sub32(isum, vi_slli32(vi_bcast32((const int8_t *)(ACT_S32(a, m) + b)),
+                isum = vi_sub32(isum, vi_slli32(vi_bcast32((const int8_t *)(ACT_S32(a, m0 + m) + b)),
                                                 zero_point == 8 ? 3 : 4));
-            vf t = vf_fma(vf_cvt(isum), vf_mul(d, vf_set1(ACT_D(a, m)[b])), acc[m - m0]);
-            if (mins) t = vf_fma(mv, vf_set1(ACT_XS(a, m)[b]), t);
-            acc[m - m0] = t;
+            const vf xd = vf_set1(ACT_D(a, m0 + m)[b]);
+            vf t = vf_fma(vf_cvt(isum), scaled ? vf_mul(d, xd) : xd, s[m]);
+            if (mins) t = vf_fma(mv, vf_set1(ACT_XS(a, m0 + m)[b]), t);
+            s[m] = t;
         }
     }
+    for (int m = 0; m < R; m++) acc[m] = s[m];
 }
 
 /* Q4_K Q5_K: w = d * sc_j * q - dmin * m_j for sub-block j (32 weights) of a super-block. */
-ALWAYS void k45_group(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act_t *a,
-                      int64_t m0, int64_t mn, vf *acc) {
+ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act_t *a,
+                     int64_t m0, const int R, vf *acc) {
     const int five = fmt == QLM_Q5_K;
     const int rec = five ? 1408 : 1152;
-    vf A[16], B[16];
-    for (int64_t m = 0; m < mn; m++) acc[m] = vf_zero();
+    vf s[TILE], A[TILE], B[TILE];
+    for (int m = 0; m < R; m++) s[m] = vf_zero();
     for (int64_t sb = 0; sb < nsb; sb++, g += rec) {
         const vf d = vf_load_h8(g), dmin = vf_load_h8(g + 16);
         /* 6-bit scales and minimums of 8 rows at once (ggml's 12-byte packing, per lane) */
@@ -961,8 +986,9 @@ ALWAYS void k45_group(const int fmt, const uint8_t *g, int64_t nsb, const qlm_ac
         const vi mi[2] = {vi_and(U1, m6), vi_or(vi_and(vi_srli32(U2, 4), m4),
                                                 vi_slli32(vi_and(vi_srli32(U1, 6), m2), 4))};
         const uint8_t *qh = g + 128, *qs = g + 128 + (five ? 256 : 0);
-        for (int64_t m = 0; m < mn; m++) A[m] = B[m] = vf_zero();
+        for (int m = 0; m < R; m++) A[m] = B[m] = vf_zero();
         for (int c = 0; c < 4; c++) {
+            for (int o = 0; o < rec / 4; o += 64) __builtin_prefetch(g + PF_BYTES + c * (rec / 4) + o, 0, 3);
             vi u[16]; /* u[k]: sub-block 2c, u[8 + k]: sub-block 2c + 1 */
             unpack_nibbles(qs + 256 * c, u, 8, 0);
             if (five)
@@ -973,125 +999,133 @@ ALWAYS void k45_group(const int fmt, const uint8_t *g, int64_t nsb, const qlm_ac
             const vi s1 = vi_shuffle8(sc[j1 / 4], PAIR_OF(j1 % 4));
             const vf n0 = vf_cvt(vi_shuffle8(mi[j0 / 4], BYTE_OF(j0 % 4)));
             const vf n1 = vf_cvt(vi_shuffle8(mi[j1 / 4], BYTE_OF(j1 % 4)));
-            for (int64_t m = m0; m < m0 + mn; m++) {
+            for (int m = 0; m < R; m++) {
                 vi x0[8], x1[8];
-                broadcast_words(ACT_ROW(a, m) + sb * 256 + 64 * c, x0, x1, 8, 32);
+                broadcast_words(ACT_ROW(a, m0 + m) + sb * 256 + 64 * c, x0, x1, 8, 32);
                 const vi i0 = dot_u8(u, x0, 8, five ? 4 : 8, s0);
                 const vi i1 = dot_u8(u + 8, x1, 8, five ? 4 : 8, s1);
                 const int64_t blk = sb * 8 + j0;
-                const float *xd = ACT_D(a, m) + blk, *xs = ACT_XS(a, m) + blk;
-                vf t = vf_fma(vf_cvt(i0), vf_set1(xd[0]), A[m - m0]);
-                vf v = vf_fma(n0, vf_set1(xs[0]), B[m - m0]);
-                A[m - m0] = vf_fma(vf_cvt(i1), vf_set1(xd[1]), t);
-                B[m - m0] = vf_fma(n1, vf_set1(xs[1]), v);
+                const float *xd = ACT_D(a, m0 + m) + blk, *xs = ACT_XS(a, m0 + m) + blk;
+                vf t = vf_fma(vf_cvt(i0), vf_set1(xd[0]), A[m]);
+                vf v = vf_fma(n0, vf_set1(xs[0]), B[m]);
+                A[m] = vf_fma(vf_cvt(i1), vf_set1(xd[1]), t);
+                B[m] = vf_fma(n1, vf_set1(xs[1]), v);
             }
         }
-        for (int64_t m = 0; m < mn; m++) acc[m] = vf_fnma(dmin, B[m], vf_fma(d, A[m], acc[m]));
+        for (int m = 0; m < R; m++) s[m] = vf_fnma(dmin, B[m], vf_fma(d, A[m], s[m]));
     }
+    for (int m = 0; m < R; m++) acc[m] = s[m];
 }
 
 /* Q6_K: w = d * sc_i * (q - 32), q in 0..63, sc_i an int8 scale per 16 weights. */
-ALWAYS void q6k_group(const uint8_t *g, int64_t nsb, const qlm_act_t *a, int64_t m0, int64_t mn,
-                      vf *acc) {
-    vf A[16];
-    for (int64_t m = 0; m < mn; m++) acc[m] = vf_zero();
+ALWAYS void q6k_tile(const uint8_t *g, int64_t nsb, const qlm_act_t *a, int64_t m0, const int R,
+                     vf *acc) {
+    vf s[TILE], A[TILE];
+    for (int m = 0; m < R; m++) s[m] = vf_zero();
     for (int64_t sb = 0; sb < nsb; sb++, g += 1680) {
         const vf d = vf_load_h8(g);
-        for (int64_t m = 0; m < mn; m++) A[m] = vf_zero();
-        for (int s = 0; s < 8; s++) {
-            const uint8_t *q = g + 144 + 192 * s;
+        for (int m = 0; m < R; m++) A[m] = vf_zero();
+        for (int c = 0; c < 8; c++) {
+            const uint8_t *q = g + 144 + 192 * c;
+            prefetch_record(q, 192);
             vi u[8]; /* even: elements 4k.. (first 16), odd: 16 + 4k.. (second 16) */
             unpack_nibbles(q, u, 4, 1);
             const vi h[2] = {vi_load(q + 128), vi_load(q + 160)};
             for (int p = 0; p < 8; p++) u[p] = vi_or(u[p], top_bits(h[p / 4], p % 4, 2));
-            const vi sp = vi_i8_to_i16((const int8_t *)g + 16 + 16 * s); /* lane: (sc_a, sc_b) */
+            const vi sp = vi_i8_to_i16((const int8_t *)g + 16 + 16 * c); /* lane: (sc_a, sc_b) */
             const vi sa = vi_shuffle8(sp, FIRST_I16), sb_ = vi_shuffle8(sp, SECOND_I16);
             const vi ua[4] = {u[0], u[2], u[4], u[6]}, ub[4] = {u[1], u[3], u[5], u[7]};
-            for (int64_t m = m0; m < m0 + mn; m++) {
+            for (int m = 0; m < R; m++) {
                 vi xa[4], xb[4];
-                broadcast_words(ACT_ROW(a, m) + sb * 256 + 32 * s, xa, xb, 4, 16);
+                broadcast_words(ACT_ROW(a, m0 + m) + sb * 256 + 32 * c, xa, xb, 4, 16);
                 vi isum = vi_add32(dot_u8(ua, xa, 4, 2, sa), dot_u8(ub, xb, 4, 2, sb_));
-                const int64_t blk = sb * 8 + s;
-                const int16_t *xs = ACT_S(a, m) + 2 * blk;
+                const int64_t blk = sb * 8 + c;
+                const int16_t *xs = ACT_S(a, m0 + m) + 2 * blk;
                 /* the -32 offset: 32 * (sc_a * sum_a + sc_b * sum_b) */
                 const vi sums = vi_set32((int32_t)((uint32_t)(uint16_t)xs[0] |
                                                    ((uint32_t)(uint16_t)xs[1] << 16)));
                 isum = vi_sub32(isum, vi_slli32(vi_madd(sp, sums), 5));
-                A[m - m0] = vf_fma(vf_cvt(isum), vf_set1(ACT_D(a, m)[blk]), A[m - m0]);
+                A[m] = vf_fma(vf_cvt(isum), vf_set1(ACT_D(a, m0 + m)[blk]), A[m]);
             }
         }
-        for (int64_t m = 0; m < mn; m++) acc[m] = vf_fma(d, A[m], acc[m]);
+        for (int m = 0; m < R; m++) s[m] = vf_fma(d, A[m], s[m]);
     }
+    for (int m = 0; m < R; m++) acc[m] = s[m];
 }
 
-/* Bytes per group and block, and elements per block, of each GGUF kind. */
-static const int GGUF_REC[QLM_KINDS] = {
-    [QLM_Q4_0] = 144, [QLM_Q4_1] = 160, [QLM_Q5_0] = 176, [QLM_Q5_1] = 192,
-    [QLM_Q8_0] = 272, [QLM_Q4_K] = 1152, [QLM_Q5_K] = 1408, [QLM_Q6_K] = 1680,
+/* Bytes per group and block, and elements per block, of each interleaved kind. */
+static const int GROUP_REC[QLM_KINDS] = {
+    [QLM_I8_TILED] = 256, [QLM_Q4_0] = 144, [QLM_Q4_1] = 160, [QLM_Q5_0] = 176,
+    [QLM_Q5_1] = 192, [QLM_Q8_0] = 272, [QLM_Q4_K] = 1152, [QLM_Q5_K] = 1408, [QLM_Q6_K] = 1680,
 };
 #define IS_GGUF(kind) ((kind) >= QLM_Q4_0 && (kind) <= QLM_Q6_K)
 #define BLOCK_ELEMS(kind) ((kind) >= QLM_Q4_K ? 256 : 32)
 
-#define MT 16 /* input rows per pass over a weight group */
+ALWAYS void group_tile(const int fmt, const uint8_t *gp, int64_t nb, const qlm_act_t *a,
+                       int64_t m0, const int R, vf *acc) {
+    if (fmt == QLM_Q6_K) q6k_tile(gp, nb, a, m0, R, acc);
+    else if (fmt >= QLM_Q4_K) k45_tile(fmt, gp, nb, a, m0, R, acc);
+    else q32_tile(fmt, gp, nb, a, m0, R, acc);
+}
 
-/* Groups g0 .. g1-1 of a GGUF part; every group is read once per MT input rows. */
-ALWAYS void gguf_groups(const int fmt, const qlm_linear_t *L, const qlm_act_t *a, float *y,
-                        int64_t ldy, int64_t M, int64_t g0, int64_t g1) {
-    const int64_t nb = L->K / BLOCK_ELEMS(fmt), stride = nb * GGUF_REC[fmt];
-    vf acc[MT];
+/* Groups g0 .. g1-1 of an interleaved part for all M input rows, in tiles of up to TILE rows
+   (8, 4, then 1-3: few tiles, each a compiled copy with its accumulators in registers). */
+ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_act_t *a, float *y,
+                               int64_t ldy, int64_t M, int64_t g0, int64_t g1) {
+    const int64_t nb = L->K / BLOCK_ELEMS(fmt), stride = nb * GROUP_REC[fmt];
+    const float *scale = fmt == QLM_I8_TILED ? L->scale : 0;
+    vf acc[TILE];
     float out[GG];
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *gp = (const uint8_t *)L->w + g * stride;
         const int64_t n0 = g * GG, valid = MIN(GG, L->N - n0);
-        for (int64_t m0 = 0; m0 < M; m0 += MT) {
-            const int64_t mn = MIN(MT, M - m0);
-            /* 1 and 4 rows (decoding, a short verification) get their own copies, with the
-               accumulators in registers; the arithmetic per row is the same */
-            if (fmt == QLM_Q6_K) {
-                if (mn == 1) q6k_group(gp, nb, a, m0, 1, acc);
-                else if (mn == 4) q6k_group(gp, nb, a, m0, 4, acc);
-                else q6k_group(gp, nb, a, m0, mn, acc);
-            } else if (fmt >= QLM_Q4_K) {
-                if (mn == 1) k45_group(fmt, gp, nb, a, m0, 1, acc);
-                else if (mn == 4) k45_group(fmt, gp, nb, a, m0, 4, acc);
-                else k45_group(fmt, gp, nb, a, m0, mn, acc);
-            } else {
-                if (mn == 1) q32_group(fmt, gp, nb, a, m0, 1, acc);
-                else if (mn == 4) q32_group(fmt, gp, nb, a, m0, 4, acc);
-                else q32_group(fmt, gp, nb, a, m0, mn, acc);
+        for (int64_t m0 = 0, R; m0 < M; m0 += R) {
+#if TILE > 1
+            R = M - m0 >= 8 ? 8 : M - m0 >= 4 ? 4 : M - m0;
+            switch (R) {
+            case 8: group_tile(fmt, gp, nb, a, m0, 8, acc); break;
+            case 4: group_tile(fmt, gp, nb, a, m0, 4, acc); break;
+            case 3: group_tile(fmt, gp, nb, a, m0, 3, acc); break;
+            case 2: group_tile(fmt, gp, nb, a, m0, 2, acc); break;
+            default: group_tile(fmt, gp, nb, a, m0, 1, acc);
             }
-            for (int64_t m = 0; m < mn; m++) {
+#else
+            R = 1;
+            group_tile(fmt, gp, nb, a, m0, 1, acc);
+#endif
+            for (int64_t m = 0; m < R; m++) {
                 vf_store(out, acc[m]);
                 float *yr = y + (m0 + m) * ldy + n0;
-                for (int r = 0; r < valid; r++) yr[r] = out[r] + (L->bias ? L->bias[n0 + r] : 0.0f);
+                for (int r = 0; r < valid; r++)
+                    yr[r] = (scale ? out[r] * scale[n0 + r] : out[r]) + (L->bias ? L->bias[n0 + r] : 0.0f);
             }
         }
     }
 }
 
-#define GGUF_FN(F)                                                                             \
-    static void gguf_##F(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t ldy,     \
-                         int64_t M, int64_t g0, int64_t g1) {                                  \
-        gguf_groups(QLM_##F, L, a, y, ldy, M, g0, g1);                                         \
+#define GROUPS_FN(F)                                                                           \
+    static void groups_##F(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t ldy,   \
+                           int64_t M, int64_t g0, int64_t g1) {                                \
+        interleaved_groups(QLM_##F, L, a, y, ldy, M, g0, g1);                                  \
     }
-GGUF_FN(Q4_0)
-GGUF_FN(Q4_1)
-GGUF_FN(Q5_0)
-GGUF_FN(Q5_1)
-GGUF_FN(Q8_0)
-GGUF_FN(Q4_K)
-GGUF_FN(Q5_K)
-GGUF_FN(Q6_K)
-#undef GGUF_FN
+GROUPS_FN(I8_TILED)
+GROUPS_FN(Q4_0)
+GROUPS_FN(Q4_1)
+GROUPS_FN(Q5_0)
+GROUPS_FN(Q5_1)
+GROUPS_FN(Q8_0)
+GROUPS_FN(Q4_K)
+GROUPS_FN(Q5_K)
+GROUPS_FN(Q6_K)
+#undef GROUPS_FN
 
-typedef void (*gguf_fn)(const qlm_linear_t *, const qlm_act_t *, float *, int64_t, int64_t,
-                        int64_t, int64_t);
-static const gguf_fn GGUF_KERNELS[QLM_KINDS] = {
-    [QLM_Q4_0] = gguf_Q4_0, [QLM_Q4_1] = gguf_Q4_1, [QLM_Q5_0] = gguf_Q5_0,
-    [QLM_Q5_1] = gguf_Q5_1, [QLM_Q8_0] = gguf_Q8_0, [QLM_Q4_K] = gguf_Q4_K,
-    [QLM_Q5_K] = gguf_Q5_K, [QLM_Q6_K] = gguf_Q6_K,
+typedef void (*groups_fn)(const qlm_linear_t *, const qlm_act_t *, float *, int64_t, int64_t,
+                          int64_t, int64_t);
+static const groups_fn GROUP_KERNELS[QLM_KINDS] = {
+    [QLM_I8_TILED] = groups_I8_TILED, [QLM_Q4_0] = groups_Q4_0, [QLM_Q4_1] = groups_Q4_1,
+    [QLM_Q5_0] = groups_Q5_0, [QLM_Q5_1] = groups_Q5_1, [QLM_Q8_0] = groups_Q8_0,
+    [QLM_Q4_K] = groups_Q4_K, [QLM_Q5_K] = groups_Q5_K, [QLM_Q6_K] = groups_Q6_K,
 };
-
 /* ---- a linear layer (one part or a fused chain of parts) as tasks ------------------------ */
 
 #define ROWS_PER_TASK 32 /* output rows per task: a multiple of NR and GG */
@@ -1135,10 +1169,9 @@ static void linear_task(const void *ctx, int64_t i, int tid) {
     float *y = c->y + col;
     switch (P->kind) {
     case QLM_F32: f32_rows(P, c->x, y, c->ldy, c->M, n0, n1); break;
-    case QLM_I8:
-    case QLM_I8_TILED: i8_rows(P, &c->a, y, c->ldy, c->M, n0, n1); break;
+    case QLM_I8: i8_rows(P, &c->a, y, c->ldy, c->M, n0, n1); break;
     case QLM_I4: i4_rows(P, &c->a, y, c->ldy, c->M, n0, n1); break;
-    default: GGUF_KERNELS[P->kind](P, &c->a, y, c->ldy, c->M, n0 / GG, pieces(n1, GG));
+    default: GROUP_KERNELS[P->kind](P, &c->a, y, c->ldy, c->M, n0 / GG, pieces(n1, GG));
     }
 }
 
@@ -1189,10 +1222,10 @@ static void dequant_task(const void *ctx, int64_t i, int tid) {
         }
         const float s = ((const float *)L->scale)[n];
         const int8_t *w = L->w;
-        if (L->kind == QLM_I8_TILED) {
-            const int8_t *q = w + (n / NR) * NR * K + (n % NR) * 64;
-            for (int64_t k = 0; k < K; k += 64)
-                for (int j = 0; j < 64; j++) o[k + j] = (float)q[k * NR + j] * s;
+        if (L->kind == QLM_I8_TILED) { /* group n / GG, lane n % GG of each 32-byte vector */
+            const int8_t *q = w + (n / GG) * GG * K + (n % GG) * 4;
+            for (int64_t k = 0; k < K; k += 4)
+                for (int j = 0; j < 4; j++) o[k + j] = (float)q[k * GG + j] * s;
         } else {
             for (int64_t k = 0; k < K; k++) o[k] = (float)w[n * K + k] * s;
         }

@@ -30,11 +30,11 @@ from qwenlm.fsutil import write_json
 from qwenlm.models import model_class, swap_module
 from qwenlm.quant.gguf import FLOAT_TYPES, GROUP, KINDS, GGUFEmbedding, GGUFLinear, pack
 from qwenlm.quant.linear import (
-    TILE_ROWS,
     DenseLinear,
     Int4Linear,
     Int8Linear,
     KernelLinear,
+    tiled_rows,
     untile_int8,
 )
 
@@ -84,11 +84,7 @@ class Int8Embedding(nn.Module):
         """int8 codes of rows ``ids`` (all rows if None), in plain row order."""
         if not self.tiled:
             return self.qweight if ids is None else self.qweight[ids]
-        if ids is None:
-            return untile_int8(self.qweight)
-        N, K = self.qweight.shape
-        tiles = self.qweight.view(N // TILE_ROWS, K // 64, TILE_ROWS, 64)
-        return tiles[ids // TILE_ROWS, :, ids % TILE_ROWS].reshape(*ids.shape, K)
+        return untile_int8(self.qweight) if ids is None else tiled_rows(self.qweight, ids)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -165,21 +165,36 @@ class DenseLinear(KernelLinear):
         )
 
 
-# Rows per tile of the kernels' tiled int8 layout (NR in cpu_kernels.c).
-TILE_ROWS = 4
+# Rows per group of the kernels' interleaved int8 layout (GG in cpu_kernels.c): each block of
+# 32 inputs of TILE_ROWS rows is 8 vectors of 32 bytes, vector v holding bytes 4v .. 4v+3 of
+# every row, as GGUF's Q8_0 quants are packed (qwenlm.quant.gguf).
+TILE_ROWS = 8
+
+
+def _tiles(q: torch.Tensor) -> torch.Tensor:
+    """Interleaved (N, K) storage as (groups, blocks, vectors, rows, 4 bytes)."""
+    N, K = q.shape
+    return q.view(N // TILE_ROWS, K // 32, 8, TILE_ROWS, 4)
 
 
 def untile_int8(q: torch.Tensor) -> torch.Tensor:
-    N, K = q.shape
-    return q.view(N // TILE_ROWS, K // 64, TILE_ROWS, 64).transpose(1, 2).reshape(N, K)
+    """Interleaved int8 codes back to a plain (N, K) matrix."""
+    return _tiles(q).permute(0, 3, 1, 2, 4).reshape(q.shape)
+
+
+def tiled_rows(q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of interleaved int8 codes, as plain rows (..., K)."""
+    rows = _tiles(q)[ids.reshape(-1) // TILE_ROWS, :, :, ids.reshape(-1) % TILE_ROWS]
+    return rows.reshape(*ids.shape, q.shape[1])
 
 
 class Int8Linear(KernelLinear):
     """int8 weights with one float scale per output channel (symmetric, absmax / 127).
 
-    :meth:`tile` rearranges ``qweight`` in memory into the kernels' tiled layout (about 1.7x
-    faster to stream on short rows); ``state_dict`` and :meth:`weight_codes` still give the
-    plain (out_features, in_features) codes.
+    :meth:`tile` rearranges ``qweight`` in memory into the kernels' interleaved layout (8 rows
+    per block, as GGUF's Q8_0: one weight read serves every input row of a batch);
+    ``state_dict`` and :meth:`weight_codes` still give the plain (out_features, in_features)
+    codes.
     """
 
     def __init__(
@@ -193,17 +208,17 @@ class Int8Linear(KernelLinear):
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
 
     def tile(self) -> Int8Linear:
-        """Switch ``qweight`` to the tiled layout where the shape allows it (in place)."""
+        """Switch ``qweight`` to the interleaved layout where the shape allows it (in place)."""
         N, K = self.out_features, self.in_features
         if self.tiled or N % TILE_ROWS or K % 64 or self.qweight.device.type != "cpu":
             return self
-        # A tile's permutation stays inside its own TILE_ROWS rows, so the matrix is rewritten
-        # in place a band of tiles at a time: no second copy of a 136 MB output head.
-        tiles = self.qweight.view(N // TILE_ROWS, TILE_ROWS, K // 64, 64)
-        out = self.qweight.view(N // TILE_ROWS, K // 64, TILE_ROWS, 64)
+        # A group's permutation stays inside its own TILE_ROWS rows, so the matrix is rewritten
+        # in place a band of groups at a time: no second copy of a 136 MB output head.
+        rows = self.qweight.view(N // TILE_ROWS, TILE_ROWS, K // 32, 8, 4)
+        out = _tiles(self.qweight)
         band = max(1, (4 << 20) // (TILE_ROWS * K))
         for a in range(0, N // TILE_ROWS, band):
-            out[a : a + band] = tiles[a : a + band].transpose(1, 2).clone()
+            out[a : a + band] = rows[a : a + band].permute(0, 2, 3, 1, 4).clone()
         self.tiled = True
         return self
 
