@@ -551,6 +551,8 @@ def chart(rows: dict[str, dict], keys: list[str], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qwenlm.cli.bench import add_ppl_option
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model", default="qwen2.5-coder-0.5b-instruct", help="registry name or GGUF path"
@@ -572,15 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--contexts", type=int, nargs="+", default=[0, 2048])
     p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048])
-    p.add_argument(
-        "--ppl",
-        type=int,
-        nargs="?",
-        const=20480,
-        default=0,
-        metavar="TOKENS",
-        help="also perplexity on TOKENS tokens of data/text/kjv-genesis.txt (default 20480)",
-    )
+    add_ppl_option(p)
     p.add_argument(
         "--busy",
         action="store_true",

@@ -12,6 +12,20 @@ from qwenlm.errors import QwenlmError
 from qwenlm.quant import MODES as QUANT_MODES
 
 
+def add_ppl_option(p: argparse.ArgumentParser) -> None:
+    """``--ppl [TOKENS]``: also perplexity on the benchmark text (what bench and
+    benchmarks/compare.py both offer)."""
+    p.add_argument(
+        "--ppl",
+        type=int,
+        nargs="?",
+        const=20480,
+        default=0,
+        metavar="TOKENS",
+        help="also measure perplexity on TOKENS tokens of data/text/kjv-genesis.txt (default 20480)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm bench",
@@ -55,15 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="runs per measurement; the median is reported (default 3)",
     )
-    p.add_argument(
-        "--ppl",
-        type=int,
-        nargs="?",
-        const=20480,
-        default=0,
-        metavar="TOKENS",
-        help="also measure perplexity on TOKENS tokens of data/text/kjv-genesis.txt (default 20480)",
-    )
+    add_ppl_option(p)
     p.add_argument("--threads", type=int, help="torch/kernel threads (default: torch's)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
