@@ -235,9 +235,9 @@ def parse_llama_bench(stdout: str) -> dict[str, float]:
 
 
 def worker_ik_bench(spec: dict) -> dict:
-    proc = subprocess.run(
-        llama_bench_command(spec), capture_output=True, text=True, timeout=spec["timeout"]
-    )
+    # Its own limit ends it before the driver kills this worker, which would orphan it.
+    limit = max(spec["timeout"] - 30, 1)
+    proc = subprocess.run(llama_bench_command(spec), capture_output=True, text=True, timeout=limit)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
         raise RuntimeError(f"llama-bench failed: {tail[0]}")
