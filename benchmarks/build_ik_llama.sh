@@ -7,7 +7,8 @@
 # nothing of it enters this repository). The build is native (-DGGML_NATIVE=ON: -march=native,
 # so the kernels use every vector extension of this CPU) and static, and makes only the
 # llama-bench target; it prints the binary's path last. BUILD_DIR defaults to SOURCE_DIR/build.
-# On 2 cores it takes 20-40 minutes: CMAKE_BUILD_PARALLEL_LEVEL sets the jobs (default: cores).
+# It took 1 h 45 min on 2 cores shared with other jobs: CMAKE_BUILD_PARALLEL_LEVEL sets the jobs
+# (default: all cores).
 set -euo pipefail
 if [ $# -lt 1 ] || [ ! -f "$1/CMakeLists.txt" ] || [ ! -d "$1/examples/llama-bench" ]; then
     echo "usage: bash benchmarks/build_ik_llama.sh SOURCE_DIR [BUILD_DIR]" >&2
