@@ -588,22 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main() -> int:
-    args = build_parser().parse_args()
-    from qwenlm import registry
-    from qwenlm.benchmark import (
-        gguf_bytes_per_token,
-        has_vnni,
-        isa_text,
-        machine_info,
-        perplexity_windows,
-        text_tokens,
-    )
-    from qwenlm.tokenizer import Tokenizer
-    from qwenlm.weights import open_checkpoint
-    from qwenlm.weights.gguf import GGUFFile
-
-    gguf = str(registry.resolve(args.model, pull=True))
+def select_engines(args: argparse.Namespace) -> list[str]:
+    """The engines asked for (or the defaults) that can run here; the others named on stderr."""
     wanted = args.engines or default_engines()
     if args.ik_llama_bench and "ik-llama-bench" not in wanted:
         wanted.append("ik-llama-bench")
@@ -614,33 +600,13 @@ def main() -> int:
             print(f"skipping {e}: {problem}", file=sys.stderr)
         else:
             engines.append(e)
-    with GGUFFile(gguf) as gf:
-        # text_tokens reads the tokenizer off a model: every engine gets these same ids
-        text = SimpleNamespace(tokenizer=Tokenizer.from_gguf_metadata(gf.metadata))
-    with open_checkpoint(gguf) as ckpt:
-        config = ckpt.config
-    gguf_bytes = gguf_bytes_per_token(gguf)
-    longest = max(args.contexts + args.prefill + [1])
-    base = {
-        "gguf": gguf,
-        "threads": args.threads,
-        "decode_tokens": args.decode_tokens,
-        "contexts": args.contexts,
-        "prefill": args.prefill,
-        "tokens": text_tokens(text, longest),
-        "vnni": has_vnni(),
-        "ik_llama_bench": args.ik_llama_bench,
-        "task": "speed",
-    }
-    print("measuring the machine ...", file=sys.stderr, flush=True)
-    ceilings = run_worker("machine", base, args.timeout)
-    if isinstance(ceilings, str):
-        raise SystemExit(f"could not measure the machine: {ceilings}")
-    bandwidth = ceilings["bandwidth_gb_s"][str(args.threads)]
-    matmul = ceilings["matmul_gflop_s"]
-    if not args.no_matrices:
-        base["bandwidth_gb_s"] = bandwidth
+    return engines
 
+
+def run_rounds(
+    engines: list[str], base: dict, args: argparse.Namespace, gguf_bytes: int
+) -> dict[str, list[dict]]:
+    """Every engine (and with --busy its busy twin) once per round, interleaved."""
     labels = [(e, busy) for e in engines for busy in ((False, True) if args.busy else (False,))]
     runs: dict[str, list[dict]] = {e + (BUSY_SUFFIX if b else ""): [] for e, b in labels}
     for r in range(args.rounds):
@@ -653,23 +619,96 @@ def main() -> int:
                 print(f"  {label} failed: {res}", file=sys.stderr)
                 continue
             if name not in ("qwenlm", "transformers"):
-                res["bytes_per_token"] = gguf_bytes
+                res["bytes_per_token"] = gguf_bytes  # the llama.cpp engines read the file's
             runs[label].append(res)
+    return runs
 
+
+def run_perplexity(
+    engines: list[str], base: dict, windows: list[list[int]], args: argparse.Namespace
+) -> dict[str, float]:
+    """Each engine's perplexity over ``windows``, once (it does not vary between rounds)."""
     ppl: dict[str, float] = {}
+    for engine in engines:
+        if engine == "ik-llama-bench":
+            continue  # a binary that prints speeds, not logits
+        print(f"perplexity: {engine} ...", file=sys.stderr, flush=True)
+        name, _, variant = engine.partition(":")
+        spec = {**base, "variant": variant, "task": "ppl", "ppl_tokens": args.ppl}
+        res = run_worker(name, {**spec, "ppl_windows": windows}, args.timeout)
+        if isinstance(res, str):
+            print(f"  {engine} failed: {res}", file=sys.stderr)
+        else:
+            ppl[engine] = res["perplexity"]
+    return ppl
+
+
+def header(info: dict, ceilings: dict, args: argparse.Namespace, model: str) -> list[str]:
+    """The machine, its ISA and ceilings, the versions and how the figures were taken."""
+    from qwenlm.benchmark import isa_text
+
+    bw = ceilings["bandwidth_gb_s"]
+    busy = f", each engine also beside one busy-loop process ({BUSY_SUFFIX.strip()})"
+    return [
+        f"Machine: {info['cpu']}, {info['cores']} cores; ISA {isa_text(info['isa'])}; "
+        f"{args.threads} threads for every engine; torch {info['torch']}, "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+        + f"; load average at the end {', '.join(f'{x:.2f}' for x in info['load_average'])}.",
+        f"Read bandwidth {', '.join(f'{v:.1f} GB/s on {t} thread(s)' for t, v in bw.items())} "
+        f"(best of 7 passes over 1 GiB); float32 matmul {ceilings['matmul_gflop_s']:.0f} "
+        f"GFLOP/s on {args.threads} threads at this model's prefill shapes.",
+        f"Medians of {args.rounds} interleaved rounds"
+        + (busy if args.busy else "")
+        + f"; model {model}; tokens/s; ttft in s.",
+    ]
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    from qwenlm import registry
+    from qwenlm.benchmark import (
+        gguf_bytes_per_token,
+        has_vnni,
+        machine_info,
+        perplexity_windows,
+        text_tokens,
+    )
+    from qwenlm.tokenizer import Tokenizer
+    from qwenlm.weights import open_checkpoint
+    from qwenlm.weights.gguf import GGUFFile
+
+    gguf = str(registry.resolve(args.model, pull=True))
+    engines = select_engines(args)
+    with GGUFFile(gguf) as gf:
+        # text_tokens reads the tokenizer off a model: every engine gets these same ids
+        source = SimpleNamespace(tokenizer=Tokenizer.from_gguf_metadata(gf.metadata))
+    with open_checkpoint(gguf) as ckpt:
+        config = ckpt.config
+    gguf_bytes = gguf_bytes_per_token(gguf)
+    base = {
+        "gguf": gguf,
+        "threads": args.threads,
+        "decode_tokens": args.decode_tokens,
+        "contexts": args.contexts,
+        "prefill": args.prefill,
+        "tokens": text_tokens(source, max(args.contexts + args.prefill + [1])),
+        "vnni": has_vnni(),
+        "ik_llama_bench": args.ik_llama_bench,
+        "task": "speed",
+    }
+    print("measuring the machine ...", file=sys.stderr, flush=True)
+    ceilings = run_worker("machine", base, args.timeout)
+    if isinstance(ceilings, str):
+        raise SystemExit(f"could not measure the machine: {ceilings}")
+    bandwidth = ceilings["bandwidth_gb_s"][str(args.threads)]
+    matmul = ceilings["matmul_gflop_s"]
+    if not args.no_matrices:
+        base["bandwidth_gb_s"] = bandwidth
+    runs = run_rounds(engines, base, args, gguf_bytes)
+    ppl = {}
     if args.ppl:
-        windows = perplexity_windows(text_tokens(text, args.ppl), PPL_WINDOW)
-        for engine in engines:
-            if engine == "ik-llama-bench":
-                continue  # a binary that prints speeds, not logits
-            print(f"perplexity: {engine} ...", file=sys.stderr, flush=True)
-            name, _, variant = engine.partition(":")
-            spec = {**base, "variant": variant, "task": "ppl", "ppl_tokens": args.ppl}
-            res = run_worker(name, {**spec, "ppl_windows": windows}, args.timeout)
-            if isinstance(res, str):
-                print(f"  {engine} failed: {res}", file=sys.stderr)
-            else:
-                ppl[engine] = res["perplexity"]
+        windows = perplexity_windows(text_tokens(source, args.ppl), PPL_WINDOW)
+        ppl = run_perplexity(engines, base, windows, args)
 
     rows = {label: medians(rs) for label, rs in runs.items() if rs}
     keys = (
@@ -677,52 +716,33 @@ def main() -> int:
         + [f"prefill@{n}" for n in args.prefill]
         + [f"ttft@{n}" for n in args.prefill]
     )
-    speed_keys = [k for k in keys if not k.startswith("ttft")]
     roofs = {
         label: roofline(
-            r,
-            config=config,
-            bandwidth=bandwidth,
-            matmul=matmul,
-            decode_tokens=args.decode_tokens,
+            r, config=config, bandwidth=bandwidth, matmul=matmul, decode_tokens=args.decode_tokens
         )
         for label, r in rows.items()
     }
     info = {**machine_info(), "versions": versions()}
-    bw = ceilings["bandwidth_gb_s"]
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores; ISA {isa_text(info['isa'])}; "
-        f"{args.threads} threads for every engine; torch {info['torch']}, "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
-        + f"; load average at the end {', '.join(f'{x:.2f}' for x in info['load_average'])}.",
-        f"Read bandwidth {', '.join(f'{v:.1f} GB/s on {t} thread(s)' for t, v in bw.items())} "
-        f"(best of 7 passes over 1 GiB); float32 matmul {matmul:.0f} GFLOP/s on "
-        f"{args.threads} threads at this model's prefill shapes.",
-        f"Medians of {args.rounds} interleaved rounds"
-        + (
-            f", each engine also beside one busy-loop process ({BUSY_SUFFIX.strip()})"
-            if args.busy
-            else ""
-        )
-        + f"; model {Path(gguf).name}; tokens/s; ttft in s.",
+        *header(info, ceilings, args, Path(gguf).name),
         "",
         speed_table(rows, keys, ppl),
         "",
         "Fraction of the roofline (ceiling tokens/s in brackets): decode against "
         f"{bandwidth:.1f} GB/s and the bytes a step reads, prefill against {matmul:.0f} GFLOP/s.",
         "",
-        roofline_table(roofs, speed_keys),
+        roofline_table(roofs, [k for k in keys if not k.startswith("ttft")]),
         "",
         *ratio_lines(rows, keys),
     ]
     for label, r in rows.items():
         if "matrices" in r and not label.endswith(BUSY_SUFFIX):
             lines += ["", matrix_table(label, r["matrices"], bandwidth)]
-    text = "\n".join(lines)
-    print(text)
+    report = "\n".join(lines)
+    print(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text + "\n")
+    (out / "table.md").write_text(report + "\n")
     result = {
         "command": sys.argv,
         "machine": info,

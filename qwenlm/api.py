@@ -17,6 +17,7 @@ from qwenlm.chat.qwen1 import Qwen1ChatTemplate
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
 from qwenlm.errors import GenerationError
+from qwenlm.generation.embed import Embedder
 from qwenlm.generation.engine import Engine, SequenceState
 from qwenlm.generation.fastpath import accelerate
 from qwenlm.generation.generate import (
@@ -36,6 +37,7 @@ from qwenlm.quant import (
     load_saved,
     quantize,
     release_freed_memory,
+    to_device,
 )
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
@@ -73,16 +75,18 @@ QUANT_CHOICES = ("auto", "none", *MODES)
 
 def resolve_quant(quant: str, device: torch.device) -> str:
     """``auto`` is int8 on CPU (the native kernels' fastest mode at float32 quality) and
-    ``none`` (plain PyTorch layers in ``dtype``) elsewhere."""
+    ``none`` (plain PyTorch layers in ``dtype``) elsewhere. On other devices ``int8``,
+    ``int4`` and ``f32`` keep their codes in device memory and dequantize each matrix per
+    forward pass with PyTorch ops (less memory, not more speed)."""
     if quant not in QUANT_CHOICES:
         raise QuantizationError(
             f"unknown quantization {quant!r}", hint=f"use one of {', '.join(QUANT_CHOICES)}"
         )
     if quant == "auto":
         return "int8" if device.type == "cpu" else "none"
-    if quant != "none" and device.type != "cpu":
+    if quant == "gguf" and device.type != "cpu":
         raise QuantizationError(
-            f"quantization {quant!r} runs on the CPU only", hint="use --quant none on GPUs"
+            "--quant gguf runs on the CPU only", hint="use int8, int4 or none on GPUs"
         )
     return quant
 
@@ -99,26 +103,41 @@ def load(
     pull: bool = False,
     adapter: str | os.PathLike[str] | None = None,
     config_overrides: Mapping[str, Any] | None = None,
+    tensor_parallel: int = 1,
 ) -> Qwen:
     """Load a model by registry name, GGUF path or Hugging Face folder.
 
     ``quant`` picks the weight format: ``none`` (PyTorch layers in ``dtype``, the reference
-    path), ``f32``, ``int8`` or ``int4`` (native CPU kernels; see :mod:`qwenlm.quant`), or
-    ``auto``. ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
+    path), ``f32``, ``int8`` or ``int4`` (native CPU kernels; see :mod:`qwenlm.quant`), ``gguf``
+    (a GGUF file's own block formats, as stored, on the native kernels), or ``auto``.
+    ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
     is a LoRA adapter folder (PEFT format, e.g. from ``qwenlm train``), folded into the weights
     before quantization. ``kv_cache="int8"`` keeps the attention cache in int8 (a quarter of
     the memory at long contexts). ``config_overrides`` replaces config values by their Hugging
     Face keys, e.g. long-context settings: ``{"rope_scaling": {"type": "yarn", "factor": 4.0,
     "original_max_position_embeddings": 32768}}``, ``{"dual_chunk_attention_config": {...}}``,
     ``{"use_dynamic_ntk": True, "use_logn_attn": True, "seq_length": 8192}``.
+
+    ``tensor_parallel=N`` splits the model over the N processes that torchrun started (see
+    :mod:`qwenlm.parallel`; every process calls ``load`` alike). Rank 0 uses the model as
+    usual and calls :meth:`Qwen.close` at the end; every other rank calls :meth:`Qwen.follow`,
+    which runs rank 0's forward passes until then. Each rank reads the whole float checkpoint
+    into CPU memory and keeps its slice; ``quant`` then quantizes each rank's slice.
     """
     path = registry.resolve(model, cache_dir=cache_dir, pull=pull)
-    dev = resolve_device(device)
+    dist = _join_tensor_parallel(tensor_parallel, device)
+    dev = dist.device if dist is not None else resolve_device(device)
     mode = resolve_quant(quant, dev)
     dt = resolve_dtype(dtype, dev) if mode == "none" else torch.float32
     with open_checkpoint(path) as ckpt:
         if config_overrides:
             ckpt.config = ModelConfig.from_hf({**ckpt.config.to_hf(), **config_overrides})
+        if dist is not None and (ckpt.quantization is not None or mode == "gguf"):
+            raise QuantizationError(
+                "tensor parallelism splits float weights, not a quantized checkpoint or "
+                "--quant gguf's stored blocks",
+                hint="load the float model; --quant int8 / int4 quantize each rank's part",
+            )
         if ckpt.quantization is not None:
             # Saved by `qwenlm quantize`: its own format wins over `quant`.
             if adapter is not None:
@@ -128,23 +147,36 @@ def load(
                 )
             net = load_saved(ckpt)
             mode = net.quantization["mode"]
-        elif mode != "none" and adapter is None:
+        elif mode != "none" and adapter is None and dist is None:
             # Straight from the file into quantized layers, a slice of rows at a time.
             net = load_quantized(ckpt, mode, group_size=group_size)
         else:
-            net = build_model(ckpt.config, ckpt.tensors(dt), dtype=dt, device=dev)
+            # Tensor parallel: the whole model on the CPU first, each rank keeps its slice.
+            place = "cpu" if dist is not None else dev
+            net = build_model(ckpt.config, ckpt.tensors(dt), dtype=dt, device=place)
+    if getattr(net, "quantization", None) is not None and dev.type != "cpu":
+        net = to_device(net, dev)  # quantized layers are built on the CPU
     if adapter is not None:
         from qwenlm.lora import load_adapter, merge_lora
 
         # Folded in before anything else transforms the model, so every engine path sees it.
         load_adapter(net, adapter)
         merge_lora(net).eval()
-        if mode != "none":
-            quantize(net, mode, group_size=group_size)
+    if dist is not None:
+        from qwenlm.parallel import tensor_parallel as split
+
+        net = split(net).to(dev)
+    if mode != "none" and getattr(net, "quantization", None) is None:
+        quantize(net, mode, group_size=group_size)
     if mode != "none":
         net.fuse_projections()
         accelerate(net)
     release_freed_memory()
+    engine = None
+    if dist is not None:
+        from qwenlm.generation.mirror import parallel_engine
+
+        engine = parallel_engine(net, kv_cache=kv_cache)
     given_path = Path(os.fspath(model)).expanduser().exists()
     template = ChatTemplate(ckpt.chat_template, ckpt.tokenizer)
     if ckpt.qwen1:
@@ -158,7 +190,27 @@ def load(
         name=(ckpt.name or path.name) if given_path else str(model),
         path=path,
         kv_cache=kv_cache,
+        engine=engine,
     )
+
+
+def _join_tensor_parallel(size: int, device: str | torch.device) -> Any:
+    """The process group for ``tensor_parallel=size`` (None for 1), joined from torchrun's
+    environment; its size must be the world's."""
+    if size == 1:
+        return None
+    from qwenlm.parallel import DistributedError, setup
+
+    if size < 1:
+        raise DistributedError(f"tensor_parallel must be at least 1, got {size}")
+    d = setup(device=str(device))
+    if d.world != size:
+        raise DistributedError(
+            f"tensor parallelism over {size} ranks needs {size} processes, but this is one of "
+            f"{d.world}",
+            hint=f"start it with torchrun --nproc-per-node {size} -m qwenlm ...",
+        )
+    return d
 
 
 class Qwen:
@@ -180,9 +232,12 @@ class Qwen:
         name: str | None = None,
         path: Path | None = None,
         kv_cache: str = "float",
+        engine: Engine | None = None,
     ) -> None:
         self.model = model
-        self.engine = Engine(model, kv_cache=kv_cache, cuda_graphs=cuda_graph_safe(model.config))
+        self.engine = engine or Engine(
+            model, kv_cache=kv_cache, cuda_graphs=cuda_graph_safe(model.config)
+        )
         self.tokenizer = tokenizer
         self.template = template
         self.generation_defaults = dict(generation_defaults or {})
@@ -204,6 +259,26 @@ class Qwen:
         if q:
             return q["mode"] + (f" (group {q['group_size']})" if q["mode"] == "int4" else "")
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in a tensor-parallel group (0 when the model is not split)."""
+        shard = getattr(self.model, "shard", None)
+        return shard.rank if shard is not None else 0
+
+    def follow(self) -> None:
+        """Ranks other than 0 of a tensor-parallel model: run rank 0's forward passes until
+        rank 0 calls :meth:`close`."""
+        follow = getattr(self.engine, "follow", None)
+        if follow is None:
+            raise GenerationError("follow() is for ranks other than 0 of a tensor-parallel model")
+        follow()
+
+    def close(self) -> None:
+        """Rank 0 of a tensor-parallel model: release the other ranks (no-op otherwise)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def generation_config(self, **overrides: Any) -> GenerationConfig:
         """The model's defaults with ``overrides`` applied (``None`` values are ignored)."""
@@ -233,6 +308,21 @@ class Qwen:
         if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
             raise GenerationError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         return self.engine.prefill(self.engine.new_sequence(), prompt, all_logits=True)
+
+    # -- embeddings ------------------------------------------------------------------------
+    def embedder(self, inputs: Sequence[str | Sequence[int]]) -> Embedder:
+        """An :class:`~qwenlm.generation.embed.Embedder` for ``inputs`` (texts, encoded as plain
+        text, or token ids), to step one forward pass at a time (the server does)."""
+        return Embedder(self.engine, [self._ids(x) for x in inputs])
+
+    def embed(self, inputs: str | Sequence[str | Sequence[int]]) -> torch.Tensor:
+        """Unit-length embeddings, (len(inputs), hidden) float32 (one row for a single string):
+        the mean of the final hidden states over each input's tokens, inputs run together."""
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        embedder = self.embedder(items)
+        while not embedder.step():
+            pass
+        return embedder.result()
 
     # -- completion of raw text ------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -267,7 +357,8 @@ class Qwen:
         speculate: Speculation | None = None,
         **options: Any,
     ) -> Iterator[GenerationChunk]:
-        """Chunks completing ``prompt`` (text is encoded as plain text; give ids for control tokens)."""
+        """Chunks completing ``prompt`` (text is encoded as plain text; give ids for control
+        tokens)."""
         return stream_generate(
             self.engine,
             self.tokenizer,
@@ -305,10 +396,14 @@ class Qwen:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        **template_kwargs: Any,
     ) -> list[int]:
-        """Prompt ids for a conversation, rendered with the model's own chat template."""
+        """Prompt ids for a conversation, rendered with the model's own chat template.
+
+        ``template_kwargs`` reach the template as variables, e.g. ``enable_thinking=False``
+        for Qwen3's."""
         return self.template.encode(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
 
     def chat_chunks(

@@ -375,9 +375,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _worker_process(args: list[str], timeout: float) -> dict[str, Any]:
+def _worker_process(args: list[str], timeout: float, what: str) -> dict[str, Any]:
     """``python -m qwenlm.benchmark ARGS`` in a fresh interpreter (so its memory peak is its
-    own); returns the JSON line it prints last."""
+    own); the JSON object on its last line of output."""
     proc = subprocess.run(
         [sys.executable, "-m", "qwenlm.benchmark", *args],
         capture_output=True,
@@ -385,13 +385,13 @@ def _worker_process(args: list[str], timeout: float) -> dict[str, Any]:
         timeout=timeout,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed: {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{what} worker failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_in_subprocess(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
-    """:func:`run_worker` in a fresh interpreter."""
-    return _worker_process([json.dumps(spec)], timeout)
+    """:func:`run_worker` in a fresh interpreter, so its memory peak is its own."""
+    return _worker_process([json.dumps(spec)], timeout, "benchmark")
 
 
 def profile_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +420,7 @@ def profile_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run_profile_cell(spec: dict[str, Any], timeout: float = 7200) -> dict[str, Any]:
     """:func:`profile_worker` in a fresh interpreter (``subprocess.TimeoutExpired`` after
     ``timeout`` seconds)."""
-    return _worker_process(["--profile", json.dumps(spec)], timeout)
+    return _worker_process(["--profile", json.dumps(spec)], timeout, "profile")
 
 
 if __name__ == "__main__":

@@ -111,11 +111,6 @@ class ModelConfig:
         return self.head_dim_override or self.hidden_size // self.num_attention_heads
 
     @property
-    def num_kv_groups(self) -> int:
-        """Query heads that share one key/value head (grouped-query attention)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def is_moe(self) -> bool:
         return self.model_type in MOE_MODEL_TYPES
 
@@ -174,17 +169,7 @@ class ModelConfig:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise CheckpointError(f"config: {name} must be a positive number, got {value!r}")
         if self.is_moe:
-            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
-                value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise CheckpointError(
-                        f"config: {name} must be a positive integer, got {value!r}"
-                    )
-            if self.num_experts_per_tok > self.num_experts:
-                raise CheckpointError(
-                    f"config: num_experts_per_tok {self.num_experts_per_tok} exceeds "
-                    f"num_experts {self.num_experts}"
-                )
+            self._validate_experts()
         dca = self.dual_chunk_attention_config
         if dca is not None:
             chunk, local = dca.get("chunk_size"), dca.get("local_size", 0)
@@ -201,6 +186,17 @@ class ModelConfig:
         if self.hidden_act != "silu":
             raise CheckpointError(
                 f"config: unsupported hidden_act {self.hidden_act!r} (Qwen uses 'silu')"
+            )
+
+    def _validate_experts(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CheckpointError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise CheckpointError(
+                f"config: num_experts_per_tok {self.num_experts_per_tok} exceeds "
+                f"num_experts {self.num_experts}"
             )
 
     @classmethod

@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+
+def json_type(value: Any) -> str:
+    """How a parsed JSON value's type reads in an error message: "an array", "null", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
 
 class QwenlmError(Exception):
     """Base class for every error qwenlm reports to a user.
@@ -40,3 +60,16 @@ class ChatTemplateError(QwenlmError):
 
 class GenerationError(QwenlmError):
     """Invalid generation settings or a prompt that does not fit the context."""
+
+
+def debug_tracebacks() -> bool:
+    """Whether ``QWENLM_DEBUG`` asks for full tracebacks (on the console and in server logs)."""
+    return bool(os.environ.get("QWENLM_DEBUG"))
+
+
+def loggable(text: object, limit: int = 200) -> str:
+    """``text`` fit for one log line: control characters (CR, LF, ESC ...) escaped, so a value
+    a client sent cannot forge log lines or terminal escapes; cut at ``limit`` characters."""
+    s = str(text)
+    s = s if len(s) <= limit else s[:limit] + "..."
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in s)

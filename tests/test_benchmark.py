@@ -30,8 +30,8 @@ from qwenlm.benchmark import (
     window_nll,
 )
 from qwenlm.cli import main as cli_main
-from qwenlm.train.export import write_hf_folder
 from qwenlm.weights.gguf import GGUFFile
+from qwenlm.weights.hf_writer import write_hf_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The command line, run as a user runs it: real processes, a real pseudo-terminal, the real model."""
+"""The command line as a user runs it: real processes, a real pseudo-terminal, the real model."""
 
 from __future__ import annotations
 

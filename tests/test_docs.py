@@ -27,6 +27,7 @@ DOC_PAGES = (
     "training.md",
     "evaluation.md",
     "models.md",
+    "parallel.md",
     "benchmarks.md",
     "architecture.md",
 )

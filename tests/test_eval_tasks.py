@@ -1,7 +1,7 @@
 """Readers and scorers of every benchmark, on small sample files in each standard format.
 
 Scoring is checked with scripted replies (the model's part is replaced by known answers, so
-each reader, prompt, answer extraction and metric is checked exactly); test_eval_harness.py
+each reader, prompt, answer extraction and metric is checked exactly); test_eval_run.py
 runs the same tasks through a real (tiny) model.
 """
 
@@ -11,45 +11,18 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import ScriptedEngine
 
-from qwenlm.api import Qwen
-from qwenlm.eval.run import Completion, EvalEngine, EvalError
+from qwenlm.eval.run import EvalError
 from qwenlm.eval.tasks import make_task
 from qwenlm.eval.tasks.bbh import normalize_answer
 from qwenlm.eval.tasks.humaneval import HumanEval
 from qwenlm.sandbox import _namespaces_work
-from tests.helpers import tiny_model, tiny_template, tiny_tokenizer
 
 DATA = Path(__file__).parent / "data" / "eval"
 needs_sandbox = pytest.mark.skipif(
     not _namespaces_work(), reason="unprivileged user namespaces unavailable"
 )
-
-
-def tiny_qwen() -> Qwen:
-    return Qwen(tiny_model(), tiny_tokenizer(), tiny_template(), name="tiny")
-
-
-class ScriptedEngine(EvalEngine):
-    """The real EvalEngine's prompt building, with replies (or letter scores) from a function."""
-
-    def __init__(self, reply=None, scores=None) -> None:
-        super().__init__(tiny_qwen())
-        self.reply, self.scores = reply, scores
-        self.prompts: list[str] = []
-
-    def complete(self, requests):
-        out = []
-        for r in requests:
-            text = self.tokenizer.decode(list(r.prompt))
-            self.prompts.append(text)
-            out.append(Completion(self.reply(text), "stop", len(r.prompt), 1))
-        return out
-
-    def next_token_logprobs(self, prompts, candidates):
-        texts = [self.tokenizer.decode(list(p)) for p in prompts]
-        self.prompts += texts
-        return [self.scores(t) for t in texts]
 
 
 # -- multiple choice --------------------------------------------------------------------------
@@ -113,6 +86,7 @@ def test_multiple_choice_base_mode_scores_letter_logits(name):
     records = task.evaluate(engine, samples)
     assert [r["score"] for r in records] == [0.0] + [1.0] * (len(samples) - 1)
     metrics = task.summarize(records)
+    # metrics are float64 ratios of counts: pytest.approx's default 1e-6 (here and below)
     assert metrics["accuracy"] == pytest.approx((len(samples) - 1) / len(samples))
     # k-shot: the dev example (with its answer) precedes the question
     shots = len(task._dev[samples[0]["question"].subject])
@@ -282,7 +256,9 @@ HUMANEVAL_SAMPLE = {
     "task_id": "Sample/0",
     "prompt": 'def add(a: int, b: int) -> int:\n    """Add two numbers."""\n',
     "entry_point": "add",
-    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+    "test": "def check(candidate):\n"
+    "    assert candidate(2, 3) == 5\n"
+    "    assert candidate(-1, 1) == 0\n",
 }
 
 
@@ -313,7 +289,8 @@ def test_humaneval_programs_pass_or_fail(tmp_path, style, reply, passed):
     records = task.evaluate(ScriptedEngine(reply=lambda _: reply), task.load())
     assert records[0]["passed"] == [passed]
     if "while True" in reply:
-        assert records[0]["status"] == ["cpu_limit"]
+        # stopped by the CPU limit, or by the wall clock first when the machine is loaded
+        assert records[0]["status"][0] in ("cpu_limit", "timeout")
 
 
 @needs_sandbox

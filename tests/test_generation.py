@@ -48,10 +48,6 @@ class ScriptedModel(nn.Module):
         return logits
 
 
-def script_for(text_tokens: list[list[int]]) -> list[int]:
-    return [t for chunk in text_tokens for t in chunk]
-
-
 def run(script, config=None, prompt=(1, 2, 3)):
     model = ScriptedModel(script, len(prompt))
     return list(

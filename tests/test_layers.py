@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent / "qwenlm"
 
 # Bottom to top: a subpackage may import its own layer's and lower layers' modules only.
 LAYERS = [
-    {"errors"},
+    {"errors", "fsutil", "strictjson"},
     {"config", "tokenizer", "registry", "sandbox"},
     {"kernels", "chat", "weights"},
     {"models"},
-    {"quant", "lora"},
+    {"quant", "lora", "parallel"},
     {"generation"},
     {"api"},
     {"train", "agent"},

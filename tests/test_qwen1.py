@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import base64
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from helpers import (
+    QWEN1,
+    assert_float32_close,
+    assert_within,
+    float32_tolerance,
+    float64_logits,
+    qwen1_state_dict,
+    tiny_ranks,
+    write_qwen1_folder,
+)
 
 import qwenlm
 from qwenlm.chat.qwen1 import Qwen1ChatTemplate
@@ -20,70 +28,6 @@ from qwenlm.models.rope import logn_scale, ntk_alpha, ntk_base
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
 from qwenlm.weights.qwen1 import qwen1_config
-from tests.helpers import tiny_ranks
-
-QWEN1 = {
-    "architectures": ["QWenLMHeadModel"],
-    "model_type": "qwen",
-    "vocab_size": 480,  # 269 tiny BPE tokens + Qwen1's 208 specials, padded
-    "hidden_size": 64,
-    "intermediate_size": 192,  # Qwen1 states w1 + w2: each is 96 wide
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "kv_channels": 16,
-    "rotary_emb_base": 10000,
-    "rotary_pct": 1.0,
-    "layer_norm_epsilon": 1e-6,
-    "seq_length": 16,
-    "max_position_embeddings": 256,
-    "use_dynamic_ntk": True,
-    "use_logn_attn": True,
-    "no_bias": True,
-    "tie_word_embeddings": False,
-}
-
-
-def qwen1_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    d, f = cfg["hidden_size"], cfg["intermediate_size"] // 2
-    p = cfg["num_attention_heads"] * cfg["kv_channels"]
-
-    def r(*shape: int, std: float = 0.2) -> torch.Tensor:
-        return std * torch.randn(*shape, generator=g)
-
-    sd = {
-        "transformer.wte.weight": r(cfg["vocab_size"], d),
-        "transformer.ln_f.weight": 1 + r(d, std=0.1),
-        "lm_head.weight": r(cfg["vocab_size"], d),
-    }
-    for i in range(cfg["num_hidden_layers"]):
-        h = f"transformer.h.{i}."
-        sd |= {
-            h + "ln_1.weight": 1 + r(d, std=0.1),
-            h + "attn.c_attn.weight": r(3 * p, d),
-            h + "attn.c_attn.bias": r(3 * p, std=0.1),
-            h + "attn.c_proj.weight": r(d, p),
-            h + "ln_2.weight": 1 + r(d, std=0.1),
-            h + "mlp.w1.weight": r(f, d),
-            h + "mlp.w2.weight": r(f, d),
-            h + "mlp.c_proj.weight": r(d, f),
-            h + "attn.rotary_emb.inv_freq": torch.ones(8),  # old checkpoints carry it
-        }
-    return sd
-
-
-def write_qwen1_folder(folder, cfg: dict | None = None, seed: int = 0) -> dict:
-    cfg = cfg or QWEN1
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in tiny_ranks().items()]
-    (folder / "qwen.tiktoken").write_text("\n".join(lines) + "\n")
-    (folder / "generation_config.json").write_text(
-        json.dumps({"top_p": 0.8, "top_k": 0, "max_window_size": 6144, "eos_token_id": 151643})
-    )
-    sd = qwen1_state_dict(cfg, seed)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
-    return sd
 
 
 def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -91,24 +35,31 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def qwen1_reference(
-    sd: dict, cfg: dict, ids: list[int], prompt_len: int | None = None
+    sd: dict,
+    cfg: dict,
+    ids: list[int],
+    prompt_len: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """One forward pass written from Qwen1's modeling_qwen.py (no cache), in Qwen1's names.
 
     ``prompt_len``: the tokens after it were generated one at a time with the KV cache, so
     dynamic NTK's factor is the one Qwen1 computed at prefill, from the prompt's length.
+    ``dtype=torch.float64`` gives the exact answer that float32 results are measured against.
     """
+    sd = {k: v.to(dtype) for k, v in sd.items()}
     T, H, D, L = len(ids), cfg["num_attention_heads"], cfg["kv_channels"], cfg["seq_length"]
     alpha = 1.0
     if cfg["use_dynamic_ntk"]:  # QWenModel.get_ntk_alpha, kept in _ntk_alpha_cached_list
         n = prompt_len or T
         alpha = max(2 ** math.ceil(math.log(n / L, 2) + 1) - 1, 1)
     base = cfg["rotary_emb_base"] * alpha ** (D / (D - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2).float() / D))
-    freqs = torch.outer(torch.arange(T).float(), inv_freq)
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=dtype) / D))
+    freqs = torch.outer(torch.arange(T, dtype=dtype), inv_freq)
     emb = torch.cat((freqs, freqs), -1)
     cos, sin = emb.cos(), emb.sin()
-    logn = torch.tensor([math.log(i, L) if i > L else 1 for i in range(1, T + 1)])
+    logn = torch.tensor([math.log(i, L) if i > L else 1 for i in range(1, T + 1)], dtype=dtype)
     eps = cfg["layer_norm_epsilon"]
     x = sd["transformer.wte.weight"][ids]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -149,7 +100,10 @@ def test_qwen1_folder_matches_qwen1_reference(tmp_path, T):
     sd = write_qwen1_folder(tmp_path)
     m = qwenlm.load(tmp_path, quant="none", device="cpu")
     x = torch.randint(0, 269, (T,), generator=torch.Generator().manual_seed(T)).tolist()
-    torch.testing.assert_close(m.logits(x), qwen1_reference(sd, QWEN1, x), rtol=1e-5, atol=1e-5)
+    want, exact = (
+        qwen1_reference(sd, QWEN1, x, dtype=dtype) for dtype in (torch.float32, torch.float64)
+    )
+    assert_float32_close(m.logits(x), want, exact)
 
 
 def test_qwen1_equals_qwen2_form_with_as_many_kv_heads_as_heads(tmp_path):
@@ -187,15 +141,16 @@ def test_qwen1_equals_qwen2_form_with_as_many_kv_heads_as_heads(tmp_path):
     x = torch.randint(0, 269, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(x).logits[0]
-    torch.testing.assert_close(m.logits(x[0]), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(m.logits(x[0]), qwen1_reference(sd, cfg, x[0].tolist()))
+    exact = float64_logits(hf, x)[0]
+    assert_float32_close(m.logits(x[0]), expected, exact)
+    assert_float32_close(m.logits(x[0]), qwen1_reference(sd, cfg, x[0].tolist()), exact)
     # full forward equals prefill plus cached decode
     cache = make_cache(m.model)
     with torch.no_grad():
         steps = [m.model(x[:, :10], cache)] + [
             m.model(x[:, t : t + 1], cache) for t in range(10, 40)
         ]
-    torch.testing.assert_close(torch.cat(steps, 1)[0], expected, rtol=1e-5, atol=1e-5)
+    assert_float32_close(torch.cat(steps, 1)[0], expected, exact)
 
 
 def test_qwen1_loads_quantized_and_generates(tmp_path):
@@ -305,7 +260,7 @@ def test_dynamic_ntk_alpha_and_base_at_2x_4x_8x():
     assert [ntk_alpha(n, L) for n in (2 * L, 4 * L, 8 * L)] == [3, 7, 15]
     assert ntk_alpha(L + 1, L) == 3 and ntk_alpha(2 * L + 1, L) == 7
     # head_dim 128: base * alpha^(128/126)
-    # 3^(1 + 1/63) = 3 * e^(ln 3 / 63) = 3.05277...
+    # 3^(1 + 1/63) = 3 * e^(ln 3 / 63) = 3.05277...; rel=1e-6: the constants have 7 digits
     assert ntk_base(10000.0, 3, 128) == pytest.approx(30527.74, rel=1e-6)
     assert ntk_base(10000.0, 7, 128) == pytest.approx(72195.87, rel=1e-6)
     assert ntk_base(10000.0, 15, 128) == pytest.approx(156588.4, rel=1e-6)
@@ -316,6 +271,7 @@ def test_logn_scale_by_hand():
     pos = torch.tensor([0, L - 1, L, 2 * L - 1, 4 * L - 1, 8 * L - 1])
     # position p (0-based) gets log_L(p + 1) once p + 1 exceeds L: at 2x, 4x, 8x: 1 + log_L(k)
     want = [1.0, 1.0, math.log(L + 1) / math.log(L), 1 + 1 / 11, 1 + 2 / 11, 1 + 3 / 11]
+    # float32 values near 1 (ulp 1.2e-7): 1e-6 allows a few ulps of the log ratio's rounding
     torch.testing.assert_close(logn_scale(pos, L), torch.tensor(want), rtol=1e-6, atol=1e-6)
 
 
@@ -328,6 +284,7 @@ def test_rotary_uses_the_ntk_base_for_the_call_length():
         cos, _ = rope(torch.arange(n)[None])
         base = 10000.0 * alpha ** (16 / 14)
         inv = 1.0 / (base ** (torch.arange(0, 16, 2).float() / 16))
+        # the module evaluates this formula in float32 too: float32's default tolerance
         torch.testing.assert_close(cos[0, -1, :8], ((n - 1) * inv).cos())
     rope.train()  # Qwen1 trains without NTK
     cos, _ = rope(torch.arange(64)[None])
@@ -344,7 +301,7 @@ def test_qwen1_engine_and_chat_api(tmp_path):
     # the batched engine applies the same NTK base and LogN factors as the plain forward
     x = list(range(3, 43))  # 2.5x seq_length
     got = m.engine.forward([(m.new_sequence(), x)], all_logits=True)[0]
-    torch.testing.assert_close(got, m.logits(x), rtol=1e-5, atol=1e-5)
+    assert_float32_close(got, m.logits(x), float64_logits(m.model, torch.tensor([x]))[0])
     # chat() history pairs become Qwen1's make_context prompt
     prompt = m.encode_chat(
         [
@@ -366,23 +323,27 @@ def test_dynamic_ntk_is_fixed_per_sequence_at_prefill(tmp_path, prompt_len):
     m = qwenlm.load(tmp_path, quant="f32", device="cpu")  # row-exact kernels where present
     engine = m.engine
     x = list(range(3, 70))  # decoding runs past 4x seq_length
-    want = qwen1_reference(sd, QWEN1, x, prompt_len=prompt_len)
+    want, exact = (
+        qwen1_reference(sd, QWEN1, x, prompt_len=prompt_len, dtype=dt)
+        for dt in (torch.float32, torch.float64)
+    )
     alone, beside = engine.new_sequence(), engine.new_sequence()
     longer = engine.new_sequence()  # 130 tokens: NTK factor 15 where ours is 1 or 7
     first = engine.prefill(alone, x[:prompt_len])
     assert torch.equal(engine.prefill(beside, x[:prompt_len]), first)
     engine.prefill(longer, list(range(5, 135)))
-    # Against the reference: float32 rounding of differently ordered sums over 64-wide rows
-    # and 70 keys, ~2e-5 at logits of ~5 here; the bug this guards against moved them by ~1.
-    close = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(first, want[prompt_len - 1], **close)
+    # Against the reference in float64: float32 rounding of differently ordered sums (the
+    # reference's own float32 error sets the bound); the bug this guards against moved logits
+    # by ~1.
+    tol = float32_tolerance(want, exact)
+    assert_within(first, exact[prompt_len - 1], tol)
     for i in range(prompt_len, len(x)):
         (a,) = engine.forward([(alone, [x[i]])])
         b, _ = engine.forward([(beside, [x[i]]), (longer, [7])])
         if cpu_kernels() is not None:
             assert torch.equal(a, b)  # row-exact path: the batch-mate changes no bit
-        torch.testing.assert_close(a, b, **close)
-        torch.testing.assert_close(a, want[i], **close)
+        assert_within(a, exact[i], tol)
+        assert_within(b, exact[i], tol)
 
 
 def test_qwen1_trains_with_padding_masks(tmp_path):
@@ -394,11 +355,11 @@ def test_qwen1_trains_with_padding_masks(tmp_path):
     mask = torch.ones(2, 1, 40, 40, dtype=torch.bool).tril()
     h = m.model(x, None, torch.arange(40).expand(2, 40), mask)
     # training mode: plain RoPE (no NTK) and no LogN, even past seq_length
-    sd = {k: v for k, v in qwen1_state_dict(QWEN1).items()}
-    want = qwen1_reference(
-        sd, {**QWEN1, "use_dynamic_ntk": False, "use_logn_attn": False}, x[0].tolist()
+    sd, plain = qwen1_state_dict(QWEN1), {**QWEN1, "use_dynamic_ntk": False, "use_logn_attn": False}
+    want, exact = (
+        qwen1_reference(sd, plain, x[0].tolist(), dtype=dt) for dt in (torch.float32, torch.float64)
     )
-    torch.testing.assert_close(m.lm_head(h[0]), want, rtol=1e-5, atol=1e-5)
+    assert_float32_close(m.lm_head(h[0]), want, exact)
 
 
 def test_rotary_ntk_on_device_equals_the_formula_at_every_length():
@@ -409,6 +370,8 @@ def test_rotary_ntk_on_device_equals_the_formula_at_every_length():
         base = ntk_base(10000.0, ntk_alpha(n, 16), 16)
         inv = 1.0 / (base ** (torch.arange(0, 16, 2).float() / 16))
         cos, _ = rope(torch.arange(n)[None])
+        # The same float32 formula; a base one ulp off (computed on the device) moves the angle
+        # at position 1000 by up to ~2e-6, so that is the most cos may differ.
         torch.testing.assert_close(cos[0, -1, :8], ((n - 1) * inv).cos(), rtol=0, atol=2e-6)
 
 

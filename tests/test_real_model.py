@@ -26,7 +26,8 @@ LONG_PROMPTS = [
         "millions of rows and it breaks on quoted fields that contain commas. Explain both "
         "problems, then rewrite it so that it streams the file, handles quoting correctly "
         "through the csv module, and keeps running statistics with Welford's algorithm.\n\n"
-        "def stats(path):\n    rows = open(path).read().split('\\n')\n    cols = rows[0].split(',')\n",
+        "def stats(path):\n    rows = open(path).read().split('\\n')\n"
+        "    cols = rows[0].split(',')\n",
     ),
     (
         "raw",
@@ -41,9 +42,11 @@ LONG_PROMPTS = [
     (
         "raw",
         "通义千问是阿里云研发的大规模语言模型。它在大量的中文和英文文本以及代码上进行了预训练，"
-        "然后通过监督微调和人类反馈强化学习进行对齐。下面的代码展示了如何用 Python 计算斐波那契数列，"
+        "然后通过监督微调和人类反馈强化学习进行对齐。"
+        "下面的代码展示了如何用 Python 计算斐波那契数列，"
         "并用记忆化避免重复计算：\n\nfrom functools import lru_cache\n\n@lru_cache(maxsize=None)\n"
-        "def fib(n: int) -> int:\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n\n"
+        "def fib(n: int) -> int:\n    if n < 2:\n        return n\n"
+        "    return fib(n - 1) + fib(n - 2)\n\n"
         "print([fib(i) for i in range(20)])\n# 输出结果是",
     ),
 ]
@@ -67,6 +70,9 @@ def test_logits_match_transformers(real_model, hf_model, prompts):
         ours = real_model.logits(ids)
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0].float()
+        # float32 through 24 layers and a 151,936-row head, summed in other orders than
+        # transformers: rounding, not a fixed atol; a wrong layer is off by O(1), and the
+        # argmax check below is the sharper one
         rel = ((ours - ref).abs().max() / ref.abs().max()).item()
         assert rel < 1e-3, rel
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))

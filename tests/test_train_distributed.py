@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import random_state_dict, tiny_config, write_hf_tokenizer
+from helpers import write_tiny_hf_folder
 from safetensors.torch import load_file
 
 from qwenlm.train import train
@@ -24,13 +24,7 @@ STEPS = 8
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     model = tmp / "model"
-    model.mkdir()
-    cfg = tiny_config()
-    (model / "config.json").write_text(json.dumps(cfg.to_hf()))
-    from safetensors.torch import save_file
-
-    save_file(random_state_dict(cfg), str(model / "model.safetensors"))
-    write_hf_tokenizer(model)
+    write_tiny_hf_folder(model)
     rows = [
         {
             "conversations": [
@@ -119,6 +113,9 @@ def test_two_processes_match_one_process(setup, single, method, strategy, resume
     want_train, want_eval = trajectory(single[method])
     got_train, got_eval = trajectory(setup / out)
     assert sorted(got_train) == list(range(1, STEPS + 1))
+    # Two ranks reduce gradients in another order: float32 noise (~1e-7 relative) that a few
+    # Adam steps amplify but keep far below what a lost shard or a skipped step would change
+    # (the loss's third digit); rel=1e-5 sits between the two.
     assert got_train == pytest.approx(want_train, rel=1e-5)
     assert got_eval == pytest.approx(want_eval, rel=1e-5) and len(got_eval) >= 3
     assert want_train[STEPS] < 0.8 * want_train[1]  # and it did learn
@@ -126,4 +123,6 @@ def test_two_processes_match_one_process(setup, single, method, strategy, resume
     a, b = load_file(str(single[method] / weights)), load_file(str(setup / out / weights))
     assert a.keys() == b.keys()
     for k in a:
+        # the same noise per weight; Adam divides by sqrt(v), so tiny gradients can differ
+        # relatively more: rtol 1e-4, with atol 1e-5 for weights near zero
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -1,1 +1,1 @@
-"""Agents: ReAct and native function calling over a registry of tools, and a sandboxed code interpreter."""
+"""Agents: ReAct and native function calling over a tool registry; a sandboxed code interpreter."""

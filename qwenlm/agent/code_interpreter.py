@@ -1,47 +1,46 @@
 """A code interpreter for agents: model-written Python run in the sandbox, with state kept
 across calls like a notebook kernel.
 
-The kernel is one long-lived sandboxed process (:mod:`qwenlm.sandbox`: no network, read-only
-file system outside its folder, CPU/memory/process limits). Each cell returns its stdout,
-stderr, the value of its last expression, the error if it raised, and the matplotlib figures it
-left open, saved as PNG. A cell past its time limit kills the kernel; the next call starts a
-fresh one and says that the earlier state is gone.
+The kernel is one long-lived sandboxed process (:mod:`qwenlm.sandbox`: no network, nothing of
+the host visible but the Python runtime, a size-capped working folder, CPU/memory/process
+limits). Each cell returns its stdout, stderr, the value of its last expression, the error if
+it raised, and the matplotlib figures it left open, as PNG. A cell past its time limit kills
+the kernel; the next call starts a fresh one and says that the earlier state is gone.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from qwenlm.agent.tools import Tool, ToolResult
 from qwenlm.sandbox import Limits, Sandbox, SandboxError, kill_group
 
 # The kernel, run as main.py in the sandbox. Requests are JSON lines on stdin; each answer is
 # one JSON line on a private copy of stdout, so what user code writes to fd 1 cannot forge one.
+# Figures travel inside the answer (base64 PNG): the parent never reads the sandbox's files.
 KERNEL = r"""
-import ast, contextlib, io, json, os, sys, traceback
+import ast, base64, contextlib, io, json, os, sys, traceback
 proto = os.fdopen(os.dup(1), "w", encoding="utf-8")
 os.dup2(2, 1)  # raw writes to fd 1 (subprocesses, C code) land in stderr, away from the protocol
 namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-images_dir = os.path.join(os.getcwd(), "images")
-os.makedirs(images_dir, exist_ok=True)
 count = 0
 
 def save_figures():
     global count
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is None:
-        return []
-    saved = []
+        return {}
+    saved = {}
     for num in plt.get_fignums():
         count += 1
-        name = f"figure-{count}.png"
-        plt.figure(num).savefig(os.path.join(images_dir, name), format="png")
-        saved.append(name)
+        png = io.BytesIO()
+        plt.figure(num).savefig(png, format="png")
+        saved[f"figure-{count}.png"] = base64.b64encode(png.getvalue()).decode()
     plt.close("all")
     return saved
 
@@ -68,7 +67,7 @@ def run(code, cap):
     try:
         images = save_figures()
     except Exception as e:
-        images, error = [], (error or "") + f"\n(saving figures failed: {e})"
+        images, error = {}, (error or "") + f"\n(saving figures failed: {e})"
     cut = lambda s: s if len(s) <= cap else s[:cap] + f"\n... ({len(s) - cap} more characters cut)"
     return {"stdout": cut(out.getvalue()), "stderr": cut(err.getvalue()),
             "value": cut(value) if value is not None else None, "error": error, "images": images}
@@ -80,8 +79,14 @@ for line in sys.stdin:
 """
 
 INTERPRETER_LIMITS = Limits(
-    cpu_seconds=120, wall_seconds=30.0, memory_bytes=4 << 30, processes=64, file_bytes=256 << 20
+    cpu_seconds=120,
+    wall_seconds=30.0,
+    memory_bytes=4 << 30,
+    processes=64,
+    file_bytes=256 << 20,
+    disk_bytes=512 << 20,
 )
+ANSWER_BYTES = 64 << 20  # one cell's answer (text and figures); a longer line resets the kernel
 
 
 @dataclass
@@ -125,16 +130,12 @@ class CodeInterpreter:
         self.sandbox = sandbox or Sandbox(self.limits)
         self.output_cap = output_cap
         self._proc = None
-        self._workdir_cm: contextlib.AbstractContextManager[str] | None = None
-        self._work: str | None = None
         self._stderr: list[bytes] = []
         self._lock = threading.Lock()
         self._starts = 0
 
     def _start(self) -> None:
-        self._workdir_cm = self.sandbox.workdir()
-        self._work = self._workdir_cm.__enter__()
-        self._proc = self.sandbox.start(KERNEL, self._work, limits=self.limits)
+        self._proc = self.sandbox.start(KERNEL, limits=self.limits)
         self._stderr = []
 
         def drain(stream, sink: list[bytes]) -> None:
@@ -155,9 +156,6 @@ class CodeInterpreter:
                 with contextlib.suppress(Exception):
                     s.close()
             self._proc = None
-        if self._workdir_cm is not None:
-            self._workdir_cm.__exit__(None, None, None)
-            self._workdir_cm, self._work = None, None
 
     def close(self) -> None:
         with self._lock:
@@ -182,11 +180,11 @@ class CodeInterpreter:
             # The first start of a session is no news to the model; a later one loses state.
             restarted = new_kernel and self._starts > 1
             timeout = timeout or self.limits.wall_seconds
-            answer: list[str] = []
+            answer: list[bytes] = []
 
             def read() -> None:
                 with contextlib.suppress(Exception):
-                    answer.append(self._proc.stdout.readline().decode("utf-8", errors="replace"))
+                    answer.append(self._proc.stdout.readline(ANSWER_BYTES))
 
             try:
                 self._proc.stdin.write(
@@ -213,23 +211,25 @@ class CodeInterpreter:
                     error=f"{why}; the interpreter was reset and its variables are gone",
                     restarted=restarted,
                 )
+            if not answer[0].endswith(b"\n"):
+                self._stop()
+                return CellResult(
+                    error=f"the cell's answer passed {ANSWER_BYTES >> 20} MB; the interpreter was "
+                    "reset and its variables are gone",
+                    restarted=restarted,
+                )
             try:
                 data = json.loads(answer[0])
-            except json.JSONDecodeError:
+                images = {
+                    str(name): base64.b64decode(png, validate=True)
+                    for name, png in dict(data.get("images") or {}).items()
+                }
+            except (binascii.Error, TypeError, ValueError):  # JSONDecodeError is a ValueError
                 self._stop()
                 return CellResult(
                     error="the interpreter sent an unreadable answer and was reset",
                     restarted=restarted,
                 )
-            images = {}
-            for name in data.get("images", []):
-                path = Path(self._work, "images", name)
-                if (
-                    path.is_file()
-                    and not path.is_symlink()
-                    and path.parent == Path(self._work, "images")
-                ):
-                    images[name] = path.read_bytes()
             return CellResult(
                 stdout=str(data.get("stdout") or ""),
                 stderr=str(data.get("stderr") or ""),
@@ -259,9 +259,3 @@ class CodeInterpreter:
             code_interpreter,
             name_for_human="Code Interpreter",
         )
-
-
-def code_interpreter_tool(**kwargs: Any) -> tuple[Tool, CodeInterpreter]:
-    """A fresh interpreter and its tool; close the interpreter when done."""
-    interpreter = CodeInterpreter(**kwargs)
-    return interpreter.as_tool(), interpreter

@@ -24,7 +24,8 @@ TOOL_DESC = (
     "for? {description} Parameters: {parameters} Format the arguments as a JSON object."
 )
 
-REACT_PROMPT = """Answer the following questions as best you can. You have access to the following tools:
+REACT_PROMPT = """\
+Answer the following questions as best you can. You have access to the following tools:
 
 {tool_descs}
 

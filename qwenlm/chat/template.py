@@ -6,20 +6,37 @@ every special-token spelling inside the conversation's strings (messages, tool d
 arguments) is swapped for a random per-render marker; after rendering, only the special-token
 spellings that remain (the template's own) become control ids, and the markers turn back into
 plain text. A user who types ``<|im_start|>`` gets those characters, not the token.
+
+A template comes inside the model file, so it is untrusted code: Jinja's sandbox keeps it away
+from Python's internals, and :class:`BoundedEnvironment` bounds each render in time and size
+(loops, calls and operators spend from a budget), so a template that loops for ever or asks for
+10 GB fails with a :class:`ChatTemplateError` within :data:`RENDER_SECONDS`. A new
+:class:`ChatTemplate` renders a representative conversation once, so such a template is refused
+when the model loads rather than on the first request.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+import threading
+import time
+import types
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
+from jinja2.visitor import NodeTransformer
 
+from qwenlm.chat.content import NonTextPart, join_text_parts
 from qwenlm.errors import ChatTemplateError
 from qwenlm.tokenizer import Tokenizer
 
@@ -42,6 +59,8 @@ def _tojson(
     value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False
 ) -> str:
     # Hugging Face's override of Jinja's tojson: no HTML escaping, non-ASCII kept.
+    if isinstance(indent, int) and indent > 16:  # a wide indent on every line multiplies size
+        raise TemplateLimitError(f"tojson indent {indent} is more than 16")
     return json.dumps(
         value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
     )
@@ -53,6 +72,321 @@ def _raise_exception(message: str) -> None:
 
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
+
+
+# Bounds on one render. A template may write MIN_OUTPUT_CHARS plus OUTPUT_PER_INPUT_CHAR per
+# character of the conversation; no value it builds may be larger, and all it builds together
+# (strings, list items, loop steps) may be WORK_PER_OUTPUT_CHAR times that.
+RENDER_SECONDS = 2.0
+MIN_OUTPUT_CHARS = 1 << 22
+OUTPUT_PER_INPUT_CHAR = 8
+WORK_PER_OUTPUT_CHAR = 16
+INT_BITS = 4096  # integers a template computes (10 ** 1000 and 2 ** 4096 are far beyond need)
+# str methods a template may call: none makes a string longer than its inputs, except those
+# with a size check in BoundedEnvironment.call.
+# fmt: off
+_STR_METHODS = frozenset({
+    "capitalize", "casefold", "count", "encode", "endswith", "find", "index", "isalnum",
+    "isalpha", "isascii", "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric",
+    "isprintable", "isspace", "istitle", "isupper", "lower", "lstrip", "partition",
+    "removeprefix", "removesuffix", "rfind", "rindex", "rpartition", "rsplit", "rstrip",
+    "split", "splitlines", "startswith", "strip", "swapcase", "title", "upper",
+    "center", "ljust", "rjust", "zfill", "expandtabs", "replace", "join",
+})
+# fmt: on
+
+
+class TemplateLimitError(SecurityError):
+    """A render went past its time or size budget (see :class:`BoundedEnvironment`)."""
+
+
+@dataclass
+class _Budget:
+    deadline: float
+    size: int  # the largest value, and the whole output, in characters or items
+    work: int  # characters and items still allowed to be built
+
+
+def _weight(value: Any, limit: int) -> int:
+    """Characters and items in ``value`` (about what printing it costs), counted to ``limit``.
+
+    A list that holds one string n times weighs n times the string: printed, it is that long.
+    """
+    total, stack = 0, [value]
+    while stack and total <= limit:
+        x = stack.pop()
+        if isinstance(x, (str, bytes, range)):
+            total += len(x)
+        elif isinstance(x, int):
+            total += 1 + x.bit_length() // 3
+        elif isinstance(x, (list, tuple)) and set(map(type, x)) == {str}:
+            total += len(x) + sum(map(len, x))  # the common case, at C speed
+        elif isinstance(x, (list, tuple, set, frozenset, dict)):
+            total += len(x)
+            stack.extend(x.items() if isinstance(x, dict) else x)
+        else:
+            total += 1
+    return total
+
+
+class _BoundedFormatter(SandboxedFormatter):
+    # str.format in a template: each field is checked once its spec is resolved, and the
+    # fields together must fit the budget.
+    def __init__(self, env: BoundedEnvironment) -> None:
+        super().__init__(env)
+        self._bounded = env
+        self._used = 0
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        widths = re.findall(r"\d+", format_spec)
+        if any(len(w) > 9 for w in widths):
+            raise TemplateLimitError("a format width of more than nine digits")
+        self._used += max([self._bounded.weight(value), *map(int, widths)])
+        self._bounded.check_size(self._used)
+        return super().format_field(value, format_spec)
+
+
+class _BoundLoops(NodeTransformer):
+    """Routes every loop, ``~`` concatenation and ``{{ }}`` through the environment's bounds."""
+
+    @staticmethod
+    def _call(name: str, *args: nodes.Expr) -> nodes.Call:
+        return nodes.Call(nodes.EnvironmentAttribute(name), list(args), [], None, None)
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        node = self.generic_visit(node)
+        node.iter = self._call("bounded_iter", node.iter)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+        return self._call("bounded_concat", *self.generic_visit(node).nodes)
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Output:
+        node = self.generic_visit(node)
+        node.nodes = [
+            n if isinstance(n, nodes.TemplateData) else self._call("bounded_value", n)
+            for n in node.nodes
+        ]
+        return node
+
+
+class BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """Hugging Face's chat-template environment (an immutable Jinja sandbox, ``tojson``,
+    ``raise_exception``, ``strftime_now``) with every render bounded in time and size.
+
+    Loop steps, calls, filters and the ``+ * % **`` and ``~`` operators each check the render's
+    deadline and spend from its budget; sizes that would explode (``'a' * 10**10``, a
+    ``center`` or ``replace`` that multiplies) are refused before anything is built. Render
+    only inside :meth:`budget`; code that runs outside one (Jinja folding constants at compile
+    time) is refused and so deferred to the render.
+    """
+
+    intercepted_binops = frozenset({"+", "*", "%", "**"})
+
+    def __init__(self) -> None:
+        super().__init__(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        self._local = threading.local()
+        self.filters["tojson"] = _tojson
+        self.filters = {name: self._bounded_filter(name, f) for name, f in self.filters.items()}
+        self.globals.pop("lipsum", None)  # a text generator no chat template needs
+        self.globals["raise_exception"] = _raise_exception
+        self.globals["strftime_now"] = _strftime_now
+
+    def compile_template(self, source: str) -> jinja2.Template:
+        """Parse ``source`` and compile it with every loop and output bounded."""
+        return self.from_string(_BoundLoops().visit(self.parse(source)))
+
+    def render_bounded(
+        self, template: jinja2.Template, context: Mapping[str, Any], input_chars: int
+    ) -> str:
+        """Render under a fresh budget sized for a conversation of ``input_chars``."""
+        size = MIN_OUTPUT_CHARS + OUTPUT_PER_INPUT_CHAR * input_chars
+        self._local.budget = _Budget(
+            time.monotonic() + RENDER_SECONDS, size, WORK_PER_OUTPUT_CHAR * size
+        )
+        try:
+            out, n = [], 0
+            for chunk in template.generate(**context):
+                n += len(chunk)
+                if n > size:
+                    raise TemplateLimitError(f"the output passed {size:,} characters")
+                out.append(chunk)
+            return "".join(out)
+        finally:
+            self._local.budget = None
+
+    def _tick(self) -> _Budget:
+        b = getattr(self._local, "budget", None)
+        if b is None:
+            raise TemplateLimitError("template code ran outside a bounded render")
+        if time.monotonic() > b.deadline:
+            raise TemplateLimitError(f"the render ran past {RENDER_SECONDS:g} s")
+        return b
+
+    def weight(self, value: Any) -> int:
+        """:func:`_weight` of ``value``, counted no further than this render's size limit."""
+        return _weight(value, self._tick().size)
+
+    def check_size(self, size: int) -> None:
+        """Refuse to build a value of ``size`` characters or items beyond the budget."""
+        b = self._tick()
+        if size > b.size:
+            raise TemplateLimitError(
+                f"the template would build a value of {size:,} characters or items "
+                f"(at most {b.size:,})"
+            )
+
+    def _spend(self, value: Any) -> Any:
+        b = self._tick()
+        weight = _weight(value, b.size)
+        self.check_size(weight)
+        b.work -= weight
+        if b.work < 0:
+            raise TemplateLimitError("the template built too much in one render")
+        return value
+
+    def check_format(self, fmt: Any, args: Any) -> None:
+        """Refuse a %- or {}-format whose widths, with its arguments, exceed the budget."""
+        if not isinstance(fmt, str):
+            return
+        args = args if isinstance(args, (tuple, list)) else (args,)
+        widths = re.findall(r"\d+", fmt)
+        if any(len(w) > 9 for w in widths):
+            raise TemplateLimitError("a format width of more than nine digits")
+        ints = [abs(a) for a in args if isinstance(a, int) and not isinstance(a, bool)]
+        self.check_size(len(fmt) + sum(map(int, widths)) + sum(ints) + self.weight(list(args)))
+
+    def bounded_iter(self, iterable: Iterable[Any]) -> Iterator[Any]:
+        """A loop's items, one budget step each."""
+        b = self._tick()
+        for item in iterable:
+            if b.work <= 0 or time.monotonic() > b.deadline:
+                self._tick()
+                raise TemplateLimitError("the template's loops ran too long")
+            b.work -= 1
+            yield item
+
+    def bounded_concat(self, *parts: Any) -> str:
+        """The ``~`` operator, refused before it builds a string that is too long."""
+        self.check_size(self.weight(list(parts)))
+        strings = [str(p) for p in parts]
+        return self._spend("".join(strings))
+
+    def bounded_value(self, value: Any) -> Any:
+        """What a ``{{ }}`` writes: each value is counted, so doubling a block set stops."""
+        return self._spend(value)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "*" and ints:
+            if left.bit_length() + right.bit_length() > INT_BITS:
+                raise TemplateLimitError("an integer product too large for a template")
+        elif operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(n, int):
+                self.check_size(self.weight(seq) * max(n, 0))
+        elif operator == "**" and ints:
+            if right > 0 and right * max(abs(left).bit_length() - 1, 0) > INT_BITS:
+                raise TemplateLimitError("a power too large for a template")
+        elif operator == "+" and not ints:
+            self.check_size(self.weight(left) + self.weight(right))
+        elif operator == "%":
+            self.check_format(left, right)
+        return self._spend(super().call_binop(context, operator, left, right))
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self._tick()
+        if isinstance(getattr(obj, "__self__", None), str):
+            self._check_str_method(obj.__self__, obj.__name__, args)
+        return self._spend(super().call(context, obj, *args, **kwargs))
+
+    def _check_str_method(self, s: str, name: str, args: tuple[Any, ...]) -> None:
+        if name not in _STR_METHODS:
+            raise TemplateLimitError(f"str.{name} is not available to chat templates")
+        if name in ("center", "ljust", "rjust", "zfill") and args:
+            self.check_size(max(len(s), int(args[0])))
+        elif name == "expandtabs":
+            self.check_size(len(s) * max(int(args[0]) if args else 8, 1))
+        elif name == "replace" and len(args) >= 2:
+            self.check_size(_replaced_size(s, args[0], args[1]))
+        elif name == "join" and args and isinstance(args[0], (list, tuple)):
+            self.check_size(self.weight(args[0]) + len(s) * len(args[0]))
+        elif name == "join":
+            raise TemplateLimitError("str.join in a chat template needs a list")
+
+    def wrap_str_format(self, value: Any) -> Any:
+        # As Jinja's, with each field's width checked (autoescape is off: Markup is a str here).
+        if not isinstance(
+            value, (types.MethodType, types.BuiltinMethodType)
+        ) or value.__name__ not in ("format", "format_map"):
+            return None
+        s = value.__self__
+        if not isinstance(s, str):
+            return None
+
+        @functools.wraps(value)
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if value.__name__ == "format_map":
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one mapping argument")
+                args, kwargs = (), args[0]
+            return _BoundedFormatter(self).vformat(str(s), args, kwargs)
+
+        return wrapper
+
+    def _bounded_filter(self, name: str, func: Any) -> Any:
+        @functools.wraps(func)
+        def bounded(*args: Any, **kwargs: Any) -> Any:
+            self._tick()
+            values = [
+                a
+                for a in args
+                if not isinstance(a, (jinja2.Environment, nodes.EvalContext, Context))
+            ]
+            if name == "join" and values and not isinstance(values[0], (list, tuple)):
+                values[0] = list(values[0])
+                args = (*args[: len(args) - len(values)], *values)
+            self._check_filter(name, values, kwargs)
+            return self._spend(func(*args, **kwargs))
+
+        return bounded
+
+    def _check_filter(self, name: str, values: list[Any], kwargs: dict[str, Any]) -> None:
+        # The filters whose output can outgrow their input, checked before they build it.
+        if not values:
+            return
+        s, rest = values[0], values[1:]
+
+        def arg(i: int, key: str, default: Any) -> Any:
+            return rest[i] if len(rest) > i else kwargs.get(key, default)
+
+        if name == "center":
+            self.check_size(max(len(str(s)), int(arg(0, "width", 80))))
+        elif name == "indent":
+            width = arg(0, "width", 4)
+            pad = len(width) if isinstance(width, str) else int(width)
+            self.check_size(len(str(s)) + pad * (str(s).count("\n") + 1))
+        elif name == "wordwrap":
+            width, wrap = int(arg(0, "width", 79)), arg(2, "wrapstring", None) or "\n"
+            self.check_size(len(str(s)) + len(str(wrap)) * (len(str(s)) // max(width, 1) + 1))
+        elif name == "replace" and len(rest) >= 2:
+            self.check_size(_replaced_size(str(s), str(rest[0]), str(rest[1])))
+        elif name == "join":
+            self.check_size(self.weight(s) + len(str(arg(0, "d", ""))) * len(s))
+        elif name == "format":
+            self.check_format(s, tuple(rest) or tuple(kwargs.values()))
+        elif name == "sum":
+            self.check_size(self.weight(s) + self.weight(arg(1, "start", 0)))
+        elif name in ("batch", "slice"):  # both pad to a count they are given
+            self.check_size(int(arg(0, "linecount" if name == "batch" else "slices", 0)))
+
+
+def _replaced_size(s: str, old: Any, new: Any) -> int:
+    if not isinstance(old, str) or not isinstance(new, str):
+        return len(s)
+    return len(s) + s.count(old) * max(len(new) - len(old), 0)
 
 
 def normalize_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
@@ -73,16 +407,12 @@ def normalize_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
         m = dict(m)
         content = m.get("content")
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if (
-                    not isinstance(part, Mapping)
-                    or part.get("type") != "text"
-                    or not isinstance(part.get("text"), str)
-                ):
-                    raise ChatTemplateError(f"messages[{i}].content: only text parts are supported")
-                texts.append(part["text"])
-            content = "".join(texts)
+            try:
+                content = join_text_parts(content)
+            except NonTextPart:
+                raise ChatTemplateError(
+                    f"messages[{i}].content: only text parts are supported"
+                ) from None
         if content is None and role == "assistant" and m.get("tool_calls"):
             content = ""
         if not isinstance(content, str):
@@ -94,25 +424,70 @@ def normalize_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return out
 
 
+class ChatTemplateLimitError(ChatTemplateError):
+    """A chat template went past its render budget: it loops too long or builds too much."""
+
+
+# Rendered once when a template is loaded, so a template that explodes on ordinary input is
+# refused then: every role, a tool definition, a tool call and its result.
+_PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+_PROBE_CALL = {
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+}
+_PROBE_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]},
+    {"role": "tool", "name": "get_weather", "content": '{"temperature": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees in Paris."},
+    {"role": "user", "content": "Thanks!"},
+]
+
+
 class ChatTemplate:
-    """A model's chat template bound to its tokenizer."""
+    """A model's chat template bound to its tokenizer.
+
+    Raises :class:`ChatTemplateError` when the template does not parse, and
+    :class:`ChatTemplateLimitError` when rendering a representative conversation goes past the
+    render budget (a template that would hang or exhaust memory on every request).
+    """
 
     def __init__(self, source: str | None, tokenizer: Tokenizer) -> None:
         self.source = source or CHATML_TEMPLATE
         self.tokenizer = tokenizer
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
+        self._env = BoundedEnvironment()
         try:
-            self._template = env.from_string(self.source)
+            self._template = self._env.compile_template(self.source)
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the model's chat template does not parse: {e}") from None
         specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
         self._specials = specials
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        for tools in (_PROBE_TOOLS, None):
+            try:
+                self._render_marked(_PROBE_MESSAGES, tools, True, {})
+            except ChatTemplateLimitError as e:
+                raise ChatTemplateLimitError(
+                    f"the chat template fails a test render: {e.message}",
+                    hint="the template loops without end or builds huge text; use a trusted "
+                    "template instead of the one in the model file",
+                ) from None
+            except ChatTemplateError:
+                pass  # templates may refuse some conversations (raise_exception); that is theirs
 
     def _render_marked(
         self,
@@ -148,8 +523,11 @@ class ChatTemplate:
             "eos_token": "",
             **protect(kwargs),
         }
+        size = _weight([context["messages"], context["tools"], kwargs], 1 << 62)
         try:
-            text = self._template.render(**context)
+            text = self._env.render_bounded(self._template, context, size)
+        except TemplateLimitError as e:
+            raise ChatTemplateLimitError(f"chat template stopped: {e}") from None
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template: {e}") from None
         except Exception as e:  # a template can fail in many ways on odd input

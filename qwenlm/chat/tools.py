@@ -96,11 +96,6 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     return (content.strip() if calls else content), calls
 
 
-def has_tool_call_start(text: str) -> bool:
-    """Whether a streamed reply has begun a tool call (a surface may stop showing text then)."""
-    return TOOL_CALL_OPEN in text
-
-
 def function_schema(name: str, description: str, parameters: Mapping[str, Any]) -> dict[str, Any]:
     """A tool definition in the OpenAI / Qwen2.5 template form."""
     return {

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"qwenlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from qwenlm.errors import QwenlmError
+    from qwenlm.errors import QwenlmError, debug_tracebacks
 
     try:
         module, _, function = COMMANDS[name][0].partition(":")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:
-        if os.environ.get("QWENLM_DEBUG"):
+        if debug_tracebacks():
             raise
         print(f"error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
         print(

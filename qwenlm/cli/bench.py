@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from qwenlm import registry
+from qwenlm.cli.common import add_group_size_arg
 from qwenlm.errors import QwenlmError
 from qwenlm.quant import MODES as QUANT_MODES
 
@@ -22,7 +23,8 @@ def add_ppl_option(p: argparse.ArgumentParser) -> None:
         const=20480,
         default=0,
         metavar="TOKENS",
-        help="also measure perplexity on TOKENS tokens of data/text/kjv-genesis.txt (default 20480)",
+        help="also measure perplexity on TOKENS tokens of data/text/kjv-genesis.txt "
+        "(default 20480)",
     )
 
 
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm bench",
         description="Measure decode and prefill speed, time to first token, peak memory and (with "
-        "--ppl) perplexity for each weight format, each in a fresh process. Medians of --runs runs.",
+        "--ppl) perplexity for each weight format, each in a fresh process. Medians of --runs "
+        "runs.",
     )
     p.add_argument(
         "model",
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", *QUANT_MODES],
         help="weight formats to measure (default: int8 int4)",
     )
-    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128])
+    add_group_size_arg(p)
     p.add_argument(
         "--decode-tokens", type=int, default=128, help="tokens decoded per run (default 128)"
     )
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     info = machine_info()
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch "
+        f"{info['torch']}, "
         f"load average {', '.join(f'{x:.2f}' for x in info['load_average'])}"
     )
     print(markdown(results))
@@ -228,8 +232,8 @@ def profile_main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print(
         f"machine: {info['cpu']} ({isa_text(info['isa'])}), {info['cores']} cores, "
-        f"{args.threads or info['threads']} threads, torch {info['torch']}, KV cache {args.kv_cache}, "
-        f"{args.tokens} decode steps per cell, load average "
+        f"{args.threads or info['threads']} threads, torch {info['torch']}, "
+        f"KV cache {args.kv_cache}, {args.tokens} decode steps per cell, load average "
         f"{', '.join(f'{x:.2f}' for x in info['load_average'])}"
     )
     print(profile_table(cells, args.quant, contexts))

@@ -9,7 +9,13 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from qwenlm.cli.common import add_model_args, add_sampling_args, load_model, sampling_options
+from qwenlm.cli.common import (
+    add_model_args,
+    add_parallel_args,
+    add_sampling_args,
+    load_model,
+    sampling_options,
+)
 
 HELP = '''commands:
   /reset          start a new conversation (the system prompt stays)
@@ -26,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qwenlm chat", description="Chat with a Qwen model in the terminal."
     )
     add_model_args(p, positional=True)
+    add_parallel_args(p)
     p.add_argument("--system", help="system prompt (default: the model template's own)")
     p.add_argument(
         "--verbose", "-v", action="store_true", help="print token counts and speed after each reply"
@@ -34,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tools",
         metavar="LIST",
-        help="let the model call tools: 'code' (a sandboxed Python interpreter), 'calculator', or both comma-separated",
+        help="let the model call tools: 'code' (a sandboxed Python interpreter), 'calculator', or "
+        "both comma-separated",
     )
     return p
 
@@ -150,9 +158,8 @@ def run(
                 session.system = value
                 write("(system prompt set)\n")
             else:
-                write(
-                    f"system prompt: {session.system if session.system is not None else '(the template default)'}\n"
-                )
+                shown = session.system if session.system is not None else "(the template default)"
+                write(f"system prompt: {shown}\n")
             continue
         if command.startswith("/") and " " not in command:
             write(f"unknown command {command}; /help lists them\n")

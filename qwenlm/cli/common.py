@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 import time
 from typing import Any
@@ -11,16 +13,17 @@ from qwenlm import registry
 
 
 def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
-    what = f"registry name, .gguf file or Hugging Face model folder (default: {registry.DEFAULT_MODEL})"
+    what = (
+        "registry name, .gguf file or Hugging Face model folder "
+        f"(default: {registry.DEFAULT_MODEL})"
+    )
     if positional:
         p.add_argument(
             "model", nargs="?", default=registry.DEFAULT_MODEL, metavar="MODEL", help=what
         )
     else:
         p.add_argument("-m", "--model", default=registry.DEFAULT_MODEL, help=what)
-    p.add_argument(
-        "--pull", action="store_true", help="pull a registry model first if it is not cached"
-    )
+    add_pull_arg(p)
     p.add_argument(
         "--cache-dir",
         help="model cache folder (default: $QWENLM_CACHE, $XDG_CACHE_HOME/qwenlm, ~/.cache/qwenlm)",
@@ -35,17 +38,12 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
     p.add_argument(
         "--quant",
         default="auto",
-        choices=["auto", "none", "f32", "int8", "int4"],
-        help="weight format: int8/int4/f32 run on native CPU kernels; none is plain PyTorch in "
+        choices=["auto", "none", "f32", "int8", "int4", "gguf"],
+        help="weight format: int8/int4/f32 run on native CPU kernels (on CUDA: dequantized per "
+        "forward pass), gguf runs a GGUF file's own formats as stored; none is plain PyTorch in "
         "--dtype (auto: int8 on CPU, none elsewhere)",
     )
-    p.add_argument(
-        "--group-size",
-        type=int,
-        default=32,
-        choices=[32, 64, 128],
-        help="int4 group size (default 32)",
-    )
+    add_group_size_arg(p)
     p.add_argument(
         "--kv-cache",
         default="float",
@@ -56,6 +54,33 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
         "--adapter",
         metavar="PATH",
         help="LoRA adapter folder (from qwenlm train, or PEFT) to apply to the model",
+    )
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N processes: start with torchrun --nproc-per-node N -m "
+        "qwenlm ... (gloo on CPU, NCCL on CUDA; rank 0 does the I/O; default 1)",
+    )
+
+
+def add_pull_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pull", action="store_true", help="pull a registry model first if it is not cached"
+    )
+
+
+def add_group_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=32,
+        choices=[32, 64, 128],
+        help="int4 group size (default 32)",
     )
 
 
@@ -92,9 +117,23 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def load_model(args: argparse.Namespace, *, quiet: bool = False) -> Any:
+def load_model(
+    args: argparse.Namespace, *, quiet: bool = False, data_parallel: bool = False
+) -> Any:
+    """Load the model the options name. Under torchrun with ``--tensor-parallel N``, ranks
+    other than 0 never return: they run rank 0's forward passes, then exit. Without it, more
+    than one process is an error unless the command shards work over them (``data_parallel``)."""
     from qwenlm.api import load
+    from qwenlm.parallel import DistributedError
 
+    tp = getattr(args, "tensor_parallel", 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and tp == 1 and not data_parallel:
+        raise DistributedError(
+            f"this command runs in one process, but torchrun started {world}",
+            hint=f"add --tensor-parallel {world} to split the model over them",
+        )
+    quiet = quiet or int(os.environ.get("RANK", "0")) > 0
     t0 = time.perf_counter()
     if not quiet:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
@@ -108,10 +147,17 @@ def load_model(args: argparse.Namespace, *, quiet: bool = False) -> Any:
         quant=args.quant,
         group_size=args.group_size,
         kv_cache=args.kv_cache,
+        tensor_parallel=tp,
     )
+    if model.rank:
+        model.follow()
+        raise SystemExit(0)
+    if tp > 1:
+        atexit.register(model.close)  # however rank 0 ends, the other ranks are let go
     if not quiet:
         print(
-            f"loaded in {time.perf_counter() - t0:.1f}s ({model.device}, {model.weight_format})",
+            f"loaded in {time.perf_counter() - t0:.1f}s ({model.device}, {model.weight_format}"
+            + (f", split over {tp} ranks)" if tp > 1 else ")"),
             file=sys.stderr,
             flush=True,
         )

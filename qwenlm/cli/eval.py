@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
-from qwenlm.cli.common import add_model_args, load_model
+from qwenlm.cli.common import add_model_args, add_parallel_args, load_model
 from qwenlm.eval.tasks import TASKS
 
 
@@ -16,9 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm eval",
         description="Evaluate a model on a benchmark. Records are saved as they are made; "
-        "running the same command again resumes an interrupted run.",
+        "running the same command again resumes an interrupted run. Under torchrun "
+        "--nproc-per-node N the samples are shared out over N processes (each loads the "
+        "model), unless --tensor-parallel N splits the model over them instead.",
     )
     add_model_args(p, positional=True)
+    add_parallel_args(p)
     p.add_argument("--task", "-t", required=True, choices=list(TASKS), help="benchmark to run")
     p.add_argument(
         "--data",
@@ -60,7 +64,7 @@ def default_output(model: str, task: str, mode: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qwenlm.eval.run import run_eval
+    from qwenlm.eval.run import EvalError, run_eval
     from qwenlm.eval.tasks import make_task
 
     args = build_parser().parse_args(argv)
@@ -74,7 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     task.load()  # report a bad data file before loading the model
-    model = load_model(args)
+    dist = None
+    if args.tensor_parallel > 1:
+        if args.task == "perplexity":
+            raise EvalError(
+                "perplexity scores with the model outside the engine, not tensor-parallel",
+                hint="drop --tensor-parallel: under torchrun the windows are shared out instead",
+            )
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from qwenlm.parallel import setup
+
+        dist = setup(device=args.device)  # data parallel: each process runs some samples
+    model = load_model(args, data_parallel=dist is not None)
     output = Path(args.output) if args.output else default_output(args.model, args.task, args.mode)
     result = run_eval(
         model,
@@ -85,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         restart=args.restart,
         progress=not args.no_progress,
         settings={k: getattr(args, k, None) for k in ("quant", "dtype", "device")},
+        dist=dist,
     )
+    if dist is not None:
+        dist.close()
+        if not dist.is_main:
+            return 0  # rank 0 reports
     if args.json:
         print(
             json.dumps(

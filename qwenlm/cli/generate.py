@@ -6,7 +6,14 @@ import argparse
 import sys
 import time
 
-from qwenlm.cli.common import add_model_args, add_sampling_args, load_model, sampling_options
+from qwenlm.cli.common import (
+    add_model_args,
+    add_parallel_args,
+    add_sampling_args,
+    load_model,
+    sampling_options,
+)
+from qwenlm.errors import QwenlmError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", help="the prompt; - reads it from stdin")
     add_model_args(p)
+    add_parallel_args(p)
     p.add_argument("--system", help="system prompt (default: the model template's own)")
     p.add_argument(
         "--raw",
@@ -52,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.ignore_eos:
         options["ignore_eos"] = True
     speculative = args.draft is not None or args.prompt_lookup
+    if args.draft is not None and args.tensor_parallel > 1:
+        raise QwenlmError(
+            "--draft does not combine with --tensor-parallel", hint="use --prompt-lookup"
+        )
     model = load_model(args, quiet=not args.verbose)
     model.generation_config(**options)  # validate the flags before any work
     stats = None
@@ -94,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if stats is not None:
             print(
                 f"[speculation: {stats.accepted}/{stats.proposed} guesses accepted "
-                f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target pass]",
+                f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target "
+                f"pass]",
                 file=sys.stderr,
             )
     return 0

@@ -26,8 +26,8 @@ def merge_adapter(
     from qwenlm import registry
     from qwenlm.lora import AdapterError, load_adapter, merge_lora, read_adapter_config
     from qwenlm.models import build_model
-    from qwenlm.train.export import write_hf_folder
     from qwenlm.weights import open_checkpoint
+    from qwenlm.weights.hf_writer import write_hf_folder
 
     base = model or read_adapter_config(adapter).get("base_model_name_or_path")
     if not base:
@@ -59,7 +59,8 @@ def merge_adapter(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm merge",
-        description="Fold a LoRA adapter into its base model and write a Hugging Face model folder.",
+        description="Fold a LoRA adapter into its base model and write a Hugging Face model "
+        "folder.",
     )
     p.add_argument(
         "--adapter", required=True, help="adapter folder (adapter_config.json + weights)"

@@ -68,8 +68,7 @@ def list_main(argv: list[str] | None = None) -> int:
     print(f"{'NAME':<{width}}  {'SIZE':>8}  {'PULLED':<6}  DESCRIPTION")
     for r in rows:
         name = r["name"] + (" *" if r["default"] else "")
-        print(
-            f"{name:<{width}}  {r['size'] / 1e9:>6.2f}GB  {'yes' if r['pulled'] else 'no':<6}  {r['description']}"
-        )
+        pulled = "yes" if r["pulled"] else "no"
+        print(f"{name:<{width}}  {r['size'] / 1e9:>6.2f}GB  {pulled:<6}  {r['description']}")
     print(f"\n* default model. Cache: {registry.cache_dir(args.cache_dir)}")
     return 0

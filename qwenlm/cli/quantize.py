@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 
 from qwenlm import registry
+from qwenlm.cli.common import add_group_size_arg, add_pull_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm quantize",
-        description="Quantize a model's weights and save it as a folder that every qwenlm command loads.",
+        description="Quantize a model's weights and save it as a folder that every qwenlm command "
+        "loads.",
     )
     p.add_argument(
         "model",
@@ -28,22 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["int8", "int4", "f32"],
         help="weight format (default int8)",
     )
-    p.add_argument(
-        "--group-size",
-        type=int,
-        default=32,
-        choices=[32, 64, 128],
-        help="int4 group size (default 32)",
-    )
+    add_group_size_arg(p)
     p.add_argument(
         "--head",
         choices=["int8", "int4", "f32"],
         help="output head format (default: int8 for int4)",
     )
     p.add_argument("--cache-dir", help="model cache folder")
-    p.add_argument(
-        "--pull", action="store_true", help="pull a registry model first if it is not cached"
-    )
+    add_pull_arg(p)
     return p
 
 

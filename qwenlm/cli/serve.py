@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from qwenlm.cli.common import add_model_args, load_model
+from qwenlm.cli.common import add_model_args, add_parallel_args, load_model
 from qwenlm.errors import QwenlmError
 
 API_KEY_ENV = "QWENLM_API_KEY"
@@ -16,9 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
-        "/v1/completions, /v1/models, /health, /metrics) with a web chat page at /.",
+        "/v1/completions, /v1/embeddings, /v1/models, /health, /metrics) and Ollama's API "
+        "(/api/chat, /api/generate, /api/embed, /api/tags, ...), with a web chat page at /.",
     )
     add_model_args(p, positional=True)
+    add_parallel_args(p)
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -26,6 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         help=f"require 'Authorization: Bearer KEY' on every route (default: ${API_KEY_ENV}; "
         "unset: no key)",
+    )
+    g.add_argument(
+        "--health-requires-key",
+        action="store_true",
+        help="require the key on /health too (default: /health answers without it, for "
+        "load-balancer probes)",
+    )
+    g.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="answer requests whose Host header names NAME, besides 127.0.0.1, localhost, "
+        "[::1] and the --host address (repeatable; any port); '*' answers any name, which "
+        "lets web pages reach the server through DNS rebinding (default: those names only)",
     )
     g.add_argument(
         "--cors-origin",
@@ -68,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a request may take; then it ends with finish_reason 'length' (default 600)",
     )
     g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        help="seconds the engine may go without finishing a step while it has work; then "
+        "/health and new requests answer 503, and a request waiting past --request-timeout "
+        "plus this ends with 504 (default 300)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM or Ctrl-C, seconds running requests get to finish before they end "
+        "with an error; new requests get 503 meanwhile (default 10)",
+    )
+    g.add_argument(
         "--max-model-len",
         type=int,
         help="context length to allow, prompt plus completion (default: the model's)",
@@ -97,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         "<tool_call>), react (the Qwen ReAct prompt) or auto (native when the template "
         "supports tools)",
     )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=["auto", "think", "none", "deepseek_r1", "qwen3"],
+        default="auto",
+        help="split replies that open with <think> into reasoning_content and content: think "
+        "(on; deepseek_r1 and qwen3 are other names for it), none (off) or auto (on when the "
+        "chat template mentions <think>, as reasoning models' templates do)",
+    )
     g = p.add_argument_group("logging")
     g.add_argument("--no-access-log", action="store_true", help="do not log each request")
     g.add_argument(
@@ -119,10 +159,13 @@ def main(argv: list[str] | None = None) -> int:
             hint="pip install 'qwenlm[serve]'",
         ) from None
     from qwenlm.generation.engine import SMALL_SEGMENT
-    from qwenlm.serve import ServeConfig, serve
+    from qwenlm.serve import WILDCARD_HOSTS, ServeConfig, serve
 
     for name in ("max_num_seqs", "max_queue", "max_body_bytes", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise QwenlmError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("request_timeout", "stall_timeout", "shutdown_timeout"):
+        if not getattr(args, name) > 0:
             raise QwenlmError(f"--{name.replace('_', '-')} must be positive")
     if args.prefill_chunk <= SMALL_SEGMENT:
         raise QwenlmError(f"--prefill-chunk must be above {SMALL_SEGMENT}")
@@ -131,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"warning: serving on {args.host} without an API key; anyone who can reach it can "
             f"use it (set --api-key or ${API_KEY_ENV})",
+            file=sys.stderr,
+        )
+    if args.host in WILDCARD_HOSTS and not args.allowed_host:
+        print(
+            f"note: bound to {args.host}, the server answers only requests addressed to "
+            "127.0.0.1 or localhost; add --allowed-host NAME for each name or address clients "
+            "use",
             file=sys.stderr,
         )
     model = load_model(args)
@@ -145,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         prefill_chunk=args.prefill_chunk,
         max_model_len=args.max_model_len,
         tool_prompt=args.tool_prompt,
+        reasoning_parser=args.reasoning_parser,
         cors_origins=args.cors_origin,
+        cache_dir=args.cache_dir,
+        allowed_hosts=args.allowed_host,
+        health_requires_key=args.health_requires_key,
+        stall_timeout=args.stall_timeout,
+        shutdown_timeout=args.shutdown_timeout,
     )
     print(f"serving {config.model_names[0]} on http://{args.host}:{args.port}", file=sys.stderr)
     serve(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-FLAGS = {"--resume", "--check-data"}
+FLAGS = {"--resume", "--force-resume", "--check-data"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from the newest valid checkpoint in the recipe's out folder",
+    )
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even from a checkpoint trained on other data or another recipe",
     )
     p.add_argument(
         "--check-data",
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0
-    # Overrides are free-form (--any.key value), so only the recipe and the two flags are
+    # Overrides are free-form (--any.key value), so only the recipe and the flags are
     # parsed here; the rest goes to load_recipe, which checks every key and value.
     path, rest = argv[0], argv[1:]
     flags = {a for a in rest if a in FLAGS}
@@ -53,5 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     from qwenlm.train import load_recipe, train
 
     recipe = load_recipe(path, overrides=overrides)
-    result = train(recipe, resume="--resume" in flags, check_data="--check-data" in flags)
+    result = train(
+        recipe,
+        resume="--resume" in flags,
+        force_resume="--force-resume" in flags,
+        check_data="--check-data" in flags,
+    )
     return 130 if result.interrupted else 0

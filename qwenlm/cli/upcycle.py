@@ -23,7 +23,7 @@ def upcycle(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Upcycle ``model`` (registry name, GGUF or HF folder) and write the MoE folder ``out``."""
-    from qwenlm.train.export import write_hf_folder
+    from qwenlm.weights.hf_writer import write_hf_folder
 
     with open_checkpoint(registry.resolve(model, cache_dir=cache_dir)) as ckpt:
         config, tensors = upcycle_tensors(ckpt.config, ckpt.tensors(torch.float32), spec)

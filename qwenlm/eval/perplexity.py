@@ -19,7 +19,7 @@ from qwenlm.eval.run import EvalEngine, EvalError
 
 
 def token_nll(model: Any, ids: list[int], score_from: int) -> tuple[float, int]:
-    """Sum of -log p(token | prefix) for ``ids[score_from:]`` (``score_from`` >= 1), and the count."""
+    """Sum of -log p(token | prefix) over ``ids[score_from:]`` (``score_from`` >= 1), and count."""
     x = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
         logits = model.model(x)[0].float()  # (T, vocab)

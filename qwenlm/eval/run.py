@@ -5,6 +5,12 @@ batch of samples into per-sample records (prompting the model through :class:`Ev
 ``task.summarize(records)`` gives the metrics. Records are appended to ``records.jsonl`` after
 every batch, so an interrupted run picks up where it stopped.
 
+Under torchrun the samples still to run are dealt out over the processes (``dist``): each runs
+its share a batch at a time, in step with the others; after each round every process has every
+new record, and rank 0 alone writes the files. A record depends on its sample only, so the
+result is the one process's, whatever the process count, and a run interrupted with one count
+resumes with another.
+
 :class:`EvalEngine` is the only thing tasks know about the model. ``complete`` sends a batch of
 requests through the engine's scheduler together (the same one the server runs), so they
 decode side by side; each completion equals what the request gives alone.
@@ -30,10 +36,28 @@ from qwenlm.generation.stream import GenerationChunk, collect
 
 if TYPE_CHECKING:
     from qwenlm.api import Qwen
+    from qwenlm.parallel import Dist
 
 
 class EvalError(QwenlmError):
     """A task's data is missing or malformed, or a run cannot be resumed as asked."""
+
+
+MODES = ("chat", "base")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a prompting mode tasks know (chat template or plain text)."""
+    if mode not in MODES:
+        raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
+    return mode
+
+
+def task_data(name: str, data: str | Path | None, what: str, hint: str) -> Path:
+    """Task ``name``'s data path, or one clear error naming ``what`` it needs and how to pass it."""
+    if data is None:
+        raise EvalError(f"{name} needs its {what}", hint=hint)
+    return Path(data)
 
 
 @dataclass(frozen=True)
@@ -72,8 +96,7 @@ class EvalEngine:
     def chat_prompt(
         self, messages: Sequence[Mapping[str, Any]], *, reply_prefix: str = ""
     ) -> tuple[int, ...]:
-        """Ids of a conversation with the assistant's turn opened (and started with
-        ``reply_prefix``)."""
+        """Ids of a conversation with the assistant's turn opened, begun with ``reply_prefix``."""
         ids = self.model.encode_chat(messages)
         return tuple(ids + self.tokenizer.encode(reply_prefix))
 
@@ -190,6 +213,89 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _start(
+    output: str | os.PathLike[str] | None,
+    meta: dict[str, Any],
+    restart: bool,
+    samples: list[dict[str, Any]],
+    dist: Dist | None,
+) -> tuple[Path | None, dict[Any, dict[str, Any]], float, list[int]]:
+    """(records file, records already made by id, seconds spent, indices still to do); rank 0
+    reads the run folder and sends the work list to the other ranks."""
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    done: dict[Any, dict[str, Any]] = {}
+    earlier_seconds = 0.0
+    records_path = None
+    try:
+        if output is not None and rank == 0:
+            records_path, done, earlier_seconds = _resume(Path(output), meta, restart)
+    except BaseException:
+        if world > 1:
+            dist.broadcast_ints([-1])  # the other ranks wait for the work list: let them go
+        raise
+    todo = [i for i, s in enumerate(samples) if s["id"] not in done]
+    if world > 1:
+        todo = dist.broadcast_ints(todo if rank == 0 else None)
+        if todo == [-1]:
+            raise EvalError("rank 0 could not open the run; its error says why")
+    return records_path, done, earlier_seconds, todo
+
+
+def _append(
+    records_path: Path, new: list[dict[str, Any]], meta: dict[str, Any], seconds: float
+) -> None:
+    with records_path.open("a", encoding="utf-8") as f:
+        for r in new:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (records_path.parent / "run.json").write_text(
+        json.dumps({**meta, "seconds": seconds}, indent=1)
+    )
+
+
+def _write_summary(out: Path, result: EvalResult, meta: dict[str, Any], generated: int) -> None:
+    summary = {
+        "task": result.task,
+        "model": result.model,
+        "config": meta["config"],
+        "settings": meta["settings"],
+        "metrics": result.metrics,
+        "samples": len(result.records),
+        "seconds": round(result.seconds, 1),
+        "generated_tokens": generated,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+
+
+def _resume(
+    out: Path, meta: dict[str, Any], restart: bool
+) -> tuple[Path, dict[Any, dict[str, Any]], float]:
+    """(records file, records already there by id, seconds spent) of run folder ``out``.
+
+    Refuses a folder holding a run with other settings; ``restart`` discards what is there.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    records_path, meta_path = out / "records.jsonl", out / "run.json"
+    if restart:
+        records_path.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+    earlier_seconds = 0.0
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise EvalError(
+                f"{out} holds a run with other settings ({old.get('task')} on "
+                f"{old.get('model')}, {old.get('config')})",
+                hint="use another --output folder, or --restart to discard that run",
+            )
+        earlier_seconds = float(old.get("seconds", 0.0))
+    done = {}
+    if records_path.exists():
+        for r in _read_records(records_path):
+            done[r["id"]] = r
+    meta_path.write_text(json.dumps({**meta, "seconds": earlier_seconds}, indent=1))
+    return records_path, done, earlier_seconds
+
+
 def run_eval(
     model: Qwen,
     task: Task,
@@ -201,15 +307,19 @@ def run_eval(
     progress: bool = True,
     engine: EvalEngine | None = None,
     settings: dict[str, Any] | None = None,
+    dist: Dist | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` (a :class:`qwenlm.Qwen`) on ``task``.
 
     With ``output`` (a folder), records go to ``records.jsonl`` as they are made and the
     summary to ``summary.json``; a later call with the same folder skips the samples already
     there (``restart=True`` starts over). ``limit`` evaluates the first N samples only.
+    ``dist`` (from :func:`qwenlm.parallel.setup`) shares the samples among the processes
+    torchrun started; every process calls ``run_eval`` alike and gets the whole result.
     """
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     samples = task.load()
     if limit is not None:
         samples = samples[:limit]
@@ -218,38 +328,16 @@ def run_eval(
         raise EvalError(f"{task.name}: sample ids are not unique")
     engine = engine or EvalEngine(model, batch_size=batch_size)
     model_name = str(getattr(model, "name", None) or "model")
-    # ``settings``: how the model was loaded (quantization, dtype), part of what a resumed run must match.
+    # ``settings``: how the model was loaded (quantization, dtype), which a resumed run must match.
     meta = {
         "task": task.name,
         "model": model_name,
         "config": task.config(),
         "settings": settings or {},
     }
-    done: dict[Any, dict[str, Any]] = {}
-    earlier_seconds = 0.0
-    records_path = None
-    if output is not None:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        records_path, meta_path = out / "records.jsonl", out / "run.json"
-        if restart:
-            records_path.unlink(missing_ok=True)
-            meta_path.unlink(missing_ok=True)
-        if meta_path.exists():
-            old = json.loads(meta_path.read_text())
-            if {k: old.get(k) for k in meta} != meta:
-                raise EvalError(
-                    f"{out} holds a run with other settings ({old.get('task')} on {old.get('model')}, {old.get('config')})",
-                    hint="use another --output folder, or --restart to discard that run",
-                )
-            earlier_seconds = float(old.get("seconds", 0.0))
-        if records_path.exists():
-            for r in _read_records(records_path):
-                done[r["id"]] = r
-        meta_path.write_text(json.dumps({**meta, "seconds": earlier_seconds}, indent=1))
-    todo = [s for s in samples if s["id"] not in done]
+    records_path, done, earlier_seconds, todo = _start(output, meta, restart, samples, dist)
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(
@@ -259,28 +347,30 @@ def run_eval(
             unit="sample",
             dynamic_ncols=True,
         )
+    mine = todo[rank::world]
+    rounds = -(-len(todo[::world]) // batch_size)  # rank 0's share is the largest
     t0 = time.monotonic()
     try:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i : i + batch_size]
-            new = task.evaluate(engine, batch)
+        for i in range(rounds):
+            batch = [samples[j] for j in mine[i * batch_size : (i + 1) * batch_size]]
+            new = task.evaluate(engine, batch) if batch else []
+            if world > 1:
+                texts = dist.gather_bytes(json.dumps(new, ensure_ascii=False).encode())
+                new = [r for text in texts for r in json.loads(text)]
             for r in new:
                 done[r["id"]] = r
             if records_path is not None:
-                with records_path.open("a", encoding="utf-8") as f:
-                    for r in new:
-                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                (records_path.parent / "run.json").write_text(
-                    json.dumps(
-                        {**meta, "seconds": earlier_seconds + time.monotonic() - t0}, indent=1
-                    )
-                )
+                _append(records_path, new, meta, earlier_seconds + time.monotonic() - t0)
             if bar is not None:
-                bar.update(len(batch))
+                bar.update(len(new))
     finally:
         if bar is not None:
             bar.close()
     records = [done[i] for i in ids if i in done]
+    generated = engine.generated_tokens
+    if world > 1:
+        (total,) = dist.sum([float(generated)])
+        generated = int(total)
     result = EvalResult(
         task.name,
         model_name,
@@ -290,19 +380,8 @@ def run_eval(
     )
     if output is not None:
         result.output = Path(output)
-        summary = {
-            "task": task.name,
-            "model": model_name,
-            "config": task.config(),
-            "settings": meta["settings"],
-            "metrics": result.metrics,
-            "samples": len(records),
-            "seconds": round(result.seconds, 1),
-            "generated_tokens": engine.generated_tokens,
-        }
-        (Path(output) / "summary.json").write_text(
-            json.dumps(summary, indent=1, ensure_ascii=False)
-        )
+    if output is not None and rank == 0:
+        _write_summary(Path(output), result, meta, generated)
     return result
 
 

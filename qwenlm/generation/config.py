@@ -51,56 +51,29 @@ class GenerationConfig:
     logits_processors: tuple[LogitsProcessor, ...] = ()
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> GenerationError:
-            return GenerationError(f"{name} {why}, got {getattr(self, name)!r}")
-
-        def number(name: str) -> float:
+        for name, (kind, ok, why) in _RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise bad(name, "must be a number")
-            if not math.isfinite(value):
-                raise bad(name, "must be finite")
-            return float(value)
-
-        def integer(name: str) -> int:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise bad(name, "must be an integer")
-            return value
-
-        if integer("max_new_tokens") < 1:
-            raise bad("max_new_tokens", "must be a positive integer")
-        if number("temperature") < 0:
-            raise bad("temperature", "must be a finite number >= 0 (0 is greedy)")
-        if not 0 < number("top_p") <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if integer("top_k") < 0:
-            raise bad("top_k", "must be an integer >= 0 (0 turns it off)")
-        if not 0 <= number("min_p") <= 1:
-            raise bad("min_p", "must be in [0, 1] (0 turns it off)")
-        if number("repetition_penalty") <= 0:
-            raise bad("repetition_penalty", "must be a number > 0 (1.0 turns it off)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= number(name) <= 2:
-                raise bad(name, "must be in [-2, 2]")
-        if not 0 <= integer("top_logprobs") <= MAX_TOP_LOGPROBS:
-            raise bad("top_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}")
+            if not _is_number(value, kind) or not ok(value):
+                raise _bad(name, value, why)
         if self.top_logprobs and not self.logprobs:
-            raise bad("top_logprobs", "needs logprobs=True")
-        if self.seed is not None:
-            integer("seed")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "must be non-empty strings")
+            raise _bad("top_logprobs", self.top_logprobs, "needs logprobs=True")
+        if self.seed is not None and not _is_number(self.seed, int):
+            raise _bad("seed", self.seed, "must be an integer")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise _bad("stop", self.stop, "must be non-empty strings")
+        object.__setattr__(self, "stop", stop)
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.logit_bias is not None:
             object.__setattr__(self, "logit_bias", _bias(self.logit_bias))
         object.__setattr__(self, "logits_processors", tuple(self.logits_processors))
         if any(not callable(p) for p in self.logits_processors):
-            raise bad("logits_processors", "must be callables (ids, logits) -> logits")
+            raise _bad(
+                "logits_processors",
+                self.logits_processors,
+                "must be callables (ids, logits) -> logits",
+            )
 
     @property
     def greedy(self) -> bool:
@@ -108,6 +81,37 @@ class GenerationConfig:
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return GenerationConfig(**{**self.__dict__, **changes})
+
+
+# The numeric fields: (int or float, the valid range, what the error says).
+_RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "max_new_tokens": (int, lambda v: v >= 1, "must be a positive integer"),
+    "temperature": (float, lambda v: v >= 0, "must be a finite number >= 0 (0 is greedy)"),
+    "top_p": (float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, "must be an integer >= 0 (0 turns it off)"),
+    "min_p": (float, lambda v: 0 <= v <= 1, "must be in [0, 1] (0 turns it off)"),
+    "repetition_penalty": (float, lambda v: v > 0, "must be a number > 0 (1.0 turns it off)"),
+    "presence_penalty": (float, lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
+    "frequency_penalty": (float, lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
+    "top_logprobs": (
+        int,
+        lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
+        f"must be in 0..{MAX_TOP_LOGPROBS}",
+    ),
+}
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    """An int (for ``kind`` int), or a finite int or float (for float); never a bool."""
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _bad(name: str, value: Any, why: str) -> GenerationError:
+    return GenerationError(f"{name} {why}, got {value!r}")
 
 
 def _bias(value: Mapping[Any, Any]) -> dict[int, float]:

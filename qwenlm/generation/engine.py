@@ -119,6 +119,9 @@ class Engine:
         self.kv_dtype = (
             torch.float32 if self.device.type == "cpu" else model.model.embed_tokens.weight.dtype
         )
+        # A tensor-parallel rank caches its own key/value heads only (qwenlm.parallel).
+        shard = getattr(model, "shard", None)
+        self.kv_heads = shard.kv_heads if shard is not None else self.config.num_key_value_heads
         self.dynamic_ntk = bool(model.model.rotary_emb.dynamic_ntk)
         self.ntk_seq_length = self.config.seq_length or self.config.max_position_embeddings
         # One-token steps of one sequence replay a recorded CUDA graph (float KV cache only).
@@ -132,7 +135,7 @@ class Engine:
         c = self.config
         cache = SequenceCache(
             c.num_hidden_layers,
-            c.num_key_value_heads,
+            self.kv_heads,
             c.head_dim,
             self.kv_dtype,
             self.device,
@@ -203,12 +206,14 @@ class Engine:
         segments: Seq[tuple[SequenceState, Seq[int]]],
         *,
         all_logits: bool | Seq[bool] = False,
+        hidden: bool = False,
     ) -> list[torch.Tensor]:
         """Feed each sequence its new tokens; return float32 logits per segment.
 
         Each result is (vocab,) for the segment's last token, or (tokens, vocab) where
-        ``all_logits`` (one flag, or one per segment) asks for every row. The tokens become
-        part of their sequences.
+        ``all_logits`` (one flag, or one per segment) asks for every row. ``hidden`` returns
+        the model's final (normed) hidden states, (hidden,) or (tokens, hidden), instead of
+        logits: what embeddings pool. The tokens become part of their sequences.
         """
         every = [all_logits] * len(segments) if isinstance(all_logits, bool) else all_logits
         if (
@@ -216,6 +221,7 @@ class Engine:
             and len(segments) == 1
             and len(segments[0][1]) == 1
             and not every[0]
+            and not hidden
         ):
             seq, (token,) = segments[0]
             seq.cache.reserve(len(seq) + 1)
@@ -255,8 +261,12 @@ class Engine:
             rows.extend(range(first, start + T))
         at = None if len(rows) == len(ids) else torch.tensor(rows, device=dev)
         with torch.inference_mode():
-            logits = self.model(x, views, positions=pos, ntk_alpha=alpha_t, logits_at=at)
-            logits = logits[0].float()
+            if hidden:
+                h = self.model.model(x, views, pos, ntk_alpha=alpha_t)[0]  # (N, hidden)
+                logits = (h if at is None else h[at]).float()
+            else:
+                logits = self.model(x, views, positions=pos, ntk_alpha=alpha_t, logits_at=at)
+                logits = logits[0].float()
         for seq, tokens in segments:
             seq.tokens.extend(int(t) for t in tokens)
             seq.cache.length = len(seq.tokens)

@@ -3,8 +3,10 @@
 For a one-token step the arithmetic is small and the dispatch of many tiny PyTorch ops costs
 as much as reading the weights. :func:`accelerate` wraps each decoder layer of an engine's
 model in a :class:`KernelLayer` that, for decode-sized batches, runs norm, projections,
-rotary embedding, attention and SwiGLU in one call of ``qlm_layer_forward`` (one OpenMP
-region per layer) on preallocated buffers, and tiles the int8 weights for the kernels.
+rotary embedding, attention and SwiGLU in one call of ``qlm_layer_forward`` (one job on the
+kernels' thread pool per layer) on preallocated buffers, and tiles the int8 weights for the
+kernels. Any :class:`~qwenlm.quant.linear.KernelLinear` (float32, int8, int4, GGUF formats)
+describes itself to the C side with ``describe()``.
 Larger batches (prefill) go through the layer's own PyTorch forward, which defines the
 maths; tests hold the two to the same results.
 """
@@ -17,73 +19,9 @@ import torch
 from torch import nn
 
 from qwenlm.generation.engine import BatchLayer
-from qwenlm.kernels import cpu_kernels, num_threads
+from qwenlm.kernels import LayerDesc, SegmentDesc, cpu_kernels, num_threads
 from qwenlm.models.attention import AttentionPlan, LayerCache
-from qwenlm.quant.linear import (
-    SMALL_BATCH,
-    DenseLinear,
-    Int4Linear,
-    Int8Linear,
-    KernelLinear,
-    _ptr,
-)
-
-_i64, _p = ctypes.c_int64, ctypes.c_void_p
-
-
-class _Linear(ctypes.Structure):
-    _fields_ = [
-        ("kind", _i64),
-        ("w", _p),
-        ("scale", _p),
-        ("mins", _p),
-        ("bias", _p),
-        ("N", _i64),
-        ("K", _i64),
-        ("G", _i64),
-    ]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [
-        ("qkv", _Linear),
-        ("o", _Linear),
-        ("gate_up", _Linear),
-        ("down", _Linear),
-        ("ln1", _p),
-        ("ln2", _p),
-        ("H", _i64),
-        ("Hkv", _i64),
-        ("D", _i64),
-        ("eps", ctypes.c_float),
-        ("scale", ctypes.c_float),
-    ]
-
-
-class _Segment(ctypes.Structure):
-    _fields_ = [
-        ("start", _i64),
-        ("T", _i64),
-        ("cap", _i64),
-        ("past", _i64),
-        ("K", _p),
-        ("V", _p),
-        ("Ks", _p),
-        ("Vs", _p),
-    ]
-
-
-def _describe(m: KernelLinear) -> _Linear:
-    if isinstance(m, Int8Linear):
-        kind, scale, mins, G = (2 if m.tiled else 1), m.scale, None, 0
-    elif isinstance(m, Int4Linear):
-        kind, scale, mins, G = 3, m.scales, m.mins, m.group_size
-    else:
-        kind, scale, mins, G = 0, None, None, 0
-    w = m.qweight if kind else m.weight
-    return _Linear(
-        kind, w.data_ptr(), _ptr(scale), _ptr(mins), _ptr(m.bias), m.out_features, m.in_features, G
-    )
+from qwenlm.quant.linear import SMALL_BATCH, Int8Linear, KernelLinear
 
 
 class KernelLayer(nn.Module):
@@ -113,12 +51,10 @@ class KernelLayer(nn.Module):
             else []
         )
         return bool(mods) and all(
-            isinstance(m, (DenseLinear, Int8Linear, Int4Linear))
-            and m.in_features % m.kernel_multiple == 0
-            for m in mods
+            isinstance(m, KernelLinear) and m.in_features % m.kernel_multiple == 0 for m in mods
         )
 
-    def _descriptor(self) -> _Layer | None:
+    def _descriptor(self) -> LayerDesc | None:
         """The layer's weights as the C struct (None if they are not on the CPU); rebuilt
         when a weight tensor was replaced."""
         L, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
@@ -130,8 +66,9 @@ class KernelLayer(nn.Module):
             tensors = [t for m in mods for t in m.buffers()] + main
             if not all(t.device.type == "cpu" for t in tensors):
                 return None
-            desc = _Layer(
-                *(_describe(m) for m in mods),
+            parts = [m.describe() for m in mods]
+            desc = LayerDesc(
+                *parts,
                 main[-2].data_ptr(),
                 main[-1].data_ptr(),
                 self.H,
@@ -140,7 +77,8 @@ class KernelLayer(nn.Module):
                 self.eps,
                 self.scale,
             )
-            self._desc = (key, desc, tensors)  # the tensors stay referenced while in use
+            # The tensors (and the parts a fused projection chains to) stay referenced.
+            self._desc = (key, desc, tensors, parts)
         return self._desc[1]
 
     def forward(
@@ -170,7 +108,7 @@ class KernelLayer(nn.Module):
         c = cos.reshape(rows, D).contiguous()
         s = sin.reshape(rows, D).contiguous()
         layout = cache.layout
-        segs = (_Segment * len(layout))()
+        segs = (SegmentDesc * len(layout))()
         quantized = False
         longest = 0
         for j, (seq, start, T) in enumerate(layout):
@@ -182,7 +120,7 @@ class KernelLayer(nn.Module):
                 if quantized
                 else (None, None)
             )
-            segs[j] = _Segment(
+            segs[j] = SegmentDesc(
                 start,
                 T,
                 kc.capacity,
@@ -194,9 +132,10 @@ class KernelLayer(nn.Module):
         F = desc.down.K
         kmax = max(d_model, F, H * D)
         threads = num_threads()
+        qkv_width = self.layer.self_attn.qkv_proj.out_features
         work = torch.empty(
-            rows * (3 * d_model + desc.qkv.N + 2 * H * D + 3 * F)
-            + 2 * rows * (kmax // 32)
+            rows * (3 * d_model + qkv_width + 2 * H * D + 3 * F)
+            + 4 * rows * (kmax // 32)
             + threads * longest
         )
         xq = torch.empty(rows * kmax, dtype=torch.int8)

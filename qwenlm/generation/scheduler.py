@@ -18,6 +18,12 @@ the server runs it on a thread of its own (:meth:`Scheduler.start`) and knows no
 insides. Finished sequences go to a small prefix cache that later prompts starting with the
 same tokens reuse, in whole prefill pieces only, so a cache hit changes no result. Nothing
 here knows about HTTP: a full queue is :class:`QueueFull`, which the server answers with 503.
+
+On its own thread the loop cannot die silently: an unexpected error ends it with
+:attr:`Scheduler.error` set, every request then gets an error event and later submissions
+:class:`EngineFailed`; :attr:`Scheduler.stalled_for` tells a watchdog how long a busy loop has
+gone without finishing a step. Errors that belong to one request (its admission, its forward
+pass, its sampling) fail that request only. :meth:`Scheduler.drain` is the graceful shutdown.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
-from qwenlm.errors import GenerationError
+from qwenlm.errors import GenerationError, debug_tracebacks, loggable
 from qwenlm.generation.config import GenerationConfig
 from qwenlm.generation.engine import SMALL_SEGMENT, Engine, SequenceState
 from qwenlm.generation.sampling import Sampler, TokenLogprob
@@ -40,6 +48,7 @@ from qwenlm.generation.stream import TextStream
 from qwenlm.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenlm.engine")
+T = TypeVar("T")
 
 
 class QueueFull(GenerationError):
@@ -48,6 +57,10 @@ class QueueFull(GenerationError):
 
 class EngineFailed(GenerationError):
     """The engine loop stopped on an unexpected error; no request can be served."""
+
+
+class ShuttingDown(GenerationError):
+    """The scheduler is draining before the process exits; it takes no new request."""
 
 
 @dataclass
@@ -132,8 +145,8 @@ class Request:
     def _emit(self, out: Output) -> None:
         try:
             self.deliver(out)
-        except Exception:  # a consumer that is gone must not stop the engine
-            log.exception("delivering a result failed; cancelling the request")
+        except Exception as e:  # a consumer that is gone must not stop the engine
+            _log_error("delivering a result failed; cancelling the request", e)
             self.cancelled = True
 
 
@@ -252,6 +265,16 @@ class PrefixCache:
             self.entries.popitem(last=False)
 
 
+def _expired(req: Request, now: float) -> bool:
+    return req.deadline is not None and now > req.deadline
+
+
+def _log_error(what: str, e: BaseException) -> None:
+    """One log line for an error (its kind and message, escaped); the traceback only with
+    ``QWENLM_DEBUG=1``."""
+    log.error("%s: %s: %s", what, type(e).__name__, loggable(e), exc_info=debug_tracebacks())
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     n, limit = 0, min(len(a), len(b), limit)
     while n < limit and a[n] == b[n]:
@@ -295,19 +318,21 @@ class Scheduler:
         self.prefix_cache = PrefixCache(engine, prefix_cache_tokens)
         self.metrics = Metrics()
         self.error: BaseException | None = None  # why the engine thread stopped, if it did
+        self.progress_at = time.monotonic()  # the loop's last finished step (or wake-up)
+        self._drain_deadline: float | None = None
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._prefilling: list[Request] = []
         self._running: list[Request] = []
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._stop = False
         self._thread: threading.Thread | None = None
 
     # -- submitting (any thread) --------------------------------------------------------------
     def submit(self, req: Request) -> Request:
         """Queue ``req``; :class:`QueueFull` when too many wait, :class:`EngineFailed` when the
-        engine loop is dead, :class:`GenerationError` for a request that cannot run."""
-        if self.error is not None:
-            raise EngineFailed("the engine stopped after an internal error")
+        engine loop is dead, :class:`ShuttingDown` while draining, :class:`GenerationError`
+        for a request that cannot run."""
         if req.n > self.max_num_seqs:
             raise GenerationError(
                 f"n={req.n}: this engine runs at most {self.max_num_seqs} sequences at once"
@@ -315,12 +340,29 @@ class Scheduler:
         if req.speculation is not None:
             req.speculation.check(self.engine)
         req.limit = check_prompt(self.engine.config, req.prompt, req.config.max_new_tokens)
-        with self._cv:
+        with self._cv:  # under the lock the loop sets `error` with: no request slips past it
+            if self.error is not None:
+                raise EngineFailed("the engine stopped after an internal error")
+            if self._drain_deadline is not None:
+                raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting; retry shortly")
             self._waiting.append(req)
             self._cv.notify_all()
         return req
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the engine's thread between two steps (any thread may ask): other work
+        on the model, such as embeddings, takes its turn beside generation without racing it.
+        Its result, or its exception, arrives in the returned future; keep each call short
+        (one forward pass), since running streams wait for it."""
+        if self.error is not None:
+            raise EngineFailed("the engine stopped after an internal error")
+        future: Future[T] = Future()
+        with self._cv:
+            self._calls.append((fn, future))
+            self._cv.notify_all()
+        return future
 
     @property
     def running(self) -> int:
@@ -338,7 +380,20 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not (self._waiting or self._prefilling or self._running)
+        return not (self._waiting or self._prefilling or self._running or self._calls)
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` began: no new request is taken."""
+        return self._drain_deadline is not None
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the loop thread has gone without finishing a step while it has work (0 when
+        idle or not started): a step that never returns shows here, not in :attr:`alive`."""
+        if self._thread is None or self.idle:
+            return 0.0
+        return time.monotonic() - self.progress_at
 
     # -- driving ------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request]) -> None:
@@ -367,6 +422,14 @@ class Scheduler:
             self._thread = threading.Thread(target=self._loop, name="qwenlm-engine", daemon=True)
             self._thread.start()
 
+    def drain(self, timeout: float) -> None:
+        """Begin a graceful shutdown: refuse new requests (:class:`ShuttingDown`); those
+        already accepted get ``timeout`` seconds to finish, then end with an error event."""
+        with self._cv:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + timeout
+            self._cv.notify_all()
+
     def stop(self) -> None:
         with self._cv:
             self._stop = True
@@ -383,11 +446,16 @@ class Scheduler:
                         self._cv.wait()
                     if self._stop:
                         break
+                    self.progress_at = time.monotonic()
                 self.step()
+                self.progress_at = time.monotonic()
+                if self._drain_deadline is not None and self.progress_at > self._drain_deadline:
+                    self._fail_all("the server is shutting down")
             self._fail_all("the server is shutting down")
         except BaseException as e:  # a bug in the loop itself: say so, and fail every request
-            self.error = e
-            log.error("engine loop stopped: %s: %s", type(e).__name__, e)
+            with self._cv:
+                self.error = e
+            _log_error("engine loop stopped", e)
             self._fail_all("the engine stopped after an internal error")
 
     def _fail_all(self, why: str) -> None:
@@ -395,16 +463,35 @@ class Scheduler:
             requests = [*self._waiting, *self._prefilling, *self._running]
             self._waiting.clear()
             self._prefilling, self._running = [], []
+            calls = list(self._calls)
+            self._calls.clear()
         for req in requests:
             self._fail(req, why, "error")
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineFailed(why))
 
     # -- one round ----------------------------------------------------------------------------
     def step(self) -> None:
-        """Reap, admit, decode every running choice one step, prefill one piece."""
+        """Run queued calls, reap, admit, decode every running choice one step, prefill one
+        piece."""
+        self._run_calls()
         self._reap()
         self._admit()
         self._decode()
         self._prefill()
+
+    def _run_calls(self) -> None:
+        with self._cv:
+            calls = list(self._calls)
+            self._calls.clear()
+        for fn, future in calls:
+            if not future.set_running_or_notify_cancel():
+                continue  # the asker gave up
+            try:
+                future.set_result(fn())
+            except Exception as e:  # the caller's failure, not the engine's
+                future.set_exception(e)
 
     def _admit(self) -> None:
         with self._cv:
@@ -416,13 +503,19 @@ class Scheduler:
                     continue
                 busy += req.n
                 self._prefilling.append(req)
-        for req in self._prefilling:
+        for req in list(self._prefilling):
             if req.seq is None:
-                if req.sequence is not None:
-                    req.seq = req.sequence
-                    req.pending = self.engine.begin(req.seq, req.prompt, exact=False)
-                else:
-                    req.seq, req.pending = self.prefix_cache.take(req.prompt)
+                try:
+                    if req.sequence is not None:
+                        req.seq = req.sequence
+                        req.pending = self.engine.begin(req.seq, req.prompt, exact=False)
+                    else:
+                        req.seq, req.pending = self.prefix_cache.take(req.prompt)
+                except Exception as e:  # e.g. a cache allocation: this request only
+                    _log_error("admitting a request failed", e)
+                    self.metrics.engine_errors += 1
+                    self._fail(req, "the engine failed on this request", "error")
+                    continue
                 req.cached = len(req.prompt) - len(req.pending)
                 self.metrics.prompt_tokens += len(req.prompt)
                 self.metrics.prefix_cached_tokens += req.cached
@@ -430,13 +523,13 @@ class Scheduler:
     def _reap(self) -> None:
         now = time.monotonic()
         with self._cv:
-            for req in [r for r in self._waiting if r.cancelled]:
+            gone = [r for r in self._waiting if r.cancelled or _expired(r, now)]
+            for req in gone:
                 self._waiting.remove(req)
-                self._done(req, "cancelled")
-        for req in [*self._prefilling, *self._running]:
+        for req in [*gone, *self._prefilling, *self._running]:
             if req.cancelled:
                 self._finish(req, "cancelled")
-            elif req.deadline is not None and now > req.deadline:
+            elif _expired(req, now):
                 # Out of time: each unfinished choice ends with what it has, as if cut by length.
                 for ch in req.choices:
                     if not ch.done:
@@ -483,7 +576,7 @@ class Scheduler:
         try:
             n, logits = self.engine.prefill_piece(req.seq, req.pending)
         except Exception as e:
-            log.error("prefill failed: %s: %s", type(e).__name__, e)
+            _log_error("prefill failed", e)
             self.metrics.engine_errors += 1
             self._fail(req, "the engine failed on this request", "error")
             return
@@ -499,7 +592,7 @@ class Scheduler:
         try:
             return list(self.engine.forward(segments, all_logits=every))
         except Exception as e:
-            log.error("forward pass failed: %s: %s", type(e).__name__, e)
+            _log_error("forward pass failed", e)
             self.metrics.engine_errors += 1
             if len(segments) == 1:
                 return [e]
@@ -525,8 +618,8 @@ class Scheduler:
         try:
             outs = ch.take(logits)
         except Exception as e:  # e.g. a logits processor that raised: this request only
-            log.error("sampling failed: %s: %s", type(e).__name__, e)
-            self._fail(req, f"sampling failed: {e}", "error")
+            _log_error("sampling failed", e)
+            self._fail(req, "sampling failed on this request", "error")
             return
         for out in outs:
             self.metrics.generation_tokens += len(out.token_ids)
@@ -552,8 +645,12 @@ class Scheduler:
             self._running.remove(req)
         if req.sequence is None:
             seqs = [ch.seq for ch in req.choices] or ([req.seq] if req.seq is not None else [])
-            for seq in seqs:
-                self.prefix_cache.put(seq)  # what it holds is still valid
+            try:
+                for seq in seqs:
+                    self.prefix_cache.put(seq)  # what it holds is still valid
+            except Exception as e:  # only a lost chance of reuse
+                _log_error("keeping a finished sequence for reuse failed", e)
+                self.metrics.engine_errors += 1
         req.choices = []
         self._done(req, outcome)
 

@@ -1,14 +1,18 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler and loaded by ctypes.
 
-A plain C library (no PyTorch headers) builds in about a second, so users need nothing beyond
-a compiler; the build is cached per source hash and compiler flags. Where it cannot be built
-(no compiler, an unsupported CPU), :func:`cpu_kernels` returns None and callers use PyTorch ops.
-Set ``QWENLM_KERNELS=0`` to force the PyTorch fallbacks.
+A plain C library (no PyTorch headers) builds in a few seconds, so users need nothing beyond
+a compiler; each build is cached per source hash and instruction-set level. The source is
+compiled once per level (:data:`ISA_LEVELS`), and the best level the CPU runs is chosen at run
+time; ``QWENLM_ISA=scalar|avx2|avxvnni|avx512|avx512vnni`` forces one (tests run every level
+the machine can). Where the library cannot be built (no compiler, not x86-64),
+:func:`cpu_kernels` returns None and callers use PyTorch ops. ``QWENLM_KERNELS=0`` forces the
+PyTorch fallbacks.
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import hashlib
 import os
 import platform
@@ -21,42 +25,130 @@ from pathlib import Path
 
 import torch
 
+from qwenlm.errors import QwenlmError
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm"]
+FLAGS = ["-O3", "-pthread", "-shared", "-fPIC", "-std=c11"]
+
+_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi2"]
+_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+# Compiler flags of each level, and the /proc/cpuinfo flags a CPU needs to run it.
+_ISA = {
+    "scalar": (["-march=x86-64"], set()),
+    "avx2": (_AVX2, {"avx2", "fma", "f16c", "bmi2"}),
+    "avxvnni": ([*_AVX2, "-mavxvnni"], {"avx2", "fma", "f16c", "bmi2", "avx_vnni"}),
+    "avx512": (
+        _AVX512,
+        {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    ),
+    "avx512vnni": (
+        [*_AVX512, "-mavx512vnni"],
+        {
+            "avx2",
+            "fma",
+            "f16c",
+            "bmi2",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512dq",
+            "avx512_vnni",
+        },
+    ),
+}
+ISA_LEVELS = tuple(_ISA)
+_PREFERRED = ("avx512vnni", "avx512", "avxvnni", "avx2", "scalar")
+
+
+class KernelError(QwenlmError):
+    """A forced instruction-set level that is unknown or that this CPU cannot run."""
+
 
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 _int = ctypes.c_int
 _f = ctypes.c_float
 _SIGNATURES = {
-    "qlm_linear_f32": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
-    "qlm_linear_i8": [_p, _p, _int, _p, _p, _p, _i64, _i64, _i64, _p, _p, _int],
+    "qlm_linear": [_p, _p, _p, _i64, _p, _p, _int],
     "qlm_dequant_i8": [_p, _int, _p, _p, _i64, _i64, _int],
-    "qlm_linear_i4": [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _int],
     "qlm_dequant_i4": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
-    "qlm_add_rmsnorm": [_p, _p, _p, _p, _i64, _i64, _f],
-    "qlm_rope": [_p, _i64, _i64, _i64, _i64, _p, _p],
-    "qlm_attend_rows": [_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _i64, _f, _p, _p, _int],
-    "qlm_silu_mul": [_p, _p, _i64, _i64],
     "qlm_layer_forward": [_p, _p, _i64, _p, _p, _p, _i64, _int, _p, _p, _int],
-    "qlm_attend_rows_q8": [
-        _p,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _p,
-        _p,
-        _p,
-        _p,
-        _i64,
-        _i64,
-        _f,
-        _p,
-        _p,
-        _int,
-    ],
 }
+_RESTYPES = {
+    "qlm_isa": ctypes.c_char_p,
+    "qlm_kind_name": ctypes.c_char_p,
+    "qlm_layout": _i64,
+}
+_ARGTYPES = {"qlm_isa": [], "qlm_kind_name": [_int], "qlm_layout": [ctypes.c_char_p]}
+
+
+class Kind(enum.IntEnum):
+    """How a linear part's weights are stored: cpu_kernels.c's QLM_* codes (one definition
+    each side; a test checks them against the C names)."""
+
+    F32 = 0
+    I8 = 1
+    I8_TILED = 2
+    I4 = 3
+    Q4_0 = 4
+    Q4_1 = 5
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q4_K = 9
+    Q5_K = 10
+    Q6_K = 11
+
+
+# ctypes mirrors of the C descriptors (a test checks sizes and offsets against the C ones).
+class LinearDesc(ctypes.Structure):
+    """qlm_linear_t: one stored matrix; ``next`` chains the parts of a fused projection."""
+
+
+LinearDesc._fields_ = [
+    ("kind", _i64),
+    ("w", _p),
+    ("scale", _p),
+    ("mins", _p),
+    ("bias", _p),
+    ("N", _i64),
+    ("K", _i64),
+    ("G", _i64),
+    ("next", ctypes.POINTER(LinearDesc)),
+]
+
+
+class LayerDesc(ctypes.Structure):
+    """qlm_layer_t: a decoder layer's projections, norms and attention shape."""
+
+    _fields_ = [
+        ("qkv", LinearDesc),
+        ("o", LinearDesc),
+        ("gate_up", LinearDesc),
+        ("down", LinearDesc),
+        ("ln1", _p),
+        ("ln2", _p),
+        ("H", _i64),
+        ("Hkv", _i64),
+        ("D", _i64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class SegmentDesc(ctypes.Structure):
+    """qlm_segment_t: one sequence's rows of a batch and its KV cache."""
+
+    _fields_ = [
+        ("start", _i64),
+        ("T", _i64),
+        ("cap", _i64),
+        ("past", _i64),
+        ("K", _p),
+        ("V", _p),
+        ("Ks", _p),
+        ("Vs", _p),
+    ]
 
 
 def _build_dir() -> Path:
@@ -65,7 +157,7 @@ def _build_dir() -> Path:
     return cache_dir() / "kernels"
 
 
-def _compile(out: Path) -> None:
+def _compile(out: Path, flags: list[str]) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc or clang)")
@@ -74,7 +166,8 @@ def _compile(out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        cmd = [cc, *FLAGS, *flags, str(SOURCE), "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-500:]}")
         os.replace(tmp, out)
@@ -83,42 +176,76 @@ def _compile(out: Path) -> None:
             os.unlink(tmp)
 
 
-def _cpu_flags() -> str:
+@cache
+def _cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return line
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor()
+    return frozenset()
+
+
+def runnable_isas() -> tuple[str, ...]:
+    """The instruction-set levels this CPU can run, lowest first."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ()
+    flags = _cpu_flags()
+    return tuple(level for level, (_, need) in _ISA.items() if need <= flags)
 
 
 @cache
-def cpu_kernels() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot be built or is switched off."""
-    if os.environ.get("QWENLM_KERNELS", "1") == "0" or platform.machine() not in (
-        "x86_64",
-        "AMD64",
-    ):
-        return None
-    # -march=native code is CPU-specific: the cache key includes the CPU's feature flags.
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()
-    ).hexdigest()[:16]
-    lib_path = _build_dir() / f"qwenlm_cpu_{key}.so"
+def _load(level: str) -> ctypes.CDLL | None:
+    flags = _ISA[level][0]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + flags).encode()).hexdigest()[:16]
+    lib_path = _build_dir() / f"qwenlm_cpu_{level}_{key}.so"
     try:
         if not lib_path.exists():
-            _compile(lib_path)
+            _compile(lib_path, flags)
         lib = ctypes.CDLL(str(lib_path))
     except (OSError, RuntimeError) as e:
-        print(f"qwenlm: native CPU kernels unavailable ({e}); using PyTorch ops", file=sys.stderr)
+        print(f"qwenlm: native CPU kernels ({level}) unavailable ({e})", file=sys.stderr)
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = None
+    for name, restype in _RESTYPES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = _ARGTYPES[name]
+        fn.restype = restype
     return lib
 
 
+@cache
+def _resolve(enabled: str, forced: str | None) -> ctypes.CDLL | None:
+    if enabled == "0":
+        return None
+    levels = runnable_isas()
+    if forced:
+        if forced not in _ISA:
+            raise KernelError(
+                f"unknown QWENLM_ISA {forced!r}", hint=f"use one of {', '.join(ISA_LEVELS)}"
+            )
+        if forced not in levels:
+            raise KernelError(
+                f"this CPU cannot run the {forced} kernels (QWENLM_ISA)",
+                hint=f"it runs: {', '.join(levels) or 'none'}",
+            )
+        return _load(forced)
+    for level in _PREFERRED:
+        if level in levels and (lib := _load(level)) is not None:
+            return lib
+    return None
+
+
+def cpu_kernels(isa: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel library for ``isa`` (default: ``QWENLM_ISA``, else the best level
+    this CPU runs), or None where it cannot be built or is switched off."""
+    return _resolve(os.environ.get("QWENLM_KERNELS", "1"), isa or os.environ.get("QWENLM_ISA"))
+
+
 def num_threads() -> int:
+    """Threads the kernels use: torch's setting (``--threads``, ``torch.set_num_threads``)."""
     return torch.get_num_threads()

@@ -1,28 +1,389 @@
-/* CPU kernels for qwenlm's decode path: small-batch matrix products over quantized weights.
+/* CPU kernels for qwenlm: matrix products over quantized weights, and a whole decoder layer.
  *
- * y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for M rows of activations (M small: one token
- * per sequence while decoding, a few when verifying speculative drafts). Decoding is bound by
- * the bytes of W read per token, so the kernels read W once per call in its stored form
- * (float32, int8 per output channel, or 4-bit groups) and convert in registers.
+ * y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for M rows of activations. Decoding is bound
+ * by the bytes of W read per token, so the kernels read W once per call in its stored form
+ * (float32, int8 per output channel, 4-bit groups, or GGUF's own block formats) and convert
+ * in registers; every weight block read serves all M rows.
  *
  * Every output element is computed by the same instruction sequence whatever M, N or the
  * thread count are, so a row's result does not depend on how many rows were batched with it:
- * speculative decoding and batched decoding reproduce plain greedy decoding exactly.
+ * speculative decoding, batched decoding and prefill reproduce plain greedy decoding exactly.
  *
- * Built at first use with the machine's C compiler (-O3 -march=native -fopenmp) and loaded
- * with ctypes; Python falls back to PyTorch ops where it cannot be built.
+ * One source, compiled once per instruction-set level (qwenlm/kernels/__init__.py picks the
+ * level from the CPU flags, or QWENLM_ISA): scalar, avx2, avxvnni, avx512, avx512vnni. The
+ * GGUF kernels are written once over a small set of 256-bit integer operations (the `vi_*`
+ * helpers) that map to AVX2 instructions, to VNNI dot products, or to plain C in the scalar
+ * build, so every level runs the same code structure and gives bit-identical results.
+ *
+ * Work is split into small tasks claimed from an atomic counter by a pool of threads (see
+ * run_phases): a thread that loses its core to another process delays at most the task it
+ * holds, and waiting threads sleep instead of spinning once a wait grows long.
  */
+#define _GNU_SOURCE /* syscall() for the futex */
 #include <stdint.h>
+#include <stddef.h>
 #include <string.h>
-#include <immintrin.h>
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
+#include <stdatomic.h>
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+#include <limits.h>
+#include <immintrin.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
-#define NR 4 /* output rows computed together: each x load feeds NR FMAs */
+#define NR 4 /* output rows computed together by the float/int8/int4 kernels */
+#define ALWAYS static inline __attribute__((always_inline))
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
 
-static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#if defined(__AVX512F__)
+#define QLM_ISA "avx512"
+#elif defined(__AVX2__)
+#define QLM_ISA "avx2"
+#else
+#define QLM_ISA "scalar"
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define QLM_VNNI 1
+#define dpbusd256 _mm256_dpbusd_epi32
+#elif defined(__AVXVNNI__)
+#define QLM_VNNI 1
+#define dpbusd256 _mm256_dpbusd_avx_epi32
+#endif
+
+/* The level this library was built for, and whether it has VNNI dot products. */
+const char *qlm_isa(void) {
+#ifdef QLM_VNNI
+    return QLM_ISA "+vnni";
+#else
+    return QLM_ISA;
+#endif
+}
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) { /* subnormal half: normalise */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* ---- the thread pool -------------------------------------------------------------------
+ * A job is a list of phases, each a number of independent tasks; phase p starts once every
+ * task of the phases before it is done. Threads claim tasks from one atomic counter, so the
+ * split adapts to whichever threads are running. Nothing waits for a thread to *arrive*
+ * anywhere (no barriers, no join): the caller returns once all tasks are done, and a worker
+ * that was descheduled meanwhile finds nothing left when it wakes. Waits spin briefly, then
+ * sleep on a futex, which hands the core to the thread being waited for.                   */
+
+typedef void (*qlm_task_fn)(const void *ctx, int64_t i, int tid);
+typedef struct {
+    qlm_task_fn fn;
+    const void *ctx;
+    int64_t n;
+} qlm_phase_t;
+
+#define MAX_WORKERS 255
+#define MAX_PHASES 16
+#define SPIN_TASK_NS 50000   /* a peer's unfinished task: spin this long, then sleep */
+#define SPIN_JOB_NS 300000   /* an idle worker: spin this long for the next job, then sleep */
+
+static struct {
+    pthread_mutex_t lock;         /* one job at a time */
+    int nworkers;                 /* worker threads started: tids 1 .. nworkers */
+    _Atomic uint32_t epoch;       /* bumped when a job is posted (a futex word) */
+    _Atomic uint32_t done;        /* tasks of the current job finished (a futex word) */
+    _Atomic int64_t next;         /* next task to claim */
+    _Atomic int posting, active;  /* handshake: no worker reads a job while it is written */
+    _Atomic int done_sleepers, job_sleepers; /* threads asleep on `done`, on `epoch` */
+    const qlm_phase_t *ph;
+    int nph, nthreads;
+    int64_t start[MAX_PHASES + 1]; /* first task of each phase; start[nph] = all tasks */
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static inline void cpu_relax(void) { __builtin_ia32_pause(); }
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void futex_wait(_Atomic uint32_t *word, uint32_t seen) {
+#ifdef __linux__
+    struct timespec t = {0, 2000000}; /* a bounded sleep: re-check every 2 ms regardless */
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, seen, &t, NULL, 0);
+#else
+    (void)word, (void)seen;
+    sched_yield();
+#endif
+}
+
+static void futex_wake(_Atomic uint32_t *word) {
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+/* Wait until *word is at least `target` (or differs from it); `sleepers` counts the threads
+   asleep on it, so that wakers make the syscall only when someone sleeps. */
+static void wait_word(_Atomic uint32_t *word, uint32_t target, int differ, int64_t spin_ns,
+                      _Atomic int *sleepers) {
+    int64_t t0 = 0;
+    for (int i = 0;; i++) {
+        uint32_t v = atomic_load(word);
+        if (differ ? v != target : v >= target) return;
+        if (i < 64 || (i & 63)) {
+            cpu_relax();
+            continue;
+        }
+        int64_t t = now_ns();
+        if (!t0) t0 = t;
+        if (t - t0 < spin_ns) continue;
+        atomic_fetch_add(sleepers, 1);
+        v = atomic_load(word);
+        if (!(differ ? v != target : v >= target)) futex_wait(word, v);
+        atomic_fetch_sub(sleepers, 1);
+    }
+}
+
+static void participate(int tid) {
+    const int64_t total = pool.start[pool.nph];
+    int p = 0;
+    for (;;) {
+        int64_t i = atomic_fetch_add(&pool.next, 1);
+        if (i >= total) return;
+        while (i >= pool.start[p + 1]) p++;
+        wait_word(&pool.done, (uint32_t)pool.start[p], 0, SPIN_TASK_NS, &pool.done_sleepers);
+        pool.ph[p].fn(pool.ph[p].ctx, i - pool.start[p], tid);
+        atomic_fetch_add(&pool.done, 1);
+        if (atomic_load(&pool.done_sleepers)) futex_wake(&pool.done);
+    }
+}
+
+static void *worker_main(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&pool.epoch) - 1; /* started for the job about to be posted */
+    int64_t spin = SPIN_JOB_NS;
+    for (;;) {
+        wait_word(&pool.epoch, seen, 1, spin, &pool.job_sleepers);
+        for (;;) { /* enter unless the caller is writing the next job (Dekker handshake) */
+            atomic_fetch_add(&pool.active, 1);
+            if (!atomic_load(&pool.posting)) break;
+            atomic_fetch_sub(&pool.active, 1);
+            cpu_relax();
+        }
+        seen = atomic_load(&pool.epoch);
+        /* a worker beyond the job's thread count sleeps at once, instead of spinning */
+        spin = tid < pool.nthreads ? SPIN_JOB_NS : 0;
+        if (tid < pool.nthreads) participate(tid);
+        atomic_fetch_sub(&pool.active, 1);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) {
+    /* The child has none of the parent's workers: start afresh. */
+    pthread_mutex_init(&pool.lock, NULL);
+    pool.nworkers = 0;
+    atomic_store(&pool.active, 0);
+    atomic_store(&pool.posting, 0);
+    atomic_store(&pool.done_sleepers, 0);
+    atomic_store(&pool.job_sleepers, 0);
+}
+
+static void run_phases(const qlm_phase_t *ph, int nph, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_WORKERS + 1) nthreads = MAX_WORKERS + 1;
+    int64_t total = 0;
+    for (int p = 0; p < nph; p++) total += ph[p].n;
+    if (nthreads == 1 || total <= 1) {
+        for (int p = 0; p < nph; p++)
+            for (int64_t i = 0; i < ph[p].n; i++) ph[p].fn(ph[p].ctx, i, 0);
+        return;
+    }
+    pthread_mutex_lock(&pool.lock);
+    static int fork_hook;
+    if (!fork_hook) fork_hook = !pthread_atfork(NULL, NULL, pool_after_fork);
+    atomic_store(&pool.posting, 1);
+    while (atomic_load(&pool.active)) sched_yield(); /* a previous job's late worker */
+    while (pool.nworkers < nthreads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int ok = !pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(pool.nworkers + 1));
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        pool.nworkers++;
+    }
+    pool.ph = ph;
+    pool.nph = nph;
+    pool.nthreads = MIN(nthreads, pool.nworkers + 1);
+    pool.start[0] = 0;
+    for (int p = 0; p < nph; p++) pool.start[p + 1] = pool.start[p] + ph[p].n;
+    atomic_store(&pool.next, 0);
+    atomic_store(&pool.done, 0);
+    atomic_fetch_add(&pool.epoch, 1);
+    atomic_store(&pool.posting, 0);
+    if (atomic_load(&pool.job_sleepers)) futex_wake(&pool.epoch);
+    participate(0);
+    wait_word(&pool.done, (uint32_t)total, 0, SPIN_TASK_NS, &pool.done_sleepers);
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* Tasks over a range split into pieces of `per` items. */
+static inline int64_t pieces(int64_t n, int64_t per) { return (n + per - 1) / per; }
+
+/* ---- weight kinds and the descriptors Python fills in (fastpath.py mirrors them) -------- */
+
+/* Mirrored by qwenlm.quant.linear.Kind; tests compare the two through qlm_kind_name. */
+enum {
+    QLM_F32 = 0,      /* float32 rows */
+    QLM_I8 = 1,       /* int8 rows, one float scale per row */
+    QLM_I8_TILED = 2, /* the same, NR rows interleaved in 64-byte runs */
+    QLM_I4 = 3,       /* 4-bit groups of G with a half scale and minimum */
+    QLM_Q4_0 = 4,     /* GGUF block formats, 8 rows interleaved per block (see gguf.py) */
+    QLM_Q4_1 = 5,
+    QLM_Q5_0 = 6,
+    QLM_Q5_1 = 7,
+    QLM_Q8_0 = 8,
+    QLM_Q4_K = 9,
+    QLM_Q5_K = 10,
+    QLM_Q6_K = 11,
+    QLM_KINDS
+};
+
+static const char *const KIND_NAMES[QLM_KINDS] = {
+    "F32", "I8", "I8_TILED", "I4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
+};
+
+const char *qlm_kind_name(int kind) { return kind >= 0 && kind < QLM_KINDS ? KIND_NAMES[kind] : ""; }
+
+typedef struct qlm_linear {
+    int64_t kind;
+    const void *w;
+    const void *scale; /* int8: float per row; 4-bit: half per group */
+    const void *mins;  /* 4-bit: half per group */
+    const float *bias;
+    int64_t N, K, G;
+    const struct qlm_linear *next; /* a fused projection's next part: its columns follow */
+} qlm_linear_t;
+
+typedef struct {
+    qlm_linear_t qkv, o, gate_up, down;
+    const float *ln1, *ln2;
+    int64_t H, Hkv, D;
+    float eps, scale;
+} qlm_layer_t;
+
+typedef struct {
+    int64_t start, T, cap, past; /* rows start .. start + T - 1 of the batch; cache state */
+    void *K, *V;                 /* [Hkv][cap][D] float32, or int8 with scales Ks, Vs */
+    float *Ks, *Vs;
+} qlm_segment_t;
+
+/* sizeof and offsetof of the structs above, by name ("qlm_linear_t", "qlm_linear_t.w", ...),
+   or -1: a test holds the ctypes mirrors to them. */
+int64_t qlm_layout(const char *name) {
+#define SZ(T) {#T, sizeof(T)}
+#define OFF(T, f) {#T "." #f, offsetof(T, f)}
+    static const struct { const char *name; int64_t value; } table[] = {
+        SZ(qlm_linear_t), OFF(qlm_linear_t, kind), OFF(qlm_linear_t, w),
+        OFF(qlm_linear_t, scale), OFF(qlm_linear_t, mins), OFF(qlm_linear_t, bias),
+        OFF(qlm_linear_t, N), OFF(qlm_linear_t, K), OFF(qlm_linear_t, G),
+        OFF(qlm_linear_t, next),
+        SZ(qlm_layer_t), OFF(qlm_layer_t, qkv), OFF(qlm_layer_t, o), OFF(qlm_layer_t, gate_up),
+        OFF(qlm_layer_t, down), OFF(qlm_layer_t, ln1), OFF(qlm_layer_t, ln2),
+        OFF(qlm_layer_t, H), OFF(qlm_layer_t, Hkv), OFF(qlm_layer_t, D), OFF(qlm_layer_t, eps),
+        OFF(qlm_layer_t, scale),
+        SZ(qlm_segment_t), OFF(qlm_segment_t, start), OFF(qlm_segment_t, T),
+        OFF(qlm_segment_t, cap), OFF(qlm_segment_t, past), OFF(qlm_segment_t, K),
+        OFF(qlm_segment_t, V), OFF(qlm_segment_t, Ks), OFF(qlm_segment_t, Vs),
+    };
+#undef SZ
+#undef OFF
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
+        if (!strcmp(table[i].name, name)) return table[i].value;
+    return -1;
+}
+
+/* ---- activations quantized to int8 in blocks of 32 ---------------------------------------
+ * The integer kernels multiply int8 (or 4-bit) weights by int8 activations with integer
+ * multiply-adds, four times denser than converting weights to float. Each block of 32
+ * activations gets its own scale d = amax / 127 (as GGUF's Q8_0), which keeps the error far
+ * below the weights' own quantization error. With each block go the sum of its codes (s32,
+ * and xs = d * s32) and the sums of its two halves (s16), with which the kernels fold in
+ * zero points and minimums exactly, in integers.
+ * Layout for M rows of K (nb = K / 32 blocks a row), after the codes q[M][K]:
+ * d[M][nb] float, xs[M][nb] float, s32[M][nb] int32, s16[M][2 nb] int16: 4 M nb floats.  */
+
+#define ACT_FLOATS(M, K) (4 * (M) * ((K) / 32)) /* the scratch after the codes */
+
+typedef struct {
+    const int8_t *q;
+    const float *d, *xs;
+    const int32_t *s32;
+    const int16_t *s;
+    int64_t K;
+} qlm_act_t;
+
+static qlm_act_t act_view(int8_t *xq, float *xd, int64_t M, int64_t K) {
+    const int64_t n = M * (K / 32);
+    qlm_act_t a = {xq, xd, xd + n, (const int32_t *)(xd + 2 * n), (const int16_t *)(xd + 3 * n), K};
+    return a;
+}
+
+static void quantize_act_row(const float *x, int8_t *xq, float *xd, int64_t M, int64_t K,
+                             int64_t m) {
+    const int64_t nb = K / 32, n = M * nb;
+    float *d = xd + m * nb, *xs = xd + n + m * nb;
+    int32_t *s32 = (int32_t *)(xd + 2 * n) + m * nb;
+    int16_t *s16 = (int16_t *)(xd + 3 * n) + m * 2 * nb;
+    x += m * K;
+    int8_t *q = xq + m * K;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        int sum[2] = {0, 0};
+        for (int j = 0; j < 32; j++) {
+            float v = xb[j] * inv;
+            int8_t c = (int8_t)(v < 0 ? v - 0.5f : v + 0.5f); /* round half away from 0 */
+            q[b * 32 + j] = c;
+            sum[j >> 4] += c;
+        }
+        d[b] = amax / 127.0f;
+        s32[b] = sum[0] + sum[1];
+        xs[b] = d[b] * (float)s32[b];
+        s16[2 * b] = (int16_t)sum[0];
+        s16[2 * b + 1] = (int16_t)sum[1];
+    }
+}
 
 /* ---- float32 weights ------------------------------------------------------------------ */
 
@@ -56,53 +417,6 @@ static void dot4_f32(const float *x, const float *const w[NR], int64_t K, float 
     for (int r = 0; r < NR; r++) out[r] = s[r];
 }
 
-static void linear_f32_body(const float *x, const float *w, const float *bias, float *y,
-                            int64_t M, int64_t N, int64_t K) {
-    int64_t blocks = (N + NR - 1) / NR;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const float *rows[NR];
-        int64_t n0 = b * NR;
-        for (int r = 0; r < NR; r++) rows[r] = w + (n0 + r < N ? n0 + r : N - 1) * K;
-        for (int64_t m = 0; m < M; m++) {
-            float out[NR];
-            dot4_f32(x + m * K, rows, K, out);
-            for (int r = 0; r < NR && n0 + r < N; r++)
-                y[m * N + n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.0f);
-        }
-    }
-}
-
-void qlm_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M,
-                    int64_t N, int64_t K, int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    linear_f32_body(x, w, bias, y, M, N, K);
-}
-
-/* ---- activations quantized to int8 in blocks of 32 ---------------------------------------
- * The integer kernels multiply int8 (or 4-bit) weights by int8 activations with integer
- * multiply-adds, four times denser than converting weights to float. Each block of 32
- * activations gets its own scale (as GGUF's Q8_0 does), which keeps the error far below the
- * weights' own quantization error. xsum holds each block's float sum, for 4-bit minimums.   */
-
-static void quantize_row_q8(const float *x, int64_t K, int8_t *q, float *d, float *xsum) {
-    for (int64_t b = 0; b < K / 32; b++) {
-        const float *xb = x + b * 32;
-        float amax = 0.0f, sum = 0.0f;
-        for (int j = 0; j < 32; j++) {
-            float a = xb[j] < 0 ? -xb[j] : xb[j];
-            amax = a > amax ? a : amax;
-            sum += xb[j];
-        }
-        float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-        for (int j = 0; j < 32; j++) {
-            float v = xb[j] * inv;
-            q[b * 32 + j] = (int8_t)(v < 0 ? v - 0.5f : v + 0.5f);  /* round half away from 0 */
-        }
-        d[b] = scale;
-        xsum[b] = sum;
-    }
-}
 
 #if defined(__AVX512BW__)
 static inline __m512 sum_i8_pairs(__m512i u, __m512i s) {
@@ -189,53 +503,6 @@ static void dot4_i8(const int8_t *xq, const float *xd, const int8_t *const w[NR]
     for (int r = 0; r < NR; r++) out[r] = s[r];
 }
 
-static void linear_i8_body(const float *x, const int8_t *w, int tiled, const float *scale,
-                           const float *bias, float *y, int64_t M, int64_t N, int64_t K,
-                           int8_t *xq, float *xd) {
-#pragma omp single
-    for (int64_t m = 0; m < M; m++)
-        quantize_row_q8(x + m * K, K, xq + m * K, xd + m * (K / 32), xd + (M + m) * (K / 32));
-    /* tiled needs N % NR == 0: the caller tiles only such matrices */
-    int64_t blocks = (N + NR - 1) / NR;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int8_t *rows[NR];
-        int64_t n0 = b * NR;
-        for (int r = 0; r < NR; r++)
-            rows[r] = tiled ? w + n0 * K + r * 64 : w + (n0 + r < N ? n0 + r : N - 1) * K;
-        for (int64_t m = 0; m < M; m++) {
-            float out[NR];
-            dot4_i8(xq + m * K, xd + m * (K / 32), rows, K, tiled, out);
-            for (int r = 0; r < NR && n0 + r < N; r++)
-                y[m * N + n0 + r] = out[r] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
-        }
-    }
-}
-
-void qlm_linear_i8(const float *x, const int8_t *w, int tiled, const float *scale,
-                   const float *bias, float *y, int64_t M, int64_t N, int64_t K, int8_t *xq,
-                   float *xd, int nthreads) {
-    /* K must be a multiple of 64. xq (M*K bytes) and xd (2*M*K/32 floats) are caller scratch. */
-#pragma omp parallel num_threads(nthreads)
-    linear_i8_body(x, w, tiled, scale, bias, y, M, N, K, xq, xd);
-}
-
-void qlm_dequant_i8(const int8_t *w, int tiled, const float *scale, float *out, int64_t N,
-                    int64_t K, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float s = scale[n], *o = out + n * K;
-        if (tiled) {
-            const int8_t *q = w + (n / NR) * NR * K + (n % NR) * 64;
-            for (int64_t k = 0; k < K; k += 64)
-                for (int j = 0; j < 64; j++) o[k + j] = (float)q[k * NR + j] * s;
-        } else {
-            const int8_t *q = w + n * K;
-            for (int64_t k = 0; k < K; k++) o[k] = (float)q[k] * s;
-        }
-    }
-}
-
 /* ---- 4-bit weights: groups of G (32, 64 or 128) along K, each with a half scale and min --
  * w = q * scale + min, q in 0..15. Within each 64 weights, byte j holds weight j in its low
  * nibble and weight j + 32 in its high nibble: one 32-byte load unpacks into 64 weights in
@@ -315,255 +582,796 @@ static void dot4_i4(const int8_t *xq, const float *xd, const float *xg,
     }
 }
 
-static void linear_i4_body(const float *x, const uint8_t *w, const uint16_t *scale,
-                           const uint16_t *minv, const float *bias, float *y, int64_t M,
-                           int64_t N, int64_t K, int64_t G, int8_t *xq, float *xd) {
-    /* K a multiple of 64 and of G. Scratch: xq (M*K bytes), xd (2*M*K/32 floats). */
-    int64_t blocks32 = K / 32, groups = K / G, per = G / 32;
-#pragma omp single
-    for (int64_t m = 0; m < M; m++) {
-        float *xs = xd + (M + m) * blocks32;
-        quantize_row_q8(x + m * K, K, xq + m * K, xd + m * blocks32, xs);
-        for (int64_t g = 0; g < groups; g++) { /* block sums -> group sums, in place */
-            float t = 0.0f;
-            for (int64_t j = 0; j < per; j++) t += xs[g * per + j];
-            xs[g] = t;
+static void dequant_i4_row(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, float *o,
+                           int64_t K, int64_t G) {
+    for (int64_t k = 0; k < K; k += 64) {
+        /* G >= 32: each run of 32 weights lies in one group */
+        float s0 = half_to_float(sc[k / G]), m0 = half_to_float(mn[k / G]);
+        float s1 = half_to_float(sc[(k + 32) / G]), m1 = half_to_float(mn[(k + 32) / G]);
+#if defined(__AVX512F__)
+        __m256i b = _mm256_loadu_si256((const __m256i *)(q + k / 2));
+        __m256i lo = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
+        __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                           _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+        for (int i = 0; i < 4; i++) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[i]));
+            __m512 sv = _mm512_set1_ps(i < 2 ? s0 : s1), mv = _mm512_set1_ps(i < 2 ? m0 : m1);
+            _mm512_storeu_ps(o + k + 16 * i, _mm512_fmadd_ps(v, sv, mv));
+        }
+#else
+        for (int j = 0; j < 32; j++) {
+            uint8_t b = q[k / 2 + j];
+            o[k + j] = (float)(b & 0xF) * s0 + m0;
+            o[k + 32 + j] = (float)(b >> 4) * s1 + m1;
+        }
+#endif
+    }
+}
+
+/* ---- one task's share of a linear part: output rows n0 .. n1-1 for all M input rows ----- */
+
+static void f32_rows(const qlm_linear_t *L, const float *x, float *y, int64_t ldy, int64_t M,
+                     int64_t n0, int64_t n1) {
+    const float *w = L->w;
+    const int64_t K = L->K, N = L->N;
+    for (int64_t b = n0; b < n1; b += NR) {
+        const float *rows[NR];
+        for (int r = 0; r < NR; r++) rows[r] = w + MIN(b + r, N - 1) * K;
+        for (int64_t m = 0; m < M; m++) {
+            float out[NR];
+            dot4_f32(x + m * K, rows, K, out);
+            for (int r = 0; r < NR && b + r < n1; r++)
+                y[m * ldy + b + r] = out[r] + (L->bias ? L->bias[b + r] : 0.0f);
         }
     }
-    int64_t blocks = (N + NR - 1) / NR;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
+}
+
+static void i8_rows(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t ldy, int64_t M,
+                    int64_t n0, int64_t n1) {
+    const int8_t *w = L->w;
+    const float *scale = L->scale;
+    const int64_t K = L->K, N = L->N;
+    const int tiled = L->kind == QLM_I8_TILED; /* tiled needs N % NR == 0 (the caller's rule) */
+    for (int64_t b = n0; b < n1; b += NR) {
+        const int8_t *rows[NR];
+        for (int r = 0; r < NR; r++)
+            rows[r] = tiled ? w + b * K + r * 64 : w + MIN(b + r, N - 1) * K;
+        for (int64_t m = 0; m < M; m++) {
+            float out[NR];
+            dot4_i8(a->q + m * K, a->d + m * (K / 32), rows, K, tiled, out);
+            for (int r = 0; r < NR && b + r < n1; r++)
+                y[m * ldy + b + r] = out[r] * scale[b + r] + (L->bias ? L->bias[b + r] : 0.0f);
+        }
+    }
+}
+
+static void i4_rows(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t ldy, int64_t M,
+                    int64_t n0, int64_t n1) {
+    const int64_t K = L->K, N = L->N, G = L->G, groups = K / G, per = G / 32;
+    const uint8_t *w = L->w;
+    const uint16_t *scale = L->scale, *minv = L->mins;
+    for (int64_t b = n0; b < n1; b += NR) {
         const uint8_t *rows[NR];
         const uint16_t *sc[NR], *mn[NR];
-        int64_t n0 = b * NR;
         for (int r = 0; r < NR; r++) {
-            int64_t n = n0 + r < N ? n0 + r : N - 1;
+            int64_t n = MIN(b + r, N - 1);
             rows[r] = w + n * (K / 2);
             sc[r] = scale + n * groups;
             mn[r] = minv + n * groups;
         }
         for (int64_t m = 0; m < M; m++) {
-            float out[NR];
-            dot4_i4(xq + m * K, xd + m * blocks32, xd + (M + m) * blocks32, rows, sc, mn, K, G, out);
-            for (int r = 0; r < NR && n0 + r < N; r++)
-                y[m * N + n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.0f);
+            /* each group's activation sum, for the minimums: from the quantized blocks */
+            float xg[groups], out[NR];
+            const float *xd = a->d + m * (K / 32), *xs = a->xs + m * (K / 32);
+            for (int64_t g = 0; g < groups; g++) {
+                float t = 0.0f;
+                for (int64_t j = g * per; j < (g + 1) * per; j++) t += xs[j];
+                xg[g] = t;
+            }
+            dot4_i4(a->q + m * K, xd, xg, rows, sc, mn, K, G, out);
+            for (int r = 0; r < NR && b + r < n1; r++)
+                y[m * ldy + b + r] = out[r] + (L->bias ? L->bias[b + r] : 0.0f);
         }
     }
 }
 
-void qlm_linear_i4(const float *x, const uint8_t *w, const uint16_t *scale, const uint16_t *minv,
-                   const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G,
-                   int8_t *xq, float *xd, int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    linear_i4_body(x, w, scale, minv, bias, y, M, N, K, G, xq, xd);
+/* ---- GGUF block formats, as stored -------------------------------------------------------
+ * Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 (blocks of 32) and Q4_K Q5_K Q6_K (super-blocks of 256) keep their
+ * bytes; at load (qwenlm/quant/gguf.py) each group of 8 output rows is interleaved per block,
+ * so that one 32-byte load holds 4 weights of each of the 8 rows: lane r (4 bytes) belongs to
+ * row r, one broadcast of 4 activation bytes serves all 8 rows, and the 8 sums land in the 8
+ * lanes of one vector with no horizontal add. Per block and group (all little-endian):
+ *   Q4_0  d[8] f16 | qs 4 x 32 B                     Q4_1  d[8] | m[8] | qs
+ *   Q5_0  d[8] | qh 32 B | qs                        Q5_1  d[8] | m[8] | qh | qs
+ *   Q8_0  d[8] | qs 8 x 32 B (int8)
+ *   Q4_K  d[8] | dmin[8] | scales 3 x 32 B | qs 4 chunks x 8 x 32 B
+ *   Q5_K  d[8] | dmin[8] | scales | qh 8 x 32 B | qs
+ *   Q6_K  d[8] | scales 8 x 16 B | 8 x (ql 4 x 32 B | qh 2 x 32 B)
+ * In a qs vector k, lane r, byte i: low nibble = element 4k + i of the 32-block, high nibble =
+ * element 16 + 4k + i (Q4_K/Q5_K: low = sub-block 2c, high = 2c + 1, element 4k + i, chunk c).
+ * The 5th bit of nibble vector p is bit p of the same byte of the qh vector; Q6_K's top two
+ * bits of vector p are bits 2(p%4)..2(p%4)+1 of qh vector p/4. K-quant scales: lane r of
+ * scales vector i holds row r's i-th 32-bit word of its 12 packed scale bytes; Q6_K: lane r
+ * of scales chunk s holds row r's int8 scales 2s, 2s+1 (16 elements each).
+ *
+ * Nibbles and 5/6-bit values are unpacked as unsigned (and/or/shift) and multiplied by the
+ * signed int8 activations with maddubs; as many products as cannot overflow are summed in
+ * int16 before one madd into int32; zero points (-8, -16, -32) and minimums are folded in
+ * per block through the activations' block sums. Every integer sum is exact, so only the
+ * float steps, the same for every row, decide the rounding.                                */
+
+#define GG 8 /* output rows per interleaved group */
+
+#if defined(__AVX2__)
+typedef __m256i vi;
+typedef __m256 vf;
+#define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vi_zero _mm256_setzero_si256
+#define vi_and _mm256_and_si256
+#define vi_or _mm256_or_si256
+#define vi_set8 _mm256_set1_epi8
+#define vi_set16 _mm256_set1_epi16
+#define vi_set32 _mm256_set1_epi32
+#define vi_srli16 _mm256_srli_epi16
+#define vi_slli16 _mm256_slli_epi16
+#define vi_srli32 _mm256_srli_epi32
+#define vi_slli32 _mm256_slli_epi32
+#define vi_add16 _mm256_add_epi16
+#define vi_add32 _mm256_add_epi32
+#define vi_sub32 _mm256_sub_epi32
+#define vi_maddubs _mm256_maddubs_epi16
+#define vi_madd _mm256_madd_epi16
+#define vi_shuffle8 _mm256_shuffle_epi8
+#define vi_sign8 _mm256_sign_epi8
+#define vi_abs8 _mm256_abs_epi8
+#define vf_zero _mm256_setzero_ps
+#define vf_set1 _mm256_set1_ps
+#define vf_cvt _mm256_cvtepi32_ps
+#define vf_mul _mm256_mul_ps
+#define vf_fma _mm256_fmadd_ps
+#define vf_fnma _mm256_fnmadd_ps
+#define vf_store _mm256_storeu_ps
+ALWAYS vi vi_bcast32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+ALWAYS vi vi_i8_to_i16(const int8_t *p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+ALWAYS vf vf_load_h8(const uint8_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+#else
+/* The scalar build runs the same kernels on these plain-C versions of the instructions. */
+typedef union {
+    uint8_t u8[32];
+    int8_t i8[32];
+    uint16_t u16[16];
+    int16_t i16[16];
+    int32_t i32[8];
+    uint32_t u32[8];
+} vi;
+typedef struct {
+    float f[8];
+} vf;
+#define VI_MAP(n, expr)                                                                        \
+    vi r;                                                                                      \
+    for (int i = 0; i < (n); i++) expr;                                                        \
+    return r
+ALWAYS vi vi_load(const void *p) {
+    vi r;
+    memcpy(&r, p, 32);
+    return r;
+}
+ALWAYS vi vi_zero(void) { VI_MAP(8, r.i32[i] = 0); }
+ALWAYS vi vi_and(vi a, vi b) { VI_MAP(8, r.u32[i] = a.u32[i] & b.u32[i]); }
+ALWAYS vi vi_or(vi a, vi b) { VI_MAP(8, r.u32[i] = a.u32[i] | b.u32[i]); }
+ALWAYS vi vi_set8(int8_t c) { VI_MAP(32, r.i8[i] = c); }
+ALWAYS vi vi_set16(int16_t c) { VI_MAP(16, r.i16[i] = c); }
+ALWAYS vi vi_set32(int32_t c) { VI_MAP(8, r.i32[i] = c); }
+ALWAYS vi vi_srli16(vi a, int s) { VI_MAP(16, r.u16[i] = (uint16_t)(a.u16[i] >> s)); }
+ALWAYS vi vi_slli16(vi a, int s) { VI_MAP(16, r.u16[i] = (uint16_t)(a.u16[i] << s)); }
+ALWAYS vi vi_srli32(vi a, int s) { VI_MAP(8, r.u32[i] = a.u32[i] >> s); }
+ALWAYS vi vi_slli32(vi a, int s) { VI_MAP(8, r.u32[i] = a.u32[i] << s); }
+ALWAYS vi vi_add16(vi a, vi b) { VI_MAP(16, r.u16[i] = (uint16_t)(a.u16[i] + b.u16[i])); }
+ALWAYS vi vi_add32(vi a, vi b) { VI_MAP(8, r.u32[i] = a.u32[i] + b.u32[i]); }
+ALWAYS vi vi_sub32(vi a, vi b) { VI_MAP(8, r.u32[i] = a.u32[i] - b.u32[i]); }
+ALWAYS vi vi_maddubs(vi a, vi b) {
+    VI_MAP(16, {
+        int32_t t = a.u8[2 * i] * b.i8[2 * i] + a.u8[2 * i + 1] * b.i8[2 * i + 1];
+        r.i16[i] = (int16_t)(t > 32767 ? 32767 : t < -32768 ? -32768 : t);
+    });
+}
+ALWAYS vi vi_madd(vi a, vi b) {
+    VI_MAP(8, r.i32[i] = a.i16[2 * i] * b.i16[2 * i] + a.i16[2 * i + 1] * b.i16[2 * i + 1]);
+}
+ALWAYS vi vi_shuffle8(vi a, vi m) {
+    VI_MAP(32, r.u8[i] = (m.u8[i] & 0x80) ? 0 : a.u8[(i & 16) + (m.u8[i] & 15)]);
+}
+ALWAYS vi vi_sign8(vi a, vi b) {
+    VI_MAP(32, r.i8[i] = b.i8[i] < 0 ? (int8_t)-a.i8[i] : b.i8[i] ? a.i8[i] : 0);
+}
+ALWAYS vi vi_abs8(vi a) { VI_MAP(32, r.i8[i] = a.i8[i] < 0 ? (int8_t)-a.i8[i] : a.i8[i]); }
+ALWAYS vi vi_bcast32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return vi_set32(v);
+}
+ALWAYS vi vi_i8_to_i16(const int8_t *p) { VI_MAP(16, r.i16[i] = p[i]); }
+#undef VI_MAP
+#define VF_MAP(expr)                                                                           \
+    vf r;                                                                                      \
+    for (int i = 0; i < 8; i++) r.f[i] = expr;                                                 \
+    return r
+ALWAYS vf vf_zero(void) { VF_MAP(0.0f); }
+ALWAYS vf vf_set1(float c) { VF_MAP(c); }
+ALWAYS vf vf_cvt(vi a) { VF_MAP((float)a.i32[i]); }
+ALWAYS vf vf_mul(vf a, vf b) { VF_MAP(a.f[i] * b.f[i]); }
+ALWAYS vf vf_fma(vf a, vf b, vf c) { VF_MAP(fmaf(a.f[i], b.f[i], c.f[i])); }
+ALWAYS vf vf_fnma(vf a, vf b, vf c) { VF_MAP(fmaf(-a.f[i], b.f[i], c.f[i])); }
+ALWAYS vf vf_load_h8(const uint8_t *p) {
+    uint16_t h[8];
+    memcpy(h, p, 16);
+    VF_MAP(half_to_float(h[i]));
+}
+#undef VF_MAP
+ALWAYS void vf_store(float *p, vf a) { memcpy(p, a.f, 32); }
+#endif
+
+/* Byte shuffles (the same in each 128-bit half): a 32-bit lane's byte j to an int16 pair,
+   byte j alone, and an int16 pair's first / second value to both. */
+static const int8_t SHUF[10][32] __attribute__((aligned(32))) = {
+#define L4(a, b, c, d) a, b, c, d, a + 4, b + 4, c + 4, d + 4, a + 8, b + 8, c + 8, d + 8, \
+                       a + 12, b + 12, c + 12, d + 12
+#define LANES(a, b, c, d) {L4(a, b, c, d), L4(a, b, c, d)}
+    LANES(0, -128, 0, -128), LANES(1, -127, 1, -127), LANES(2, -126, 2, -126),
+    LANES(3, -125, 3, -125), LANES(0, -128, -128, -128), LANES(1, -127, -127, -127),
+    LANES(2, -126, -126, -126), LANES(3, -125, -125, -125), LANES(0, 1, 0, 1), LANES(2, 3, 2, 3),
+#undef LANES
+#undef L4
+};
+/* (-128 + j keeps the high bit set after the +4/+8/+12 steps: a zero byte.) */
+#define PAIR_OF(j) vi_load(SHUF[j])
+#define BYTE_OF(j) vi_load(SHUF[4 + (j)])
+#define FIRST_I16 vi_load(SHUF[8])
+#define SECOND_I16 vi_load(SHUF[9])
+
+/* Σ over n vectors of u (unsigned) · x (signed) per 32-bit lane, as int32, each lane's 16-bit
+   pairs scaled by `scale` (ones for a plain sum); `per16` products fit in int16. */
+ALWAYS vi dot_u8(const vi *u, const vi *x, int n, int per16, vi scale) {
+    vi acc = vi_zero();
+    for (int p = 0; p < n; p += per16) {
+        vi s = vi_maddubs(u[p], x[p]);
+        for (int q = 1; q < per16; q++) s = vi_add16(s, vi_maddubs(u[p + q], x[p + q]));
+        acc = vi_add32(acc, vi_madd(s, scale));
+    }
+    return acc;
+}
+
+/* The same plain sum, with VNNI's exact 4-product dot where the CPU has it. */
+ALWAYS vi dot_u8_sum(const vi *u, const vi *x, int n, int per16) {
+#ifdef QLM_VNNI
+    (void)per16;
+    vi a = vi_zero(), b = vi_zero();
+    for (int p = 0; p < n; p += 2) {
+        a = dpbusd256(a, u[p], x[p]);
+        b = dpbusd256(b, u[p + 1], x[p + 1]);
+    }
+    return vi_add32(a, b);
+#else
+    return dot_u8(u, x, n, per16, vi_set16(1));
+#endif
+}
+
+/* The 8 nibble vectors of 4 qs vectors: u[2k] low nibbles of vector k, u[2k+1] high. */
+ALWAYS void unpack_nibbles(const uint8_t *q, vi *u, int nvec, int pairwise) {
+    const vi m = vi_set8(0x0F);
+    for (int k = 0; k < nvec; k++) {
+        vi v = vi_load(q + 32 * k);
+        vi lo = vi_and(v, m), hi = vi_and(vi_srli16(v, 4), m);
+        if (pairwise) { u[2 * k] = lo, u[2 * k + 1] = hi; }
+        else { u[k] = lo, u[nvec + k] = hi; }
+    }
+}
+
+/* Bits `bits` wide at position p * bits of h, moved to bit 4 (the value's top bits). */
+ALWAYS vi top_bits(vi h, int p, int bits) {
+    int s = 4 - p * bits;
+    vi v = s > 0 ? vi_slli16(h, s) : s < 0 ? vi_srli16(h, -s) : h;
+    return vi_and(v, vi_set8(bits == 1 ? 0x10 : 0x30));
+}
+
+/* lo[k] = the 4 activation bytes at x + 4k broadcast to every lane, hi[k] those at x + off + 4k. */
+ALWAYS void broadcast_words(const int8_t *x, vi *lo, vi *hi, int n, int off) {
+    for (int k = 0; k < n; k++) {
+        lo[k] = vi_bcast32(x + 4 * k);
+        hi[k] = vi_bcast32(x + off + 4 * k);
+    }
+}
+
+#define ACT_ROW(a, m) ((a)->q + (m) * (a)->K)
+#define ACT_D(a, m) ((a)->d + (m) * ((a)->K / 32))
+#define ACT_XS(a, m) ((a)->xs + (m) * ((a)->K / 32))
+#define ACT_S32(a, m) ((a)->s32 + (m) * ((a)->K / 32))
+#define ACT_S(a, m) ((a)->s + (m) * ((a)->K / 16))
+
+/* Q4_0 Q4_1 Q5_0 Q5_1 Q8_0: nb blocks of one group for input rows m0 .. m0+mn-1. */
+ALWAYS void q32_group(const int fmt, const uint8_t *g, int64_t nb, const qlm_act_t *a,
+                      int64_t m0, int64_t mn, vf *acc) {
+    const int mins = fmt == QLM_Q4_1 || fmt == QLM_Q5_1;
+    const int five = fmt == QLM_Q5_0 || fmt == QLM_Q5_1;
+    const int zero_point = fmt == QLM_Q4_0 ? 8 : fmt == QLM_Q5_0 ? 16 : 0;
+    const int rec = 16 + (mins ? 16 : 0) + (five ? 32 : 0) + (fmt == QLM_Q8_0 ? 256 : 128);
+    for (int64_t m = 0; m < mn; m++) acc[m] = vf_zero();
+    for (int64_t b = 0; b < nb; b++, g += rec) {
+        const vf d = vf_load_h8(g), mv = mins ? vf_load_h8(g + 16) : vf_zero();
+        const uint8_t *q = g + (mins ? 32 : 16);
+        vi u[8], w[8];
+        if (fmt == QLM_Q8_0) {
+            for (int k = 0; k < 8; k++) {
+                w[k] = vi_load(q + 32 * k);
+                u[k] = vi_abs8(w[k]); /* |w| * (x with w's sign) keeps maddubs' operand unsigned */
+            }
+        } else {
+            unpack_nibbles(q + (five ? 32 : 0), u, 4, 1);
+            if (five) {
+                const vi h = vi_load(q);
+                for (int p = 0; p < 8; p++) u[p] = vi_or(u[p], top_bits(h, p, 1));
+            }
+        }
+        for (int64_t m = m0; m < m0 + mn; m++) {
+            const int8_t *x = ACT_ROW(a, m) + b * 32;
+            vi xb[8], isum;
+            if (fmt == QLM_Q8_0) {
+                for (int k = 0; k < 8; k++) xb[k] = vi_sign8(vi_bcast32(x + 4 * k), w[k]);
+                isum = dot_u8_sum(u, xb, 8, 1);
+            } else {
+                for (int k = 0; k < 4; k++) {
+                    xb[2 * k] = vi_bcast32(x + 4 * k);
+                    xb[2 * k + 1] = vi_bcast32(x + 16 + 4 * k);
+                }
+                isum = dot_u8_sum(u, xb, 8, five ? 4 : 8);
+            }
+            if (zero_point) /* zero_point * s32, as a shift */
+                isum = vi_sub32(isum, vi_slli32(vi_bcast32((const int8_t *)(ACT_S32(a, m) + b)),
+                                                zero_point == 8 ? 3 : 4));
+            vf t = vf_fma(vf_cvt(isum), vf_mul(d, vf_set1(ACT_D(a, m)[b])), acc[m - m0]);
+            if (mins) t = vf_fma(mv, vf_set1(ACT_XS(a, m)[b]), t);
+            acc[m - m0] = t;
+        }
+    }
+}
+
+/* Q4_K Q5_K: w = d * sc_j * q - dmin * m_j for sub-block j (32 weights) of a super-block. */
+ALWAYS void k45_group(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act_t *a,
+                      int64_t m0, int64_t mn, vf *acc) {
+    const int five = fmt == QLM_Q5_K;
+    const int rec = five ? 1408 : 1152;
+    vf A[16], B[16];
+    for (int64_t m = 0; m < mn; m++) acc[m] = vf_zero();
+    for (int64_t sb = 0; sb < nsb; sb++, g += rec) {
+        const vf d = vf_load_h8(g), dmin = vf_load_h8(g + 16);
+        /* 6-bit scales and minimums of 8 rows at once (ggml's 12-byte packing, per lane) */
+        const vi U0 = vi_load(g + 32), U1 = vi_load(g + 64), U2 = vi_load(g + 96);
+        const vi m6 = vi_set8(0x3F), m4 = vi_set8(0x0F), m2 = vi_set8(0x03);
+        const vi sc[2] = {vi_and(U0, m6),
+                          vi_or(vi_and(U2, m4), vi_slli32(vi_and(vi_srli32(U0, 6), m2), 4))};
+        const vi mi[2] = {vi_and(U1, m6), vi_or(vi_and(vi_srli32(U2, 4), m4),
+                                                vi_slli32(vi_and(vi_srli32(U1, 6), m2), 4))};
+        const uint8_t *qh = g + 128, *qs = g + 128 + (five ? 256 : 0);
+        for (int64_t m = 0; m < mn; m++) A[m] = B[m] = vf_zero();
+        for (int c = 0; c < 4; c++) {
+            vi u[16]; /* u[k]: sub-block 2c, u[8 + k]: sub-block 2c + 1 */
+            unpack_nibbles(qs + 256 * c, u, 8, 0);
+            if (five)
+                for (int p = 0; p < 16; p++)
+                    u[p] = vi_or(u[p], top_bits(vi_load(qh + 32 * (2 * c + p / 8)), p % 8, 1));
+            const int j0 = 2 * c, j1 = 2 * c + 1;
+            const vi s0 = vi_shuffle8(sc[j0 / 4], PAIR_OF(j0 % 4));
+            const vi s1 = vi_shuffle8(sc[j1 / 4], PAIR_OF(j1 % 4));
+            const vf n0 = vf_cvt(vi_shuffle8(mi[j0 / 4], BYTE_OF(j0 % 4)));
+            const vf n1 = vf_cvt(vi_shuffle8(mi[j1 / 4], BYTE_OF(j1 % 4)));
+            for (int64_t m = m0; m < m0 + mn; m++) {
+                vi x0[8], x1[8];
+                broadcast_words(ACT_ROW(a, m) + sb * 256 + 64 * c, x0, x1, 8, 32);
+                const vi i0 = dot_u8(u, x0, 8, five ? 4 : 8, s0);
+                const vi i1 = dot_u8(u + 8, x1, 8, five ? 4 : 8, s1);
+                const int64_t blk = sb * 8 + j0;
+                const float *xd = ACT_D(a, m) + blk, *xs = ACT_XS(a, m) + blk;
+                vf t = vf_fma(vf_cvt(i0), vf_set1(xd[0]), A[m - m0]);
+                vf v = vf_fma(n0, vf_set1(xs[0]), B[m - m0]);
+                A[m - m0] = vf_fma(vf_cvt(i1), vf_set1(xd[1]), t);
+                B[m - m0] = vf_fma(n1, vf_set1(xs[1]), v);
+            }
+        }
+        for (int64_t m = 0; m < mn; m++) acc[m] = vf_fnma(dmin, B[m], vf_fma(d, A[m], acc[m]));
+    }
+}
+
+/* Q6_K: w = d * sc_i * (q - 32), q in 0..63, sc_i an int8 scale per 16 weights. */
+ALWAYS void q6k_group(const uint8_t *g, int64_t nsb, const qlm_act_t *a, int64_t m0, int64_t mn,
+                      vf *acc) {
+    vf A[16];
+    for (int64_t m = 0; m < mn; m++) acc[m] = vf_zero();
+    for (int64_t sb = 0; sb < nsb; sb++, g += 1680) {
+        const vf d = vf_load_h8(g);
+        for (int64_t m = 0; m < mn; m++) A[m] = vf_zero();
+        for (int s = 0; s < 8; s++) {
+            const uint8_t *q = g + 144 + 192 * s;
+            vi u[8]; /* even: elements 4k.. (first 16), odd: 16 + 4k.. (second 16) */
+            unpack_nibbles(q, u, 4, 1);
+            const vi h[2] = {vi_load(q + 128), vi_load(q + 160)};
+            for (int p = 0; p < 8; p++) u[p] = vi_or(u[p], top_bits(h[p / 4], p % 4, 2));
+            const vi sp = vi_i8_to_i16((const int8_t *)g + 16 + 16 * s); /* lane: (sc_a, sc_b) */
+            const vi sa = vi_shuffle8(sp, FIRST_I16), sb_ = vi_shuffle8(sp, SECOND_I16);
+            const vi ua[4] = {u[0], u[2], u[4], u[6]}, ub[4] = {u[1], u[3], u[5], u[7]};
+            for (int64_t m = m0; m < m0 + mn; m++) {
+                vi xa[4], xb[4];
+                broadcast_words(ACT_ROW(a, m) + sb * 256 + 32 * s, xa, xb, 4, 16);
+                vi isum = vi_add32(dot_u8(ua, xa, 4, 2, sa), dot_u8(ub, xb, 4, 2, sb_));
+                const int64_t blk = sb * 8 + s;
+                const int16_t *xs = ACT_S(a, m) + 2 * blk;
+                /* the -32 offset: 32 * (sc_a * sum_a + sc_b * sum_b) */
+                const vi sums = vi_set32((int32_t)((uint32_t)(uint16_t)xs[0] |
+                                                   ((uint32_t)(uint16_t)xs[1] << 16)));
+                isum = vi_sub32(isum, vi_slli32(vi_madd(sp, sums), 5));
+                A[m - m0] = vf_fma(vf_cvt(isum), vf_set1(ACT_D(a, m)[blk]), A[m - m0]);
+            }
+        }
+        for (int64_t m = 0; m < mn; m++) acc[m] = vf_fma(d, A[m], acc[m]);
+    }
+}
+
+/* Bytes per group and block, and elements per block, of each GGUF kind. */
+static const int GGUF_REC[QLM_KINDS] = {
+    [QLM_Q4_0] = 144, [QLM_Q4_1] = 160, [QLM_Q5_0] = 176, [QLM_Q5_1] = 192,
+    [QLM_Q8_0] = 272, [QLM_Q4_K] = 1152, [QLM_Q5_K] = 1408, [QLM_Q6_K] = 1680,
+};
+#define IS_GGUF(kind) ((kind) >= QLM_Q4_0 && (kind) <= QLM_Q6_K)
+#define BLOCK_ELEMS(kind) ((kind) >= QLM_Q4_K ? 256 : 32)
+
+#define MT 16 /* input rows per pass over a weight group */
+
+/* Groups g0 .. g1-1 of a GGUF part; every group is read once per MT input rows. */
+ALWAYS void gguf_groups(const int fmt, const qlm_linear_t *L, const qlm_act_t *a, float *y,
+                        int64_t ldy, int64_t M, int64_t g0, int64_t g1) {
+    const int64_t nb = L->K / BLOCK_ELEMS(fmt), stride = nb * GGUF_REC[fmt];
+    vf acc[MT];
+    float out[GG];
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *gp = (const uint8_t *)L->w + g * stride;
+        const int64_t n0 = g * GG, valid = MIN(GG, L->N - n0);
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int64_t mn = MIN(MT, M - m0);
+            /* 1 and 4 rows (decoding, a short verification) get their own copies, with the
+               accumulators in registers; the arithmetic per row is the same */
+            if (fmt == QLM_Q6_K) {
+                if (mn == 1) q6k_group(gp, nb, a, m0, 1, acc);
+                else if (mn == 4) q6k_group(gp, nb, a, m0, 4, acc);
+                else q6k_group(gp, nb, a, m0, mn, acc);
+            } else if (fmt >= QLM_Q4_K) {
+                if (mn == 1) k45_group(fmt, gp, nb, a, m0, 1, acc);
+                else if (mn == 4) k45_group(fmt, gp, nb, a, m0, 4, acc);
+                else k45_group(fmt, gp, nb, a, m0, mn, acc);
+            } else {
+                if (mn == 1) q32_group(fmt, gp, nb, a, m0, 1, acc);
+                else if (mn == 4) q32_group(fmt, gp, nb, a, m0, 4, acc);
+                else q32_group(fmt, gp, nb, a, m0, mn, acc);
+            }
+            for (int64_t m = 0; m < mn; m++) {
+                vf_store(out, acc[m]);
+                float *yr = y + (m0 + m) * ldy + n0;
+                for (int r = 0; r < valid; r++) yr[r] = out[r] + (L->bias ? L->bias[n0 + r] : 0.0f);
+            }
+        }
+    }
+}
+
+#define GGUF_FN(F)                                                                             \
+    static void gguf_##F(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t ldy,     \
+                         int64_t M, int64_t g0, int64_t g1) {                                  \
+        gguf_groups(QLM_##F, L, a, y, ldy, M, g0, g1);                                         \
+    }
+GGUF_FN(Q4_0)
+GGUF_FN(Q4_1)
+GGUF_FN(Q5_0)
+GGUF_FN(Q5_1)
+GGUF_FN(Q8_0)
+GGUF_FN(Q4_K)
+GGUF_FN(Q5_K)
+GGUF_FN(Q6_K)
+#undef GGUF_FN
+
+typedef void (*gguf_fn)(const qlm_linear_t *, const qlm_act_t *, float *, int64_t, int64_t,
+                        int64_t, int64_t);
+static const gguf_fn GGUF_KERNELS[QLM_KINDS] = {
+    [QLM_Q4_0] = gguf_Q4_0, [QLM_Q4_1] = gguf_Q4_1, [QLM_Q5_0] = gguf_Q5_0,
+    [QLM_Q5_1] = gguf_Q5_1, [QLM_Q8_0] = gguf_Q8_0, [QLM_Q4_K] = gguf_Q4_K,
+    [QLM_Q5_K] = gguf_Q5_K, [QLM_Q6_K] = gguf_Q6_K,
+};
+
+/* ---- a linear layer (one part or a fused chain of parts) as tasks ------------------------ */
+
+#define ROWS_PER_TASK 32 /* output rows per task: a multiple of NR and GG */
+
+typedef struct {
+    const qlm_linear_t *L;
+    const float *x; /* float input, for float32 parts */
+    qlm_act_t a;    /* the input quantized, for the others */
+    float *y;
+    int64_t M, ldy;
+} linear_ctx;
+
+static int64_t linear_tasks(const qlm_linear_t *L) {
+    int64_t n = 0;
+    for (; L; L = L->next) n += pieces(L->N, ROWS_PER_TASK);
+    return n;
+}
+
+static int64_t linear_width(const qlm_linear_t *L) {
+    int64_t n = 0;
+    for (; L; L = L->next) n += L->N;
+    return n;
+}
+
+static int needs_act(const qlm_linear_t *L) {
+    for (; L; L = L->next)
+        if (L->kind != QLM_F32) return 1;
+    return 0;
+}
+
+static void linear_task(const void *ctx, int64_t i, int tid) {
+    (void)tid;
+    const linear_ctx *c = ctx;
+    int64_t col = 0;
+    const qlm_linear_t *P = c->L;
+    for (; i >= pieces(P->N, ROWS_PER_TASK); P = P->next) {
+        i -= pieces(P->N, ROWS_PER_TASK);
+        col += P->N;
+    }
+    const int64_t n0 = i * ROWS_PER_TASK, n1 = MIN(P->N, n0 + ROWS_PER_TASK);
+    float *y = c->y + col;
+    switch (P->kind) {
+    case QLM_F32: f32_rows(P, c->x, y, c->ldy, c->M, n0, n1); break;
+    case QLM_I8:
+    case QLM_I8_TILED: i8_rows(P, &c->a, y, c->ldy, c->M, n0, n1); break;
+    case QLM_I4: i4_rows(P, &c->a, y, c->ldy, c->M, n0, n1); break;
+    default: GGUF_KERNELS[P->kind](P, &c->a, y, c->ldy, c->M, n0 / GG, pieces(n1, GG));
+    }
+}
+
+typedef struct {
+    const float *x;
+    int8_t *xq;
+    float *xd;
+    int64_t M, K;
+} quant_ctx;
+
+static void quant_task(const void *ctx, int64_t m, int tid) {
+    (void)tid;
+    const quant_ctx *c = ctx;
+    quantize_act_row(c->x, c->xq, c->xd, c->M, c->K, m);
+}
+
+/* y (M rows of all parts' N) = x (M rows of K) through the linear L. Where a part is not
+   float32, xq (M*K bytes) and xd (ACT_FLOATS(M, K) floats) are scratch for the quantized input. */
+void qlm_linear(const qlm_linear_t *L, const float *x, float *y, int64_t M, int8_t *xq,
+                float *xd, int nthreads) {
+    const int64_t K = L->K;
+    quant_ctx q = {x, xq, xd, M, K};
+    linear_ctx c = {L, x, act_view(xq, xd, M, K), y, M, linear_width(L)};
+    qlm_phase_t ph[2];
+    int n = 0;
+    if (needs_act(L)) ph[n++] = (qlm_phase_t){quant_task, &q, M};
+    ph[n++] = (qlm_phase_t){linear_task, &c, linear_tasks(L)};
+    run_phases(ph, n, nthreads);
+}
+
+/* Weights back to float32 rows, for large batches (dequantize once, then a dense matmul). */
+typedef struct {
+    const qlm_linear_t *L;
+    float *out;
+} dequant_ctx;
+
+static void dequant_task(const void *ctx, int64_t i, int tid) {
+    (void)tid;
+    const dequant_ctx *c = ctx;
+    const qlm_linear_t *L = c->L;
+    const int64_t K = L->K, N = L->N, G = L->G;
+    for (int64_t n = i * ROWS_PER_TASK; n < MIN(N, (i + 1) * ROWS_PER_TASK); n++) {
+        float *o = c->out + n * K;
+        if (L->kind == QLM_I4) {
+            dequant_i4_row((const uint8_t *)L->w + n * (K / 2), (const uint16_t *)L->scale + n * (K / G),
+                           (const uint16_t *)L->mins + n * (K / G), o, K, G);
+            continue;
+        }
+        const float s = ((const float *)L->scale)[n];
+        const int8_t *w = L->w;
+        if (L->kind == QLM_I8_TILED) {
+            const int8_t *q = w + (n / NR) * NR * K + (n % NR) * 64;
+            for (int64_t k = 0; k < K; k += 64)
+                for (int j = 0; j < 64; j++) o[k + j] = (float)q[k * NR + j] * s;
+        } else {
+            for (int64_t k = 0; k < K; k++) o[k] = (float)w[n * K + k] * s;
+        }
+    }
+}
+
+static void dequant(const qlm_linear_t *L, float *out, int nthreads) {
+    dequant_ctx c = {L, out};
+    qlm_phase_t ph = {dequant_task, &c, pieces(L->N, ROWS_PER_TASK)};
+    run_phases(&ph, 1, nthreads);
+}
+
+void qlm_dequant_i8(const int8_t *w, int tiled, const float *scale, float *out, int64_t N,
+                    int64_t K, int nthreads) {
+    qlm_linear_t L = {tiled ? QLM_I8_TILED : QLM_I8, w, scale, 0, 0, N, K, 0, 0};
+    dequant(&L, out, nthreads);
 }
 
 void qlm_dequant_i4(const uint8_t *w, const uint16_t *scale, const uint16_t *minv, float *out,
                     int64_t N, int64_t K, int64_t G, int nthreads) {
-    int64_t groups = K / G;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *q = w + n * (K / 2);
-        const uint16_t *sc = scale + n * groups, *mn = minv + n * groups;
-        float *o = out + n * K;
-        for (int64_t k = 0; k < K; k += 64) {
-            /* G >= 32: each run of 32 weights lies in one group */
-            float s0 = half_to_float(sc[k / G]), m0 = half_to_float(mn[k / G]);
-            float s1 = half_to_float(sc[(k + 32) / G]), m1 = half_to_float(mn[(k + 32) / G]);
-#if defined(__AVX512F__)
-            __m256i b = _mm256_loadu_si256((const __m256i *)(q + k / 2));
-            __m256i lo = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
-            __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
-                               _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
-            for (int i = 0; i < 4; i++) {
-                __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[i]));
-                __m512 sv = _mm512_set1_ps(i < 2 ? s0 : s1), mv = _mm512_set1_ps(i < 2 ? m0 : m1);
-                _mm512_storeu_ps(o + k + 16 * i, _mm512_fmadd_ps(v, sv, mv));
-            }
-#else
-            for (int j = 0; j < 32; j++) {
-                uint8_t b = q[k / 2 + j];
-                o[k + j] = (float)(b & 0xF) * s0 + m0;
-                o[k + 32 + j] = (float)(b >> 4) * s1 + m1;
-            }
-#endif
-        }
-    }
+    qlm_linear_t L = {QLM_I4, w, scale, minv, 0, N, K, G, 0};
+    dequant(&L, out, nthreads);
 }
 
 /* ---- the rest of a decode step: norms, rotary embedding, attention, SwiGLU ------------
  * These replace dozens of small PyTorch ops per layer whose dispatch cost, not arithmetic,
  * dominates a one-token step. They work row by row, so a row's result never depends on the
- * batch it came in.                                                                        */
+ * batch it came in. `fv` is the widest float vector of the build (FW floats).              */
 
 #if defined(__AVX512F__)
-static inline __m512 exp512(__m512 x) {
+#define FW 16
+typedef __m512 fv;
+#define fv_load _mm512_loadu_ps
+#define fv_store _mm512_storeu_ps
+#define fv_set1 _mm512_set1_ps
+#define fv_zero _mm512_setzero_ps
+#define fv_add _mm512_add_ps
+#define fv_sub _mm512_sub_ps
+#define fv_mul _mm512_mul_ps
+#define fv_div _mm512_div_ps
+#define fv_fma _mm512_fmadd_ps
+#define fv_hsum _mm512_reduce_add_ps
+#define fv_load_i8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define fv_min _mm512_min_ps
+#define fv_max _mm512_max_ps
+#define fv_fnma _mm512_fnmadd_ps
+#define fv_round(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define fv_pow2n _mm512_scalef_ps /* p * 2^n */
+#define EXP_LO -103.972077083992f
+#elif defined(__AVX2__)
+#define FW 8
+typedef __m256 fv;
+#define fv_load _mm256_loadu_ps
+#define fv_store _mm256_storeu_ps
+#define fv_set1 _mm256_set1_ps
+#define fv_zero _mm256_setzero_ps
+#define fv_add _mm256_add_ps
+#define fv_sub _mm256_sub_ps
+#define fv_mul _mm256_mul_ps
+#define fv_div _mm256_div_ps
+#define fv_fma _mm256_fmadd_ps
+#define fv_load_i8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+static inline float fv_hsum(__m256 a) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    return _mm_cvtss_f32(v);
+}
+#define fv_min _mm256_min_ps
+#define fv_max _mm256_max_ps
+#define fv_fnma _mm256_fnmadd_ps
+#define fv_round(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+static inline fv fv_pow2n(fv p, fv n) { /* p * 2^n, 2^n built in the exponent bits */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#define EXP_LO -87.3f /* 2^n stays a normal float */
+#else
+#define FW 1
+typedef float fv;
+#define fv_load(p) (*(p))
+#define fv_store(p, v) (*(p) = (v))
+#define fv_set1(v) (v)
+#define fv_zero() 0.0f
+#define fv_add(a, b) ((a) + (b))
+#define fv_sub(a, b) ((a) - (b))
+#define fv_mul(a, b) ((a) * (b))
+#define fv_div(a, b) ((a) / (b))
+#define fv_fma(a, b, c) ((a) * (b) + (c))
+#define fv_hsum(a) (a)
+#define fv_load_i8(p) ((float)*(p))
+#define fv_exp expf
+#endif
+
+#if FW > 1
+static inline fv fv_exp(fv x) {
     /* e^x = 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 polynomial, ~1 ulp */
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.972077083992f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    x = fv_max(fv_min(x, fv_set1(88.0f)), fv_set1(EXP_LO));
+    fv n = fv_round(fv_mul(x, fv_set1(1.44269504088896341f)));
+    fv r = fv_fnma(n, fv_set1(0.693359375f), x);
+    r = fv_fnma(n, fv_set1(-2.12194440e-4f), r);
+    fv p = fv_set1(1.9875691500E-4f);
+    p = fv_fma(p, r, fv_set1(1.3981999507E-3f));
+    p = fv_fma(p, r, fv_set1(8.3334519073E-3f));
+    p = fv_fma(p, r, fv_set1(4.1665795894E-2f));
+    p = fv_fma(p, r, fv_set1(1.6666665459E-1f));
+    p = fv_fma(p, r, fv_set1(5.0000001201E-1f));
+    p = fv_fma(p, fv_mul(r, r), fv_add(r, fv_set1(1.0f)));
+    return fv_pow2n(p, n);
 }
 #endif
 
 static inline float exp1(float x) {
-#if defined(__AVX512F__)
-    return _mm512_cvtss_f32(exp512(_mm512_set1_ps(x)));
+#if FW > 1
+    float v[FW];
+    fv_store(v, fv_exp(fv_set1(x)));
+    return v[0];
 #else
     return expf(x);
 #endif
 }
 
-/* x += delta (if given), then y = x / rms(x) * w, per row of D. */
-void qlm_add_rmsnorm(float *x, const float *delta, const float *w, float *y, int64_t M, int64_t D,
-                     float eps) {
-    for (int64_t m = 0; m < M; m++) {
-        float *xr = x + m * D, *yr = y + m * D;
-        const float *dr = delta ? delta + m * D : 0;
-        int64_t k = 0;
-#if defined(__AVX512F__)
-        __m512 acc = _mm512_setzero_ps();
-        for (; k + 16 <= D; k += 16) {
-            __m512 v = _mm512_loadu_ps(xr + k);
-            if (dr) { v = _mm512_add_ps(v, _mm512_loadu_ps(dr + k)); _mm512_storeu_ps(xr + k, v); }
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        float ss = _mm512_reduce_add_ps(acc);
-#else
-        float ss = 0.0f;
-#endif
-        for (; k < D; k++) {
-            if (dr) xr[k] += dr[k];
-            ss += xr[k] * xr[k];
-        }
-        float inv = 1.0f / sqrtf(ss / (float)D + eps);
-        for (k = 0; k < D; k++) yr[k] = w[k] * (xr[k] * inv);
-    }
+/* Dot products of a float row with a float or int8 row. */
+ALWAYS float dot_row(const float *a, const void *b, int64_t n, const int q8) {
+    fv acc = fv_zero();
+    int64_t i = 0;
+    for (; i + FW <= n; i += FW)
+        acc = fv_fma(fv_load(a + i), q8 ? fv_load_i8((const int8_t *)b + i) : fv_load((const float *)b + i), acc);
+    float s = fv_hsum(acc);
+    for (; i < n; i++) s += a[i] * (q8 ? (float)((const int8_t *)b)[i] : ((const float *)b)[i]);
+    return s;
 }
 
-/* Rotary embedding in place on the first `heads` heads of each row (half-split layout).
-   cos/sin: one row of D values per token (the model's own tables). */
-void qlm_rope(float *x, int64_t M, int64_t row_stride, int64_t heads, int64_t D, const float *cos,
-              const float *sin) {
+/* x += delta (if given), then y = x / rms(x) * w, for one row of D. */
+static void add_rmsnorm_row(float *x, const float *delta, const float *w, float *y, int64_t D,
+                            float eps) {
+    fv acc = fv_zero();
+    int64_t k = 0;
+    for (; k + FW <= D; k += FW) {
+        fv v = fv_load(x + k);
+        if (delta) {
+            v = fv_add(v, fv_load(delta + k));
+            fv_store(x + k, v);
+        }
+        acc = fv_fma(v, v, acc);
+    }
+    float ss = fv_hsum(acc);
+    for (; k < D; k++) {
+        if (delta) x[k] += delta[k];
+        ss += x[k] * x[k];
+    }
+    float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    for (k = 0; k < D; k++) y[k] = w[k] * (x[k] * inv);
+}
+
+/* Rotary embedding in place on `heads` heads of D (half-split layout), one row; cos/sin: the
+   row's D values (the model's own tables). */
+static void rope_row(float *v, int64_t heads, int64_t D, const float *c, const float *s) {
     int64_t half = D / 2;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t h = 0; h < heads; h++) {
-            float *v = x + m * row_stride + h * D;
-            const float *c = cos + m * D, *s = sin + m * D;
-            for (int64_t i = 0; i < half; i++) {
-                float a = v[i], b = v[i + half];
-                v[i] = a * c[i] - b * s[i];
-                v[i + half] = b * c[i + half] + a * s[i + half];
-            }
+    for (int64_t h = 0; h < heads; h++, v += D)
+        for (int64_t i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * c[i] - b * s[i];
+            v[i + half] = b * c[i + half] + a * s[i + half];
         }
 }
 
-/* Attention for T new rows of one sequence. qkv: T rows of (H + 2 Hkv) * D (q, k, v, rotary
-   applied). Row t's k and v are stored at position past + t of K, V ([Hkv][cap][D]); then row
-   t attends over positions 0 .. past + t. out: T rows of H * D. scratch: nthreads * (past+T). */
-static void attend_rows_body(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D,
-                             float *K, float *V, int64_t cap, int64_t past, float scale,
-                             float *out, float *scratch) {
-    int64_t stride = (H + 2 * Hkv) * D, group = H / Hkv;
-#pragma omp single
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < Hkv; h++) {
-            memcpy(K + (h * cap + past + t) * D, qkv + t * stride + (H + h) * D, D * sizeof(float));
-            memcpy(V + (h * cap + past + t) * D, qkv + t * stride + (H + Hkv + h) * D, D * sizeof(float));
-        }
-    int64_t S = past + T;
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < H; h++) {
-            int tid = 0;
-#ifdef _OPENMP
-            tid = omp_get_thread_num();
-#endif
-            float *p = scratch + tid * S;
-            const float *q = qkv + t * stride + h * D;
-            const float *Kh = K + (h / group) * cap * D, *Vh = V + (h / group) * cap * D;
-            int64_t n = past + t + 1;
-            float mx = -INFINITY;
-            for (int64_t j = 0; j < n; j++) {
-                const float *kj = Kh + j * D;
-                float d = 0.0f;
-                int64_t i = 0;
-#if defined(__AVX512F__)
-                __m512 acc = _mm512_setzero_ps();
-                for (; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kj + i), acc);
-                d = _mm512_reduce_add_ps(acc);
-#endif
-                for (; i < D; i++) d += q[i] * kj[i];
-                p[j] = d * scale;
-                mx = p[j] > mx ? p[j] : mx;
-            }
-            float sum = 0.0f;
-            int64_t j = 0;
-#if defined(__AVX512F__)
-            __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(mx);
-            for (; j + 16 <= n; j += 16) {
-                __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j), vm));
-                _mm512_storeu_ps(p + j, e);
-                vs = _mm512_add_ps(vs, e);
-            }
-            sum = _mm512_reduce_add_ps(vs);
-#endif
-            for (; j < n; j++) { p[j] = exp1(p[j] - mx); sum += p[j]; }
-            float inv = 1.0f / sum;
-            float *o = out + t * H * D + h * D;
-            int64_t i = 0;
-#if defined(__AVX512F__)
-            for (; i + 16 <= D; i += 16) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t jj = 0; jj < n; jj++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[jj]), _mm512_loadu_ps(Vh + jj * D + i), acc);
-                _mm512_storeu_ps(o + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
-            }
-#endif
-            for (; i < D; i++) {
-                float acc = 0.0f;
-                for (int64_t jj = 0; jj < n; jj++) acc += p[jj] * Vh[jj * D + i];
-                o[i] = acc * inv;
-            }
-        }
-}
-
-void qlm_attend_rows(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D, float *K,
-                     float *V, int64_t cap, int64_t past, float scale, float *out, float *scratch,
-                     int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    attend_rows_body(qkv, T, H, Hkv, D, K, V, cap, past, scale, out, scratch);
-}
-
-/* SwiGLU: out[m, i] = silu(gu[m, i]) * gu[m, F + i] for the fused gate/up projection. */
-void qlm_silu_mul(const float *gu, float *out, int64_t M, int64_t F) {
-    for (int64_t m = 0; m < M; m++) {
-        const float *g = gu + m * 2 * F, *u = g + F;
-        float *o = out + m * F;
-        int64_t i = 0;
-#if defined(__AVX512F__)
-        for (; i + 16 <= F; i += 16) {
-            __m512 x = _mm512_loadu_ps(g + i);
-            __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
-            __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-            _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
-        }
-#endif
-        for (; i < F; i++) o[i] = g[i] / (1.0f + exp1(-g[i])) * u[i];
+/* SwiGLU for one row: out[i] = silu(g[i]) * u[i]. */
+static void silu_mul_row(const float *g, const float *u, float *o, int64_t F) {
+    int64_t i = 0;
+    for (; i + FW <= F; i += FW) {
+        fv x = fv_load(g + i);
+        fv e = fv_exp(fv_sub(fv_zero(), x));
+        fv_store(o + i, fv_mul(fv_div(x, fv_add(fv_set1(1.0f), e)), fv_load(u + i)));
     }
+    for (; i < F; i++) o[i] = g[i] / (1.0f + exp1(-g[i])) * u[i];
 }
 
-/* The same attention over an int8 KV cache: each stored key and value row (one head, one
-   position) is D int8 codes and a float scale, a quarter of the memory of float32. New rows
-   are quantized as they are written. Ks, Vs: [Hkv][cap] scales.                             */
+/* An int8 KV row: D codes and a float scale (a quarter of float32's memory). */
 static void q8_row(const float *x, int64_t D, int8_t *q, float *scale) {
     float amax = 0.0f;
     for (int64_t i = 0; i < D; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
@@ -572,158 +1380,188 @@ static void q8_row(const float *x, int64_t D, int8_t *q, float *scale) {
     *scale = amax / 127.0f;
 }
 
-static void attend_rows_q8_body(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D,
-                                int8_t *K, int8_t *V, float *Ks, float *Vs, int64_t cap,
-                                int64_t past, float scale, float *out, float *scratch) {
-    int64_t stride = (H + 2 * Hkv) * D, group = H / Hkv;
-#pragma omp single
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < Hkv; h++) {
-            int64_t pos = h * cap + past + t;
-            q8_row(qkv + t * stride + (H + h) * D, D, K + pos * D, Ks + pos);
-            q8_row(qkv + t * stride + (H + Hkv + h) * D, D, V + pos * D, Vs + pos);
-        }
-    int64_t S = past + T;
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < H; h++) {
-            int tid = 0;
-#ifdef _OPENMP
-            tid = omp_get_thread_num();
-#endif
-            float *p = scratch + tid * S;
-            const float *q = qkv + t * stride + h * D;
-            int64_t kvh = h / group;
-            const int8_t *Kh = K + kvh * cap * D, *Vh = V + kvh * cap * D;
-            const float *ksh = Ks + kvh * cap, *vsh = Vs + kvh * cap;
-            int64_t n = past + t + 1;
-            float mx = -INFINITY;
-            for (int64_t j = 0; j < n; j++) {
-                const int8_t *kj = Kh + j * D;
-                float d = 0.0f;
-                int64_t i = 0;
-#if defined(__AVX512F__)
-                __m512 acc = _mm512_setzero_ps();
-                for (; i + 16 <= D; i += 16) {
-                    __m512 kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kj + i))));
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv, acc);
-                }
-                d = _mm512_reduce_add_ps(acc);
-#endif
-                for (; i < D; i++) d += q[i] * (float)kj[i];
-                p[j] = d * ksh[j] * scale;
-                mx = p[j] > mx ? p[j] : mx;
-            }
-            float sum = 0.0f;
-            for (int64_t j = 0; j < n; j++) { p[j] = exp1(p[j] - mx); sum += p[j]; }
-            float inv = 1.0f / sum;
-            float *o = out + t * H * D + h * D;
-            int64_t i = 0;
-#if defined(__AVX512F__)
-            for (; i + 16 <= D; i += 16) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t jj = 0; jj < n; jj++) {
-                    __m512 vv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(Vh + jj * D + i))));
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(p[jj] * vsh[jj]), vv, acc);
-                }
-                _mm512_storeu_ps(o + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
-            }
-#endif
-            for (; i < D; i++) {
-                float acc = 0.0f;
-                for (int64_t jj = 0; jj < n; jj++) acc += p[jj] * vsh[jj] * (float)Vh[jj * D + i];
-                o[i] = acc * inv;
-            }
-        }
-}
-
-void qlm_attend_rows_q8(const float *qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D, int8_t *K,
-                        int8_t *V, float *Ks, float *Vs, int64_t cap, int64_t past, float scale,
-                        float *out, float *scratch, int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    attend_rows_q8_body(qkv, T, H, Hkv, D, K, V, Ks, Vs, cap, past, scale, out, scratch);
+/* One query row of one head over n cached positions (float32 K, V, or int8 with per-row
+   scales ks, vs): o = softmax(q K^T * scale) V. p: n floats of scratch. */
+ALWAYS void attend_head(const int q8, const float *q, const void *K, const void *V,
+                        const float *ks, const float *vs, int64_t n, int64_t D, float scale,
+                        float *p, float *o) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        const void *kj = q8 ? (const void *)((const int8_t *)K + j * D) : (const void *)((const float *)K + j * D);
+        float d = dot_row(q, kj, D, q8);
+        p[j] = q8 ? d * ks[j] * scale : d * scale;
+        mx = p[j] > mx ? p[j] : mx;
+    }
+    fv vsum = fv_zero(), vm = fv_set1(mx);
+    int64_t j = 0;
+    for (; j + FW <= n; j += FW) {
+        fv e = fv_exp(fv_sub(fv_load(p + j), vm));
+        fv_store(p + j, e);
+        vsum = fv_add(vsum, e);
+    }
+    float sum = fv_hsum(vsum);
+    for (; j < n; j++) {
+        p[j] = exp1(p[j] - mx);
+        sum += p[j];
+    }
+    if (q8)
+        for (j = 0; j < n; j++) p[j] *= vs[j];
+    const float inv = 1.0f / sum;
+    int64_t i = 0;
+    for (; i + FW <= D; i += FW) {
+        fv acc = fv_zero();
+        for (int64_t jj = 0; jj < n; jj++)
+            acc = fv_fma(fv_set1(p[jj]), q8 ? fv_load_i8((const int8_t *)V + jj * D + i) : fv_load((const float *)V + jj * D + i), acc);
+        fv_store(o + i, fv_mul(acc, fv_set1(inv)));
+    }
+    for (; i < D; i++) {
+        float acc = 0.0f;
+        for (int64_t jj = 0; jj < n; jj++)
+            acc += p[jj] * (q8 ? (float)((const int8_t *)V)[jj * D + i] : ((const float *)V)[jj * D + i]);
+        o[i] = acc * inv;
+    }
 }
 
 /* ---- a whole decoder layer in one call ------------------------------------------------
- * For decode-sized batches the ~10 calls of a layer each cost a Python round trip and an
- * OpenMP fork/join, together as much as reading the layer's weights. Here one parallel
- * region runs the layer: the serial steps (norms, rotary, cache writes) on one thread, the
- * matrix products and attention heads split across threads, with a barrier between steps.
- * Every step is the same code the separate kernels run, so results are identical.          */
+ * For decode-sized batches the ~10 calls of a layer each cost a Python round trip, together
+ * as much as reading the layer's weights. Here one job of 11 phases runs the layer; every
+ * step is the same row-wise code the separate kernels run, so results are identical.       */
 
 typedef struct {
-    int64_t kind; /* 0 float32, 1 int8 (row-major), 2 int8 tiled, 3 4-bit groups */
-    const void *w;
-    const void *scale; /* int8: float per row; 4-bit: half per group */
-    const void *mins;  /* 4-bit: half per group */
-    const float *bias;
-    int64_t N, K, G;
-} qlm_linear_t;
+    const qlm_layer_t *L;
+    float *h;
+    int64_t M;
+    const float *cos, *sin;
+    const qlm_segment_t *seg;
+    int64_t nseg;
+    int kv_q8;
+    float *y, *qkv, *att, *o, *gu, *act, *dn, *scratch;
+    int8_t *xq;
+    float *xd;
+    int64_t S, d, HD, F, QN;
+} layer_ctx;
 
-typedef struct {
-    qlm_linear_t qkv, o, gate_up, down;
-    const float *ln1, *ln2;
-    int64_t H, Hkv, D;
-    float eps, scale;
-} qlm_layer_t;
+static const qlm_segment_t *segment_of(const layer_ctx *c, int64_t m) {
+    const qlm_segment_t *s = c->seg;
+    while (m >= s->start + s->T) s++;
+    return s;
+}
 
-typedef struct {
-    int64_t start, T, cap, past; /* rows start .. start + T - 1 of the batch; cache state */
-    void *K, *V;                 /* [Hkv][cap][D] float32, or int8 with scales Ks, Vs */
-    float *Ks, *Vs;
-} qlm_segment_t;
+static void norm1_task(const void *ctx, int64_t m, int tid) {
+    (void)tid;
+    const layer_ctx *c = ctx;
+    add_rmsnorm_row(c->h + m * c->d, 0, c->L->ln1, c->y + m * c->d, c->d, c->L->eps);
+    if (needs_act(&c->L->qkv)) quantize_act_row(c->y, c->xq, c->xd, c->M, c->d, m);
+}
 
-static void linear_body(const qlm_linear_t *L, const float *x, float *y, int64_t M, int8_t *xq,
-                        float *xd) {
-    switch (L->kind) {
-    case 0: linear_f32_body(x, L->w, L->bias, y, M, L->N, L->K); break;
-    case 1:
-    case 2: linear_i8_body(x, L->w, L->kind == 2, L->scale, L->bias, y, M, L->N, L->K, xq, xd); break;
-    default: linear_i4_body(x, L->w, L->scale, L->mins, L->bias, y, M, L->N, L->K, L->G, xq, xd);
+static void rope_kv_task(const void *ctx, int64_t m, int tid) {
+    (void)tid;
+    const layer_ctx *c = ctx;
+    const qlm_layer_t *L = c->L;
+    const int64_t D = L->D, H = L->H, Hkv = L->Hkv;
+    float *row = c->qkv + m * c->QN;
+    rope_row(row, H, D, c->cos + m * D, c->sin + m * D);
+    rope_row(row + H * D, Hkv, D, c->cos + m * D, c->sin + m * D);
+    const qlm_segment_t *s = segment_of(c, m);
+    const int64_t t = m - s->start;
+    for (int64_t h = 0; h < Hkv; h++) {
+        const int64_t pos = h * s->cap + s->past + t;
+        const float *k = row + (H + h) * D, *v = row + (H + Hkv + h) * D;
+        if (c->kv_q8) {
+            q8_row(k, D, (int8_t *)s->K + pos * D, s->Ks + pos);
+            q8_row(v, D, (int8_t *)s->V + pos * D, s->Vs + pos);
+        } else {
+            memcpy((float *)s->K + pos * D, k, D * sizeof(float));
+            memcpy((float *)s->V + pos * D, v, D * sizeof(float));
+        }
     }
 }
 
-/* h: M rows of the residual stream, updated in place. cos, sin: M rows of D. work: floats for
-   M * (3 d + qkv.N + 2 H D + 3 F) + 2 M Kmax / 32 + nthreads * Smax (see fastpath.py);
-   xq: M * Kmax bytes. */
+/* Row m, head h attends over its sequence's positions 0 .. past + t. */
+static void attention_task(const void *ctx, int64_t i, int tid) {
+    const layer_ctx *c = ctx;
+    const qlm_layer_t *L = c->L;
+    const int64_t D = L->D, H = L->H, m = i / H, h = i % H, kvh = h / (H / L->Hkv);
+    const qlm_segment_t *s = segment_of(c, m);
+    const int64_t n = s->past + (m - s->start) + 1, off = kvh * s->cap;
+    const float *q = c->qkv + m * c->QN + h * D;
+    float *p = c->scratch + tid * c->S, *o = c->att + m * c->HD + h * D;
+    if (c->kv_q8)
+        attend_head(1, q, (const int8_t *)s->K + off * D, (const int8_t *)s->V + off * D,
+                    s->Ks + off, s->Vs + off, n, D, L->scale, p, o);
+    else
+        attend_head(0, q, (const float *)s->K + off * D, (const float *)s->V + off * D, 0, 0, n, D,
+                    L->scale, p, o);
+}
+
+static void quant_att_task(const void *ctx, int64_t m, int tid) {
+    (void)tid;
+    const layer_ctx *c = ctx;
+    quantize_act_row(c->att, c->xq, c->xd, c->M, c->HD, m);
+}
+
+static void norm2_task(const void *ctx, int64_t m, int tid) {
+    (void)tid;
+    const layer_ctx *c = ctx;
+    add_rmsnorm_row(c->h + m * c->d, c->o + m * c->d, c->L->ln2, c->y + m * c->d, c->d, c->L->eps);
+    if (needs_act(&c->L->gate_up)) quantize_act_row(c->y, c->xq, c->xd, c->M, c->d, m);
+}
+
+static void silu_task(const void *ctx, int64_t m, int tid) {
+    (void)tid;
+    const layer_ctx *c = ctx;
+    silu_mul_row(c->gu + m * 2 * c->F, c->gu + m * 2 * c->F + c->F, c->act + m * c->F, c->F);
+    if (needs_act(&c->L->down)) quantize_act_row(c->act, c->xq, c->xd, c->M, c->F, m);
+}
+
+static void residual_task(const void *ctx, int64_t m, int tid) {
+    (void)tid;
+    const layer_ctx *c = ctx;
+    float *h = c->h + m * c->d;
+    const float *dn = c->dn + m * c->d;
+    for (int64_t i = 0; i < c->d; i++) h[i] += dn[i];
+}
+
+/* h: M rows of the residual stream, updated in place. cos, sin: M rows of D. seg: nseg
+   segments covering rows 0 .. M-1 in order. work: floats for M * (3 d + QN + 2 H D + 3 F)
+   + ACT_FLOATS(M, Kmax) + nthreads * Smax (see fastpath.py); xq: M * Kmax bytes. */
 void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *cos,
                        const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_q8,
                        float *work, int8_t *xq, int nthreads) {
-    const int64_t d = L->o.N, HD = L->H * L->D, F = L->down.K, QN = L->qkv.N;
-    const int64_t stride = (L->H + 2 * L->Hkv) * L->D;
+    const int64_t d = L->o.N, HD = L->H * L->D, F = L->down.K, QN = linear_width(&L->qkv);
     int64_t kmax = d > F ? d : F;
     kmax = kmax > HD ? kmax : HD;
-    float *y = work, *qkv = y + M * d, *att = qkv + M * QN, *o = att + M * HD;
-    float *gu = o + M * d, *act = gu + M * 2 * F, *dn = act + M * F, *xd = dn + M * d;
-    float *scratch = xd + 2 * M * (kmax / 32);
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp single
-        qlm_add_rmsnorm(h, 0, L->ln1, y, M, d, L->eps);
-        linear_body(&L->qkv, y, qkv, M, xq, xd);
-#pragma omp single
-        {
-            qlm_rope(qkv, M, stride, L->H, L->D, cos, sin);
-            qlm_rope(qkv + HD, M, stride, L->Hkv, L->D, cos, sin);
-        }
-        for (int64_t i = 0; i < nseg; i++) {
-            const qlm_segment_t *s = seg + i;
-            if (kv_q8)
-                attend_rows_q8_body(qkv + s->start * stride, s->T, L->H, L->Hkv, L->D, s->K, s->V,
-                                    s->Ks, s->Vs, s->cap, s->past, L->scale, att + s->start * HD,
-                                    scratch);
-            else
-                attend_rows_body(qkv + s->start * stride, s->T, L->H, L->Hkv, L->D, s->K, s->V,
-                                 s->cap, s->past, L->scale, att + s->start * HD, scratch);
-        }
-        linear_body(&L->o, att, o, M, xq, xd);
-#pragma omp single
-        qlm_add_rmsnorm(h, o, L->ln2, y, M, d, L->eps);
-        linear_body(&L->gate_up, y, gu, M, xq, xd);
-#pragma omp single
-        qlm_silu_mul(gu, act, M, F);
-        linear_body(&L->down, act, dn, M, xq, xd);
-#pragma omp single
-        for (int64_t i = 0; i < M * d; i++) h[i] += dn[i];
-    }
+    int64_t S = 0;
+    for (int64_t i = 0; i < nseg; i++) S = S > seg[i].past + seg[i].T ? S : seg[i].past + seg[i].T;
+    layer_ctx c = {.L = L, .h = h, .M = M, .cos = cos, .sin = sin, .seg = seg, .nseg = nseg};
+    c.kv_q8 = kv_q8;
+    c.y = work;
+    c.qkv = c.y + M * d;
+    c.att = c.qkv + M * QN;
+    c.o = c.att + M * HD;
+    c.gu = c.o + M * d;
+    c.act = c.gu + M * 2 * F;
+    c.dn = c.act + M * F;
+    c.xd = c.dn + M * d;
+    c.scratch = c.xd + ACT_FLOATS(M, kmax);
+    c.xq = xq;
+    c.S = S, c.d = d, c.HD = HD, c.F = F, c.QN = QN;
+    const linear_ctx lqkv = {&L->qkv, c.y, act_view(xq, c.xd, M, d), c.qkv, M, QN};
+    const linear_ctx lo = {&L->o, c.att, act_view(xq, c.xd, M, HD), c.o, M, d};
+    const linear_ctx lgu = {&L->gate_up, c.y, act_view(xq, c.xd, M, d), c.gu, M, 2 * F};
+    const linear_ctx ldn = {&L->down, c.act, act_view(xq, c.xd, M, F), c.dn, M, d};
+    const qlm_phase_t ph[] = {
+        {norm1_task, &c, M},
+        {linear_task, &lqkv, linear_tasks(&L->qkv)},
+        {rope_kv_task, &c, M},
+        {attention_task, &c, M * L->H},
+        {quant_att_task, &c, needs_act(&L->o) ? M : 0},
+        {linear_task, &lo, linear_tasks(&L->o)},
+        {norm2_task, &c, M},
+        {linear_task, &lgu, linear_tasks(&L->gate_up)},
+        {silu_task, &c, M},
+        {linear_task, &ldn, linear_tasks(&L->down)},
+        {residual_task, &c, M},
+    };
+    run_phases(ph, sizeof ph / sizeof ph[0], nthreads);
 }

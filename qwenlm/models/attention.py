@@ -140,7 +140,8 @@ _MASKED_QUERY_BLOCK = 128
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, half-split ("NeoX") layout: x (B, H, T, D); cos, sin (B, T, D) or (T, D)."""
+    """Rotary embedding, half-split ("NeoX") layout: x (B, H, T, D); cos, sin (B, T, D) or
+    (T, D)."""
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
@@ -306,7 +307,8 @@ def make_plans(
     training: bool,
     mask: torch.Tensor | None = None,
 ) -> list[AttentionPlan]:
-    """One plan per layer for queries at ``positions`` (B, T); layers that attend alike share one."""
+    """One plan per layer for queries at ``positions`` (B, T); layers that attend alike share
+    one."""
     q_scale = None
     if config.use_logn_attn and not training:  # Qwen1 scales only at inference
         q_scale = logn_scale(positions, config.seq_length or config.max_position_embeddings)

@@ -6,6 +6,8 @@ Modes (``MODES``):
 - ``int8``: int8 per output channel (symmetric); the embedding int8 per row.
 - ``int4``: 4-bit groups of 32, 64 or 128 with a float16 scale and minimum each; the output head
   int8 unless ``head="int4"``; the embedding int8 per row.
+- ``gguf``: a GGUF file's tensors in their own block formats (Q4_0 ... Q6_K), as stored
+  (:mod:`qwenlm.quant.gguf`); only for GGUF files.
 
 :func:`quantize` converts a float model in place. :func:`load_quantized` builds one straight
 from a checkpoint, converting each matrix in slices of rows, so no full float32 copy of the
@@ -24,6 +26,9 @@ from torch import nn
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import CheckpointError, QwenlmError
+from qwenlm.fsutil import write_json
+from qwenlm.models import model_class, swap_module
+from qwenlm.quant.gguf import FLOAT_TYPES, GROUP, KINDS, GGUFEmbedding, GGUFLinear, pack
 from qwenlm.quant.linear import (
     TILE_ROWS,
     DenseLinear,
@@ -33,7 +38,7 @@ from qwenlm.quant.linear import (
     untile_int8,
 )
 
-MODES = ("f32", "int8", "int4")
+MODES = ("f32", "int8", "int4", "gguf")
 GROUP_SIZES = (32, 64, 128)
 # Rows converted at a time: bounds the float32 temporaries (a few copies of a slice) to tens
 # of MB, which keeps the loading peak close to the quantized model's own size.
@@ -131,7 +136,9 @@ def _check(mode: str, group_size: int) -> None:
 def _linear_factory(
     mode: str, group_size: int, head: str | None, name: str
 ) -> Callable[..., KernelLinear]:
-    kind = (head or ("int8" if mode == "int4" else mode)) if name == "lm_head" else mode
+    # "lm_head.linear": a tensor-parallel head's slice of the vocabulary
+    is_head = name.split(".")[0] == "lm_head"
+    kind = (head or ("int8" if mode == "int4" else mode)) if is_head else mode
     if kind == "f32":
         return lambda w, b: DenseLinear(w, b)
     if kind == "int8":
@@ -141,26 +148,26 @@ def _linear_factory(
     raise QuantizationError(f"unknown head quantization {head!r}", hint="use f32, int8 or int4")
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def quantize(
     model: nn.Module, mode: str = "int8", *, group_size: int = 32, head: str | None = None
 ) -> nn.Module:
     """Swap every ``nn.Linear`` (and the embedding, for int modes) of a built model in place."""
     _check(mode, group_size)
+    if mode == "gguf":
+        raise QuantizationError(
+            "the gguf mode runs a GGUF file's own formats; it cannot convert a float model",
+            hint="use int8 or int4 (an adapter is merged before quantization)",
+        )
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             make = _linear_factory(mode, group_size, head, name)
-            _set(
+            swap_module(
                 model,
                 name,
                 make(module.weight.detach(), None if module.bias is None else module.bias.detach()),
             )
         elif isinstance(module, nn.Embedding) and mode != "f32":
-            _set(model, name, Int8Embedding.from_float(module.weight.detach()))
+            swap_module(model, name, Int8Embedding.from_float(module.weight.detach()))
     model.quantization = {"mode": mode, "group_size": group_size, "head": head}
     return model
 
@@ -199,6 +206,33 @@ def _chunked(
     return first
 
 
+def _gguf_linear(
+    ckpt: object, wname: str, rows: int, cols: int, bias: torch.Tensor | None
+) -> GGUFLinear:
+    """A GGUF matrix in its stored format, packed for the kernels a slice of rows at a time."""
+    qtype, first = ckpt.read_raw(wname, (0, 1))
+    if qtype in FLOAT_TYPES:
+        return GGUFLinear([(qtype, rows, ckpt.read(wname).float().contiguous())], cols, bias)
+    if qtype not in KINDS:
+        from gguf import GGMLQuantizationType
+
+        raise QuantizationError(
+            f"{wname} is stored as {GGMLQuantizationType(qtype).name}, which --quant gguf "
+            "cannot run",
+            hint="use --quant int8 or int4, or a file in "
+            + ", ".join(t.name for t in KINDS)
+            + ", F16 or F32",
+        )
+    step = GROUP * max(1, (4 << 20) // (GROUP * first.numel()))  # ~4 MB of the file a slice
+    packed = None
+    for a in range(0, rows, step):
+        part = pack(qtype, ckpt.read_raw(wname, (a, min(rows, a + step)))[1])
+        if packed is None:
+            packed = part.new_empty(-(-rows // GROUP), *part.shape[1:])
+        packed[a // GROUP : a // GROUP + part.shape[0]] = part
+    return GGUFLinear([(qtype, rows, packed)], cols, bias)
+
+
 def _same_matrix(ckpt: object, a: str, b: str, shapes: dict) -> bool:
     """Whether two stored matrices are copies of one (a tied embedding and head that a GGUF
     file stores twice, at different precisions): sampled rows agree to within a 4-bit
@@ -214,6 +248,50 @@ def _same_matrix(ckpt: object, a: str, b: str, shapes: dict) -> bool:
     return True
 
 
+def _load_matrix(
+    ckpt: object,
+    shapes: dict,
+    name: str,
+    module: nn.Module,
+    mode: str,
+    group_size: int,
+    head: str | None,
+) -> tuple[nn.Module, set[str]]:
+    """Module ``name`` (a linear layer or the embedding) converted slice by slice from the
+    checkpoint, and the names of the tensors it was made from."""
+    wname = f"{name}.weight"
+    if wname not in shapes:
+        raise CheckpointError(f"checkpoint is missing tensor {wname}")
+    expected = tuple(module.weight.shape)
+    if tuple(shapes[wname]) != expected:
+        raise CheckpointError(
+            f"checkpoint tensor {wname} has shape {list(shapes[wname])}, but the config "
+            f"implies {list(expected)}"
+        )
+    rows, cols = expected
+
+    def read(r: tuple[int, int]) -> torch.Tensor:
+        return ckpt.read(wname, r)
+
+    if type(module) is nn.Linear:
+        bname = f"{name}.bias"
+        if module.bias is not None and bname not in shapes:
+            raise CheckpointError(f"checkpoint is missing tensor {bname}")
+        bias = ckpt.read(bname) if module.bias is not None else None
+        if mode == "gguf":
+            return _gguf_linear(ckpt, wname, rows, cols, bias), {wname, bname}
+        make = _linear_factory(mode, group_size, head, name)
+        new = _chunked(read, rows, cols, lambda w: make(w, None))
+        if bias is not None:
+            new.bias = bias.float().contiguous()
+        return new, {wname, bname}
+    if mode == "gguf":
+        return GGUFEmbedding(_gguf_linear(ckpt, wname, rows, cols, None)), {wname}
+    if mode == "f32":
+        return nn.Embedding(rows, cols, _weight=ckpt.read(wname), _freeze=True), {wname}
+    return _chunked(read, rows, cols, Int8Embedding.from_float), {wname}
+
+
 def load_quantized(
     ckpt: object,
     mode: str = "int8",
@@ -226,8 +304,6 @@ def load_quantized(
     Linear weights and the embedding are read and converted a slice of rows at a time; norms
     and biases are read whole. Peak memory is the quantized model plus one slice.
     """
-    from qwenlm.models import model_class
-
     _check(mode, group_size)
     config: ModelConfig = ckpt.config
     shapes = ckpt.shapes()
@@ -235,11 +311,17 @@ def load_quantized(
         model = model_class(config)(config)
     done: set[str] = set()
     # A tied model's embedding and output head are one matrix: with an int8 head (int8 and
-    # int4 modes) the embedding reads the head's table instead of holding a second copy.
-    # Where a file stores both (GGUF keeps the head at higher precision), the head's wins.
+    # int4 modes) or a GGUF one, the embedding reads the head's table instead of holding a
+    # second copy. Where a file stores both (GGUF keeps the head at higher precision), the
+    # head's wins.
+    if mode == "gguf" and ckpt.format != "gguf":
+        raise QuantizationError(
+            "--quant gguf runs a GGUF file's own formats, and this checkpoint is not a GGUF file",
+            hint="use int8, int4 or f32",
+        )
     share = (
         mode != "f32"
-        and (head or ("int8" if mode == "int4" else mode)) == "int8"
+        and (mode == "gguf" or (head or ("int8" if mode == "int4" else mode)) == "int8")
         and (
             config.tie_word_embeddings
             or "lm_head.weight" not in shapes
@@ -247,56 +329,38 @@ def load_quantized(
         )
     )
     for name, module in list(model.named_modules()):
-        is_linear = type(module) is nn.Linear
-        if not is_linear and not isinstance(module, nn.Embedding):
+        if type(module) is not nn.Linear and not isinstance(module, nn.Embedding):
             continue
         if share and name == "model.embed_tokens":
             continue  # made from the head below
-        wname = f"{name}.weight"
-        if wname not in shapes:
-            if name == "lm_head":
-                continue  # tied: built from the embedding below
-            raise CheckpointError(f"checkpoint is missing tensor {wname}")
-        expected = tuple(module.weight.shape)
-        if tuple(shapes[wname]) != expected:
-            raise CheckpointError(
-                f"checkpoint tensor {wname} has shape {list(shapes[wname])}, but the config implies {list(expected)}"
-            )
-        rows, cols = expected
-
-        def read(r: tuple[int, int], wname: str = wname) -> torch.Tensor:
-            return ckpt.read(wname, r)
-
-        if is_linear:
-            bname = f"{name}.bias"
-            if module.bias is not None and bname not in shapes:
-                raise CheckpointError(f"checkpoint is missing tensor {bname}")
-            bias = ckpt.read(bname) if module.bias is not None else None
-            make = _linear_factory(mode, group_size, head, name)
-            new = _chunked(read, rows, cols, lambda w, make=make: make(w, None))
-            if bias is not None:
-                new.bias = bias.float().contiguous()
-            done.update({wname, bname})
-        elif mode == "f32":
-            new = nn.Embedding(rows, cols, _weight=ckpt.read(wname), _freeze=True)
-            done.add(wname)
-        else:
-            new = _chunked(read, rows, cols, Int8Embedding.from_float)
-            done.add(wname)
-        _set(model, name, new)
+        if f"{name}.weight" not in shapes and name == "lm_head":
+            continue  # tied: built from the embedding below
+        new, read = _load_matrix(ckpt, shapes, name, module, mode, group_size, head)
+        done.update(read)
+        swap_module(model, name, new)
         release_freed_memory()
     if "lm_head.weight" not in shapes:
         # The output head shares the embedding's values; as a kernel layer it is its own copy.
-        make = _linear_factory(mode, group_size, head, "lm_head")
-        tied_head = _chunked(
-            lambda r: ckpt.read("model.embed_tokens.weight", r),
-            config.vocab_size,
-            config.hidden_size,
-            lambda w: make(w, None),
-        )
-        _set(model, "lm_head", tied_head)
+        if mode == "gguf":
+            tied_head = _gguf_linear(
+                ckpt, "model.embed_tokens.weight", config.vocab_size, config.hidden_size, None
+            )
+        else:
+            make = _linear_factory(mode, group_size, head, "lm_head")
+            tied_head = _chunked(
+                lambda r: ckpt.read("model.embed_tokens.weight", r),
+                config.vocab_size,
+                config.hidden_size,
+                lambda w: make(w, None),
+            )
+        swap_module(model, "lm_head", tied_head)
     if share:
-        _set(model, "model.embed_tokens", Int8Embedding.shared_with(model.lm_head))
+        emb = (
+            GGUFEmbedding(model.lm_head, shared=True)
+            if mode == "gguf"
+            else Int8Embedding.shared_with(model.lm_head)
+        )
+        swap_module(model, "model.embed_tokens", emb)
         done.add("model.embed_tokens.weight")
     for pname, param in list(model.named_parameters()):
         if pname in done:
@@ -306,11 +370,23 @@ def load_quantized(
         value = ckpt.read(pname)
         if tuple(value.shape) != tuple(param.shape):
             raise CheckpointError(
-                f"checkpoint tensor {pname} has shape {list(value.shape)}, but the config implies {list(param.shape)}"
+                f"checkpoint tensor {pname} has shape {list(value.shape)}, but the config implies "
+                f"{list(param.shape)}"
             )
-        _set(model, pname, nn.Parameter(value.float(), requires_grad=False))
+        swap_module(model, pname, nn.Parameter(value.float(), requires_grad=False))
     model.quantization = {"mode": mode, "group_size": group_size, "head": head}
     return model.eval()
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a quantized model to ``device``, keeping a tied int8 embedding on its head's table
+    (moving copies each buffer on its own)."""
+    emb = model.model.embed_tokens
+    shared = isinstance(emb, Int8Embedding) and bool(emb._head)
+    model.to(device)
+    if shared:
+        model.model.embed_tokens = Int8Embedding.shared_with(model.lm_head)
+    return model
 
 
 # -- saving and reloading ------------------------------------------------------------------
@@ -338,8 +414,6 @@ def _saved_linear(ckpt: object, name: str, shapes: dict, group_size: int) -> Ker
 def load_saved(ckpt: object) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (its config.json's quantization_config),
     or load a GPTQ / AWQ checkpoint (see :mod:`qwenlm.quant.gptq`)."""
-    from qwenlm.models import model_class
-
     q = ckpt.quantization
     if q.get("quant_method") in ("gptq", "awq"):
         from qwenlm.quant.gptq import load_gptq_awq
@@ -356,16 +430,18 @@ def load_saved(ckpt: object) -> nn.Module:
         model = model_class(config)(config)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
-            _set(model, name, _saved_linear(ckpt, name, shapes, int(q.get("group_size", 32))))
+            swap_module(
+                model, name, _saved_linear(ckpt, name, shapes, int(q.get("group_size", 32)))
+            )
         elif isinstance(module, nn.Embedding):
             if f"{name}.qweight" in shapes:
-                _set(
+                swap_module(
                     model,
                     name,
                     Int8Embedding(ckpt.read(f"{name}.qweight"), ckpt.read(f"{name}.scale")),
                 )
             else:
-                _set(
+                swap_module(
                     model,
                     name,
                     nn.Embedding.from_pretrained(ckpt.read(f"{name}.weight"), freeze=True),
@@ -382,7 +458,7 @@ def load_saved(ckpt: object) -> nn.Module:
         if param.is_meta:
             if pname not in shapes:
                 raise CheckpointError(f"checkpoint is missing tensor {pname}")
-            _set(model, pname, nn.Parameter(ckpt.read(pname).float(), requires_grad=False))
+            swap_module(model, pname, nn.Parameter(ckpt.read(pname).float(), requires_grad=False))
     model.quantization = {
         "mode": q["mode"],
         "group_size": q.get("group_size", 32),
@@ -399,13 +475,16 @@ def save_quantized(
     The model must not have fused projections (save before :func:`~qwenlm.api.load` prepares
     it for inference, as ``qwenlm quantize`` does).
     """
-    from qwenlm.train.checkpoint import write_json
-    from qwenlm.train.export import write_hf_folder
+    from qwenlm.weights.hf_writer import write_hf_folder
 
     q = getattr(model, "quantization", None)
     if not q:
         raise QuantizationError(
             "the model is not quantized", hint="quantize it first, or save it as a plain model"
+        )
+    if q["mode"] == "gguf":
+        raise QuantizationError(
+            "a gguf-mode model is the GGUF file itself", hint="keep the file, or save int8 or int4"
         )
     if q.get("mode") not in MODES:
         raise QuantizationError(

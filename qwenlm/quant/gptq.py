@@ -324,7 +324,7 @@ def load_gptq_awq(ckpt: Any) -> nn.Module:
     checkpoint keeps in floating point (the output head, MoE routers) become float32
     :class:`DenseLinear` layers, the embedding a float32 table.
     """
-    from qwenlm.models import model_class
+    from qwenlm.models import model_class, swap_module
 
     s = parse_scheme(ckpt.quantization)
     if ckpt.qwen1:
@@ -357,8 +357,7 @@ def load_gptq_awq(ckpt: Any) -> nn.Module:
             value = ckpt.read(pname)
             if tuple(value.shape) != tuple(param.shape):
                 raise CheckpointError(f"checkpoint tensor {pname} has shape {list(value.shape)}")
-            parent, _, attr = pname.rpartition(".")
-            setattr(model.get_submodule(parent), attr, nn.Parameter(value.float(), False))
+            swap_module(model, pname, nn.Parameter(value.float(), False))
     model.quantization = {
         "mode": s.mode,
         "group_size": s.group_size,

@@ -1,4 +1,5 @@
-"""Linear layers that run on qwenlm's CPU kernels: float32, int8 per channel, 4-bit groups.
+"""Linear layers that run on qwenlm's CPU kernels: float32, int8 per channel, 4-bit groups
+(and GGUF's block formats, in :mod:`qwenlm.quant.gguf`).
 
 Each is a drop-in for ``nn.Linear`` (same ``in_features``, ``out_features``, ``bias``). Small
 batches of rows (decoding) go to the native kernels, which read the stored weights directly;
@@ -8,12 +9,13 @@ machine has. Without the kernels (no compiler, another device), PyTorch ops comp
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import torch
 from torch import nn
 
-from qwenlm.kernels import cpu_kernels, num_threads
+from qwenlm.kernels import Kind, LinearDesc, cpu_kernels, num_threads
 
 # At most this many rows go to the matrix-vector kernels; more rows amortise a dequantized
 # weight in a dense matmul. Speculative decoding keeps its verification batches within it.
@@ -36,6 +38,8 @@ class KernelLinear(nn.Module):
     bias: torch.Tensor | None
     # The integer kernels walk the input dimension in steps of 64.
     kernel_multiple = 64
+    # Batches of up to this many rows run on the kernels; larger ones dequantize + matmul.
+    kernel_rows: int | None = SMALL_BATCH
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as a float32 (out_features, in_features) tensor (written to ``out``
@@ -55,8 +59,30 @@ class KernelLinear(nn.Module):
             buf = _scratch.buf = torch.empty(n)
         return self.dequantize(out=buf[:n].view(self.out_features, self.in_features))
 
-    def _kernel(self, lib: object, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _describe(self) -> LinearDesc:
         raise NotImplementedError
+
+    def describe(self) -> LinearDesc:
+        """The weights as the kernels' C descriptor (qlm_linear_t); rebuilt when a weight
+        tensor was replaced. The module keeps the tensors it points into alive."""
+        key = tuple(t.data_ptr() for t in self.buffers(recurse=False))
+        cached = getattr(self, "_desc_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._desc_cache = (key, self._describe())
+        return cached[1]
+
+    def _kernel(self, lib: ctypes.CDLL, x: torch.Tensor, y: torch.Tensor) -> None:
+        M, K = x.shape
+        xq, xd = _act_scratch(M, K)
+        lib.qlm_linear(
+            ctypes.byref(self.describe()),
+            x.data_ptr(),
+            y.data_ptr(),
+            M,
+            xq.data_ptr(),
+            xd.data_ptr(),
+            num_threads(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -64,7 +90,7 @@ class KernelLinear(nn.Module):
         lib = cpu_kernels() if x.device.type == "cpu" else None
         if (
             lib is not None
-            and x2.shape[0] <= SMALL_BATCH
+            and (self.kernel_rows is None or x2.shape[0] <= self.kernel_rows)
             and self.in_features % self.kernel_multiple == 0
         ):
             x2 = x2.float().contiguous()
@@ -76,12 +102,30 @@ class KernelLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def _act_scratch(M: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scratch for the kernels' int8 copy of the activations: codes, block scales and sums."""
-    return torch.empty(M * K, dtype=torch.int8), torch.empty(2 * M * (K // 32))
+    return torch.empty(M * K, dtype=torch.int8), torch.empty(4 * M * (K // 32))
+
+
+def linear_desc(
+    kind: Kind,
+    w: torch.Tensor,
+    N: int,
+    K: int,
+    *,
+    scale: torch.Tensor | None = None,
+    mins: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    G: int = 0,
+) -> LinearDesc:
+    """One qlm_linear_t over tensors the caller keeps alive."""
+    return LinearDesc(int(kind), w.data_ptr(), _ptr(scale), _ptr(mins), _ptr(bias), N, K, G)
 
 
 def _cat_bias(mods: list[KernelLinear]) -> torch.Tensor | None:
@@ -112,29 +156,14 @@ class DenseLinear(KernelLinear):
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.weight
 
-    def _kernel(self, lib, x, y):
-        M, K = x.shape
-        lib.qlm_linear_f32(
-            x.data_ptr(),
-            self.weight.data_ptr(),
-            _ptr(self.bias),
-            y.data_ptr(),
-            M,
-            self.out_features,
-            K,
-            num_threads(),
+    def _describe(self) -> LinearDesc:
+        return linear_desc(
+            Kind.F32, self.weight, self.out_features, self.in_features, bias=self.bias
         )
 
 
 # Rows per tile of the kernels' tiled int8 layout (NR in cpu_kernels.c).
 TILE_ROWS = 4
-
-
-def tile_int8(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) int8 -> the kernels' tiled layout, same shape: each tile of TILE_ROWS rows holds
-    their first 64 weights row after row, then their next 64, ... (one contiguous stream)."""
-    N, K = q.shape
-    return q.view(N // TILE_ROWS, TILE_ROWS, K // 64, 64).transpose(1, 2).reshape(N, K)
 
 
 def untile_int8(q: torch.Tensor) -> torch.Tensor:
@@ -227,22 +256,15 @@ class Int8Linear(KernelLinear):
         )
         return out
 
-    def _kernel(self, lib, x, y):
-        M, K = x.shape
-        xq, xd = _act_scratch(M, K)
-        lib.qlm_linear_i8(
-            x.data_ptr(),
-            self.qweight.data_ptr(),
-            int(self.tiled),
-            self.scale.data_ptr(),
-            _ptr(self.bias),
-            y.data_ptr(),
-            M,
+    def _describe(self) -> LinearDesc:
+        kind = Kind.I8_TILED if self.tiled else Kind.I8
+        return linear_desc(
+            kind,
+            self.qweight,
             self.out_features,
-            K,
-            xq.data_ptr(),
-            xd.data_ptr(),
-            num_threads(),
+            self.in_features,
+            scale=self.scale,
+            bias=self.bias,
         )
 
 
@@ -290,11 +312,13 @@ class Int4Linear(KernelLinear):
         N, K = weight.shape
         if group_size not in (32, 64, 128) or K % group_size or K % 64:
             raise ValueError(
-                f"in_features {K} must be a multiple of 64 and of the group size {group_size} (32, 64 or 128)"
+                f"in_features {K} must be a multiple of 64 and of the group size {group_size} "
+                "(32, 64 or 128)"
             )
         w = weight.float().view(N, K // group_size, group_size)
         lo, hi = w.amin(-1), w.amax(-1)
-        # Round the group parameters to float16 first, so the codes are chosen for the stored values.
+        # Round the group parameters to float16 first, so the codes are chosen for the stored
+        # values.
         mins = lo.to(torch.float16)
         scales = ((hi - mins.float()) / 15).clamp(min=1e-8).to(torch.float16)
         q = torch.round((w - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15)
@@ -345,23 +369,16 @@ class Int4Linear(KernelLinear):
         )
         return out
 
-    def _kernel(self, lib, x, y):
-        M, K = x.shape
-        xq, xd = _act_scratch(M, K)
-        lib.qlm_linear_i4(
-            x.data_ptr(),
-            self.qweight.data_ptr(),
-            self.scales.data_ptr(),
-            self.mins.data_ptr(),
-            _ptr(self.bias),
-            y.data_ptr(),
-            M,
+    def _describe(self) -> LinearDesc:
+        return linear_desc(
+            Kind.I4,
+            self.qweight,
             self.out_features,
-            K,
-            self.group_size,
-            xq.data_ptr(),
-            xd.data_ptr(),
-            num_threads(),
+            self.in_features,
+            scale=self.scales,
+            mins=self.mins,
+            bias=self.bias,
+            G=self.group_size,
         )
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwenlm.errors import CheckpointError
+from qwenlm.models import swap_module
 
 # QLoRA's NormalFloat4 codebook (Dettmers et al. 2023, appendix E), ascending.
 NF4_CODE = (
@@ -250,11 +251,8 @@ def quantize_model_nf4(
         if isinstance(mod, nn.Linear) and not any(name.split(".")[-1] == s for s in skip)
     ]
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(
-            parent,
-            attr,
-            NF4Linear.from_linear(getattr(parent, attr), block_size, double_quant=double_quant),
+        linear = model.get_submodule(name)
+        swap_module(
+            model, name, NF4Linear.from_linear(linear, block_size, double_quant=double_quant)
         )
     return names

@@ -1,15 +1,17 @@
-"""The HTTP server: OpenAI's /v1 API, /health, /metrics and the web chat page, on Starlette.
+"""The HTTP server: OpenAI's /v1 API, Ollama's /api, /health, /metrics and the web chat page.
 
 Streaming and non-streaming replies come from one generator of per-choice deltas
-(:func:`_deltas`); the non-streaming reply collects it. The whole app sits inside
-:class:`~qwenlm.serve.http.Guard` (the API key on every route, errors in OpenAI's shape, no
-tracebacks).
+(:func:`~qwenlm.serve.replies.deltas`); the non-streaming reply collects it. Ollama's routes
+live in :mod:`~qwenlm.serve.ollama`, embeddings in :mod:`~qwenlm.serve.embeddings`. The whole
+app sits inside :class:`~qwenlm.serve.http.Guard` (the API key on every route, errors in
+OpenAI's shape or Ollama's, no tracebacks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -28,11 +31,22 @@ from qwenlm.generation import scheduler as engine
 from qwenlm.generation.config import GenerationConfig
 from qwenlm.generation.engine import PREFILL_CHUNK, SMALL_SEGMENT
 from qwenlm.generation.sampling import TokenLogprob
-from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler
+from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler, ShuttingDown
+from qwenlm.serve import embeddings, ollama, reasoning
 from qwenlm.serve import protocol as P
 from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
-from qwenlm.serve.http import SSE, Guard, Job, collect, error_response, read_json, sse_event
+from qwenlm.serve.http import (
+    SSE,
+    Guard,
+    Job,
+    collect,
+    error_response,
+    internal_error,
+    read_json,
+    sse_event,
+)
 from qwenlm.serve.protocol import APIError, SamplingParams
+from qwenlm.serve.replies import ChoiceParser, chat_logprobs, deltas, token_text
 
 if TYPE_CHECKING:
     from qwenlm.api import Qwen
@@ -58,7 +72,13 @@ class ServeConfig:
     prefill_chunk: int = PREFILL_CHUNK  # prompt pieces; other values change results slightly
     max_model_len: int | None = None  # default: the model's context length
     tool_prompt: str = "auto"  # auto | native | react
+    reasoning_parser: str = "auto"  # auto | think | none (deepseek_r1, qwen3: think)
     cors_origins: Sequence[str] = field(default_factory=tuple)
+    cache_dir: str | None = None  # where /api/pull puts models (default: the registry's)
+    allowed_hosts: Sequence[str] = ()  # Host names answered besides loopback; "*": any
+    health_requires_key: bool = False  # else /health answers without the key (for probes)
+    stall_timeout: float = 300.0  # a busy engine without a finished step this long is wedged
+    shutdown_timeout: float = 10.0  # seconds running requests get after SIGTERM
 
 
 # -- the model-facing part ---------------------------------------------------------------------
@@ -86,8 +106,47 @@ class Service:
         self.tool_mode = config.tool_prompt
         if self.tool_mode == "auto":
             self.tool_mode = "native" if template_has_tools(model.template.source) else "react"
+        self.reasoning = reasoning.parser_enabled(config.reasoning_parser, model.template.source)
         self.created = int(time.time())
         self.http: dict[int, int] = {}  # status -> count, for /metrics (the Guard's)
+        # A token holds at most this many bytes of text (so at least as many characters):
+        # text longer than context * this cannot fit, and is refused before tokenizing.
+        tok = model.tokenizer
+        self.max_token_bytes = max(
+            len(tok.id_to_bytes(i)) for i in range(tok.vocab_size) if not tok.is_special(i)
+        )
+        if tok.normalization:  # composing can shrink text up to 3 code points into one
+            self.max_token_bytes *= 3
+
+    def unavailable(self) -> str | None:
+        """Why no request can be served now (the engine died, hangs, or the server is
+        shutting down), or None."""
+        s = self.scheduler
+        if not s.alive:
+            return "the engine stopped after an internal error; the server must be restarted"
+        if s.stalled_for > self.config.stall_timeout:
+            return f"the engine has made no progress for {s.stalled_for:.0f} s"
+        if s.draining:
+            return "the server is shutting down"
+        return None
+
+    def check_available(self) -> None:
+        """503 (OpenAI's error) while :meth:`unavailable`."""
+        why = self.unavailable()
+        if why is not None:
+            raise _unavailable(why)
+
+    def check_size(self, chars: int, param: str) -> None:
+        """A cheap 400 for text that cannot fit the context, before any template or tokenizer
+        runs on it (a 5 MB message would otherwise take a worker for seconds)."""
+        if chars > self.context * self.max_token_bytes:
+            raise P.invalid(
+                f"This model's maximum context length is {self.context} tokens. However, your "
+                f"{param} hold {chars} characters, more than that many tokens can hold. "
+                f"Please reduce the length of the {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def check_model(self, name: str) -> None:
         if name not in self.names:
@@ -142,6 +201,7 @@ class Service:
         *,
         events: asyncio.Queue[Output] | None = None,
         offset: int = 0,
+        logits_processors: Sequence[Callable] = (),
     ) -> Job:
         limit = self.budget(len(prompt), params, param)
         if n > self.config.max_num_seqs:
@@ -152,10 +212,15 @@ class Service:
                 param="n",
             )
         events = events if events is not None else asyncio.Queue()
+        # The HTTP side waits past the engine's own timeout only as long as a slow step may take.
+        deadline = time.monotonic() + self.config.request_timeout + self.config.stall_timeout
         loop = asyncio.get_running_loop()
+        config = self.generation_config(params, limit)
+        if logits_processors:
+            config = dataclasses.replace(config, logits_processors=tuple(logits_processors))
         request = engine.Request(
             prompt,
-            self.generation_config(params, limit),
+            config,
             lambda out: loop.call_soon_threadsafe(events.put_nowait, out),
             n=n,
             timeout=self.config.request_timeout,
@@ -171,32 +236,34 @@ class Service:
                 code="server_overloaded",
                 headers={"Retry-After": "1"},
             ) from None
-        except EngineFailed:
-            raise APIError(
-                503,
-                "The engine stopped after an internal error; the server must be restarted.",
-                type="server_error",
-                code="engine_failed",
-            ) from None
+        except (EngineFailed, ShuttingDown) as e:
+            raise _unavailable(e.message) from None
         except GenerationError as e:
             raise P.invalid(e.message, param=param) from None
-        return Job(request, events)
+        return Job(request, events, deadline)
 
     # -- chat prompts -------------------------------------------------------------------------
     def chat_prompt(
-        self, messages: list[dict[str, Any]], spec: P.ToolSpec | None, params: SamplingParams
+        self,
+        messages: list[dict[str, Any]],
+        spec: P.ToolSpec | None,
+        params: SamplingParams,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> tuple[list[int], str, str, SamplingParams]:
-        """(prompt ids, reply mode, forced reply prefix, params) for a chat request."""
+        """(prompt ids, reply mode, forced reply prefix, params) for a chat request;
+        ``template_kwargs`` are variables for the chat template (``enable_thinking``)."""
         m = self.model
+        kw = template_kwargs or {}
+        self.check_size(sum(len(msg["content"]) for msg in messages), "messages")
         try:
             if spec is None or spec.choice == "none":
-                return m.encode_chat(messages), "plain", "", params
+                return m.encode_chat(messages, **kw), "plain", "", params
             if self.tool_mode == "react":
                 head, pad = react_conversation(messages, spec)
-                ids = m.encode_chat(head) + m.tokenizer.encode(pad)
+                ids = m.encode_chat(head, **kw) + m.tokenizer.encode(pad)
                 params = SamplingParams(**{**params.__dict__, "stop": (*params.stop, REACT_STOP)})
                 return ids, "react", "", params
-            ids = m.encode_chat(messages, tools=spec.tools)
+            ids = m.encode_chat(messages, tools=spec.tools, **kw)
         except QwenlmError as e:
             raise P.invalid(e.message, param="messages") from None
         prefix = ""
@@ -211,42 +278,49 @@ class Service:
             )
         return ids, "native", prefix, params
 
-
-async def _deltas(
-    jobs: list[Job], events: asyncio.Queue[Output], parsers: list[ReplyParser]
-) -> AsyncIterator[tuple[int, str, list[TokenLogprob] | None, list[Any], Output]]:
-    """(choice, content, logprobs, tool calls, event) for every engine event of ``jobs``."""
-    left = sum(j.n for j in jobs)
-    while left:
-        out = await events.get()
-        if out.error is not None:
-            raise APIError(500, out.error, type="server_error", code="engine_error")
-        parser = parsers[out.index]
-        content = parser.feed(out.text)
-        calls: list[Any] = []
-        if out.finish_reason is not None:
-            left -= 1
-            rest, calls, reason = parser.finish(out.finish_reason)
-            content += rest
-            out.finish_reason = reason
-        yield out.index, content, out.logprobs, calls, out
-
-
-def _token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
-    b = tokenizer.id_to_bytes(token)
-    return b.decode("utf-8", errors="replace"), list(b)
+    def parsers(
+        self,
+        n: int,
+        prompt: list[int],
+        mode: str,
+        prefix: str = "",
+        tools: Sequence[dict[str, Any]] = (),
+    ) -> list[ChoiceParser]:
+        """One reply parser per choice; reasoning is split off when the reasoning parser is on
+        (``--reasoning-parser``)."""
+        opened = self.reasoning and reasoning.prompt_opens_thinking(self.model.tokenizer, prompt)
+        return [
+            ChoiceParser(
+                ReplyParser(mode, prefix, tools),
+                reasoning.ThinkSplitter(opened) if self.reasoning else None,
+            )
+            for _ in range(n)
+        ]
 
 
-def _chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
-    out = []
-    for lp in lps:
-        text, raw = _token_text(tokenizer, lp.token)
-        top = []
-        for t, v in lp.top:
-            tt, tb = _token_text(tokenizer, t)
-            top.append({"token": tt, "logprob": v, "bytes": tb})
-        out.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
-    return out
+def _unavailable(why: str) -> APIError:
+    return APIError(503, why[0].upper() + why[1:] + ".", type="server_error", code="unavailable")
+
+
+async def _sse_events(
+    choices: AsyncIterator[dict[str, Any]],
+    envelope: Callable[..., dict[str, Any]],
+    usage: dict[str, int] | None,
+    *,
+    opening: Sequence[dict[str, Any]] = (),
+    keep: Callable[[dict[str, Any]], bool] = lambda ch: True,
+) -> AsyncIterator[bytes]:
+    """A streamed completion's SSE body: ``opening`` and each kept choice chunk in its
+    ``envelope``, then the usage chunk when ``usage`` is given (counted while streaming, so
+    read at the end). :class:`SSE` adds the error frame if generation fails, and ``[DONE]``."""
+    extra = {"usage": None} if usage is not None else {}
+    for ch in opening:
+        yield sse_event(envelope([ch], **extra))
+    async for ch in choices:
+        if keep(ch):
+            yield sse_event(envelope([ch], **extra))
+    if usage is not None:
+        yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -267,31 +341,40 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             "function_call": None,
             "audio": None,
             "prediction": None,
+            # vLLM's request-supplied templates: never rendered here (checklist 25); variables
+            # for the model's own template come in chat_template_kwargs (checked apart)
+            "chat_template": None,
         },
     )
 
 
 async def chat_completions(request: Request) -> Any:
     svc: Service = request.app.state.service
+    svc.check_available()
     body = await read_json(request, svc.config.max_body_bytes)
     name = P.model_name(body)
-    messages = P.chat_messages(body)
+    messages = await run_in_threadpool(P.chat_messages, body, svc.context)
     spec = P.tool_spec(body)
     params, n = P.sampling_params(body, svc.model.config.vocab_size, chat=True)
     stream, include_usage = P.stream_options(body)
+    template_kwargs = reasoning.template_kwargs(body.get("chat_template_kwargs"))
     _refuse_unsupported(body)
     svc.check_model(name)
-    prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params)
+    prompt, mode, prefix, params = await run_in_threadpool(
+        svc.chat_prompt, messages, spec, params, template_kwargs
+    )
     events: asyncio.Queue[Output] = asyncio.Queue()
     job = svc.submit(prompt, params, n, "messages", events=events)
-    parsers = [ReplyParser(mode, prefix, spec.tools if spec else ()) for _ in range(n)]
+    parsers = svc.parsers(n, prompt, mode, prefix, spec.tools if spec else ())
     rid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
     tok = svc.model.tokenizer
     usage = {"prompt": len(prompt), "completion": 0}
 
     async def choices() -> AsyncIterator[dict[str, Any]]:
-        async for index, content, lps, calls, out in _deltas([job], events, parsers):
+        async for index, thought, content, lps, calls, out in deltas([job], events, parsers):
             delta: dict[str, Any] = {}
+            if thought:
+                delta["reasoning_content"] = thought
             if content:
                 delta["content"] = content
             if calls:
@@ -301,7 +384,7 @@ async def chat_completions(request: Request) -> Any:
             yield {
                 "index": index,
                 "delta": delta,
-                "logprobs": {"content": _chat_logprobs(tok, lps)} if lps else None,
+                "logprobs": {"content": chat_logprobs(tok, lps)} if lps else None,
                 "finish_reason": out.finish_reason,
             }
 
@@ -317,35 +400,26 @@ async def chat_completions(request: Request) -> Any:
         return {**obj, **extra}
 
     if stream:
-
-        async def chunks() -> AsyncIterator[bytes]:
-            extra = {"usage": None} if include_usage else {}
-            first = {"role": "assistant", "content": ""}
-            for i in range(n):
-                yield sse_event(
-                    envelope(
-                        [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}],
-                        **extra,
-                    )
-                )
-            try:
-                async for ch in choices():
-                    if ch["delta"] or ch["logprobs"] or ch["finish_reason"]:
-                        yield sse_event(envelope([ch], **extra))
-            except APIError as e:
-                yield sse_event(e.body())
-                return
-            if include_usage:
-                yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
-            yield b"data: [DONE]\n\n"
-
-        return SSE(chunks(), [job])
+        first = {"role": "assistant", "content": ""}
+        opening = [
+            {"index": i, "delta": first, "logprobs": None, "finish_reason": None} for i in range(n)
+        ]
+        events_out = _sse_events(
+            choices(),
+            envelope,
+            usage if include_usage else None,
+            opening=opening,
+            keep=lambda ch: bool(ch["delta"] or ch["logprobs"] or ch["finish_reason"]),
+        )
+        return SSE(events_out, [job])
 
     merged = [
-        {"content": [], "logprobs": [], "tool_calls": [], "finish_reason": None} for _ in range(n)
+        {"reasoning": [], "content": [], "logprobs": [], "tool_calls": [], "finish_reason": None}
+        for _ in range(n)
     ]
     for ch in await collect(request, [job], choices()):
         m = merged[ch["index"]]
+        m["reasoning"].append(ch["delta"].get("reasoning_content", ""))
         m["content"].append(ch["delta"].get("content", ""))
         m["tool_calls"] += ch["delta"].get("tool_calls", [])
         if ch["logprobs"]:
@@ -355,6 +429,8 @@ async def chat_completions(request: Request) -> Any:
     for i, m in enumerate(merged):
         content = "".join(m["content"])
         message: dict[str, Any] = {"role": "assistant", "content": content}
+        if svc.reasoning:
+            message["reasoning_content"] = "".join(m["reasoning"]) or None
         if m["tool_calls"]:
             message["content"] = content or None
             message["tool_calls"] = [
@@ -383,6 +459,7 @@ async def chat_completions(request: Request) -> Any:
 
 async def completions(request: Request) -> Any:
     svc: Service = request.app.state.service
+    svc.check_available()
     body = await read_json(request, svc.config.max_body_bytes)
     name = P.model_name(body)
     prompts = P.completion_prompts(body, svc.model.config.vocab_size)
@@ -391,17 +468,7 @@ async def completions(request: Request) -> Any:
     P.unsupported(body, {"echo": False, "suffix": "", "best_of": 1})
     svc.check_model(name)
     tok = svc.model.tokenizer
-    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
-    if any(not p for p in ids):
-        raise P.invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
-    for p in ids:
-        svc.budget(len(p), params, "prompt")
-    if len(ids) * n > svc.config.max_num_seqs:
-        raise P.invalid(
-            f"This server runs at most {svc.config.max_num_seqs} sequences per request "
-            "(prompts times n).",
-            param="prompt",
-        )
+    ids = await run_in_threadpool(_prompt_ids, svc, prompts, params, n)
     events: asyncio.Queue[Output] = asyncio.Queue()
     jobs: list[Job] = []
     try:
@@ -411,7 +478,7 @@ async def completions(request: Request) -> Any:
         for job in jobs:
             job.cancel()
         raise
-    parsers = [ReplyParser("plain") for _ in range(len(ids) * n)]
+    parsers = [ChoiceParser(ReplyParser("plain")) for _ in range(len(ids) * n)]
     rid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
     usage = {"prompt": sum(len(p) for p in ids), "completion": 0}
     offsets = [0] * (len(ids) * n)
@@ -421,10 +488,10 @@ async def completions(request: Request) -> Any:
             return None
         tokens, values, tops, text_offset = [], [], [], []
         for lp in lps:
-            text, _ = _token_text(tok, lp.token)
+            text, _ = token_text(tok, lp.token)
             tokens.append(text)
             values.append(lp.logprob)
-            tops.append({_token_text(tok, t)[0]: v for t, v in lp.top} if lp.top else None)
+            tops.append({token_text(tok, t)[0]: v for t, v in lp.top} if lp.top else None)
             text_offset.append(offsets[index])
             offsets[index] += len(text)
         return {
@@ -435,7 +502,7 @@ async def completions(request: Request) -> Any:
         }
 
     async def choices() -> AsyncIterator[dict[str, Any]]:
-        async for index, content, lps, _, out in _deltas(jobs, events, parsers):
+        async for index, _, content, lps, _, out in deltas(jobs, events, parsers):
             if out.finish_reason is not None:
                 usage["completion"] += out.completion_tokens
             yield {
@@ -450,26 +517,44 @@ async def completions(request: Request) -> Any:
         return {**obj, "choices": chs, **extra}
 
     if stream:
+        return SSE(_sse_events(choices(), envelope, usage if include_usage else None), jobs)
 
-        async def chunks() -> AsyncIterator[bytes]:
-            extra = {"usage": None} if include_usage else {}
-            try:
-                async for ch in choices():
-                    yield sse_event(envelope([ch], **extra))
-            except APIError as e:
-                yield sse_event(e.body())
-                return
-            if include_usage:
-                yield sse_event(envelope([], usage=_usage(usage["prompt"], usage["completion"])))
-            yield b"data: [DONE]\n\n"
+    chunks = await collect(request, jobs, choices())
+    merged = _merge_text_choices(chunks, len(ids) * n, bool(params.logprobs))
+    return JSONResponse({**envelope(merged), "usage": _usage(usage["prompt"], usage["completion"])})
 
-        return SSE(chunks(), jobs)
 
+def _prompt_ids(
+    svc: Service, prompts: list[Any], params: SamplingParams, n: int
+) -> list[list[int]]:
+    """The prompts of a completions request as token ids, each within the budget (run on a
+    worker thread: tokenizing must not stall the event loop)."""
+    tok = svc.model.tokenizer
+    for p in prompts:
+        if isinstance(p, str):
+            svc.check_size(len(p), "prompt")
+    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+    if any(not p for p in ids):
+        raise P.invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
+    for p in ids:
+        svc.budget(len(p), params, "prompt")
+    if len(ids) * n > svc.config.max_num_seqs:
+        raise P.invalid(
+            f"This server runs at most {svc.config.max_num_seqs} sequences per request "
+            "(prompts times n).",
+            param="prompt",
+        )
+    return ids
+
+
+def _merge_text_choices(
+    chunks: list[dict[str, Any]], count: int, with_logprobs: bool
+) -> list[dict[str, Any]]:
+    """``count`` text-completion choices from their streamed chunks (text and logprobs joined)."""
     merged: list[dict[str, Any]] = [
-        {"index": i, "text": "", "logprobs": None, "finish_reason": None}
-        for i in range(len(ids) * n)
+        {"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(count)
     ]
-    for ch in await collect(request, jobs, choices()):
+    for ch in chunks:
         m = merged[ch["index"]]
         m["text"] += ch["text"]
         m["finish_reason"] = ch["finish_reason"] or m["finish_reason"]
@@ -479,7 +564,7 @@ async def completions(request: Request) -> Any:
             else:
                 for k in m["logprobs"]:
                     m["logprobs"][k] += ch["logprobs"][k]
-    if params.logprobs:
+    if with_logprobs:
         for m in merged:
             m["logprobs"] = m["logprobs"] or {
                 "tokens": [],
@@ -487,7 +572,7 @@ async def completions(request: Request) -> Any:
                 "top_logprobs": [],
                 "text_offset": [],
             }
-    return JSONResponse({**envelope(merged), "usage": _usage(usage["prompt"], usage["completion"])})
+    return merged
 
 
 async def list_models(request: Request) -> Any:
@@ -515,11 +600,9 @@ def _model_card(svc: Service, name: str) -> dict[str, Any]:
 async def health(request: Request) -> Any:
     svc: Service = request.app.state.service
     s = svc.scheduler
-    if not s.alive:
-        return JSONResponse(
-            {"status": "error", "reason": "the engine stopped after an internal error"},
-            status_code=503,
-        )
+    why = svc.unavailable()
+    if why is not None:
+        return JSONResponse({"status": "error", "reason": why}, status_code=503)
     return JSONResponse({"status": "ok", "running": s.running, "waiting": s.waiting})
 
 
@@ -579,13 +662,13 @@ async def static(request: Request) -> Any:
 
 
 def _endpoint(fn: Callable) -> Callable:
-    """Every error of a handler becomes an OpenAI-shaped JSON response."""
+    """Every error of a handler becomes a JSON response (OpenAI's shape, Ollama's on /api/)."""
 
     async def wrapped(request: Request) -> Any:
         try:
             return await fn(request)
         except APIError as e:
-            return error_response(e)
+            return error_response(e, request.url.path)
 
     wrapped.__name__ = fn.__name__
     return wrapped
@@ -593,11 +676,16 @@ def _endpoint(fn: Callable) -> Callable:
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     code = getattr(exc, "status_code", 404)
+    path = request.url.path
     if code == 405:
-        return error_response(APIError(405, "Method not allowed.", code="method_not_allowed"))
-    return error_response(
-        APIError(404, f"Unknown route {request.url.path[:100]}.", code="not_found")
-    )
+        err = APIError(405, "Method not allowed.", code="method_not_allowed")
+    else:
+        err = APIError(404, f"Unknown route {path[:100]}.", code="not_found")
+    return error_response(err, path)
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    return error_response(internal_error())
 
 
 def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
@@ -613,6 +701,8 @@ def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
         Route("/v1/models/{model:path}", _endpoint(get_model)),
         Route("/v1/chat/completions", _endpoint(chat_completions), methods=["POST"]),
         Route("/v1/completions", _endpoint(completions), methods=["POST"]),
+        Route("/v1/embeddings", _endpoint(embeddings.create), methods=["POST"]),
+        *ollama.routes(_endpoint),
     ]
 
     @contextlib.asynccontextmanager
@@ -625,7 +715,9 @@ def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
 
     app = Starlette(
         routes=routes,
-        exception_handlers={404: _not_found, 405: _not_found},
+        # Starlette answers an unexpected error itself (plain text) before the Guard sees it:
+        # give it OpenAI's shape; the Guard still logs it.
+        exception_handlers={404: _not_found, 405: _not_found, Exception: _internal},
         lifespan=lifespan,
     )
     app.state.service = service
@@ -639,6 +731,13 @@ def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    guard = Guard(inner, api_key=config.api_key, cors=bool(config.cors_origins), state=app.state)
+    guard = Guard(
+        inner,
+        api_key=config.api_key,
+        cors=bool(config.cors_origins),
+        state=app.state,
+        allowed_hosts=config.allowed_hosts,
+        open_paths=() if config.health_requires_key else ("/health",),
+    )
     service.http = guard.responses
     return guard

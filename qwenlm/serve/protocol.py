@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenlm.chat.content import NonTextPart, join_text_parts
+from qwenlm.errors import json_type
+
 MAX_STOP = 4
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -56,6 +59,16 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def engine_failed() -> APIError:
+    """503: the engine's loop stopped on an internal error and serves nothing more."""
+    return APIError(
+        503,
+        "The engine stopped after an internal error; the server must be restarted.",
+        type="server_error",
+        code="engine_failed",
+    )
+
+
 # -- parsing the body --------------------------------------------------------------------------
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
@@ -69,7 +82,7 @@ def _finite_float(text: str) -> float:
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; NaN, Infinity, bad UTF-8 and lone surrogates are errors."""
+    """The request body as a JSON object; NaN, Infinity, bad UTF-8, lone surrogates are errors."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -86,7 +99,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise invalid(message, code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid(
-            f"The request body must be a JSON object, but got {_json_type(body)}.",
+            f"The request body must be a JSON object, but got {json_type(body)}.",
             code="invalid_type",
         )
     _check_strings(body, "")
@@ -112,26 +125,10 @@ def _check_strings(value: Any, path: str) -> None:
             _check_strings(v, f"{path}[{i}]")
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 # -- field checks ------------------------------------------------------------------------------
 def _type_error(name: str, expected: str, value: Any) -> APIError:
     return invalid(
-        f"Invalid type for '{name}': expected {expected}, but got {_json_type(value)} instead.",
+        f"Invalid type for '{name}': expected {expected}, but got {json_type(value)} instead.",
         param=name,
         code="invalid_type",
     )
@@ -346,19 +343,13 @@ def _content_text(content: Any, param: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
-        for i, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise invalid(
-                    f"Invalid '{param}[{i}]': only text content parts are supported.",
-                    param=f"{param}[{i}]",
-                )
-            parts.append(part["text"])
-        return "".join(parts)
+        try:
+            return join_text_parts(content)
+        except NonTextPart as e:
+            where = f"{param}[{e.index}]"
+            raise invalid(
+                f"Invalid '{where}': only text content parts are supported.", param=where
+            ) from None
     raise _type_error(param, "a string or an array of content parts", content)
 
 
@@ -379,8 +370,10 @@ def _tool_call_in(call: Any, param: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
-def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The conversation as role/content dicts the chat template reads."""
+def chat_messages(body: Mapping[str, Any], max_messages: int | None = None) -> list[dict[str, Any]]:
+    """The conversation as role/content dicts the chat template reads; more than
+    ``max_messages`` (each renders to at least one token: the context) is refused before any
+    message is looked at."""
     value = body.get("messages")
     if value is None:
         raise invalid("Missing required parameter: 'messages'.", param="messages")
@@ -392,6 +385,13 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             "an empty array instead.",
             param="messages",
             code="empty_array",
+        )
+    if max_messages is not None and len(value) > max_messages:
+        raise invalid(
+            f"Invalid 'messages': array too long. Expected at most {max_messages} messages "
+            f"(the model's context length), but got {len(value)}.",
+            param="messages",
+            code="array_above_max_length",
         )
     out = []
     for i, m in enumerate(value):
@@ -448,6 +448,13 @@ def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
         return None
     if not isinstance(tools, list):
         raise _type_error("tools", "an array", tools)
+    if not tools:  # OpenAI refuses it too: leave 'tools' out instead
+        raise invalid(
+            "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an "
+            "empty array instead.",
+            param="tools",
+            code="empty_array",
+        )
     names = []
     for i, t in enumerate(tools):
         p = f"tools[{i}]"
@@ -460,8 +467,6 @@ def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
         if not isinstance(params, dict):
             raise _type_error(f"{p}.function.parameters", "an object", params)
         names.append(fn["name"])
-    if not tools:
-        return None
     if choice is None or choice in ("auto", "none", "required"):
         return ToolSpec(tools, choice or "auto")
     if isinstance(choice, dict):
@@ -479,11 +484,14 @@ def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
     )
 
 
-def completion_prompts(body: Mapping[str, Any], vocab_size: int) -> list[str | list[int]]:
-    """``prompt`` of /v1/completions: a string, strings, token ids, or lists of token ids."""
-    value = body.get("prompt")
+def completion_prompts(
+    body: Mapping[str, Any], vocab_size: int, name: str = "prompt"
+) -> list[str | list[int]]:
+    """``prompt`` of /v1/completions (``input`` of /v1/embeddings: ``name``): a string,
+    strings, token ids, or lists of token ids."""
+    value = body.get(name)
     if value is None:
-        raise invalid("Missing required parameter: 'prompt'.", param="prompt")
+        raise invalid(f"Missing required parameter: '{name}'.", param=name)
 
     def ids(xs: list[Any], param: str) -> list[int]:
         if any(isinstance(t, bool) or not isinstance(t, int) for t in xs):
@@ -497,11 +505,11 @@ def completion_prompts(body: Mapping[str, Any], vocab_size: int) -> list[str | l
     elif isinstance(value, list) and value and all(isinstance(x, str) for x in value):
         prompts = list(value)
     elif isinstance(value, list) and value and all(isinstance(x, list) for x in value):
-        prompts = [ids(x, f"prompt[{i}]") for i, x in enumerate(value)]
+        prompts = [ids(x, f"{name}[{i}]") for i, x in enumerate(value)]
     elif isinstance(value, list) and value:
-        prompts = [ids(value, "prompt")]
+        prompts = [ids(value, name)]
     else:
-        raise _type_error("prompt", "a string, an array of strings or of token ids", value)
+        raise _type_error(name, "a string, an array of strings or of token ids", value)
     if any(len(p) == 0 for p in prompts):
-        raise invalid("Invalid 'prompt': the prompt is empty.", param="prompt")
+        raise invalid(f"Invalid '{name}': the {name} is empty.", param=name)
     return prompts

@@ -11,7 +11,6 @@ pickled: tensors go to safetensors, everything else to JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from qwenlm.errors import QwenlmError
+from qwenlm.fsutil import fsync_dir, sha256_file, write_json
+from qwenlm.weights.safetensors import read_header
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"step-(\d{8})")
@@ -33,58 +34,16 @@ class CheckpointCorrupt(QwenlmError):
     """A checkpoint folder whose files do not match its manifest."""
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)``, fsync it, and rename it onto ``path``; a crash leaves old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # some writers create 0600 files; a checkpoint is ordinary data
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def write_tensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> None:
-    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(data, str(p), metadata=dict(metadata or {})))
+class CheckpointWriteError(QwenlmError):
+    """A checkpoint could not be written (a full disk, say); the earlier ones are intact."""
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    read_header(path)  # a crafted or damaged header is refused before the library reads it
     try:
         return load_file(str(path))
     except Exception as e:  # the Rust reader raises its own error types
         raise CheckpointCorrupt(f"cannot read {path}: {e}") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- optimizer state <-> safetensors + JSON -------------------------------------------------------
@@ -152,6 +111,26 @@ class Checkpoints:
             shutil.rmtree(partial)
         partial.mkdir()
         return partial
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Checkpoint ``step``: ``write(folder)`` fills a hidden folder, then :meth:`commit`.
+
+        If anything fails (a full disk), the half-written folder is removed and
+        :class:`CheckpointWriteError` says so; the checkpoints before are untouched.
+        """
+        partial = self.begin(step)
+        try:
+            write(partial)
+            return self.commit(partial, step)
+        except Exception as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            before = [s for s in self.steps() if s != step]
+            kept = f"checkpoint {self.path(before[0])} is intact" if before else "no checkpoint"
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise CheckpointWriteError(
+                f"could not save checkpoint step {step} in {self.root}: {why}; {kept}",
+                hint="free disk space, then continue with --resume",
+            ) from None
 
     def commit(self, partial: Path, step: int) -> Path:
         """Seal ``partial`` with a manifest and rename it into place; prune old checkpoints."""

@@ -11,9 +11,12 @@ Formats:
 - Plain text for pretraining: ``.txt`` files, or JSONL records with a ``"text"`` field.
 
 Every record is checked before anything trains; all problems come back together as a
-``DataError`` naming file and line (JSONL) or index (JSON) and the reason. Chat records are
-rendered with the model's own chat template into token ids plus a loss mask that is True on the
-assistant's tokens only (``ChatTemplate.render_for_training``).
+``DataError`` naming file and line (JSONL) or index (JSON) and the reason. Strict JSON: NaN,
+Infinity, duplicate keys, a byte-order mark and invalid UTF-8 are problems too, with file:line:col.
+With ``max_rejected`` (a fraction) a few bad records are skipped instead, each with its reason,
+as long as no more than that fraction is bad. Chat records are rendered with the model's own
+chat template into token ids plus a loss mask that is True on the assistant's tokens only
+(``ChatTemplate.render_for_training``).
 """
 
 from __future__ import annotations
@@ -22,19 +25,22 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from qwenlm.chat.content import NonTextPart, join_text_parts
 from qwenlm.chat.template import ChatTemplate
-from qwenlm.errors import ChatTemplateError, QwenlmError
+from qwenlm.errors import ChatTemplateError, QwenlmError, json_type
+from qwenlm.strictjson import DuplicateKeyError, unique_keys
 from qwenlm.tokenizer import Tokenizer
 
 MAX_SHOWN = 50  # problems listed in a DataError message
+MAX_TURN_CHARS = 1 << 20  # one message's text: far beyond any max_seq_len, short of a DoS
 
 
 class DataError(QwenlmError):
@@ -47,7 +53,8 @@ class DataError(QwenlmError):
         lines = "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
         n = len(self.problems)
         super().__init__(
-            f"{n} problem{'s' if n != 1 else ''} in the training data; nothing was trained:\n  {lines}",
+            f"{n} problem{'s' if n != 1 else ''} in the training data; nothing was trained:\n  "
+            f"{lines}",
             hint=hint or "fix or remove these records and run again",
         )
 
@@ -61,7 +68,51 @@ class _NonFinite:
 
 def _loads(text: str) -> Any:
     # Python's json accepts NaN and Infinity, which are not JSON; keep them visible instead.
-    return json.loads(text, parse_constant=_NonFinite)
+    # It also keeps the last of two equal keys, so a record would train on half of itself.
+    return json.loads(text, parse_constant=_NonFinite, object_pairs_hook=unique_keys)
+
+
+def _duplicate_at(text: str) -> DuplicateKeyError:
+    """Parse again, slowly, to find where the first object with a duplicate key starts."""
+    decoder = json.JSONDecoder(parse_constant=_NonFinite, object_pairs_hook=unique_keys)
+
+    def parse_object(s_and_end: tuple[str, int], *args: Any) -> Any:
+        try:
+            return json.decoder.JSONObject(s_and_end, *args)
+        except DuplicateKeyError as e:
+            if e.pos is None:
+                e.pos = s_and_end[1] - 1
+            raise
+
+    decoder.parse_object = parse_object  # type: ignore[attr-defined]
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
+    try:
+        decoder.decode(text)
+    except DuplicateKeyError as e:
+        return e
+    raise AssertionError("the duplicate key went away")  # the fast parse found one
+
+
+def _line_col(text: str | bytes, pos: int) -> str:
+    nl = "\n" if isinstance(text, str) else b"\n"
+    return f"{text.count(nl, 0, pos) + 1}:{pos - (text.rfind(nl, 0, pos) + 1) + 1}"
+
+
+def _parse(raw: bytes) -> tuple[Any, str | None]:
+    """(value, None), or (None, "LINE:COL: reason") for bytes that are not strict JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"{_line_col(raw, e.start)}: invalid UTF-8 (byte 0x{raw[e.start]:02x})"
+    if text.startswith("\ufeff"):
+        return None, "1:1: a UTF-8 byte-order mark; save the file without it"
+    try:
+        return _loads(text), None
+    except DuplicateKeyError:
+        dup = _duplicate_at(text)
+        return None, f"{_line_col(text, dup.pos or 0)}: duplicate key {dup.key!r} in this object"
+    except json.JSONDecodeError as e:
+        return None, f"{e.lineno}:{e.colno}: bad JSON: {e.msg}"
 
 
 @dataclass
@@ -70,31 +121,39 @@ class Record:
     value: Any
 
 
-def read_records(path: str | Path, problems: list[str]) -> list[Record]:
-    """Records of a JSON (a list) or JSONL file; unreadable parts are added to ``problems``."""
+def read_records(
+    path: str | Path, problems: list[str], rejected: list[str] | None = None
+) -> list[Record]:
+    """Records of a JSON (a list) or JSONL file; what cannot be read is added to ``problems``.
+
+    A JSONL line that is not strict JSON goes to ``rejected`` instead when it is given (the
+    other lines still count); a JSON file is one document, so any flaw in it is a problem.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         problems.append(f"{path}: no such file")
         return []
-    except (OSError, UnicodeDecodeError) as e:
-        problems.append(f"{path}: cannot read: {e}")
+    except OSError as e:
+        problems.append(f"{path}: cannot read: {e.strerror or e}")
         return []
     records = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
+        bad_lines = problems if rejected is None else rejected
+        for n, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
-            try:
-                records.append(Record(f"{path}:{n}", _loads(line)))
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{n}: bad JSON: {e.msg} at column {e.colno}")
+            value, error = _parse(line)
+            if error:
+                _, col_reason = error.split(":", 1)  # parsed on its own: say the file's line
+                bad_lines.append(f"{path}:{n}:{col_reason}")
+            else:
+                records.append(Record(f"{path}:{n}", value))
         return records
-    try:
-        data = _loads(text)
-    except json.JSONDecodeError as e:
-        problems.append(f"{path}:{e.lineno}: bad JSON: {e.msg} at column {e.colno}")
+    data, error = _parse(raw)
+    if error:
+        problems.append(f"{path}:{error}")
         return []
     if isinstance(data, Mapping):
         data = [data]
@@ -156,34 +215,20 @@ class _Invalid(Exception):
 
 
 def _text(value: Any, what: str, *, allow_empty: bool = True) -> str:
+    """The text of a message (content parts joined), checked for type, emptiness and size."""
     if isinstance(value, list):  # OpenAI content parts
-        parts = []
-        for i, part in enumerate(value):
-            if (
-                not isinstance(part, Mapping)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise _Invalid(f"{what}[{i}] must be a {{'type': 'text', 'text': ...}} part")
-            parts.append(part["text"])
-        value = "".join(parts)
+        try:
+            value = join_text_parts(value)
+        except NonTextPart as e:
+            part = f"{what}[{e.index}]"
+            raise _Invalid(f"{part} must be a {{'type': 'text', 'text': ...}} part") from None
     if not isinstance(value, str):
-        raise _Invalid(f"{what} must be a string, got {_json_type(value)}")
+        raise _Invalid(f"{what} must be a string, got {json_type(value)}")
+    if len(value) > MAX_TURN_CHARS:
+        raise _Invalid(f"{what} has {len(value):,} characters (at most {MAX_TURN_CHARS:,} a turn)")
     if not allow_empty and not value.strip():
         raise _Invalid(f"{what} is empty")
     return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        dict: "an object",
-        list: "a list",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
 
 
 def _tool_calls(value: Any, what: str) -> list[dict[str, Any]]:
@@ -247,11 +292,22 @@ def _messages(raw: Any, *, qwen: bool) -> list[dict[str, Any]]:
             raise _Invalid(f"{w}: empty assistant turn")
         if role == "tool" and isinstance(m.get("name"), str):
             msg["name"] = m["name"]
+        if out:
+            _check_order(out[-1], msg, f"{key}[{i - 1}]", w)
         out.append(msg)
     first = 1 if out[0]["role"] == "system" else 0
     if first >= len(out) or out[first]["role"] == "assistant":
         raise _Invalid(f"{key} must have a user turn before the first assistant turn")
     return out
+
+
+def _check_order(prev: dict[str, Any], msg: dict[str, Any], w_prev: str, w: str) -> None:
+    """Turns alternate; tool results follow the assistant call that asked for them."""
+    role = msg["role"]
+    if role == prev["role"] and role in ("user", "assistant"):
+        raise _Invalid(f"{w_prev} and {w} are two {role} turns in a row")
+    if role == "tool" and not (prev["role"] == "tool" or prev.get("tool_calls")):
+        raise _Invalid(f"{w} is a tool result that no assistant tool call asked for")
 
 
 def _tools(value: Any) -> list[dict[str, Any]] | None:
@@ -265,7 +321,7 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
 def parse_conversation(rec: Record, fmt: str) -> Conversation:
     value = rec.value
     if not isinstance(value, Mapping):
-        raise _Invalid(f"expected an object, got {_json_type(value)}")
+        raise _Invalid(f"expected an object, got {json_type(value)}")
     kind = record_kind(value) if fmt == "auto" else fmt
     if kind not in ("qwen", "openai"):
         raise _Invalid(
@@ -308,7 +364,7 @@ def _reply(value: Any, what: str) -> list[dict[str, Any]]:
 def parse_pair(rec: Record) -> PreferencePair:
     value = rec.value
     if not isinstance(value, Mapping):
-        raise _Invalid(f"expected an object, got {_json_type(value)}")
+        raise _Invalid(f"expected an object, got {json_type(value)}")
     for key in ("chosen", "rejected"):
         if key not in value:
             raise _Invalid(f"a preference pair needs {key!r}")
@@ -326,30 +382,50 @@ def parse_pair(rec: Record) -> PreferencePair:
     return PreferencePair(rec.where, prompt, chosen, rejected, _tools(value.get("tools")))
 
 
-def load_records(paths: Sequence[str], kind: str, fmt: str = "auto") -> list[Any]:
+def load_records(
+    paths: Sequence[str],
+    kind: str,
+    fmt: str = "auto",
+    *,
+    max_rejected: float = 0.0,
+    rejected: list[str] | None = None,
+) -> list[Any]:
     """Read and check every record: ``kind`` is ``chat`` or ``preference``.
 
-    Raises one DataError listing every problem found in every file.
+    Raises one DataError listing every problem found in every file. With ``max_rejected`` > 0
+    (a fraction of the records), bad records are skipped instead while there are no more than
+    that; each skip (``location: reason``) is added to ``rejected`` for the run's manifest.
+    Problems with a whole file (missing, not a list, broken JSON document) always stop.
     """
     problems: list[str] = []
+    bad: list[str] = []
     out = []
     for path in paths:
         if Path(path).suffix == ".txt":
             problems.append(f"{path}: a .txt file is pretraining text, not {kind} records")
             continue
-        for rec in read_records(path, problems):
-            bad = _non_finite(rec.value)
-            if bad:
-                problems.append(f"{rec.where}: {bad} is NaN or Infinity, which is not valid JSON")
+        for rec in read_records(path, problems, bad):
+            nan = _non_finite(rec.value)
+            if nan:
+                bad.append(f"{rec.where}: {nan} is NaN or Infinity, which is not valid JSON")
                 continue
             try:
                 out.append(
                     parse_pair(rec) if kind == "preference" else parse_conversation(rec, fmt)
                 )
             except _Invalid as e:
-                problems.append(f"{rec.where}: {e}")
-    if problems:
-        raise DataError(problems)
+                bad.append(f"{rec.where}: {e}")
+    total = len(out) + len(bad)
+    if problems or len(bad) > max_rejected * total:
+        raise DataError(
+            problems + bad,
+            hint=None
+            if problems or not bad
+            else f"{len(bad)} of {total} records are bad, more than data.max_rejected "
+            f"({max_rejected:g}) allows; fix them, or raise data.max_rejected to skip them",
+        )
+    if rejected is not None:
+        rejected += bad
     if not out:
         raise DataError([f"{', '.join(paths)}: no records"])
     return out
@@ -394,7 +470,6 @@ class RenderStats:
     truncated: int = 0
     tokens: int = 0
     targets: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def _render(template: ChatTemplate, messages: list[dict[str, Any]], tools: Any) -> Row:
@@ -551,6 +626,17 @@ def collate(rows: Sequence[Row], pad_id: int) -> Batch:
 
 
 # -- plain-text corpora for pretraining -----------------------------------------------------------
+def data_digest(paths: Sequence[str]) -> str:
+    """sha256 over the bytes of data files, in order (what a resumed run must train on)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        h.update(b"\0" + str(len(p)).encode())  # file boundaries count
+    return h.hexdigest()
+
+
 def _tokenizer_fingerprint(tok: Tokenizer) -> str:
     h = hashlib.sha256()
     for i in range(tok.vocab_size):
@@ -606,7 +692,8 @@ def tokenize_corpus(
             raise DataError(problems)
         if log:
             log(
-                f"tokenizing {len(docs)} document(s) from {len(paths)} file(s) (cached for later runs)"
+                f"tokenizing {len(docs)} document(s) from {len(paths)} file(s) (cached for later "
+                f"runs)"
             )
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
@@ -671,11 +758,6 @@ def global_batch_indices(n: int, step: int, size: int, seed: int) -> list[int]:
         out += order[offset : offset + take]
         offset += take
     return out
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def steps_for_epochs(n_rows: int, global_batch: int, epochs: float) -> int:

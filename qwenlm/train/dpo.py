@@ -14,14 +14,15 @@ from torch import nn
 
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.lora import lora_disabled
-from qwenlm.train.data import DataError, PairRow, PreferencePair, collate, render_pairs, split_eval
+from qwenlm.train.data import PairRow, PreferencePair, RenderStats, collate, render_pairs
 from qwenlm.train.losses import dpo_loss, sequence_logprobs
 from qwenlm.train.recipe import Recipe
-from qwenlm.train.sft import report
+from qwenlm.train.sft import render_and_split
 
 
 class DPOTask:
     kind = "dpo"
+    render_stats: RenderStats | None = None  # what rendering kept, truncated and dropped
 
     def __init__(
         self,
@@ -84,22 +85,15 @@ def build_dpo(
     pad_id: int,
     say: Callable[[str], Any],
 ) -> DPOTask:
-    data = recipe.data
-    train_rows, stats = render_pairs(pairs, template, data.max_seq_len)
-    if eval_pairs:
-        eval_rows, _ = render_pairs(eval_pairs, template, data.max_seq_len)
-    else:
-        train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, recipe.train.seed)
-    report(stats, say)
-    if not train_rows:
-        raise DataError(
-            ["no pair keeps supervised tokens after truncation"],
-            hint=f"raise data.max_seq_len (now {data.max_seq_len})",
-        )
-    return DPOTask(
+    train_rows, eval_rows, stats = render_and_split(
+        render_pairs, pairs, eval_pairs, template, recipe, say, "pair"
+    )
+    task = DPOTask(
         train_rows,
         eval_rows,
         pad_id,
         beta=recipe.dpo.beta,
         label_smoothing=recipe.dpo.label_smoothing,
     )
+    task.render_stats = stats
+    return task

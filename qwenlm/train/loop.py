@@ -13,6 +13,8 @@ data position restored, so the losses that follow are the ones the uninterrupted
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import signal
@@ -31,22 +33,21 @@ from qwenlm import registry
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
 from qwenlm.errors import QwenlmError
+from qwenlm.fsutil import atomic_write, write_json
 from qwenlm.lora import adapter_config, apply_lora, read_adapter_config, save_adapter
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.train import distributed
 from qwenlm.train.checkpoint import (
     Checkpoints,
-    atomic_write,
     flatten_optimizer_state,
     read_json,
     read_tensors,
     unflatten_optimizer_state,
-    write_json,
-    write_tensors,
 )
-from qwenlm.train.data import global_batch_indices, load_records, steps_for_epochs
+from qwenlm.train.data import data_digest, global_batch_indices, load_records, steps_for_epochs
 from qwenlm.train.losses import TargetLogprobs
 from qwenlm.train.recipe import Recipe, dump_yaml
+from qwenlm.weights.safetensors import write_tensors
 
 LOG = "log.jsonl"
 
@@ -105,20 +106,39 @@ def train(
     recipe: Recipe,
     *,
     resume: bool = False,
+    force_resume: bool = False,
     check_data: bool = False,
     say: Callable[[str], Any] | None = None,
 ) -> TrainResult:
     """Run ``recipe``; under torchrun every process calls this with the same recipe.
 
     ``resume`` continues from the newest valid checkpoint in ``recipe.out`` (or starts afresh
-    when there is none); without it an ``out`` folder that already holds a run is an error.
+    when there is none); without it an ``out`` folder that already holds a run is an error. A
+    checkpoint made from other data or another recipe (steps aside) is refused, since the run
+    would no longer reproduce; ``force_resume`` continues from it anyway.
     ``check_data`` reads, checks and renders the data, reports it, and stops.
     """
     d = distributed.setup(device=recipe.train.device, backend=recipe.distributed.backend)
     try:
-        return _Run(recipe, d, say).run(resume=resume, check_data=check_data)
+        return _Run(recipe, d, say).run(
+            resume=resume or force_resume, force=force_resume, check_data=check_data
+        )
     finally:
         d.close()
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """sha256 of what shapes the training math: the recipe less its length, output folder,
+    device and bookkeeping (logging, evaluation, checkpoint and process settings)."""
+    fields = dataclasses.asdict(recipe)
+    for key in ("out", "log", "eval", "checkpoint", "distributed"):
+        fields.pop(key)
+    for key in ("steps", "epochs", "device"):
+        fields["train"].pop(key)
+    for key in ("cache_dir", "train", "eval"):  # the data's bytes are hashed on their own
+        fields["data"].pop(key)
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -201,9 +221,54 @@ class _Run:
             return
         kind = "preference" if r.task == "dpo" else "chat"
         fmt = "auto" if r.data.format in ("auto", "preference") else r.data.format
-        train = load_records(r.data.train, kind, fmt)
-        evals = load_records(r.data.eval, kind, fmt) if r.data.eval else []
+        self._rejected: dict[str, list[str]] = {"train": [], "eval": []}
+        limit = r.data.max_rejected
+        train = load_records(
+            r.data.train, kind, fmt, max_rejected=limit, rejected=self._rejected["train"]
+        )
+        evals = (
+            load_records(
+                r.data.eval, kind, fmt, max_rejected=limit, rejected=self._rejected["eval"]
+            )
+            if r.data.eval
+            else []
+        )
         self._records = (train, evals)
+        for split, bad in self._rejected.items():
+            if bad:
+                self.say(
+                    f"skipped {len(bad)} bad {split} record(s) (data.max_rejected "
+                    f"{limit:g}; all listed in data-manifest.json):\n  " + "\n  ".join(bad[:10])
+                )
+
+    def _data_manifest(self, task: Any) -> dict[str, Any]:
+        """What the data gave: records accepted and rejected (with why), and what rendering
+        truncated or dropped. Written as data-manifest.json next to the run's output."""
+        r = self.r
+        out: dict[str, Any] = {}
+        for split, files, rows in (
+            ("train", r.data.train, self._records[0]),
+            ("eval", r.data.eval, self._records[1]),
+        ):
+            bad = getattr(self, "_rejected", {}).get(split, [])
+            if files:
+                out[split] = {
+                    "files": list(files),
+                    "accepted": len(rows),
+                    "rejected": len(bad),
+                    "rejections": bad,
+                }
+        stats = getattr(task, "render_stats", None)
+        if stats is not None:
+            out["render"] = {
+                "examples": stats.examples,
+                "truncated": stats.truncated,
+                "dropped_without_supervised_tokens": stats.dropped,
+                "tokens": stats.tokens,
+                "supervised_tokens": stats.targets,
+            }
+        out["train_rows"] = len(task.train_rows)
+        return out
 
     def _build_model(self, ckpt: Any, config: ModelConfig) -> nn.Module:
         from qwenlm.models import build_model
@@ -257,7 +322,7 @@ class _Run:
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
 
     # -- the run -------------------------------------------------------------------------------
-    def run(self, *, resume: bool, check_data: bool) -> TrainResult:
+    def run(self, *, resume: bool, force: bool, check_data: bool) -> TrainResult:
         r, d = self.r, self.d
         self._check_out(resume)
         self._read_records()
@@ -274,7 +339,8 @@ class _Run:
             if ckpt is not None:
                 ckpt.close()
             self.say(
-                f"data checked: {len(task.train_rows)} training rows, {len(task.eval_rows)} eval rows"
+                f"data checked: {len(task.train_rows)} training rows, "
+                f"{len(task.eval_rows)} eval rows"
             )
             return TrainResult(self.out, 0, total)
         self.tok, self.template_src, self.config = tok, template_src, config
@@ -291,6 +357,11 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             text = dump_yaml(r)
             atomic_write(self.out / "recipe.yaml", lambda p: p.write_text(text, encoding="utf-8"))
+            write_json(self.out / "data-manifest.json", self._data_manifest(task))
+        self.fingerprint = {
+            "recipe_sha256": recipe_digest(r),
+            "data_sha256": data_digest([*r.data.train, *r.data.eval]),
+        }
         self.say(
             f"{r.task} / {r.method}: {n_params / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M "
             f"trainable; {total} steps of {G} rows ({d.world} process{'es' if d.world > 1 else ''}"
@@ -301,7 +372,7 @@ class _Run:
         torch.manual_seed(r.train.seed * 7919 + d.rank + 1)
         start, resumed_from = 0, None
         if resume:
-            start = self._resume(net, opt)
+            start = self._resume(net, opt, force)
             resumed_from = start if start else None
         elif d.is_main:
             self.ckpts.clean_partials()
@@ -311,55 +382,65 @@ class _Run:
         if start == 0 and len(task.eval_rows):
             result.eval = self._evaluate(net, task, 0)
         with StopSignals() as stop, self._progress(total, start):
-            step = start
-            last_saved = start if resumed_from is not None else -1
-            t_start = time.perf_counter()
-            while step < total:
-                t0 = time.perf_counter()
-                record = self._step(net, opt, task, step, total, G)
-                step += 1
-                elapsed = time.perf_counter() - t0
-                record.update(
-                    step=step,
-                    tokens_per_s=record["tokens"] / elapsed if elapsed > 0 else 0.0,
-                    elapsed_s=round(time.perf_counter() - t_start, 3),
-                )
-                result.step, result.loss = step, record["loss"]
-                if step % r.log.every == 0 or step == total:
-                    self._log({"kind": "train", **record})
-                self._bar_update(record)
-                stopping = d.any(stop.signum is not None)
-                if (
-                    len(task.eval_rows)
-                    and r.eval.every
-                    and step % r.eval.every == 0
-                    and step < total
-                ):
-                    result.eval = self._evaluate(net, task, step)
-                if (
-                    stopping
-                    or step == total
-                    or (r.checkpoint.every and step % r.checkpoint.every == 0)
-                ):
-                    self._save(step, net, opt)
-                    last_saved = step
-                    if r.log.plot and d.is_main:
-                        self._plot()
-                if stopping:
-                    self.say(
-                        f"stopped by signal at step {step}/{total}; checkpoint saved in "
-                        f"{self.ckpts.path(step)}; continue with --resume"
-                    )
-                    result.interrupted = True
-                    return result
-            if last_saved != step:
-                self._save(step, net, opt)
+            step = self._train_steps(net, opt, task, result, stop, resumed_from, G)
+            if result.interrupted:
+                return result
         if len(task.eval_rows):
             result.eval = self._evaluate(net, task, step)
         self._finish(net)
         if r.log.plot and d.is_main and not self._plot():
             self.say("loss.png not written: install matplotlib (pip install 'qwenlm[train]')")
         return result
+
+    def _train_steps(
+        self,
+        net: nn.Module,
+        opt: torch.optim.Optimizer,
+        task: Any,
+        result: TrainResult,
+        stop: StopSignals,
+        resumed_from: int | None,
+        G: int,
+    ) -> int:
+        """Steps from ``result.step`` to the last, logging, evaluating and saving as the recipe
+        says; returns the step reached (``result.interrupted`` when a signal stopped it)."""
+        r, d = self.r, self.d
+        start, total = result.step, result.total_steps
+        step = start
+        last_saved = start if resumed_from is not None else -1
+        t_start = time.perf_counter()
+        while step < total:
+            t0 = time.perf_counter()
+            record = self._step(net, opt, task, step, total, G)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            record.update(
+                step=step,
+                tokens_per_s=record["tokens"] / elapsed if elapsed > 0 else 0.0,
+                elapsed_s=round(time.perf_counter() - t_start, 3),
+            )
+            result.step, result.loss = step, record["loss"]
+            if step % r.log.every == 0 or step == total:
+                self._log({"kind": "train", **record})
+            self._bar_update(record)
+            stopping = d.any(stop.signum is not None)
+            if len(task.eval_rows) and r.eval.every and step % r.eval.every == 0 and step < total:
+                result.eval = self._evaluate(net, task, step)
+            if stopping or step == total or (r.checkpoint.every and step % r.checkpoint.every == 0):
+                self._save(step, net, opt)
+                last_saved = step
+                if r.log.plot and d.is_main:
+                    self._plot()
+            if stopping:
+                self.say(
+                    f"stopped by signal at step {step}/{total}; checkpoint saved in "
+                    f"{self.ckpts.path(step)}; continue with --resume"
+                )
+                result.interrupted = True
+                return step
+        if last_saved != step:
+            self._save(step, net, opt)
+        return step
 
     def _step(
         self, net: nn.Module, opt: torch.optim.Optimizer, task: Any, step: int, total: int, G: int
@@ -376,7 +457,8 @@ class _Run:
             with self._sync(net, m == accum - 1), _autocast(d.device, r.train.precision):
                 loss, stats = task.forward(net, self.model, micro, d.device)
             # DDP and FSDP average gradients over processes; scale back up to a plain sum.
-            (loss * (d.world / units)).backward()
+            # max: a batch with no target gives a zero loss, never a division by zero or NaN
+            (loss * (d.world / max(units, 1))).backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
         params = [p for p in net.parameters() if p.requires_grad]
@@ -507,7 +589,7 @@ class _Run:
 
     def _write_weights(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         if self.r.method == "full":
-            from qwenlm.train.export import write_hf_folder
+            from qwenlm.weights.hf_writer import write_hf_folder
 
             write_hf_folder(
                 folder,
@@ -538,8 +620,8 @@ class _Run:
         if d.device.type == "cuda":
             cuda = d.gather(torch.cuda.get_rng_state(d.device))
             rng.update({f"cuda.{i}": t for i, t in enumerate(cuda)})
-        if d.is_main:
-            part = self.ckpts.begin(step)
+
+        def write(part: Path) -> None:
             self._write_weights(part, state)
             tensors, meta = flatten_optimizer_state(osd)
             write_tensors(part / "optimizer.safetensors", tensors)
@@ -556,13 +638,22 @@ class _Run:
                     "seed": self.r.train.seed,
                     "task": self.r.task,
                     "method": self.r.method,
+                    **self.fingerprint,
                     "time": time.time(),
                 },
             )
-            self.ckpts.commit(part, step)
+
+        failed = None
+        if d.is_main:
+            try:
+                self.ckpts.save(step, write)
+            except QwenlmError as e:
+                failed = e
+        if d.any(failed is not None):  # every process stops, not only the one that saved
+            raise failed or TrainError(f"the main process could not save checkpoint step {step}")
         d.barrier()
 
-    def _resume(self, net: nn.Module, opt: torch.optim.Optimizer) -> int:
+    def _resume(self, net: nn.Module, opt: torch.optim.Optimizer, force: bool) -> int:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -583,10 +674,23 @@ class _Run:
             return 0
         path = self.ckpts.path(step)
         trainer = read_json(path / "trainer.json")
+        for key, what in (("data_sha256", "data"), ("recipe_sha256", "recipe")):
+            if trainer.get(key) not in (None, self.fingerprint[key]):
+                message = (
+                    f"checkpoint {path} was trained with other {what} (sha256 "
+                    f"{str(trainer[key])[:12]}..., now {self.fingerprint[key][:12]}...)"
+                )
+                if not force:
+                    raise TrainError(
+                        message + "; resuming would not reproduce the run",
+                        hint="restore the original data and recipe, or pass --force-resume",
+                    )
+                self.say(f"warning: {message}; continuing anyway (--force-resume)")
         G = self.r.train.micro_batch_size * self.r.train.grad_accum * d.world
         if trainer.get("global_batch") != G or trainer.get("seed") != self.r.train.seed:
             self.say(
-                f"warning: the checkpoint was trained with global batch {trainer.get('global_batch')} "
+                f"warning: the checkpoint was trained with global batch "
+                f"{trainer.get('global_batch')} "
                 f"and seed {trainer.get('seed')}, this run uses {G} and {self.r.train.seed}: the "
                 "data order from here on differs from the original run's"
             )

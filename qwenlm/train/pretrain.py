@@ -9,6 +9,7 @@ Text is tokenized once into a memory-mapped token file and cut into windows of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -95,7 +96,11 @@ def scratch_config(spec: ScratchConfig, tok: Tokenizer) -> ModelConfig:
         )
     values.setdefault("bos_token_id", tok.bos_token_id)
     values.setdefault("eos_token_id", tok.eos_token_id)
-    return ModelConfig.from_hf(values)
+    config = ModelConfig.from_hf(values)
+    # from_hf reads None as "not given" and takes Qwen's ids, which lie outside a small
+    # vocabulary (and would be refused at load); here None means the tokenizer has none.
+    unset = {k: None for k in ("bos_token_id", "eos_token_id") if values[k] is None}
+    return dataclasses.replace(config, **unset)
 
 
 def init_weights(model: nn.Module, std: float) -> None:

@@ -44,6 +44,7 @@ class DataConfig:
     eval: tuple[str, ...] = ()
     format: str = "auto"  # auto (from content), qwen, openai, preference, text
     eval_fraction: float = 0.0  # held out of train when no eval files are given
+    max_rejected: float = 0.0  # fraction of bad records skipped (each reported) instead of fatal
     max_seq_len: int = 1024
     packing: bool = False  # several examples per row, attention kept within each example
     cache_dir: str | None = None  # tokenized text corpora (default: the qwenlm cache)
@@ -180,6 +181,7 @@ class Recipe:
             f"data.format {self.data.format!r} is not auto, qwen, openai, preference or text",
         )
         need(0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
+        need(0.0 <= self.data.max_rejected < 1.0, "data.max_rejected must be in [0, 1)")
         need(self.data.max_seq_len >= 2, "data.max_seq_len must be at least 2")
         loop = self.train
         need(
@@ -231,6 +233,9 @@ def _plain(x: Any) -> Any:
 
 
 # -- building from plain data ------------------------------------------------------------------
+_UNFIT = object()  # what the coercions below return for a value that does not fit the type
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -245,6 +250,21 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return _build(tp, value, where)
     if tp is Any:
         return value
+    if tp in (bool, int, float, str):
+        out = _coerce_scalar(tp, value)
+    elif origin is tuple:
+        out = _coerce_tuple(args, value, where)
+    elif origin in (Mapping, dict, typing.Mapping):
+        out = dict(value) if isinstance(value, Mapping) else _UNFIT
+    else:  # pragma: no cover - a field type this function was not taught
+        raise TypeError(f"unsupported recipe field type {tp!r}")
+    if out is _UNFIT:
+        raise RecipeError(f"recipe: {where} must be {_type_name(tp)}, got {value!r}")
+    return out
+
+
+def _coerce_scalar(tp: type, value: Any) -> Any:
+    """``value`` as a bool, int, float or str, also where YAML typed it otherwise."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -266,23 +286,22 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    elif origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-            if len(value) == len(args):
-                return tuple(
-                    _coerce(a, v, f"{where}[{i}]")
-                    for i, (a, v) in enumerate(zip(args, value, strict=True))
-                )
-    elif origin in (Mapping, dict, typing.Mapping):
-        if isinstance(value, Mapping):
-            return dict(value)
-    else:  # pragma: no cover - a field type this function was not taught
-        raise TypeError(f"unsupported recipe field type {tp!r}")
-    raise RecipeError(f"recipe: {where} must be {_type_name(tp)}, got {value!r}")
+    return _UNFIT
+
+
+def _coerce_tuple(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    """``value`` (a list, or one string) as a tuple of ``args`` (``(T, ...)``: any length)."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) == len(args):
+            return tuple(
+                _coerce(a, v, f"{where}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
+    return _UNFIT
 
 
 def _type_name(tp: Any) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 from qwenlm.chat.template import ChatTemplate
 from qwenlm.train.data import (
     Conversation,
+    DataError,
     RenderStats,
     Row,
     collate,
@@ -29,6 +30,7 @@ class LMTask:
     """Cross-entropy of the target tokens of token rows (summed; the loop normalises)."""
 
     kind = "lm"
+    render_stats: RenderStats | None = None  # what rendering kept, truncated and dropped
 
     def __init__(self, train_rows: Sequence[Row], eval_rows: Sequence[Row], pad_id: int) -> None:
         self.train_rows = train_rows
@@ -62,19 +64,9 @@ def build_sft(
 ) -> LMTask:
     """Render conversations into rows (packed when ``data.packing``) and hold out eval rows."""
     data = recipe.data
-    train_rows, stats = render_conversations(records, template, data.max_seq_len)
-    if eval_records:
-        eval_rows, _ = render_conversations(eval_records, template, data.max_seq_len)
-    else:
-        train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, recipe.train.seed)
-    report(stats, say)
-    if not train_rows:
-        from qwenlm.train.data import DataError
-
-        raise DataError(
-            ["no example keeps a supervised token after truncation"],
-            hint=f"raise data.max_seq_len (now {data.max_seq_len})",
-        )
+    train_rows, eval_rows, stats = render_and_split(
+        render_conversations, records, eval_records, template, recipe, say, "example"
+    )
     if data.packing:
         # Packing order is fixed by the seed, so a resumed run packs the same rows.
         order = torch.randperm(
@@ -83,7 +75,39 @@ def build_sft(
         train_rows = pack([train_rows[i] for i in order.tolist()], data.max_seq_len)
         eval_rows = pack(eval_rows, data.max_seq_len)
         say(f"packed into {len(train_rows)} rows of up to {data.max_seq_len} tokens")
-    return LMTask(train_rows, eval_rows, pad_id)
+    task = LMTask(train_rows, eval_rows, pad_id)
+    task.render_stats = stats
+    return task
+
+
+def render_and_split(
+    render: Callable[[Any, ChatTemplate, int], tuple[list[Any], RenderStats]],
+    records: Sequence[Any],
+    eval_records: Sequence[Any],
+    template: ChatTemplate,
+    recipe: Recipe,
+    say: Callable[[str], Any],
+    what: str,
+) -> tuple[list[Any], list[Any], RenderStats]:
+    """(train rows, eval rows, render stats): ``render`` both sets, or hold out
+    ``data.eval_fraction`` of the training rows.
+
+    Reports what rendering kept, and refuses a training set that truncation emptied (``what``
+    names one record in that message: "example", "pair").
+    """
+    data = recipe.data
+    train_rows, stats = render(records, template, data.max_seq_len)
+    if eval_records:
+        eval_rows, _ = render(eval_records, template, data.max_seq_len)
+    else:
+        train_rows, eval_rows = split_eval(train_rows, data.eval_fraction, recipe.train.seed)
+    report(stats, say)
+    if not train_rows:
+        raise DataError(
+            [f"no {what} keeps a supervised token after truncation"],
+            hint=f"raise data.max_seq_len (now {data.max_seq_len})",
+        )
+    return train_rows, eval_rows, stats
 
 
 def report(stats: RenderStats, say: Callable[[str], Any]) -> None:

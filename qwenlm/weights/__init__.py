@@ -1,4 +1,5 @@
-"""Checkpoints of every supported format, opened into one shape: config, tokenizer, template, tensors.
+"""Checkpoints of every supported format, opened into one shape: config, tokenizer, template and
+tensors.
 
 Every source is mapped onto the Hugging Face Qwen2 tensor names, so models load with no
 per-format code.
@@ -6,6 +7,7 @@ per-format code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,8 +16,9 @@ from typing import Any
 
 import torch
 
+from qwenlm.chat.template import ChatTemplate
 from qwenlm.config import ModelConfig
-from qwenlm.errors import CheckpointError, ModelNotFoundError
+from qwenlm.errors import ChatTemplateError, CheckpointError, ModelNotFoundError
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import gguf as gguf_format
 from qwenlm.weights import qwen1
@@ -80,6 +83,20 @@ class Checkpoint:
             self._pieces = gguf_format.tensor_map(self._gguf)
         return self._pieces
 
+    def read_raw(self, name: str, rows: tuple[int, int] | None = None) -> tuple[int, torch.Tensor]:
+        """A GGUF matrix as stored: its ggml type and rows start..stop of its bytes."""
+        if self._gguf is None:
+            raise CheckpointError(f"{self.path} is not a GGUF file: it has no stored block formats")
+        piece = self._gguf_pieces().get(name)
+        if piece is None:
+            raise CheckpointError(f"tensor {name} is not in {self.path}")
+        n = piece.shape[0]
+        a, b = rows if rows is not None else (0, n)
+        if not 0 <= a <= b <= n or piece.rows != n:
+            raise CheckpointError(f"tensor {name}: rows {rows} cannot be read as stored")
+        info = self._gguf.tensors[piece.name]
+        return info.ggml_type, self._gguf.raw_rows(piece.name, (piece.start + a, piece.start + b))
+
     def _read_hf(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         assert self._shards is not None
         if name not in self._shards:
@@ -95,6 +112,39 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _checked(ckpt: Checkpoint, declared: dict[str, Any]) -> Checkpoint:
+    """Refuse, at load, what would otherwise fail or misbehave on a request later.
+
+    ``declared``: the token ids the checkpoint itself names (eos, bos), by where they are set.
+    """
+    vocab = ckpt.config.vocab_size
+    declared = {
+        **declared,
+        "the tokenizer's eos token": ckpt.tokenizer.eos_token_id,
+        "generation_config.json eos_token_id": ckpt.generation_defaults.get("stop_token_ids"),
+    }
+    for what, values in declared.items():
+        for i in values if isinstance(values, (list, tuple)) else [values]:
+            if i is not None and not (type(i) is int and 0 <= i < vocab):
+                raise CheckpointError(
+                    f"{ckpt.path}: {what} {i!r} is outside the vocabulary (0..{vocab - 1})",
+                    hint="the checkpoint's config and its vocabulary disagree",
+                )
+    if ckpt.chat_template is not None:
+        try:
+            ChatTemplate(ckpt.chat_template, ckpt.tokenizer)  # parses it and test-renders it
+        except ChatTemplateError as e:
+            raise CheckpointError(
+                f"{ckpt.path}: the chat template in this checkpoint is unusable: {e.message}",
+                hint="pass a trusted template instead (chat_template.jinja in a model folder)",
+            ) from None
+    return ckpt
+
+
+def _declared_ids(config_json: dict[str, Any]) -> dict[str, Any]:
+    return {f"config.json {k}": config_json.get(k) for k in ("eos_token_id", "bos_token_id")}
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -115,6 +165,8 @@ def _open_gguf(path: Path) -> Checkpoint:
         if emb is None:
             raise CheckpointError(f"GGUF file {path} has no token_embd.weight tensor")
         config = ModelConfig.from_gguf(meta, vocab_size=emb.shape[0])
+        # GGUF has no tie flag: a tied output head is stored by leaving output.weight out.
+        config = dataclasses.replace(config, tie_word_embeddings="output.weight" not in gf.tensors)
         tokenizer = Tokenizer.from_gguf_metadata(meta)
         if tokenizer.vocab_size > config.vocab_size:
             raise CheckpointError(
@@ -124,7 +176,7 @@ def _open_gguf(path: Path) -> Checkpoint:
         template = meta.get("tokenizer.chat_template")
         # Qwen1 files get Qwen1's chat format and stops, as its folders do.
         qwen1_file = gf.architecture == "qwen"
-        return Checkpoint(
+        ckpt = Checkpoint(
             path=path,
             format="gguf",
             config=config,
@@ -135,6 +187,8 @@ def _open_gguf(path: Path) -> Checkpoint:
             qwen1=qwen1_file,
             _gguf=gf,
         )
+        ids = {k: meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "bos_token_id")}
+        return _checked(ckpt, ids)
     except BaseException:
         gf.close()
         raise
@@ -160,6 +214,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
     if isinstance(raw, dict) and qwen1.is_qwen1(raw):
         return _open_qwen1_folder(folder, raw)
     config = ModelConfig.from_json_file(folder / "config.json")
+    st_format.verify_digests(folder)
     tokenizer = Tokenizer.from_hf_folder(folder, vocab_size=config.vocab_size)
     template = None
     if (folder / "chat_template.jinja").is_file():
@@ -177,7 +232,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         if eos is not None:
             defaults["stop_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
     quantization = _read_json(folder / "config.json").get("quantization_config")
-    return Checkpoint(
+    ckpt = Checkpoint(
         path=folder,
         format="hf",
         config=config,
@@ -187,6 +242,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         name=folder.name,
         quantization=quantization if isinstance(quantization, dict) else None,
     )
+    return _checked(ckpt, _declared_ids(raw))
 
 
 def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
@@ -197,7 +253,7 @@ def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
     gen = {}
     if (folder / "generation_config.json").is_file():
         gen = _read_json(folder / "generation_config.json")
-    return Checkpoint(
+    ckpt = Checkpoint(
         path=folder,
         format="hf",
         config=config,
@@ -207,6 +263,7 @@ def _open_qwen1_folder(folder: Path, raw: dict[str, Any]) -> Checkpoint:
         name=folder.name,
         qwen1=True,
     )
+    return _checked(ckpt, _declared_ids(raw))
 
 
 def _qwen1_defaults(tokenizer: Tokenizer, gen: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,7 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
+        """The GGML type's name (F32, Q8_0, Q4_K ...), or ``typeN`` for an unknown code N."""
         try:
             return GGMLQuantizationType(self.ggml_type).name
         except ValueError:
@@ -223,37 +224,47 @@ class GGUFFile:
         for name, shape, ggml_type, offset in infos:
             if name in self.tensors:
                 raise cur.fail(f"duplicate tensor {name!r}")
-            if any(d <= 0 for d in shape):
-                raise cur.fail(f"tensor {name} has shape {list(shape)}")
-            if ggml_type not in quants.BLOCK_INFO:
-                try:
-                    tname = GGMLQuantizationType(ggml_type).name
-                except ValueError:
-                    tname = f"unknown type {ggml_type}"
+            info = self._place(cur, name, shape, ggml_type, data_start + offset)
+            if offset % alignment:
                 raise CheckpointError(
-                    f"GGUF tensor {name} in {self.path} uses {tname}, which qwenlm cannot read",
-                    hint="supported: " + ", ".join(_supported_type_names()),
-                )
-            n_elements = 1
-            for d in shape:
-                n_elements *= d
-            block = quants.BLOCK_INFO[ggml_type][0]
-            if shape[-1] % block:
-                raise cur.fail(f"tensor {name} row length {shape[-1]} is not a multiple of {block}")
-            nbytes = quants.tensor_nbytes(ggml_type, n_elements)
-            start = data_start + offset
-            if offset % alignment or start + nbytes > cur.size:
-                raise CheckpointError(
-                    f"malformed GGUF file {self.path}: data of tensor {name} "
-                    f"(bytes {start}..{start + nbytes}) lies outside the file ({cur.size} bytes)"
-                    if start + nbytes > cur.size
-                    else f"malformed GGUF file {self.path}: tensor {name} offset is not aligned",
+                    f"malformed GGUF file {self.path}: tensor {name} offset is not aligned",
                     hint="the file may be truncated; pull or download it again",
                 )
-            self.tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
+            self.tensors[name] = info
+
+    def _place(
+        self, cur: _Cursor, name: str, shape: tuple[int, ...], ggml_type: int, start: int
+    ) -> TensorInfo:
+        """Tensor ``name``'s entry, once its shape, type and bytes are checked to fit the file."""
+        if any(d <= 0 for d in shape):
+            raise cur.fail(f"tensor {name} has shape {list(shape)}")
+        if ggml_type not in quants.BLOCK_INFO:
+            try:
+                tname = GGMLQuantizationType(ggml_type).name
+            except ValueError:
+                tname = f"unknown type {ggml_type}"
+            raise CheckpointError(
+                f"GGUF tensor {name} in {self.path} uses {tname}, which qwenlm cannot read",
+                hint="supported: " + ", ".join(_supported_type_names()),
+            )
+        n_elements = 1
+        for d in shape:
+            n_elements *= d
+        block = quants.BLOCK_INFO[ggml_type][0]
+        if shape[-1] % block:
+            raise cur.fail(f"tensor {name} row length {shape[-1]} is not a multiple of {block}")
+        nbytes = quants.tensor_nbytes(ggml_type, n_elements)
+        if start + nbytes > cur.size:
+            raise CheckpointError(
+                f"malformed GGUF file {self.path}: data of tensor {name} "
+                f"(bytes {start}..{start + nbytes}) lies outside the file ({cur.size} bytes)",
+                hint="the file may be truncated; pull or download it again",
+            )
+        return TensorInfo(name, shape, ggml_type, start, nbytes)
 
     @property
     def architecture(self) -> str | None:
+        """``general.architecture``: qwen2, qwen2moe, qwen3, qwen (Qwen1) ..."""
         return self.metadata.get("general.architecture")
 
     def raw(self, name: str) -> torch.Tensor:
@@ -261,6 +272,35 @@ class GGUFFile:
         info = self.tensors[name]
         view = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return torch.from_numpy(view.copy())
+
+    def _row_span(self, info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int, tuple]:
+        """(file offset, bytes, shape) of rows ``start .. stop`` of a tensor viewed as a matrix
+        (see :meth:`load`; all of it if None)."""
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:
+            start, stop = rows
+            n_rows = matrix_rows(shape)
+            if not 0 <= start <= stop <= n_rows:
+                raise ValueError(f"rows {rows} out of range for {info.name} with {n_rows} rows")
+            block = quants.BLOCK_INFO[info.ggml_type][0]
+            if len(shape) == 1 and block != 1 and (start, stop) != (0, n_rows):
+                raise ValueError(f"{info.name} is a quantized vector: read it whole")
+            # Rows are whole blocks (the row length is a multiple), or single elements of an
+            # unquantized vector.
+            row_bytes = nbytes // n_rows if (start, stop) != (0, n_rows) else 0
+            if row_bytes:
+                offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+            shape = (stop - start,) if len(shape) == 1 else (stop - start, shape[-1])
+        return offset, nbytes, shape
+
+    def raw_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A matrix's stored bytes, rows ``start .. stop``, as a (rows, row bytes) uint8 copy."""
+        info = self.tensors[name]
+        offset, nbytes, shape = self._row_span(info, rows)
+        view = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
+        out = torch.from_numpy(view.copy()).view(shape[0], info.nbytes // matrix_rows(info.shape))
+        self._drop_pages(offset, nbytes)
+        return out
 
     def load(
         self, name: str, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None
@@ -274,21 +314,7 @@ class GGUFFile:
         k), or (stop - start,) for a 1-D tensor.
         """
         info = self.tensors[name]
-        shape, offset, nbytes = info.shape, info.offset, info.nbytes
-        if rows is not None:
-            start, stop = rows
-            n_rows = matrix_rows(shape)
-            if not 0 <= start <= stop <= n_rows:
-                raise ValueError(f"rows {rows} out of range for {name} with {n_rows} rows")
-            block = quants.BLOCK_INFO[info.ggml_type][0]
-            if len(shape) == 1 and block != 1 and (start, stop) != (0, n_rows):
-                raise ValueError(f"{name} is a quantized vector: read it whole")
-            # Rows are whole blocks (the row length is a multiple), or single elements of an
-            # unquantized vector.
-            row_bytes = nbytes // n_rows if (start, stop) != (0, n_rows) else 0
-            if row_bytes:
-                offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
-            shape = (stop - start,) if len(shape) == 1 else (stop - start, shape[-1])
+        offset, nbytes, shape = self._row_span(info, rows)
         view = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=offset)
         # The ACCESS_COPY mapping is writable, so torch can wrap it without a copy; dequantize
         # writes only into its own output.

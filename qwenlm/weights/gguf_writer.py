@@ -24,10 +24,10 @@ from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, LlamaFileTy
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import QwenlmError
+from qwenlm.fsutil import atomic_write
 from qwenlm.tokenizer import Tokenizer
-from qwenlm.train.checkpoint import atomic_write
-from qwenlm.train.export import _bytelevel, bpe_merges
 from qwenlm.weights import gguf as gguf_format
+from qwenlm.weights.hf_writer import _bytelevel, bpe_merges
 
 # --type -> (type of the matrices, general.file_type). Norms, biases and routers stay F32.
 TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
@@ -171,7 +171,8 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[i
     """
     if tokenizer.vocab_size > vocab_size:
         raise ExportError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {vocab_size} rows"
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
+            f"{vocab_size} rows"
         )
     tokens, types = [], []
     ranks: dict[bytes, int] = {}

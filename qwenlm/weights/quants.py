@@ -167,14 +167,18 @@ def _k_scale_min(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: each sub-block's scale and min, (n, 8, 1), from d, dmin and 12 bytes."""
+    d, dmin = _half(blocks, 0), _half(blocks, 2)
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    return (d * sc.float()).unsqueeze(-1), (dmin * mn.float()).unsqueeze(-1)
+
+
 def _deq_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     # d: f16 | dmin: f16 | scales: 12 bytes | qs: 128 bytes. Each 32-byte run of qs holds
     # two 32-element sub-blocks: low nibbles, then high nibbles.
     n = blocks.shape[0]
-    d, dmin = _half(blocks, 0), _half(blocks, 2)
-    sc, mn = _k_scale_min(blocks[:, 4:16])
-    dl = (d * sc.float()).unsqueeze(-1)
-    ml = (dmin * mn.float()).unsqueeze(-1)
+    dl, ml = _k_scales(blocks)
     q = _nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32)
     return q.float().mul_(dl).sub_(ml).reshape(n, QK_K)
 
@@ -183,10 +187,7 @@ def _deq_q5_k(blocks: torch.Tensor) -> torch.Tensor:
     # d: f16 | dmin: f16 | scales: 12 bytes | qh: 32 bytes | qs: 128 bytes. Low 4 bits as in
     # Q4_K; bit b of qh[l] is the high bit of element 32*b + l.
     n = blocks.shape[0]
-    d, dmin = _half(blocks, 0), _half(blocks, 2)
-    sc, mn = _k_scale_min(blocks[:, 4:16])
-    dl = (d * sc.float()).unsqueeze(-1)
-    ml = (dmin * mn.float()).unsqueeze(-1)
+    dl, ml = _k_scales(blocks)
     ql = _nibbles(blocks[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
     qh = _bits(blocks[:, 16:48]).reshape(n, 8, 32)
     q = ql | (qh << 4)
@@ -279,7 +280,8 @@ def dequantize(
     name = _type_name(qtype)
     if data.dtype != torch.uint8 or data.dim() != 1:
         raise ValueError(
-            f"expected raw data as a 1-D uint8 tensor, got {data.dtype} with shape {tuple(data.shape)}"
+            f"expected raw data as a 1-D uint8 tensor, got {data.dtype} with shape "
+            f"{tuple(data.shape)}"
         )
     if not dtype.is_floating_point:
         raise ValueError(f"dequantize needs a floating-point output dtype, got {dtype}")

@@ -29,7 +29,6 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.1,
     "max_new_tokens": 512,
 }
-MAX_WINDOW_SIZE = 6144
 
 _GLOBAL = {
     "transformer.wte.weight": "model.embed_tokens.weight",

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from qwenlm.eval.run import EvalEngine, EvalError, Request
+from qwenlm.eval.run import EvalEngine, EvalError, Request, check_mode, task_data
 
 ANSWER = re.compile(r"[Ss]o the answer is\s*(.*?)\s*(?:\.\s*$|\.\s*\n|$)", re.MULTILINE)
 
@@ -57,14 +57,10 @@ class BBH:
         shots: int | None = None,
         max_new_tokens: int = 384,
     ) -> None:
-        if data is None:
-            raise EvalError(
-                "bbh needs its data", hint="pass --data FOLDER of TASK.json files (see the README)"
-            )
-        if mode not in ("chat", "base"):
-            raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
-        self.data = Path(data)
-        self.mode = mode
+        self.data = task_data(
+            "bbh", data, "data", "pass --data FOLDER of TASK.json files (see the README)"
+        )
+        self.mode = check_mode(mode)
         self.shots = 3 if shots is None else shots
         self.max_new_tokens = max_new_tokens
         self._prompts: dict[str, tuple[str, bool]] = {}

@@ -8,8 +8,7 @@ are not public) and ``test/``. CSV with a header: ``id, question, A, B, C, D, an
 
 from __future__ import annotations
 
-from qwenlm.eval.run import EvalError
-from qwenlm.eval.tasks.choice import MultipleChoice, Question, find_split, read_csv, to_question
+from qwenlm.eval.tasks.choice import MultipleChoice, Question, read_subjects
 
 
 class CEval(MultipleChoice):
@@ -22,26 +21,5 @@ class CEval(MultipleChoice):
     )
 
     def read(self) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
-        val_dir = find_split(self.root, ("val",))
-        if val_dir is None:
-            raise EvalError(
-                f"no val/ folder under {self.root}",
-                hint="--data is the C-Eval folder holding dev/ and val/",
-            )
-        dev_dir = find_split(self.root, ("dev",))
-        test, dev = {}, {}
-        for path in sorted(val_dir.glob("*_val.csv")):
-            subject = path.name.removesuffix("_val.csv")
-            rows = read_csv(path, header=True)
-            test[subject] = [
-                to_question(r, subject, f"{subject}/{r.get('id', i)}", f"{path}:{i + 2}")
-                for i, r in enumerate(rows)
-            ]
-            dev_path = dev_dir / f"{subject}_dev.csv" if dev_dir else None
-            if dev_path and dev_path.is_file():
-                rows = read_csv(dev_path, header=True)
-                dev[subject] = [
-                    to_question(r, subject, f"{subject}/dev{i}", f"{dev_path}:{i + 2}")
-                    for i, r in enumerate(rows)
-                ]
-        return test, dev
+        suffixes = ("_val.csv", "_dev.csv")
+        return read_subjects(self.root, "C-Eval", "val", suffixes, header=True, id_column="id")

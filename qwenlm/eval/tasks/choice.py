@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenlm.eval.run import EvalEngine, EvalError, Request
+from qwenlm.eval.run import EvalEngine, EvalError, Request, check_mode, task_data
 from qwenlm.eval.scoring import extract_choice
 
 LETTERS = "ABCD"
@@ -85,6 +85,47 @@ def find_split(root: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
+def read_subjects(
+    root: Path,
+    dataset: str,
+    split: str,
+    suffixes: tuple[str, str],
+    *,
+    header: bool,
+    columns: dict[str, str] | None = None,
+    id_column: str | None = None,
+) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
+    """(questions by subject, dev shots by subject) from ``split/`` and ``dev/`` under ``root``.
+
+    Subject ``S`` is read from ``split/S{suffixes[0]}`` and its shots, where present, from
+    ``dev/S{suffixes[1]}``. Question ids are ``S/N`` (or ``S/<id_column>``) and ``S/devN``.
+    """
+    split_dir = find_split(root, (split,))
+    if split_dir is None:
+        raise EvalError(
+            f"no {split}/ folder under {root}",
+            hint=f"--data is the {dataset} folder holding dev/ and {split}/",
+        )
+    dev_dir = find_split(root, ("dev",))
+    first_line = 2 if header else 1
+
+    def questions(path: Path, subject: str, dev: bool) -> list[Question]:
+        out = []
+        for i, r in enumerate(read_csv(path, header=header, columns=columns)):
+            key = f"dev{i}" if dev else r.get(id_column, i) if id_column else i
+            out.append(to_question(r, subject, f"{subject}/{key}", f"{path}:{i + first_line}"))
+        return out
+
+    test, shots = {}, {}
+    for path in sorted(split_dir.glob(f"*{suffixes[0]}")):
+        subject = path.name.removesuffix(suffixes[0])
+        test[subject] = questions(path, subject, dev=False)
+        dev_path = dev_dir / f"{subject}{suffixes[1]}" if dev_dir else None
+        if dev_path and dev_path.is_file():
+            shots[subject] = questions(dev_path, subject, dev=True)
+    return test, shots
+
+
 class MultipleChoice:
     """A multiple-choice benchmark; subclasses say how to read their files and phrase prompts."""
 
@@ -107,17 +148,11 @@ class MultipleChoice:
         shots: int | None = None,
         max_new_tokens: int = 64,
     ) -> None:
-        if data is None:
-            raise EvalError(
-                f"{self.name} needs its data folder",
-                hint=f"pass --data PATH (the {self.name} folder layout is in the README)",
-            )
-        if mode not in ("chat", "base"):
-            raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
-        self.root = Path(data)
+        hint = f"pass --data PATH (the {self.name} folder layout is in the README)"
+        self.root = task_data(self.name, data, "data folder", hint)
         if not self.root.is_dir():
             raise EvalError(f"{self.name} data folder not found: {self.root}")
-        self.mode = mode
+        self.mode = check_mode(mode)
         self.shots = self.default_shots if shots is None else shots
         self.max_new_tokens = max_new_tokens
         self._dev: dict[str, list[Question]] = {}

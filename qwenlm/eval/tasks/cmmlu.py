@@ -7,8 +7,7 @@ row number). ``--data`` is the folder holding ``dev/`` and ``test/``.
 
 from __future__ import annotations
 
-from qwenlm.eval.run import EvalError
-from qwenlm.eval.tasks.choice import MultipleChoice, Question, find_split, read_csv, to_question
+from qwenlm.eval.tasks.choice import MultipleChoice, Question, read_subjects
 
 COLUMNS = {"Question": "question", "Answer": "answer"}
 
@@ -24,26 +23,6 @@ class CMMLU(MultipleChoice):
         return "题目：" + super().body(q)
 
     def read(self) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
-        test_dir = find_split(self.root, ("test",))
-        if test_dir is None:
-            raise EvalError(
-                f"no test/ folder under {self.root}",
-                hint="--data is the CMMLU folder holding dev/ and test/",
-            )
-        dev_dir = find_split(self.root, ("dev",))
-        test, dev = {}, {}
-        for path in sorted(test_dir.glob("*.csv")):
-            subject = path.stem
-            rows = read_csv(path, header=True, columns=COLUMNS)
-            test[subject] = [
-                to_question(r, subject, f"{subject}/{i}", f"{path}:{i + 2}")
-                for i, r in enumerate(rows)
-            ]
-            dev_path = dev_dir / path.name if dev_dir else None
-            if dev_path and dev_path.is_file():
-                rows = read_csv(dev_path, header=True, columns=COLUMNS)
-                dev[subject] = [
-                    to_question(r, subject, f"{subject}/dev{i}", f"{dev_path}:{i + 2}")
-                    for i, r in enumerate(rows)
-                ]
-        return test, dev
+        return read_subjects(
+            self.root, "CMMLU", "test", (".csv", ".csv"), header=True, columns=COLUMNS
+        )

@@ -10,42 +10,64 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qwenlm.eval.run import EvalEngine, EvalError, Request, read_jsonl, require
+from qwenlm.eval.run import (
+    EvalEngine,
+    EvalError,
+    Request,
+    check_mode,
+    read_jsonl,
+    require,
+    task_data,
+)
 from qwenlm.eval.scoring import extract_number, normalize_number
 
 # (question, chain of thought ending in "The answer is N.")
 EXEMPLARS = [
     (
-        "There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, there will be 21 trees. How many trees did the grove workers plant today?",
-        "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been 21 - 15 = 6. The answer is 6.",
+        "There are 15 trees in the grove. Grove workers will plant trees in the grove today. After "
+        "they are done, there will be 21 trees. How many trees did the grove workers plant today?",
+        "There are 15 trees originally. Then there were 21 trees after some more were planted. So "
+        "there must have been 21 - 15 = 6. The answer is 6.",
     ),
     (
-        "If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+        "If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the "
+        "parking lot?",
         "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5.",
     ),
     (
-        "Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
-        "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, they had 74 - 35 = 39. The answer is 39.",
+        "Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they "
+        "have left in total?",
+        "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. "
+        "After eating 35, they had 74 - 35 = 39. The answer is 39.",
     ),
     (
-        "Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did Jason give to Denny?",
-        "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. The answer is 8.",
+        "Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How "
+        "many lollipops did Jason give to Denny?",
+        "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave "
+        "Denny 20 - 12 = 8. The answer is 8.",
     ),
     (
-        "Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
-        "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. The answer is 9.",
+        "Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many "
+        "toys does he have now?",
+        "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 "
+        "more toys. 5 + 4 = 9. The answer is 9.",
     ),
     (
-        "There were nine computers in the server room. Five more computers were installed each day, from monday to thursday. How many computers are now in the server room?",
-        "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 computers were added. 9 + 20 is 29. The answer is 29.",
+        "There were nine computers in the server room. Five more computers were installed each "
+        "day, from monday to thursday. How many computers are now in the server room?",
+        "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 "
+        "* 4 = 20 computers were added. 9 + 20 is 29. The answer is 29.",
     ),
     (
-        "Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf balls did he have at the end of wednesday?",
-        "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, he had 35 - 2 = 33 golf balls. The answer is 33.",
+        "Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 "
+        "more. How many golf balls did he have at the end of wednesday?",
+        "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. "
+        "After losing 2 more, he had 35 - 2 = 33 golf balls. The answer is 33.",
     ),
     (
         "Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
-        "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars left. 23 - 15 is 8. The answer is 8.",
+        "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has "
+        "23 - 15 dollars left. 23 - 15 is 8. The answer is 8.",
     ),
 ]
 
@@ -68,15 +90,10 @@ class GSM8K:
         shots: int | None = None,
         max_new_tokens: int = 384,
     ) -> None:
-        if data is None:
-            raise EvalError(
-                "gsm8k needs its data file",
-                hint="pass --data test.jsonl (lines with question and answer)",
-            )
-        if mode not in ("chat", "base"):
-            raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
-        self.data = Path(data)
-        self.mode = mode
+        self.data = task_data(
+            "gsm8k", data, "data file", "pass --data test.jsonl (lines with question and answer)"
+        )
+        self.mode = check_mode(mode)
         self.shots = 8 if shots is None else shots
         if not 0 <= self.shots <= len(EXEMPLARS):
             raise EvalError(f"gsm8k shots must be 0..{len(EXEMPLARS)}, got {self.shots}")

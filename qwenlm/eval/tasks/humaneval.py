@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from qwenlm.eval.execution import TEST_LIMITS, run_tests
-from qwenlm.eval.run import EvalEngine, EvalError, Request, read_jsonl, require
+from qwenlm.eval.run import (
+    EvalEngine,
+    EvalError,
+    Request,
+    check_mode,
+    read_jsonl,
+    require,
+)
 from qwenlm.eval.scoring import extract_code, pass_at_k
 from qwenlm.sandbox import Sandbox
 
@@ -71,8 +78,7 @@ class HumanEval:
         ks: tuple[int, ...] = (1, 10, 100),
         sandbox: Sandbox | None = None,
     ) -> None:
-        if mode not in ("chat", "base"):
-            raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
+        check_mode(mode)
         if style not in ("continue", "evalplus"):
             raise EvalError(
                 f"unknown HumanEval prompt style {style!r}", hint="use continue or evalplus"

@@ -14,7 +14,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from qwenlm.eval.run import EvalEngine, EvalError, Request, read_jsonl, require
+from qwenlm.eval.run import (
+    EvalEngine,
+    EvalError,
+    Request,
+    check_mode,
+    read_jsonl,
+    require,
+    task_data,
+)
 from qwenlm.eval.scoring import last_boxed, math_equal
 
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -57,14 +65,10 @@ class MATH:
     def __init__(
         self, data: str | Path | None = None, *, mode: str = "chat", max_new_tokens: int = 768
     ) -> None:
-        if data is None:
-            raise EvalError(
-                "math needs its data", hint="pass --data FOLDER (MATH/test) or a .json/.jsonl file"
-            )
-        if mode not in ("chat", "base"):
-            raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
-        self.data = Path(data)
-        self.mode = mode
+        self.data = task_data(
+            "math", data, "data", "pass --data FOLDER (MATH/test) or a .json/.jsonl file"
+        )
+        self.mode = check_mode(mode)
         self.max_new_tokens = max_new_tokens
 
     def config(self) -> dict[str, Any]:
@@ -77,7 +81,8 @@ class MATH:
             reference = row.get("answer") or last_boxed(str(row.get("solution", "")))
             if reference is None:
                 raise EvalError(
-                    f"{self.data} problem {row['id']}: no answer field and no \\boxed{{}} in the solution"
+                    f"{self.data} problem {row['id']}: no answer field and no \\boxed{{}} in the "
+                    f"solution"
                 )
             samples.append(
                 {

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from qwenlm.eval.execution import TEST_LIMITS, run_tests
-from qwenlm.eval.run import EvalEngine, EvalError, Request, read_jsonl, require
+from qwenlm.eval.run import (
+    EvalEngine,
+    EvalError,
+    Request,
+    check_mode,
+    read_jsonl,
+    require,
+    task_data,
+)
 from qwenlm.eval.scoring import extract_code
 from qwenlm.sandbox import Sandbox
 
@@ -26,9 +34,8 @@ CHAT_PROMPT = (
 
 def describe(text: str, tests: list[str]) -> str:
     return (
-        f"You are an expert Python programmer, and here is your task: {text} Your code should pass these tests:\n\n"
-        + "\n".join(tests)
-        + "\n"
+        f"You are an expert Python programmer, and here is your task: {text} Your code should pass "
+        f"these tests:\n\n" + "\n".join(tests) + "\n"
     )
 
 
@@ -44,15 +51,10 @@ class MBPP:
         max_new_tokens: int = 512,
         sandbox: Sandbox | None = None,
     ) -> None:
-        if data is None:
-            raise EvalError(
-                "mbpp needs its data file",
-                hint="pass --data mbpp.jsonl (or the sanitized JSON lines)",
-            )
-        if mode not in ("chat", "base"):
-            raise EvalError(f"unknown mode {mode!r}", hint="use chat or base")
-        self.data = Path(data)
-        self.mode = mode
+        self.data = task_data(
+            "mbpp", data, "data file", "pass --data mbpp.jsonl (or the sanitized JSON lines)"
+        )
+        self.mode = check_mode(mode)
         self.shots = 3 if shots is None else shots
         self.max_new_tokens = max_new_tokens
         self.sandbox = sandbox

@@ -26,10 +26,10 @@ from qwenlm.cli.export import export_gguf
 from qwenlm.errors import QwenlmError
 from qwenlm.lora import adapter_config, apply_lora, lora_layers, lora_state_dict, save_adapter
 from qwenlm.models import build_model
-from qwenlm.train.export import write_hf_folder
 from qwenlm.weights import gguf_writer, open_checkpoint
 from qwenlm.weights.gguf import GGUFFile
 from qwenlm.weights.gguf_writer import ExportError
+from qwenlm.weights.hf_writer import write_hf_folder
 
 PROMPTS = ("hello world", "in the world, hell", "你好 helloing")
 NEW_TOKENS = 12
@@ -118,7 +118,7 @@ def load_export(path) -> torch.nn.Module:
         return build_model(ckpt.config, ckpt.tensors()).eval()
 
 
-# -- sources ----------------------------------------------------------------------------------------
+# -- sources --------------------------------------------------------------------------------------
 def save_folder(folder, model, config=None, tokenizer=None, template=QWEN_TEMPLATE):
     """A model folder as ``qwenlm train`` / ``qwenlm merge`` write them."""
     return write_hf_folder(

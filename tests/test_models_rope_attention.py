@@ -7,6 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    TINY_VOCAB,
+    assert_float32_close,
+    assert_within,
+    float32_tolerance,
+    float64_logits,
+    random_ids,
+    random_state_dict,
+    tiny_config,
+    write_tiny_hf_folder,
+)
 
 import qwenlm
 from qwenlm.config import ModelConfig
@@ -15,13 +26,8 @@ from qwenlm.generation.cache import make_cache
 from qwenlm.models import build_model
 from qwenlm.models.attention import AttentionPlan, DualChunk, blockwise_attention
 from qwenlm.models.rope import ScaledRotaryEmbedding, yarn_inv_freq
-from tests.helpers import TINY_VOCAB, random_state_dict, tiny_config, write_hf_tokenizer
 
 transformers = pytest.importorskip("transformers")
-
-
-def ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, TINY_VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def hf_pair(config: ModelConfig, **hf_kwargs):
@@ -51,11 +57,11 @@ def test_yarn_matches_transformers():
     params = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     hf, ours = hf_pair(config, rope_parameters={**params, "rope_theta": 10000.0})
     assert isinstance(ours.model.rotary_emb, ScaledRotaryEmbedding)
-    x = ids(200, seed=2)
+    x = random_ids(200, seed=2, vocab=TINY_VOCAB)
     with torch.no_grad():
-        expected = hf(x).logits
-        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cached(ours, x, 150), expected, rtol=1e-5, atol=1e-5)
+        expected, exact = hf(x).logits, float64_logits(hf, x)
+        assert_float32_close(ours(x), expected, exact)
+        assert_float32_close(cached(ours, x, 150), expected, exact)
     # transformers 5 writes the block as rope_parameters: it reads back as the same scaling
     back = ModelConfig.from_hf(hf.config.to_dict())
     assert back.rope_scaling["rope_type"] == "yarn" and back.rope_scaling["factor"] == 4.0
@@ -72,7 +78,9 @@ def test_yarn_frequencies_match_transformers_for_qwen2_documented_block():
     )  # fmt: skip
     want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
     got, factor = yarn_inv_freq(64, 1e6, block, 131072)
+    # both evaluate the same float32 formula in a different order: a few ulps (1.2e-7 each)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # a Python float formula on both sides: approx's default 1e-6
     assert factor == pytest.approx(want_factor) == pytest.approx(0.1 * math.log(4) + 1)
 
 
@@ -81,9 +89,9 @@ def test_linear_scaling_matches_transformers():
     hf, ours = hf_pair(
         config, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     )
-    x = ids(80)
+    x = random_ids(80, vocab=TINY_VOCAB)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+        assert_float32_close(ours(x), hf(x).logits, float64_logits(hf, x))
 
 
 def test_bad_rope_scaling_is_one_clear_error():
@@ -103,12 +111,12 @@ def test_sliding_window_matches_transformers():
     assert [config.window_of_layer(i) for i in range(3)] == [None, 8, 8]
     hf, ours = hf_pair(config)
     assert hf.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
-    x = ids(40, seed=4)
+    x = random_ids(40, seed=4, vocab=TINY_VOCAB)
     with torch.no_grad():
-        expected = hf(x).logits
-        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cached(ours, x, 17), expected, rtol=1e-5, atol=1e-5)
-        # the window matters: full attention gives other logits
+        expected, exact = hf(x).logits, float64_logits(hf, x)
+        assert_float32_close(ours(x), expected, exact)
+        assert_float32_close(cached(ours, x, 17), expected, exact)
+        # the window matters: full attention gives other logits (1e-3 is ~100x float32 noise)
         full = build_model(tiny_config(num_hidden_layers=3), ours.state_dict().items())
         assert not torch.allclose(full(x), expected, atol=1e-3)
     assert ModelConfig.from_hf(hf.config.to_dict()).window_of_layer(1) == 8
@@ -120,12 +128,18 @@ def test_blockwise_attention_equals_sdpa():
     k, v = torch.randn(2, 2, 130, 16, generator=g), torch.randn(2, 2, 130, 16, generator=g)
     pos = torch.arange(30, 130)  # 30 cached keys before the 100 queries
     mask = torch.arange(130)[None, :] <= pos[:, None]
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    got = blockwise_attention(q, k, v, pos, block=16)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     win = mask & (pos[:, None] - torch.arange(130)[None, :] < 20)
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=win, enable_gqa=True)
-    torch.testing.assert_close(blockwise_attention(q, k, v, pos, window=20, block=16), want)
+    for m, window in ((mask, None), (win, 20)):
+        want, exact = (
+            F.scaled_dot_product_attention(
+                *(t.to(dt) for t in (q, k, v)), attn_mask=m, enable_gqa=True
+            )
+            for dt in (torch.float32, torch.float64)
+        )
+        # the online softmax sums in tiles: float32 noise of SDPA's own run against float64
+        assert_float32_close(
+            blockwise_attention(q, k, v, pos, window=window, block=16), want, exact
+        )
 
 
 # -- dual chunk attention -----------------------------------------------------------------------
@@ -137,12 +151,12 @@ def test_dual_chunk_equals_ordinary_attention_within_one_chunk():
     plain = build_model(tiny_config(), random_state_dict(tiny_config(), seed=3).items())
     config = tiny_config(dual_chunk_attention_config=DCA)
     dca = build_model(config, random_state_dict(config, seed=3).items())
-    x = ids(24, seed=5)  # exactly one chunk
+    x = random_ids(24, seed=5, vocab=TINY_VOCAB)  # exactly one chunk
     with torch.no_grad():
         assert torch.equal(dca(x), plain(x))
         assert torch.equal(cached(dca, x, 10), cached(plain, x, 10))
-        # past one chunk the two differ
-        y = ids(60, seed=5)
+        # past one chunk the two differ (1e-3 is ~100x float32 noise)
+        y = random_ids(60, seed=5, vocab=TINY_VOCAB)
         assert not torch.allclose(dca(y), plain(y), atol=1e-3)
 
 
@@ -158,7 +172,7 @@ def naive_dual_chunk(q, k, v, rotary, chunk_size: int, local_size: int) -> torch
 
     out = torch.zeros_like(q)
     for i in range(T):
-        scores = torch.empty(B, H, i + 1)
+        scores = torch.empty(B, H, i + 1, dtype=q.dtype)
         for j in range(i + 1):
             gap = i // L - j // L
             qp = (
@@ -183,56 +197,47 @@ def test_dual_chunk_attention_follows_its_definition_across_chunks():
     plan = AttentionPlan(pos, dual_chunk=DualChunk(32, 8), rotary=rotary, block=16)
     got = plan.attend(*plan.rotate(q, k, cos, sin), v)  # block 16: several tiles per chunk
     want = naive_dual_chunk(q, k, v, rotary, 32, 8)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    exact = naive_dual_chunk(q.double(), k.double(), v.double(), rotary, 32, 8)
+    assert_float32_close(got, want, exact)
 
 
 def test_dual_chunk_model_cache_and_engine(tmp_path):
     config = tiny_config(dual_chunk_attention_config=DCA, max_position_embeddings=256)
     model = build_model(config, random_state_dict(config).items())
-    x = ids(90, seed=7)
+    x = random_ids(90, seed=7, vocab=TINY_VOCAB)
     with torch.no_grad():
-        torch.testing.assert_close(cached(model, x, 50), model(x), rtol=1e-5, atol=1e-5)
+        assert_float32_close(cached(model, x, 50), model(x), float64_logits(model, x))
     # through qwenlm.load: the engine runs it inside one chunk and past it, prefill and decode
-    import json
-
-    from safetensors.torch import save_file
-
-    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
-    write_hf_tokenizer(tmp_path)
-    save_file(dict(random_state_dict(config)), str(tmp_path / "model.safetensors"))
+    write_tiny_hf_folder(tmp_path, config)
     m = qwenlm.load(tmp_path, quant="none", device="cpu")
     seq = m.new_sequence()
     short = x[0, :20].tolist()
-    torch.testing.assert_close(
-        m.engine.forward([(seq, short)], all_logits=True)[0], m.logits(short), rtol=1e-5, atol=1e-5
+    exact = float64_logits(m.model, torch.tensor([short]))[0]
+    assert_float32_close(
+        m.engine.forward([(seq, short)], all_logits=True)[0], m.logits(short), exact
     )
     engine_matches_full_forward(m, x[0].tolist(), split=70)
 
 
 def engine_matches_full_forward(m, tokens: list[int], split: int) -> None:
     """Two sequences in one ragged batch: prefill, then decode token by token past ``split``."""
-    full = m.logits(tokens)
+    full, exact = m.logits(tokens), float64_logits(m.model, torch.tensor([tokens]))[0]
+    tol = float32_tolerance(full, exact)
     a, b = m.new_sequence(), m.new_sequence()
     m.engine.forward([(a, tokens[:split]), (b, tokens[: split - 9])])
     for i in range(split, len(tokens)):
         la, lb = m.engine.forward([(a, [tokens[i]]), (b, [tokens[i - 9]])])
-        torch.testing.assert_close(la, full[i], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(lb, full[i - 9], rtol=1e-4, atol=1e-4)
+        assert_within(la, exact[i], tol)
+        assert_within(lb, exact[i - 9], tol)
 
 
 def test_window_attention_in_the_engine(tmp_path):
-    import json
-
-    from safetensors.torch import save_file
-
     config = tiny_config(
         num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1
     )
-    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
-    write_hf_tokenizer(tmp_path)
-    save_file(dict(random_state_dict(config)), str(tmp_path / "model.safetensors"))
+    write_tiny_hf_folder(tmp_path, config)
     m = qwenlm.load(tmp_path, quant="none", device="cpu")
-    engine_matches_full_forward(m, ids(40, seed=4)[0].tolist(), split=20)
+    engine_matches_full_forward(m, random_ids(40, seed=4, vocab=TINY_VOCAB)[0].tolist(), split=20)
 
 
 def test_bad_dual_chunk_config_is_one_clear_error():
@@ -243,14 +248,8 @@ def test_bad_dual_chunk_config_is_one_clear_error():
 
 
 def test_long_context_switches_when_loading(tmp_path):
-    import json
-
-    from safetensors.torch import save_file
-
     config = tiny_config()
-    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
-    write_hf_tokenizer(tmp_path)
-    save_file(dict(random_state_dict(config)), str(tmp_path / "model.safetensors"))
+    write_tiny_hf_folder(tmp_path, config)
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     m = qwenlm.load(tmp_path, quant="none", config_overrides={"rope_scaling": yarn})
     assert m.config.rope_scaling == yarn
@@ -258,10 +257,11 @@ def test_long_context_switches_when_loading(tmp_path):
     # the native-kernel path (f32 weights) gets the same frequencies, also when decoding
     q = qwenlm.load(tmp_path, quant="f32", config_overrides={"rope_scaling": yarn})
     x = list(range(1, 150))
-    torch.testing.assert_close(q.logits(x), m.logits(x), rtol=1e-4, atol=1e-4)
+    want, exact = m.logits(x), float64_logits(m.model, torch.tensor([x]))[0]
+    assert_float32_close(q.logits(x), want, exact)
     seq = q.new_sequence()
     q.engine.forward([(seq, x[:-1])])
     last = q.engine.forward([(seq, x[-1:])])[0]
-    torch.testing.assert_close(last, m.logits(x)[-1], rtol=1e-4, atol=1e-4)
+    assert_within(last, exact[-1], float32_tolerance(want, exact))
     with pytest.raises(CheckpointError, match="unsupported rope_scaling"):
         qwenlm.load(tmp_path, quant="none", config_overrides={"rope_scaling": {"type": "x"}})

@@ -18,6 +18,20 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+from helpers import (
+    QWEN1,
+    QWEN3,
+    QWEN_TEMPLATE,
+    TINY_VOCAB,
+    assert_float32_close,
+    float64_logits,
+    random_hf_model,
+    random_ids,
+    random_state_dict,
+    tiny_config,
+    tiny_gguf_writer,
+    write_qwen1_folder,
+)
 from safetensors.torch import load_file
 
 import qwenlm
@@ -29,16 +43,6 @@ from qwenlm.models.qwen2_moe import SparseMoeBlock
 from qwenlm.weights import open_checkpoint
 from qwenlm.weights import safetensors as st_format
 from qwenlm.weights.qwen1 import qwen1_config
-from tests.helpers import (
-    QWEN_TEMPLATE,
-    TINY_VOCAB,
-    random_hf_model,
-    random_state_dict,
-    tiny_config,
-    tiny_gguf_writer,
-)
-from tests.test_qwen1 import QWEN1, write_qwen1_folder
-from tests.test_qwen3 import QWEN3
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,10 +64,6 @@ TWINS = {
     ),
 }
 _EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
-
-
-def ids(n: int, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def hf_twin(folder, arch: str, seed: int = 0):
@@ -139,13 +139,17 @@ def from_folder(folder):
     )
 
 
-def assert_same_logits(ours, expected: torch.Tensor, x: torch.Tensor, split: int = 15) -> None:
+def assert_same_logits(
+    ours, expected: torch.Tensor, exact: torch.Tensor, x: torch.Tensor, split: int = 15
+) -> None:
+    """``ours`` gives the reference's float32 logits ``expected`` of ``x``, up to float32 noise
+    against their float64 ``exact`` (helpers.assert_float32_close), whole and through the cache."""
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
+        assert_float32_close(ours(x), expected, exact)
         cache = make_cache(ours)
         steps = [ours(x[:, :split], cache)]
         steps += [ours(x[:, t : t + 1], cache) for t in range(split, x.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, 1), expected, rtol=1e-5, atol=1e-5)
+    assert_float32_close(torch.cat(steps, 1), expected, exact)
 
 
 @pytest.mark.parametrize("arch", ["qwen2moe", "qwen3", "qwen3moe"])
@@ -159,24 +163,24 @@ def test_gguf_equals_its_hf_folder_twin(tmp_path, arch):
     if c.is_moe:
         assert all(isinstance(layer.mlp, SparseMoeBlock) for layer in ours.model.layers)
         assert c.norm_topk_prob == (arch == "qwen3moe")
-    x = ids(40, seed=4)
+    x = random_ids(40, seed=4, vocab=TINY_VOCAB)
     with torch.no_grad():
-        expected = hf(x).logits
-        torch.testing.assert_close(twin(x), expected, rtol=1e-5, atol=1e-5)
-    assert_same_logits(ours, expected, x)
+        expected, exact = hf(x).logits, float64_logits(hf, x)
+        assert_float32_close(twin(x), expected, exact)
+    assert_same_logits(ours, expected, exact, x)
 
 
 def test_qwen2moe_shared_expert_gate_stored_as_matrix_or_vector(tmp_path):
     hf, sd = hf_twin(tmp_path / "hf", "qwen2moe", seed=1)
     config = ModelConfig.from_json_file(tmp_path / "hf" / "config.json")
-    x = ids(24, seed=5)
+    x = random_ids(24, seed=5, vocab=TINY_VOCAB)
     with torch.no_grad():
-        expected = hf(x).logits
+        expected, exact = hf(x).logits, float64_logits(hf, x)
     for as_vector in (True, False):
         path = tmp_path / f"m{as_vector}.gguf"
         write_gguf(path, "qwen2moe", config, sd, gate_as_vector=as_vector)
         with torch.no_grad():
-            torch.testing.assert_close(from_gguf(path)(x), expected, rtol=1e-5, atol=1e-5)
+            assert_float32_close(from_gguf(path)(x), expected, exact)
 
 
 def test_moe_gguf_loads_through_qwenlm_load_and_reads_experts_by_rows(tmp_path):
@@ -193,7 +197,7 @@ def test_moe_gguf_loads_through_qwenlm_load_and_reads_experts_by_rows(tmp_path):
         # Q8_0 keeps each weight within half a step (absmax / 127 per 32) of the original
         torch.testing.assert_close(whole, sd[name], rtol=0, atol=float(sd[name].abs().max()) / 127)
     # The quantized CPU path converts every expert slice by slice, as from the HF folder.
-    x = ids(20, seed=6)[0].tolist()
+    x = random_ids(20, seed=6, vocab=TINY_VOCAB)[0].tolist()
     for quant in ("none", "int8"):
         m = qwenlm.load(path, quant=quant, device="cpu")
         assert m.config.model_type == "qwen3_moe"
@@ -220,17 +224,18 @@ def test_qwen1_gguf_equals_its_qwen1_folder_twin(tmp_path):
     gguf_model = qwenlm.load(path, quant="none", device="cpu")
     c = gguf_model.config
     assert (c.intermediate_size, c.num_key_value_heads) == (96, 4)
-    x = ids(40, seed=7, vocab=269)
+    x = random_ids(40, seed=7, vocab=269)
     with torch.no_grad():
         expected = folder.model(x)
-    assert_same_logits(gguf_model.model, expected, x)
+    assert_same_logits(gguf_model.model, expected, float64_logits(folder.model, x), x)
     # Qwen1's chat format and stops, as from its folder; the int8 path splits the fused QKV
     # slice by slice and gives the folder's int8 model.
     assert type(gguf_model.template) is type(folder.template)
     assert gguf_model.generation_defaults["stop_token_ids"]
     qf = qwenlm.load(tmp_path / "hf", quant="int8", device="cpu")
     qg = qwenlm.load(path, quant="int8", device="cpu")
-    torch.testing.assert_close(qg.logits(x[0]), qf.logits(x[0]), rtol=1e-5, atol=1e-5)
+    # the same int8 codes (the fused QKV split row by row either way) through the same kernels
+    torch.testing.assert_close(qg.logits(x[0]), qf.logits(x[0]), rtol=0, atol=0)
 
 
 # -- rope scaling ---------------------------------------------------------------------------
@@ -264,12 +269,12 @@ def test_yarn_gguf_runs_with_yarn(tmp_path):
     yarn_gguf(tmp_path / "yarn.gguf", config, sd)
     ours = from_gguf(tmp_path / "yarn.gguf")
     assert ours.config.rope_scaling == YARN
-    x = ids(200, seed=2)
+    x = random_ids(200, seed=2, vocab=TINY_VOCAB)
     with torch.no_grad():
-        expected = hf(x).logits
+        expected, exact = hf(x).logits, float64_logits(hf, x)
         folder_twin = build_model(config, sd.items())
-        torch.testing.assert_close(folder_twin(x), expected, rtol=1e-5, atol=1e-5)
-        assert_same_logits(ours, expected, x, split=150)
+        assert_float32_close(folder_twin(x), expected, exact)
+        assert_same_logits(ours, expected, exact, x, split=150)
         # the test can fail: the same weights without YaRN give other logits
         plain = build_model(dataclasses.replace(config, rope_scaling=None), sd.items())
         assert (plain(x) - expected).abs().max() > 0.1
@@ -313,11 +318,9 @@ def test_gguf_rope_scaling_keys_map_onto_config_json_blocks(tmp_path):
     yarn_gguf(tmp_path / "b.gguf", config, sd, yarn_beta_fast=16.0, yarn_beta_slow=2.0)
     block = {**YARN, "beta_fast": 16.0, "beta_slow": 2.0}
     hf = hf_qwen2(config, {**block, "rope_theta": 1e4}, sd)
-    x = ids(150, seed=3)
+    x = random_ids(150, seed=3, vocab=TINY_VOCAB)
     with torch.no_grad():
-        torch.testing.assert_close(
-            from_gguf(tmp_path / "b.gguf")(x), hf(x).logits, rtol=1e-5, atol=1e-5
-        )
+        assert_float32_close(from_gguf(tmp_path / "b.gguf")(x), hf(x).logits, float64_logits(hf, x))
 
 
 def test_partial_rotary_and_unknown_arch_are_one_clear_error(tmp_path):

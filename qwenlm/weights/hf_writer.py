@@ -3,6 +3,8 @@
 What training and ``qwenlm merge`` save reloads through the same loader as any downloaded
 model (``qwenlm.load(folder)``), and the tokenizer files are the standard byte-level BPE
 ``tokenizer.json`` (vocabulary, merges, Qwen's split pattern), so transformers reads them too.
+The index records the weights' sha256 (``metadata.sha256``), which the loader checks: a
+changed byte is refused rather than served.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 import torch
 
 from qwenlm.config import ModelConfig
+from qwenlm.fsutil import sha256_file, write_json
 from qwenlm.tokenizer import QWEN_PATTERN, Tokenizer, byte_decoder
-from qwenlm.train.checkpoint import write_json, write_tensors
+from qwenlm.weights.safetensors import write_tensors
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -160,9 +163,14 @@ def write_hf_folder(
     }
     write_tensors(folder / WEIGHTS, weights, metadata={"format": "pt"})
     # The index names the weight file, so other *.safetensors in the folder (a checkpoint's
-    # optimizer state) are never taken for weights.
+    # optimizer state) are never taken for weights, and holds its checksum.
+    metadata = {
+        "total_size": (folder / WEIGHTS).stat().st_size,
+        "sha256": {WEIGHTS: sha256_file(folder / WEIGHTS)},
+    }
     write_json(
-        folder / INDEX, {"metadata": {}, "weight_map": dict.fromkeys(sorted(weights), WEIGHTS)}
+        folder / INDEX,
+        {"metadata": metadata, "weight_map": dict.fromkeys(sorted(weights), WEIGHTS)},
     )
     hf = config.to_hf()
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")

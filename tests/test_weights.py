@@ -49,7 +49,8 @@ def test_gguf_loads_to_the_same_model(tmp_path, qtype):
     assert dataclasses.replace(
         m.config, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None
     ) == dataclasses.replace(config, bos_token_id=None, eos_token_id=None)
-    torch.testing.assert_close(logits_of(m.model), logits_of(reference), rtol=1e-5, atol=1e-5)
+    # the same dequantized float32 weights (test_weights_quants: bit-exact) through the same code
+    torch.testing.assert_close(logits_of(m.model), logits_of(reference), rtol=0, atol=0)
     assert m.tokenizer.eos_token_id == tiny_specials()["<|im_end|>"]
     assert m.template.render([{"role": "user", "content": "x"}]).endswith("<|im_start|>assistant\n")
 
@@ -76,6 +77,7 @@ def test_gguf_metadata_and_tensor_directory_match_ggufs_reader(gguf_path):
             if isinstance(ours, np.ndarray):
                 assert ours.tolist() == list(theirs)
             else:
+                # float32 fields that one side may widen to float64: approx's default 1e-6
                 assert ours == pytest.approx(theirs) if isinstance(ours, float) else ours == theirs
 
 
@@ -84,7 +86,9 @@ def test_untied_gguf_without_output_weight_ties_to_embedding(tmp_path):
     written = write_tiny_gguf(path, drop=("lm_head.weight",))
     m = qwenlm.load(path, quant="none")
     assert m.model.lm_head.weight is m.model.model.embed_tokens.weight
-    torch.testing.assert_close(m.model.lm_head.weight, written["model.embed_tokens.weight"])
+    torch.testing.assert_close(
+        m.model.lm_head.weight, written["model.embed_tokens.weight"], rtol=0, atol=0
+    )  # F32 tensors: read back bit for bit
 
 
 @pytest.mark.parametrize("quant", ["none", "int8"])
@@ -246,7 +250,10 @@ def write_hf_folder(folder, *, shards: int = 1, index: bool = True, tie: bool = 
 def test_hf_folder_loads(tmp_path, shards, index):
     config, sd = write_hf_folder(tmp_path / "m", shards=shards, index=index)
     m = qwenlm.load(tmp_path / "m", quant="none")
-    torch.testing.assert_close(logits_of(m.model), logits_of(build_model(config, sd.items())))
+    # the same float32 weights through the same code
+    torch.testing.assert_close(
+        logits_of(m.model), logits_of(build_model(config, sd.items())), rtol=0, atol=0
+    )
     assert m.generation_config().temperature == 0.3
     assert m.generation_config().top_k == 5
     assert m.generation_config().stop_token_ids == (1, 2)
@@ -309,3 +316,186 @@ def test_bad_config_json(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": -4}))
     with pytest.raises(CheckpointError, match="hidden_size must be a positive integer"):
         qwenlm.load(folder)
+
+
+# -- crafted weights (checklist 23; issue 14, point 7) ----------------------------------------
+def craft(header: dict | bytes, data: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+CRAFTED = {
+    "header length past the file": (
+        struct.pack("<Q", 10_000) + b"{}",
+        "a header of 10,000 bytes in a file of 10",
+    ),
+    "not a JSON object": (craft(b"[1, 2]"), "does not start with '{'"),
+    "invalid UTF-8": (craft(b'{"\xff": 1}'), "not UTF-8"),
+    "invalid JSON": (craft(b'{"a": '), "not valid JSON"),
+    "NaN in the header": (craft(b'{"a": NaN}'), "not valid JSON"),
+    "duplicate names": (
+        craft(
+            b'{"x": ' + json.dumps(F32x2).encode() + b', "x": ' + json.dumps(F32x2).encode() + b"}",
+            bytes(8),
+        ),
+        "names 'x' twice",
+    ),
+    "negative shape": (
+        craft({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8)),
+        "not a list of sizes >= 0",
+    ),
+    "overflowing shape": (
+        craft({"x": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 8]}}, bytes(8)),
+        "needs 73,786,976,294,838,206,464 bytes, has 8",
+    ),
+    "end before begin": (
+        craft({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8)),
+        "outside the 8-byte data",
+    ),
+    "offsets past the file": (
+        craft({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)),
+        "outside the 8-byte data",
+    ),
+    "overlapping offsets": (
+        craft(
+            {"x": F32x2, "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)
+        ),
+        "'y' overlaps the tensor before it",
+    ),
+    "dtype and byte count disagree": (
+        craft({"x": {"dtype": "F16", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+        "needs 4 bytes, has 8",
+    ),
+    "unknown dtype": (
+        craft({"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+        "unsupported dtype 'Q4'",
+    ),
+    "bytes no tensor claims": (craft({"x": F32x2}, bytes(16)), "cover 8 of the 16 data bytes"),
+}
+
+
+@pytest.mark.parametrize("content, match", CRAFTED.values(), ids=CRAFTED.keys())
+def test_crafted_safetensors_are_refused_by_the_header_check(tmp_path, content, match):
+    import tracemalloc
+
+    folder = tmp_path / "m"
+    write_hf_folder(folder)
+    (folder / "model.safetensors").write_bytes(content)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="malformed safetensors file") as e:
+            qwenlm.load(folder, quant="none")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert match in str(e.value)
+    assert peak < 16 << 20  # the header check reads the header, nothing the header claims
+
+
+def test_a_header_over_100_mb_is_refused_unread(tmp_path):
+    folder = tmp_path / "m"
+    write_hf_folder(folder)
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", 150 << 20) + b"{")
+        f.truncate(151 << 20)  # sparse: as large as the header claims, without the bytes
+    with pytest.raises(CheckpointError, match="a header of 157,286,400 bytes"):
+        qwenlm.load(folder, quant="none")
+
+
+def test_unknown_tensors_are_refused_but_old_rotary_buffers_are_not(tmp_path):
+    folder = tmp_path / "m"
+    _, sd = write_hf_folder(folder)
+    extra = {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    save_file({k: v.contiguous() for k, v in extra.items()}, str(folder / "model.safetensors"))
+    qwenlm.load(folder, quant="none")  # an HF rotary buffer is recomputed, not loaded
+    extra["model.layers.0.mlp.secret_proj.weight"] = torch.ones(2, 2)
+    save_file({k: v.contiguous() for k, v in extra.items()}, str(folder / "model.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"1 tensor.* this model does not use: model.layers.0.mlp.secret_proj"
+    ):
+        qwenlm.load(folder, quant="none")
+
+
+def test_a_missing_head_is_not_tied_when_the_config_says_untied(tmp_path):
+    folder = tmp_path / "m"
+    _, sd = write_hf_folder(folder, tie=False)
+    del sd["lm_head.weight"]
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"no lm_head.weight, and its config says tie_word_embeddings: false"
+    ):
+        qwenlm.load(folder, quant="none")
+
+
+@pytest.mark.parametrize(
+    "where, value",
+    [
+        ("config.json", {"eos_token_id": 5000}),
+        ("config.json", {"eos_token_id": [3, -1]}),
+        ("generation_config.json", {"eos_token_id": 320}),
+    ],
+)
+def test_an_eos_id_outside_the_vocabulary_is_refused(tmp_path, where, value):
+    folder = tmp_path / "m"
+    write_hf_folder(folder)
+    path = folder / where
+    path.write_text(json.dumps({**json.loads(path.read_text()), **value}))
+    with pytest.raises(
+        CheckpointError, match=r"eos_token_id .* is outside the vocabulary \(0\.\.319\)"
+    ):
+        open_checkpoint(folder)
+
+
+def test_a_gguf_eos_id_outside_the_vocabulary_is_refused(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    data = bytearray(path.read_bytes())
+    key = b"tokenizer.ggml.eos_token_id"
+    pos = data.find(key) + len(key) + 4  # the value type, then a uint32
+    struct.pack_into("<I", data, pos, 151645)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="eos_token_id 151645 is outside the vocabulary"):
+        open_checkpoint(path)
+
+
+def test_a_hostile_chat_template_is_a_load_error(tmp_path):
+    folder = tmp_path / "m"
+    write_hf_folder(folder)
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+    (folder / "chat_template.jinja").write_text(loop)
+    with pytest.raises(
+        CheckpointError, match=r"chat template in this checkpoint is unusable: .*ran past"
+    ):
+        open_checkpoint(folder)
+    (folder / "chat_template.jinja").write_text("{{ 'a' * 10**10 }}")
+    with pytest.raises(CheckpointError, match="would build a value of 10,000,000,000"):
+        qwenlm.load(folder)
+
+
+class _Payload:
+    """Unpickling this creates the sentinel file: proof that a pickle was run."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+def test_a_pickle_payload_is_never_run(tmp_path, name):
+    import pickle
+
+    folder = tmp_path / "m"
+    write_hf_folder(folder)
+    sentinel = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(sentinel))
+    (folder / name).write_bytes(payload)
+    qwenlm.load(folder, quant="none")  # the safetensors weights load; the pickle is ignored
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"only pickle files .* which qwenlm never loads"):
+        qwenlm.load(folder)
+    with pytest.raises(QwenlmError):
+        qwenlm.load(folder / name)  # named directly: not a GGUF, refused by its magic
+    assert not sentinel.exists()

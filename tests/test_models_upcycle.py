@@ -7,6 +7,12 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    assert_float32_close,
+    random_state_dict,
+    tiny_config,
+    write_tiny_hf_folder,
+)
 
 import qwenlm
 from qwenlm.cli import main as cli_main
@@ -14,19 +20,6 @@ from qwenlm.errors import CheckpointError
 from qwenlm.models import build_model
 from qwenlm.models.qwen2_moe import SparseMoeBlock
 from qwenlm.models.upcycle import UpcycleSpec, ffn_copies, upcycle_ffn, upcycle_tensors
-from tests.helpers import random_state_dict, tiny_config, write_hf_tokenizer
-
-
-def dense_folder(folder):
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config()  # FFN width 96
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
-    sd = random_state_dict(cfg, std=0.1)
-    save_file(sd, str(folder / "model.safetensors"))
-    write_hf_tokenizer(folder)
-    return cfg, sd
 
 
 def moe_of(spec: UpcycleSpec, config=None, sd=None):
@@ -62,25 +55,30 @@ def test_experts_are_permutation_consistent_slices_of_the_dense_ffn():
     p = "model.layers.1.mlp."
     gate, up, down = (sd[p + f"{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
     x = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
-    dense = torch.nn.functional.silu(x @ gate.T) * (x @ up.T) @ down.T
+
+    def ffn(g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, dtype=torch.float32):
+        g, u, d, h = (a.to(dtype) for a in (g, u, d, x))
+        return torch.nn.functional.silu(h @ g.T) * (h @ u.T) @ d.T
+
+    dense, exact = ffn(gate, up, down), ffn(gate, up, down, torch.float64)
 
     def expert(e: int) -> torch.Tensor:
         g, u, d = (t[p + f"experts.{e}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
         # gate/up rows and down columns come from the same dense units, in the same order
         idx = (g[:, None, :] == gate[None]).all(-1).float().argmax(1)
         assert torch.equal(u, up[idx]) and torch.equal(d, down[:, idx])
-        return torch.nn.functional.silu(x @ g.T) * (x @ u.T) @ d.T
+        return ffn(g, u, d)
 
     per_copy = 96 // 24
     for c in range(ffn_copies(8, 24, 96)):
         total = sum(expert(e) for e in range(c * per_copy, (c + 1) * per_copy))
-        torch.testing.assert_close(total, dense, rtol=1e-5, atol=1e-5)
+        # the 96-unit sum split into 4 partial sums of 24: float32 reassociation only
+        assert_float32_close(total, dense, exact)
     # shuffled: the copies are different permutations
     assert not torch.equal(t[p + "experts.0.gate_proj.weight"], t[p + "experts.4.gate_proj.weight"])
     # the shared expert is the whole dense FFN, shuffled
     s = [t[p + f"shared_expert.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")]
-    shared = torch.nn.functional.silu(x @ s[0].T) * (x @ s[1].T) @ s[2].T
-    torch.testing.assert_close(shared, dense, rtol=1e-5, atol=1e-5)
+    assert_float32_close(ffn(*s), dense, exact)  # the units shuffled: reassociation only
 
 
 def test_half_of_each_expert_is_reinitialised():
@@ -110,10 +108,11 @@ def test_half_of_each_expert_is_reinitialised():
 
 
 def test_upcycle_cli_model_loads_generates_and_trains(tmp_path):
-    dense_folder(tmp_path / "dense")
+    write_tiny_hf_folder(tmp_path / "dense", std=0.1)  # FFN width 96
     rc = cli_main(
         ["upcycle", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"),
-         "--experts", "8", "--top-k", "2", "--expert-size", "24", "--sparse-step", "1", "--seed", "1"]
+         "--experts", "8", "--top-k", "2", "--expert-size", "24", "--sparse-step", "1",
+         "--seed", "1"]
     )  # fmt: skip
     assert rc == 0
     m = qwenlm.load(tmp_path / "moe", quant="none", device="cpu")

@@ -68,4 +68,5 @@ def test_quantized_checkpoint_saves_and_reloads(tmp_path, int8_model, real_model
     again = qwenlm.load(out)
     assert again.weight_format == "int8"
     ids = int8_model.tokenizer.encode("def quicksort(arr):")
+    # the same int8 codes and scales through the same kernels: bit for bit
     torch.testing.assert_close(again.logits(ids), int8_model.logits(ids), rtol=0, atol=0)
