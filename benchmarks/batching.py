@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure_batching(model, args.rows, context=args.context, repeats=args.repeats)
     info = machine_info()
     head = (
-        f"Machine: {info['cpu']} ({isa_text(info['isa'])}), {args.threads} threads; "
+        f"Machine: {info['cpu']} ({isa_text(info)}), {args.threads} threads; "
         f"{model.weight_format} weights; {args.context}-token prompts; medians of "
         f"{args.repeats} steps; load average {', '.join(f'{x:.2f}' for x in info['load_average'])}."
     )

@@ -66,11 +66,14 @@ def has_vnni() -> bool:
 
 def machine_info() -> dict[str, Any]:
     import qwenlm
+    from qwenlm.kernels import cpu_kernels
 
     flags = cpu_flags()
+    lib = cpu_kernels()
     return {
         "cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
         "isa": [f for f in ISA_FLAGS if f in flags],
+        "kernels": lib.qlm_isa().decode() if lib is not None else None,
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -80,14 +83,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def isa_text(isa: list[str]) -> str:
-    """``avx2 fma f16c; no avx512, no vnni``: what a table says about the CPU's kernels."""
+def isa_text(info: dict[str, Any]) -> str:
+    """``avx2 fma f16c; no avx512, no vnni; qwenlm kernels avx2``: what a table says about
+    the CPU of :func:`machine_info` and the kernel family qwenlm runs on it."""
+    isa = info["isa"]
     missing = []
     if not any(f.startswith("avx512") for f in isa):
         missing.append("avx512")
     if not {"avx512_vnni", "avx_vnni"} & set(isa):
         missing.append("vnni")
-    return " ".join(isa) + ("; no " + ", no ".join(missing) if missing else "")
+    text = " ".join(isa) + ("; no " + ", no ".join(missing) if missing else "")
+    return text + f"; qwenlm kernels {info.get('kernels') or 'none'}"
 
 
 def peak_rss_mb() -> float:

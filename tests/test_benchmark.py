@@ -187,9 +187,11 @@ def test_perplexity_windows_and_nll_match_a_direct_computation(tiny_folder):
     assert perplexity(model, tokens=64, window=32) > 1
 
 
-def test_isa_text_names_what_the_cpu_lacks():
-    assert isa_text(["avx2", "fma"]) == "avx2 fma; no avx512, no vnni"
-    assert isa_text(["avx2", "avx512f", "avx512_vnni"]) == "avx2 avx512f avx512_vnni"
+def test_isa_text_names_what_the_cpu_lacks_and_the_kernels_run():
+    info = {"isa": ["avx2", "fma"], "kernels": "avx2"}
+    assert isa_text(info) == "avx2 fma; no avx512, no vnni; qwenlm kernels avx2"
+    info = {"isa": ["avx2", "avx512f", "avx512_vnni"], "kernels": None}
+    assert isa_text(info) == "avx2 avx512f avx512_vnni; qwenlm kernels none"
 
 
 # -- microbenchmarks ---------------------------------------------------------------------------

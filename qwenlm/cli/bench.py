@@ -231,7 +231,7 @@ def profile_main(argv: list[str] | None = None) -> int:
                 cells.append({**spec, "skipped": str(e)})
     info = machine_info()
     print(
-        f"machine: {info['cpu']} ({isa_text(info['isa'])}), {info['cores']} cores, "
+        f"machine: {info['cpu']} ({isa_text(info)}), {info['cores']} cores, "
         f"{args.threads or info['threads']} threads, torch {info['torch']}, "
         f"KV cache {args.kv_cache}, {args.tokens} decode steps per cell, load average "
         f"{', '.join(f'{x:.2f}' for x in info['load_average'])}"
