@@ -161,6 +161,21 @@ def bench(name: str, url: str, model: str, headers: dict, args: argparse.Namespa
     return rows
 
 
+def scaling(rows: list[dict]) -> list[str]:
+    """Per server, its output tokens/s at the most clients as a multiple of one client's (the
+    share of one weight read that concurrent sequences get; issue 15 asks for 3.5x at 8)."""
+    lines = []
+    for server in dict.fromkeys(r["server"] for r in rows):
+        by_level = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["server"] == server}
+        top = max(by_level)
+        if 1 in by_level and top > 1:
+            lines.append(
+                f"{server}: {top} clients deliver {by_level[top] / by_level[1]:.2f}x "
+                "one client's output tokens/s"
+            )
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="registry name or path")
@@ -227,6 +242,9 @@ def main() -> None:
             f"| {r['server']} | {r['concurrency']} | {r['requests_per_s']:.3f} | "
             f"{r['tokens_per_s']:.1f} | {r['ttft_median_s']:.2f} s | {r['tpot_median_ms']:.0f} ms |"
         )
+    print()
+    for line in scaling(rows):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 
 from qwenlm import registry
 from qwenlm.cli.common import add_group_size_arg
+from qwenlm.errors import QwenlmError
+from qwenlm.quant import MODES as QUANT_MODES
+
+
+def add_ppl_option(p: argparse.ArgumentParser) -> None:
+    """``--ppl [TOKENS]``: also perplexity on the benchmark text (what bench and
+    benchmarks/compare.py both offer)."""
+    p.add_argument(
+        "--ppl",
+        type=int,
+        nargs="?",
+        const=20480,
+        default=0,
+        metavar="TOKENS",
+        help="also measure perplexity on TOKENS tokens of data/text/kjv-genesis.txt "
+        "(default 20480)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quant",
         nargs="+",
         default=["int8", "int4"],
-        choices=["none", "f32", "int8", "int4", "gguf"],
+        choices=["none", *QUANT_MODES],
         help="weight formats to measure (default: int8 int4)",
     )
     add_group_size_arg(p)
@@ -54,16 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="runs per measurement; the median is reported (default 3)",
     )
-    p.add_argument(
-        "--ppl",
-        type=int,
-        nargs="?",
-        const=20480,
-        default=0,
-        metavar="TOKENS",
-        help="also measure perplexity on TOKENS tokens of data/text/kjv-genesis.txt "
-        "(default 20480)",
-    )
+    add_ppl_option(p)
     p.add_argument("--threads", type=int, help="torch/kernel threads (default: torch's)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
@@ -124,81 +133,111 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+LONG_CONTEXT = 8192
+
+
 def build_profile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwenlm profile",
-        description="The Qwen model cards' speed and memory table for each weight format: tokens/s "
-        "generating 2048 and 8192 tokens from one token, peak memory encoding 2048 tokens and "
-        "generating 8192. Every cell runs in a fresh process.",
+        description="The Qwen model cards' speed and memory table for each weight format: decode "
+        "tokens/s after a 1-, 2048- (and with --long 8192-) token context, prefill tokens/s of "
+        "that context, and the peak memory of doing both. Every cell runs in a fresh process.",
     )
     p.add_argument("model", nargs="?", default=registry.DEFAULT_MODEL)
     p.add_argument(
         "--quant",
         nargs="+",
-        default=["f32", "int8", "int4"],
-        choices=["none", "f32", "int8", "int4", "gguf"],
+        default=list(QUANT_MODES),
+        choices=["none", *QUANT_MODES],
+        help=f"weight formats (default: {' '.join(QUANT_MODES)})",
     )
     p.add_argument(
-        "--generate", type=int, nargs="+", default=[2048, 8192], help="generation lengths"
+        "--context",
+        type=int,
+        nargs="+",
+        default=[1, 2048],
+        help="context lengths, one cell each (default 1 2048)",
     )
-    p.add_argument("--encode", type=int, nargs="+", default=[2048], help="prompt lengths to encode")
+    p.add_argument("--long", action="store_true", help=f"add the {LONG_CONTEXT}-token cells")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=32,
+        help="decode steps timed after each context (default 32)",
+    )
     p.add_argument("--kv-cache", default="float", choices=["float", "int8"])
     p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        help="seconds per cell; a cell that takes longer is left out of the table (default 900)",
+    )
     p.add_argument("--json", metavar="FILE")
     return p
 
 
+def profile_table(cells: list[dict], quants: list[str], contexts: list[int]) -> str:
+    """Markdown: one row per format; decode and prefill tokens/s and peak MB per context
+    ("-" for a cell that did not run, and for the prefill of a 1-token context)."""
+    get = {(c["quant"], c["context"]): c for c in cells if "decode_tok_s" in c}
+
+    def cell(q: str, n: int, key: str, fmt: str) -> str:
+        value = get.get((q, n), {}).get(key)
+        return "-" if value is None else format(value, fmt)
+
+    head = ["format"] + [f"decode tok/s @{n}" for n in contexts]
+    head += [f"prefill tok/s @{n}" for n in contexts if n > 1]
+    head += [f"peak MB @{n}" for n in contexts]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for q in quants:
+        shown = next((c["weight_format"] for (cq, _), c in get.items() if cq == q), q)
+        row = [shown] + [cell(q, n, "decode_tok_s", ".2f") for n in contexts]
+        row += [cell(q, n, "prefill_tok_s", ".2f") for n in contexts if n > 1]
+        row += [cell(q, n, "peak_rss_mb", ".0f") for n in contexts]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def profile_main(argv: list[str] | None = None) -> int:
-    from qwenlm.benchmark import machine_info, run_profile_cell
+    from qwenlm.benchmark import isa_text, machine_info, run_profile_cell
 
     args = build_profile_parser().parse_args(argv)
     path = str(registry.resolve(args.model))
-    cells = []
+    contexts = sorted(set(args.context) | ({LONG_CONTEXT} if args.long else set()))
+    if min(contexts) < 1 or args.tokens < 1:
+        raise QwenlmError(
+            "contexts and --tokens must be at least 1", hint="e.g. --context 1 2048 --tokens 32"
+        )
+    cells: list[dict] = []
     for quant in args.quant:
-        for task, lengths in (("generate", args.generate), ("encode", args.encode)):
-            for n in lengths:
-                print(f"{quant}: {task} {n} tokens ...", file=sys.stderr, flush=True)
-                spec = {
-                    "model": path,
-                    "quant": quant,
-                    "task": task,
-                    "tokens": n,
-                    "kv_cache": args.kv_cache,
-                    "threads": args.threads,
-                }
-                cells.append(run_profile_cell(spec))
+        for n in contexts:
+            print(f"{quant}: context {n} ...", file=sys.stderr, flush=True)
+            spec = {
+                "model": path,
+                "quant": quant,
+                "context": n,
+                "tokens": args.tokens,
+                "kv_cache": args.kv_cache,
+                "threads": args.threads,
+            }
+            try:
+                cells.append(run_profile_cell(spec, timeout=args.timeout))
+            except subprocess.TimeoutExpired:
+                print(f"  left out: over {args.timeout:.0f} s", file=sys.stderr)
+                cells.append({**spec, "skipped": f"over {args.timeout:.0f} s"})
+            except RuntimeError as e:
+                print(f"  left out: {e}", file=sys.stderr)
+                cells.append({**spec, "skipped": str(e)})
     info = machine_info()
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch "
-        f"{info['torch']}, "
-        f"KV cache {args.kv_cache}, load average "
+        f"machine: {info['cpu']} ({isa_text(info)}), {info['cores']} cores, "
+        f"{args.threads or info['threads']} threads, torch {info['torch']}, "
+        f"KV cache {args.kv_cache}, {args.tokens} decode steps per cell, load average "
         f"{', '.join(f'{x:.2f}' for x in info['load_average'])}"
     )
-    head = (
-        ["format"]
-        + [f"generate {n} (tok/s)" for n in args.generate]
-        + [f"encode {n} (tok/s)" for n in args.encode]
-    )
-    head += [f"peak MB encoding {n}" for n in args.encode] + [
-        f"peak MB generating {n}" for n in args.generate
-    ]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for quant in args.quant:
-        mine = [
-            c
-            for c in cells
-            if c["quant"].split()[0] == quant
-            or (quant == "none" and c["quant"].startswith("float"))
-        ]
-        get = {(c["task"], c["tokens"]): c for c in mine}
-        row = [mine[0]["quant"] if mine else quant]
-        row += [f"{get[('generate', n)]['tok_s']:.2f}" for n in args.generate]
-        row += [f"{get[('encode', n)]['tok_s']:.2f}" for n in args.encode]
-        row += [f"{get[('encode', n)]['peak_rss_mb']:.0f}" for n in args.encode]
-        row += [f"{get[('generate', n)]['peak_rss_mb']:.0f}" for n in args.generate]
-        print("| " + " | ".join(row) + " |")
+    print(profile_table(cells, args.quant, contexts))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "cells": cells}, f, indent=2)
+            json.dump({"machine": info, "tokens": args.tokens, "cells": cells}, f, indent=2)
     return 0
