@@ -87,14 +87,16 @@ def test_json_object_and_json_processor(engine):
             assert out.text.startswith("{")
 
 
-def test_regex_choice_and_lark(engine):
+def test_regex_choice_lark_and_gbnf(engine):
     for seed in range(4):
         out = run(engine, Grammar.regex(r"[0-9]{3}-(yes|no)"), seed=seed)
         assert re.fullmatch(r"[0-9]{3}-(yes|no)", out.text) and out.finish_reason == "stop"
         out = run(engine, Grammar.choice(["hello", "world", 'a "quoted" one']), seed=seed)
         assert out.text in ("hello", "world", 'a "quoted" one')
-        out = run(engine, Grammar.lark('start: "x" NUM "y"\nNUM: /[1-4]+/'), seed=seed)
+        out = run(engine, Grammar.grammar('start: "x" NUM "y"\nNUM: /[1-4]+/'), seed=seed)
         assert re.fullmatch(r"x[1-4]+y", out.text), out.text
+        out = run(engine, Grammar.grammar('root ::= "a" [0-9] ("b" | "c")'), seed=seed)
+        assert re.fullmatch(r"a[0-9][bc]", out.text), out.text
 
 
 def test_json_with_a_suffix(engine):
@@ -174,7 +176,7 @@ def test_compiled_once_and_cached():
         (Grammar.json({"type": "objec"}), "objec"),
         (Grammar.json({"type": "string", "format": "nonsense"}), "nonsense"),
         (Grammar.regex("(unclosed"), "regex"),
-        (Grammar.lark("start: undefined_rule"), "lark"),
+        (Grammar.grammar("start: undefined_rule"), "undefined_rule"),
     ],
 )
 def test_bad_grammars_are_clear_errors(grammar, why):

@@ -52,8 +52,8 @@ class Grammar:
     """What a constrained output must be. Build one with the class methods.
 
     ``kind`` is ``json`` (``source``: a JSON schema as text), ``regex``, ``choice`` (a JSON
-    list of strings) or ``lark`` (llguidance's Lark dialect, which can embed JSON schemas as
-    ``%json {...}`` and name special tokens as ``<[id]>``).
+    list of strings) or ``grammar`` (Lark in llguidance's dialect, which can embed JSON
+    schemas as ``%json {...}`` and name special tokens as ``<[id]>``; or GBNF).
     """
 
     kind: str
@@ -67,7 +67,7 @@ class Grammar:
             return cls("json", json.dumps(schema, ensure_ascii=False))
         styled = {**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}}
         body = json.dumps(styled, ensure_ascii=False)
-        return cls("lark", f"start: %json {body} {json.dumps(suffix, ensure_ascii=False)}")
+        return cls("grammar", f"start: %json {body} {json.dumps(suffix, ensure_ascii=False)}")
 
     @classmethod
     def regex(cls, pattern: str) -> Grammar:
@@ -82,24 +82,28 @@ class Grammar:
         return cls("choice", json.dumps(list(options), ensure_ascii=False))
 
     @classmethod
-    def lark(cls, source: str) -> Grammar:
-        """A Lark grammar (llguidance's dialect; the start rule is ``start``)."""
-        return cls("lark", source)
+    def grammar(cls, source: str) -> Grammar:
+        """A context-free grammar: Lark in llguidance's dialect (the start rule is ``start``),
+        or llama.cpp's GBNF (``root ::= ...``), which is converted to Lark."""
+        return cls("grammar", source)
 
     def _llguidance(self, llg: Any) -> str:
-        if self.kind == "json":
-            try:
+        try:
+            if self.kind == "json":
                 return llg.LLMatcher.grammar_from_json_schema(self.source, defaults=JSON_STYLE)
-            except ValueError as e:
-                raise ConstraintError(f"invalid JSON schema: {e}") from None
-        if self.kind == "regex":
-            return llg.LLMatcher.grammar_from_regex(self.source)
-        if self.kind == "choice":
-            alternatives = " | ".join(json.dumps(o) for o in json.loads(self.source))
-            return llg.LLMatcher.grammar_from_lark(f"start: {alternatives}")
-        if self.kind == "lark":
-            return llg.LLMatcher.grammar_from_lark(self.source)
+            if self.kind in ("regex", "choice"):
+                return llg.grammar_from(self.kind, self.source)
+            if self.kind == "grammar":
+                return llg.grammar_from("grammar", self.source)  # Lark, or GBNF converted
+        except ValueError as e:
+            raise ConstraintError(f"invalid {self.kind} constraint: {_one_line(str(e))}") from None
         raise ConstraintError(f"unknown grammar kind {self.kind!r}")
+
+
+def _one_line(message: str) -> str:
+    """llguidance's errors may quote the grammar over several lines; the first says it."""
+    lines = message.strip().splitlines()
+    return lines[0] if lines else "unknown error"
 
 
 def _llguidance() -> Any:
@@ -162,7 +166,7 @@ class _Compiler:
         template = self.llg.LLMatcher(self.tokenizer, grammar._llguidance(self.llg), log_level=0)
         if template.is_error():
             raise ConstraintError(
-                f"cannot compile the {grammar.kind} constraint: {template.get_error()}"
+                f"cannot compile the {grammar.kind} constraint: {_one_line(template.get_error())}"
             )
         with self.lock:
             self.cache[grammar] = template
@@ -220,7 +224,7 @@ class GrammarProcessor:
             if m.is_stopped():
                 raise ConstraintError("generation went on past the end of the constrained output")
             if not m.consume_token(t):
-                raise ConstraintError(f"token {t} is not allowed here: {m.get_error()}")
+                raise ConstraintError(f"token {t} is not allowed here: {_one_line(m.get_error())}")
             seen.append(t)
         self.lanes.append((seen, m))
         if len(self.lanes) > LANES:
@@ -239,7 +243,7 @@ class GrammarProcessor:
         """Boolean mask (vocab,) of the tokens the grammar allows after ``ids``."""
         m = self._lane(ids)
         if m.is_error():
-            raise ConstraintError(f"the constraint failed: {m.get_error()}")
+            raise ConstraintError(f"the constraint failed: {_one_line(m.get_error())}")
         m.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
         bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), bitorder="little")
         return torch.from_numpy(bits[: self.compiler.vocab_size].view(np.bool_))
