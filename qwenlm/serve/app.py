@@ -25,11 +25,12 @@ from starlette.routing import Route
 
 from qwenlm.errors import GenerationError, QwenlmError
 from qwenlm.generation import scheduler as engine
-from qwenlm.generation.config import GenerationConfig
+from qwenlm.generation.config import GenerationConfig, LogitsProcessor
 from qwenlm.generation.engine import PREFILL_CHUNK, SMALL_SEGMENT
 from qwenlm.generation.sampling import TokenLogprob
 from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler
 from qwenlm.serve import protocol as P
+from qwenlm.serve import structured
 from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
 from qwenlm.serve.http import SSE, Guard, Job, collect, error_response, read_json, sse_event
 from qwenlm.serve.protocol import APIError, SamplingParams
@@ -142,6 +143,7 @@ class Service:
         *,
         events: asyncio.Queue[Output] | None = None,
         offset: int = 0,
+        processors: Sequence[LogitsProcessor] = (),
     ) -> Job:
         limit = self.budget(len(prompt), params, param)
         if n > self.config.max_num_seqs:
@@ -153,9 +155,12 @@ class Service:
             )
         events = events if events is not None else asyncio.Queue()
         loop = asyncio.get_running_loop()
+        config = self.generation_config(params, limit)
+        if processors:
+            config = config.replace(logits_processors=tuple(processors))
         request = engine.Request(
             prompt,
-            self.generation_config(params, limit),
+            config,
             lambda out: loop.call_soon_threadsafe(events.put_nowait, out),
             n=n,
             timeout=self.config.request_timeout,
@@ -262,7 +267,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     P.unsupported(
         body,
         {
-            "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
             "functions": None,
             "function_call": None,
             "audio": None,
@@ -282,8 +286,10 @@ async def chat_completions(request: Request) -> Any:
     _refuse_unsupported(body)
     svc.check_model(name)
     prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params)
+    want = structured.constraint(body, spec=spec, tool_mode=mode)
+    (procs,) = await structured.processors(svc.model.tokenizer, want, 1)
     events: asyncio.Queue[Output] = asyncio.Queue()
-    job = svc.submit(prompt, params, n, "messages", events=events)
+    job = svc.submit(prompt, params, n, "messages", events=events, processors=procs)
     parsers = [ReplyParser(mode, prefix, spec.tools if spec else ()) for _ in range(n)]
     rid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
     tok = svc.model.tokenizer
@@ -402,11 +408,15 @@ async def completions(request: Request) -> Any:
             "(prompts times n).",
             param="prompt",
         )
+    want = structured.constraint(body)
+    procs = await structured.processors(tok, want, len(ids))
     events: asyncio.Queue[Output] = asyncio.Queue()
     jobs: list[Job] = []
     try:
         for k, p in enumerate(ids):
-            jobs.append(svc.submit(p, params, n, "prompt", events=events, offset=k * n))
+            jobs.append(
+                svc.submit(p, params, n, "prompt", events=events, offset=k * n, processors=procs[k])
+            )
     except APIError:
         for job in jobs:
             job.cancel()
