@@ -34,7 +34,7 @@ import torch
 from qwenlm.errors import GenerationError
 from qwenlm.generation.config import GenerationConfig
 from qwenlm.generation.engine import SMALL_SEGMENT, Engine, SequenceState
-from qwenlm.generation.sampling import Sampler, TokenLogprob
+from qwenlm.generation.sampling import Sampler, TokenLogprob, token_logprobs
 from qwenlm.generation.speculative import Proposer, Speculation, SpeculationStats
 from qwenlm.generation.stream import TextStream
 from qwenlm.tokenizer import Tokenizer
@@ -62,6 +62,8 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # generation failed; the choice ends here
+    # Of prompt tokens 1.. (the first has none), on a choice's first event when asked for.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 def check_prompt(model_config: object, prompt: Sequence[int], max_new_tokens: int) -> int:
@@ -87,6 +89,11 @@ class Request:
     ``deliver`` is called with each :class:`Output` (on the scheduler's thread). ``sequence``
     continues a caller-held :class:`SequenceState` (a conversation), reusing all it holds;
     without one the prefix cache is used. Choices are numbered from ``offset``.
+
+    ``prompt_logprobs=k`` scores the prompt: it is prefilled afresh with every row's logits,
+    and each choice's first event carries the log-probability of every prompt token after the
+    first (with ``k`` alternatives). ``generate=False`` stops there: one event per choice,
+    ``finish_reason="length"``, no token sampled (lm-evaluation-harness's loglikelihood).
     """
 
     def __init__(
@@ -100,11 +107,15 @@ class Request:
         offset: int = 0,
         sequence: SequenceState | None = None,
         speculation: Speculation | None = None,
+        prompt_logprobs: int | None = None,
+        generate: bool = True,
     ) -> None:
         if n < 1:
             raise GenerationError(f"n must be at least 1, got {n}")
         if sequence is not None and n != 1:
             raise GenerationError("a caller-held sequence takes one choice (n=1)")
+        if prompt_logprobs is not None and sequence is not None:
+            raise GenerationError("prompt_logprobs scores a fresh sequence, not a caller-held one")
         self.prompt = [int(t) for t in prompt]
         self.config = config
         self.deliver = deliver
@@ -112,6 +123,8 @@ class Request:
         self.offset = offset
         self.sequence = sequence
         self.speculation = speculation
+        self.prompt_logprobs = prompt_logprobs
+        self.generate = generate
         self.arrived = time.monotonic()
         self.deadline = None if timeout is None else self.arrived + timeout
         self.first_token_at: float | None = None
@@ -122,6 +135,7 @@ class Request:
         self.seq: SequenceState | None = None
         self.pending: list[int] = []
         self.cached = 0
+        self.scored: list[TokenLogprob] = []  # prompt_logprobs so far
         self.choices: list[_Choice] = []
         self.unfinished = n
 
@@ -421,6 +435,9 @@ class Scheduler:
                 if req.sequence is not None:
                     req.seq = req.sequence
                     req.pending = self.engine.begin(req.seq, req.prompt, exact=False)
+                elif req.prompt_logprobs is not None:  # every row's logits: nothing cached
+                    req.seq = self.engine.new_sequence()
+                    req.pending = self.engine.begin(req.seq, req.prompt)
                 else:
                     req.seq, req.pending = self.prefix_cache.take(req.prompt)
                 req.cached = len(req.prompt) - len(req.pending)
@@ -480,8 +497,15 @@ class Scheduler:
         if not self._prefilling:
             return
         req = self._prefilling[0]
+        scoring = req.prompt_logprobs is not None
         try:
-            n, logits = self.engine.prefill_piece(req.seq, req.pending)
+            n, logits = self.engine.prefill_piece(req.seq, req.pending, all_logits=scoring)
+            if scoring:
+                # Row j of the piece predicts the prompt token after it.
+                at = len(req.prompt) - len(req.pending) + 1
+                targets = req.prompt[at : at + n]
+                req.scored += token_logprobs(logits[: len(targets)], targets, req.prompt_logprobs)
+                logits = logits[-1]
         except Exception as e:
             log.error("prefill failed: %s: %s", type(e).__name__, e)
             self.metrics.engine_errors += 1
@@ -510,6 +534,23 @@ class Scheduler:
 
     def _start(self, req: Request, logits: torch.Tensor) -> None:
         """The prompt is in the cache: fork it for the other choices, sample first tokens."""
+        if req.prompt_logprobs is not None or not req.generate:
+            scored = req.scored if req.prompt_logprobs is not None else None
+            finish = None if req.generate else "length"
+            for i in range(req.n):
+                req._emit(
+                    Output(
+                        req.offset + i,
+                        "",
+                        [],
+                        finish_reason=finish,
+                        prompt_tokens=len(req.prompt),
+                        prompt_logprobs=scored,
+                    )
+                )
+        if not req.generate:
+            self._finish(req, "length")
+            return
         self._prefilling.remove(req)
         seqs = [req.seq] + [self.engine.fork(req.seq) for _ in range(req.n - 1)]
         req.choices = [_Choice(req, i, s, self.engine, self.tokenizer) for i, s in enumerate(seqs)]

@@ -30,7 +30,7 @@ from qwenlm.generation.engine import PREFILL_CHUNK, SMALL_SEGMENT
 from qwenlm.generation.sampling import TokenLogprob
 from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler
 from qwenlm.serve import protocol as P
-from qwenlm.serve import structured
+from qwenlm.serve import scoring, structured
 from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
 from qwenlm.serve.http import SSE, Guard, Job, collect, error_response, read_json, sse_event
 from qwenlm.serve.protocol import APIError, SamplingParams
@@ -144,6 +144,8 @@ class Service:
         events: asyncio.Queue[Output] | None = None,
         offset: int = 0,
         processors: Sequence[LogitsProcessor] = (),
+        prompt_logprobs: int | None = None,
+        generate: bool = True,
     ) -> Job:
         limit = self.budget(len(prompt), params, param)
         if n > self.config.max_num_seqs:
@@ -165,6 +167,8 @@ class Service:
             n=n,
             timeout=self.config.request_timeout,
             offset=offset,
+            prompt_logprobs=prompt_logprobs,
+            generate=generate,
         )
         try:
             self.scheduler.submit(request)
@@ -392,9 +396,10 @@ async def completions(request: Request) -> Any:
     body = await read_json(request, svc.config.max_body_bytes)
     name = P.model_name(body)
     prompts = P.completion_prompts(body, svc.model.config.vocab_size)
-    params, n = P.sampling_params(body, svc.model.config.vocab_size, chat=False)
+    fields, echo, generate = scoring.echo_options(body)
+    params, n = P.sampling_params(fields, svc.model.config.vocab_size, chat=False)
     stream, include_usage = P.stream_options(body)
-    P.unsupported(body, {"echo": False, "suffix": "", "best_of": 1})
+    P.unsupported(body, {"suffix": "", "best_of": 1})
     svc.check_model(name)
     tok = svc.model.tokenizer
     ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
@@ -415,7 +420,17 @@ async def completions(request: Request) -> Any:
     try:
         for k, p in enumerate(ids):
             jobs.append(
-                svc.submit(p, params, n, "prompt", events=events, offset=k * n, processors=procs[k])
+                svc.submit(
+                    p,
+                    params,
+                    n,
+                    "prompt",
+                    events=events,
+                    offset=k * n,
+                    processors=procs[k],
+                    prompt_logprobs=params.top_logprobs if echo and params.logprobs else None,
+                    generate=generate,
+                )
             )
     except APIError:
         for job in jobs:
@@ -425,16 +440,24 @@ async def completions(request: Request) -> Any:
     rid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
     usage = {"prompt": sum(len(p) for p in ids), "completion": 0}
     offsets = [0] * (len(ids) * n)
+    echoed: set[int] = set()
 
-    def logprobs(index: int, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprobs(
+        index: int, lps: list[TokenLogprob | None] | None, first: int | None = None
+    ) -> dict[str, Any] | None:
         if lps is None:
             return None
         tokens, values, tops, text_offset = [], [], [], []
         for lp in lps:
-            text, _ = _token_text(tok, lp.token)
+            # None: an echoed prompt's first token, which nothing predicts
+            text, _ = _token_text(tok, lp.token if lp is not None else first)
             tokens.append(text)
-            values.append(lp.logprob)
-            tops.append({_token_text(tok, t)[0]: v for t, v in lp.top} if lp.top else None)
+            values.append(lp.logprob if lp is not None else None)
+            top: dict[str, float] = {}
+            for t, v in lp.top if lp is not None else ():
+                # Keyed by text: of tokens that read alike, the likeliest (listed first) stays.
+                top.setdefault(_token_text(tok, t)[0], v)
+            tops.append(top or None)
             text_offset.append(offsets[index])
             offsets[index] += len(text)
         return {
@@ -448,10 +471,17 @@ async def completions(request: Request) -> Any:
         async for index, content, lps, _, out in _deltas(jobs, events, parsers):
             if out.finish_reason is not None:
                 usage["completion"] += out.completion_tokens
+            first = None
+            if echo and index not in echoed:  # the prompt opens each choice's text
+                echoed.add(index)
+                prompt = prompts[index // n]
+                content = (prompt if isinstance(prompt, str) else tok.decode(prompt)) + content
+                first = ids[index // n][0]
+                lps = [None, *(out.prompt_logprobs or []), *(lps or [])]
             yield {
                 "index": index,
                 "text": content,
-                "logprobs": logprobs(index, lps) if params.logprobs else None,
+                "logprobs": logprobs(index, lps, first) if params.logprobs else None,
                 "finish_reason": out.finish_reason,
             }
 
@@ -623,6 +653,9 @@ def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
         Route("/v1/models/{model:path}", _endpoint(get_model)),
         Route("/v1/chat/completions", _endpoint(chat_completions), methods=["POST"]),
         Route("/v1/completions", _endpoint(completions), methods=["POST"]),
+        Route("/tokenize", _endpoint(scoring.tokenize), methods=["POST"]),
+        Route("/detokenize", _endpoint(scoring.detokenize), methods=["POST"]),
+        Route("/tokenizer_info", _endpoint(scoring.tokenizer_info)),
     ]
 
     @contextlib.asynccontextmanager
