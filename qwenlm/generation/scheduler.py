@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,6 +39,9 @@ from qwenlm.generation.sampling import Sampler, TokenLogprob, token_logprobs
 from qwenlm.generation.speculative import Proposer, Speculation, SpeculationStats
 from qwenlm.generation.stream import TextStream
 from qwenlm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from qwenlm.lora import Adapter
 
 log = logging.getLogger("qwenlm.engine")
 
@@ -94,6 +98,7 @@ class Request:
     and each choice's first event carries the log-probability of every prompt token after the
     first (with ``k`` alternatives). ``generate=False`` stops there: one event per choice,
     ``finish_reason="length"``, no token sampled (lm-evaluation-harness's loglikelihood).
+    ``adapter`` runs the request with that LoRA adapter (the engine's ``adapters`` router).
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class Request:
         speculation: Speculation | None = None,
         prompt_logprobs: int | None = None,
         generate: bool = True,
+        adapter: Adapter | None = None,
     ) -> None:
         if n < 1:
             raise GenerationError(f"n must be at least 1, got {n}")
@@ -125,6 +131,7 @@ class Request:
         self.speculation = speculation
         self.prompt_logprobs = prompt_logprobs
         self.generate = generate
+        self.adapter = adapter
         self.arrived = time.monotonic()
         self.deadline = None if timeout is None else self.arrived + timeout
         self.first_token_at: float | None = None
@@ -246,16 +253,22 @@ class PrefixCache:
         self.max_tokens = max_tokens
         self.entries: collections.OrderedDict[int, SequenceState] = collections.OrderedDict()
 
-    def take(self, prompt: Sequence[int]) -> tuple[SequenceState, list[int]]:
-        """A sequence for ``prompt`` and the tokens it still has to prefill."""
+    def take(
+        self, prompt: Sequence[int], adapter: Adapter | None = None
+    ) -> tuple[SequenceState, list[int]]:
+        """A sequence for ``prompt`` (run with ``adapter``) and the tokens it still has to
+        prefill; only sequences computed with the same adapter are reused."""
         chunk = self.engine.prefill_chunk
         best, best_n = None, 0
         for key, seq in self.entries.items():
+            if seq.adapter is not adapter:
+                continue
             # Only whole prefill pieces are reused (see SequenceState.exact).
             n = _common_prefix(seq.tokens, prompt, min(seq.exact, len(prompt) - 1))
             if n // chunk * chunk > best_n:
                 best, best_n = key, n // chunk * chunk
         seq = self.entries.pop(best) if best is not None else self.engine.new_sequence()
+        seq.adapter = adapter
         return seq, self.engine.begin(seq, prompt, exact=True)
 
     def put(self, seq: SequenceState) -> None:
@@ -434,12 +447,16 @@ class Scheduler:
             if req.seq is None:
                 if req.sequence is not None:
                     req.seq = req.sequence
+                    if req.seq.adapter is not req.adapter:  # its cache holds another's keys
+                        req.seq.reset()
+                        req.seq.adapter = req.adapter
                     req.pending = self.engine.begin(req.seq, req.prompt, exact=False)
                 elif req.prompt_logprobs is not None:  # every row's logits: nothing cached
                     req.seq = self.engine.new_sequence()
+                    req.seq.adapter = req.adapter
                     req.pending = self.engine.begin(req.seq, req.prompt)
                 else:
-                    req.seq, req.pending = self.prefix_cache.take(req.prompt)
+                    req.seq, req.pending = self.prefix_cache.take(req.prompt, req.adapter)
                 req.cached = len(req.prompt) - len(req.pending)
                 self.metrics.prompt_tokens += len(req.prompt)
                 self.metrics.prefix_cached_tokens += req.cached
@@ -475,10 +492,18 @@ class Scheduler:
     def _decode(self) -> None:
         context_end = self.engine.config.max_position_embeddings
         todo = [ch for req in self._running for ch in req.choices if not ch.done]
+        # Rows with adapters (any mix of them) share forwards; base rows keep forwards of their
+        # own, on the native path, so they compute as they would with no adapter loaded.
+        todo.sort(key=lambda ch: ch.seq.adapter is not None)
         segments = [(ch, ch.segment(context_end)) for ch in todo]
         while segments:
             group, rows = [], 0
-            while segments and rows + len(segments[0][1]) <= SMALL_SEGMENT:
+            adapted = segments[0][0].seq.adapter is not None
+            while (
+                segments
+                and rows + len(segments[0][1]) <= SMALL_SEGMENT
+                and (segments[0][0].seq.adapter is not None) == adapted
+            ):
                 rows += len(segments[0][1])
                 group.append(segments.pop(0))
             results = self._forward(

@@ -13,7 +13,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,12 +31,14 @@ from qwenlm.generation.sampling import TokenLogprob
 from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler
 from qwenlm.serve import protocol as P
 from qwenlm.serve import scoring, structured
+from qwenlm.serve.adapters import Adapters, load_lora_adapter, unload_lora_adapter
 from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
 from qwenlm.serve.http import SSE, Guard, Job, collect, error_response, read_json, sse_event
 from qwenlm.serve.protocol import APIError, SamplingParams
 
 if TYPE_CHECKING:
     from qwenlm.api import Qwen
+    from qwenlm.lora import Adapter
 
 STATIC = Path(__file__).parent / "static"
 PAGE_CSP = (
@@ -60,6 +62,9 @@ class ServeConfig:
     max_model_len: int | None = None  # default: the model's context length
     tool_prompt: str = "auto"  # auto | native | react
     cors_origins: Sequence[str] = field(default_factory=tuple)
+    lora: Mapping[str, str] = field(default_factory=dict)  # adapter name -> PEFT folder
+    enable_lora: bool = False  # load / unload adapters at run time
+    max_loras: int = 8
 
 
 # -- the model-facing part ---------------------------------------------------------------------
@@ -89,15 +94,27 @@ class Service:
             self.tool_mode = "native" if template_has_tools(model.template.source) else "react"
         self.created = int(time.time())
         self.http: dict[int, int] = {}  # status -> count, for /metrics (the Guard's)
+        self.adapters = Adapters(
+            model, self.names, config.lora, enabled=config.enable_lora, limit=config.max_loras
+        )
 
-    def check_model(self, name: str) -> None:
-        if name not in self.names:
+    def check_model(self, name: str) -> Adapter | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); else a 404."""
+        if name in self.names:
+            return None
+        adapter = self.adapters.get(name)
+        if adapter is None:
             raise APIError(
                 404,
                 f"The model `{name}` does not exist or you do not have access to it.",
                 param="model",
                 code="model_not_found",
             )
+        return adapter
+
+    def model_id(self, name: str) -> str:
+        """The id replies carry: the adapter's name, or the base model's listed name."""
+        return name if name in self.adapters.loaded else self.names[0]
 
     def generation_config(self, params: SamplingParams, max_new_tokens: int) -> GenerationConfig:
         try:
@@ -146,6 +163,7 @@ class Service:
         processors: Sequence[LogitsProcessor] = (),
         prompt_logprobs: int | None = None,
         generate: bool = True,
+        adapter: Adapter | None = None,
     ) -> Job:
         limit = self.budget(len(prompt), params, param)
         if n > self.config.max_num_seqs:
@@ -169,6 +187,7 @@ class Service:
             offset=offset,
             prompt_logprobs=prompt_logprobs,
             generate=generate,
+            adapter=adapter,
         )
         try:
             self.scheduler.submit(request)
@@ -288,14 +307,16 @@ async def chat_completions(request: Request) -> Any:
     params, n = P.sampling_params(body, svc.model.config.vocab_size, chat=True)
     stream, include_usage = P.stream_options(body)
     _refuse_unsupported(body)
-    svc.check_model(name)
+    adapter = svc.check_model(name)
     prompt, mode, prefix, params = svc.chat_prompt(messages, spec, params)
     want = structured.constraint(body, spec=spec, tool_mode=mode)
     (procs,) = await structured.processors(svc.model.tokenizer, want, 1)
     events: asyncio.Queue[Output] = asyncio.Queue()
-    job = svc.submit(prompt, params, n, "messages", events=events, processors=procs)
+    job = svc.submit(
+        prompt, params, n, "messages", events=events, processors=procs, adapter=adapter
+    )
     parsers = [ReplyParser(mode, prefix, spec.tools if spec else ()) for _ in range(n)]
-    rid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
+    rid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.model_id(name)
     tok = svc.model.tokenizer
     usage = {"prompt": len(prompt), "completion": 0}
 
@@ -400,7 +421,7 @@ async def completions(request: Request) -> Any:
     params, n = P.sampling_params(fields, svc.model.config.vocab_size, chat=False)
     stream, include_usage = P.stream_options(body)
     P.unsupported(body, {"suffix": "", "best_of": 1})
-    svc.check_model(name)
+    adapter = svc.check_model(name)
     tok = svc.model.tokenizer
     ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
     if any(not p for p in ids):
@@ -430,6 +451,7 @@ async def completions(request: Request) -> Any:
                     processors=procs[k],
                     prompt_logprobs=params.top_logprobs if echo and params.logprobs else None,
                     generate=generate,
+                    adapter=adapter,
                 )
             )
     except APIError:
@@ -437,7 +459,7 @@ async def completions(request: Request) -> Any:
             job.cancel()
         raise
     parsers = [ReplyParser("plain") for _ in range(len(ids) * n)]
-    rid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
+    rid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), svc.model_id(name)
     usage = {"prompt": sum(len(p) for p in ids), "completion": 0}
     offsets = [0] * (len(ids) * n)
     echoed: set[int] = set()
@@ -532,7 +554,8 @@ async def completions(request: Request) -> Any:
 
 async def list_models(request: Request) -> Any:
     svc: Service = request.app.state.service
-    return JSONResponse({"object": "list", "data": [_model_card(svc, n) for n in svc.names[:1]]})
+    names = svc.names[:1] + list(svc.adapters.loaded)
+    return JSONResponse({"object": "list", "data": [_model_card(svc, n) for n in names]})
 
 
 async def get_model(request: Request) -> Any:
@@ -543,13 +566,16 @@ async def get_model(request: Request) -> Any:
 
 
 def _model_card(svc: Service, name: str) -> dict[str, Any]:
-    return {
+    card = {
         "id": name,
         "object": "model",
         "created": svc.created,
         "owned_by": "qwenlm",
         "max_model_len": svc.context,
     }
+    if name in svc.adapters.loaded:
+        card["parent"] = svc.names[0]  # a LoRA adapter on the base model, as vLLM lists them
+    return card
 
 
 async def health(request: Request) -> Any:
@@ -656,6 +682,8 @@ def create_app(model: Any, config: ServeConfig | None = None) -> Guard:
         Route("/tokenize", _endpoint(scoring.tokenize), methods=["POST"]),
         Route("/detokenize", _endpoint(scoring.detokenize), methods=["POST"]),
         Route("/tokenizer_info", _endpoint(scoring.tokenizer_info)),
+        Route("/v1/load_lora_adapter", _endpoint(load_lora_adapter), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", _endpoint(unload_lora_adapter), methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager
