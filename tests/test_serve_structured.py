@@ -289,3 +289,31 @@ def test_malformed_constraints_are_400s_naming_the_field(client, extra, param):
 def test_text_response_format_is_plain(client):
     body = chat(response_format={"type": "text"}, seed=0, max_tokens=5, ignore_eos=True)
     assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_langchain_with_structured_output(server, method):
+    # LangChain's helper: a response_format schema, a named tool call, or json_object.
+    pytest.importorskip("langchain_openai")
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Ticket(BaseModel):
+        title: str = Field(max_length=8)
+        urgent: bool
+
+    llm = ChatOpenAI(
+        base_url=server.url + "/v1",
+        api_key="none",
+        model="tiny",
+        max_tokens=300,
+        temperature=1.0,
+        seed=2,
+        max_retries=0,
+    )
+    if method == "json_mode":
+        reply = llm.with_structured_output(None, method=method).invoke("a ticket, as JSON")
+        assert isinstance(reply, dict)
+        return
+    ticket = llm.with_structured_output(Ticket, method=method).invoke("file a ticket")
+    assert isinstance(ticket, Ticket)

@@ -149,7 +149,6 @@ class _Compiler:
         n = tokenizer.vocab_size
         stops = list(tokenizer.stop_token_ids)
         self.vocab_size = n
-        self.stop_ids = stops
         self.tokenizer = llg.LLTokenizer(
             llg.TokenizerWrapper(_Vocabulary(tokenizer)), n_vocab=n, eos_token=stops
         )
@@ -175,7 +174,7 @@ class _Compiler:
         return template.deep_copy()
 
 
-# Building a vocabulary takes ~2 s for Qwen's 151,936 tokens: one per tokenizer, the last few
+# Building a vocabulary takes seconds for Qwen's 151,936 tokens: one per tokenizer, the last few
 # tokenizers kept (a process serves one model, or a handful in tests).
 _compilers: collections.OrderedDict[int, tuple[Tokenizer, _Compiler]] = collections.OrderedDict()
 _compilers_lock = threading.Lock()
@@ -271,7 +270,7 @@ def processor(tokenizer: Tokenizer, grammar: Grammar) -> LogitsProcessor:
     """A logits processor that keeps generation inside ``grammar`` and ends it there.
 
     Compiling is cached per tokenizer and grammar (LRU of ``CACHE_SIZE``); the first call for
-    a tokenizer builds its vocabulary (~2 s for Qwen's 151,936 tokens). Raises
+    a tokenizer builds its vocabulary (2-6 s for Qwen's 151,936 tokens). Raises
     :class:`ConstraintError` for a grammar that does not compile or when llguidance is missing.
     """
     return GrammarProcessor(_compiler(tokenizer), grammar)

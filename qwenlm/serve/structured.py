@@ -201,7 +201,7 @@ async def processors(
     tokenizer: Tokenizer, c: Constraint | None, count: int
 ) -> list[Sequence[LogitsProcessor]]:
     """``count`` fresh processor lists (one per engine request) for ``c``; compiling runs on
-    a worker thread (the first request builds the vocabulary, ~2 s). Bad grammars are 400s."""
+    a worker thread (the first request builds the vocabulary: seconds). Bad grammars are 400s."""
     if c is None:
         return [() for _ in range(count)]
 
