@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("lm_eval", reason="pip install -e '.[lmeval]' (lm-evaluation-harness)")
 
-import httpx
+from serve_helpers import served_process
 
 from qwenlm.eval.tasks import make_task
 
@@ -36,45 +33,12 @@ DATA = ROOT / "tests/data/lmeval"
 KEY = "sk-lm-eval-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(real_model_path, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "qwenlm", "serve", str(real_model_path), "--port", str(port)]
-    cmd += ["--served-model-name", "qwen", "--no-access-log"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "QWENLM_API_KEY": KEY},
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            r = httpx.get(url + "/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=2)
-            if r.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    args = [str(real_model_path), "--served-model-name", "qwen", "--no-access-log"]
+    with served_process(args, log, key=KEY) as url:
+        yield url
 
 
 def test_lm_eval_reports_the_accuracy_of_qwenlm_eval(server, real_model_path, tmp_path):
