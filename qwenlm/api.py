@@ -7,7 +7,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from qwenlm.config import ModelConfig
 from qwenlm.errors import GenerationError
 from qwenlm.generation.embed import Embedder
 from qwenlm.generation.engine import Engine, SequenceState
-from qwenlm.generation.fastpath import accelerate
+from qwenlm.generation.fastpath import KernelLayer, accelerate
 from qwenlm.generation.generate import (
     GenerationChunk,
     GenerationConfig,
@@ -41,6 +41,9 @@ from qwenlm.quant import (
 )
 from qwenlm.tokenizer import Tokenizer
 from qwenlm.weights import open_checkpoint
+
+if TYPE_CHECKING:
+    from qwenlm.lora import AdapterRouter
 
 History = list[tuple[str, str]] | list[dict[str, Any]]
 
@@ -292,6 +295,19 @@ class Qwen:
         values = {k: v for k, v in self.generation_defaults.items() if k in fields}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return GenerationConfig(**values)
+
+    def enable_adapters(self) -> AdapterRouter:
+        """Let requests choose LoRA adapters (``Request(adapter=...)``, the server's
+        ``--lora``): wraps the decoder's linear layers once; returns the router whose
+        :meth:`~qwenlm.lora.AdapterRouter.load` reads PEFT adapters for them. Rows without an
+        adapter compute exactly as before."""
+        if self.engine.adapters is None:
+            from qwenlm.lora import AdapterRouter
+
+            layers = self.model.model.layers
+            blocks = [b.layer if isinstance(b, KernelLayer) else b for b in layers]
+            self.engine.adapters = AdapterRouter.wrap(blocks)
+        return self.engine.adapters
 
     def new_sequence(self) -> SequenceState:
         """A sequence state to pass as ``sequence=``: follow-up prompts that start with what it

@@ -69,7 +69,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         base_layer.requires_grad_(False)
-        device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
+        device = _device_of(base_layer)
         # LoRA weights stay float32 whatever the base dtype: they are small and train better so.
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device)
@@ -128,6 +128,10 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, enabled={self.enabled}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
 def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
@@ -316,12 +320,9 @@ def read_adapter_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> list[str]:
-    """Apply the PEFT-format LoRA adapter in ``folder`` to ``model``; returns adapted names.
-
-    Every weight in the file must land on a layer of the model with the right shape, and every
-    adapted layer must get both of its weights.
-    """
+def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(``adapter_config.json``, the LoRA weights under the model's parameter names) of the
+    PEFT-format adapter in ``folder``; never a pickle file."""
     folder = Path(folder)
     config = read_adapter_config(folder)
     weights = folder / ADAPTER_WEIGHTS
@@ -336,45 +337,216 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> list[str]:
             ),
             hint="save the adapter with safetensors (PEFT's default)",
         )
-    names = apply_lora(
-        model,
-        target_modules=config["target_modules"],
-        r=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        dropout=0.0,
-        use_rslora=bool(config.get("use_rslora", False)),
-    )
-    params = lora_state_dict(model)
-    seen: set[str] = set()
+    tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(weights), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 name = key.removeprefix(PEFT_PREFIX)
                 # PEFT also accepts keys that carry the adapter name ("lora_A.default.weight").
                 name = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
-                if name not in params:
-                    raise AdapterError(
-                        f"adapter weight {key} matches no LoRA layer of the model",
-                        hint="was the adapter trained on a different base model?",
-                    )
-                t = f.get_tensor(key)
-                if t.shape != params[name].shape:
-                    raise AdapterError(
-                        f"adapter weight {key} has shape {list(t.shape)}, the model needs "
-                        f"{list(params[name].shape)}",
-                        hint="was the adapter trained on a different base model?",
-                    )
-                with torch.no_grad():
-                    params[name].copy_(t)
-                seen.add(name)
-    except AdapterError:
-        raise
+                tensors[name] = f.get_tensor(key)
     except Exception as e:  # the Rust reader raises its own error types
         raise AdapterError(f"malformed adapter file {weights}: {e}") from None
-    missing = sorted(set(params) - seen)
+    return config, tensors
+
+
+def _scaling(config: Mapping[str, Any]) -> tuple[int, float, bool]:
+    """(r, alpha, rsLoRA) of an adapter config."""
+    return int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> list[str]:
+    """Apply the PEFT-format LoRA adapter in ``folder`` to ``model``; returns adapted names.
+
+    Every weight in the file must land on a layer of the model with the right shape, and every
+    adapted layer must get both of its weights.
+    """
+    config, tensors = read_adapter(folder)
+    r, alpha, rslora = _scaling(config)
+    names = apply_lora(
+        model,
+        target_modules=config["target_modules"],
+        r=r,
+        alpha=alpha,
+        dropout=0.0,
+        use_rslora=rslora,
+    )
+    params = lora_state_dict(model)
+    for name, t in tensors.items():
+        if name not in params:
+            raise AdapterError(
+                f"adapter weight {PEFT_PREFIX}{name} matches no LoRA layer of the model",
+                hint="was the adapter trained on a different base model?",
+            )
+        if t.shape != params[name].shape:
+            raise AdapterError(
+                f"adapter weight {PEFT_PREFIX}{name} has shape {list(t.shape)}, the model needs "
+                f"{list(params[name].shape)}",
+                hint="was the adapter trained on a different base model?",
+            )
+        with torch.no_grad():
+            params[name].copy_(t)
+    missing = sorted(set(params) - set(tensors))
     if missing:
         raise AdapterError(
-            f"{weights} lacks {len(missing)} LoRA weight(s), e.g. {missing[0]}",
+            f"{Path(folder) / ADAPTER_WEIGHTS} lacks {len(missing)} LoRA weight(s), "
+            f"e.g. {missing[0]}",
             hint="the adapter file is incomplete or its target_modules differ",
         )
     return names
+
+
+# -- adapters chosen per request (the server's --lora) ------------------------------------------
+# A fused projection computes several of the checkpoint's projections; an adapter's weights for
+# each land on its slice of the fused output.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class Adapter:
+    """A LoRA adapter loaded beside the base weights, for the requests that name it.
+
+    ``weights`` maps a wrapped layer's name to ``(A, B)``: A (R, in) stacks the adapter's A
+    matrices of the projections the layer computes, B (out, R) places their B matrices on the
+    layer's output slices, block-diagonally, scaled. Never changed once loaded: sequences hold
+    the object, so unloading it by name leaves running requests alone.
+    """
+
+    def __init__(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.name = name
+        self.weights = weights
+
+    def __repr__(self) -> str:
+        return f"Adapter({self.name!r}, {len(self.weights)} layers)"
+
+
+class AdapterLinear(nn.Module):
+    """A linear layer whose rows may each carry an adapter: ``base(x)``, plus for the rows of
+    each adapter ``B (A x)``. Rows without one get exactly ``base(x)``: the base path is not
+    touched. Which rows carry which adapter is the router's, set per forward by the engine."""
+
+    def __init__(self, base_layer: nn.Module, name: str, router: AdapterRouter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.name = name
+        self._router = [router]  # a plain reference, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        groups = self._router[0].groups
+        if not groups:
+            return y
+        x2 = x.reshape(-1, self.in_features)  # (rows, in): the engine's flattened batch
+        y2 = y.reshape(-1, self.out_features)
+        for adapter, rows in groups:
+            w = adapter.weights.get(self.name)
+            if w is not None:
+                a, b = w
+                delta = (x2[rows].to(a.dtype) @ a.T) @ b.T
+                y2.index_add_(0, rows, delta.to(y2.dtype))
+        return y2.view(y.shape)
+
+
+class AdapterRouter:
+    """Per-request LoRA over a model's decoder layers: the wrapped layers, the loader, and the
+    rows of the current forward that carry each adapter (``groups``, set by the engine)."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[Adapter, torch.Tensor]] = []
+        # checkpoint projection name -> (wrapped layer's name, output offset, output size)
+        self.parts: dict[str, tuple[str, int, int]] = {}
+        self.layers: dict[str, AdapterLinear] = {}
+
+    @classmethod
+    def wrap(cls, blocks: Sequence[nn.Module], prefix: str = "model.layers") -> AdapterRouter:
+        """Wrap every linear layer of the decoder layers ``blocks`` (plain ones, named
+        ``{prefix}.{i}``) in an :class:`AdapterLinear`; in place."""
+        router = cls()
+        for i, block in enumerate(blocks):
+            if any(".experts." in n or n.endswith("experts") for n, _ in block.named_modules()):
+                raise AdapterError(
+                    "per-request adapters need a dense model; this one has mixture-of-experts "
+                    "layers",
+                    hint="merge the adapter instead (--adapter)",
+                )
+            linears = [
+                (n, m)
+                for n, m in block.named_modules()
+                if hasattr(m, "in_features")
+                and hasattr(m, "out_features")
+                and not list(m.children())
+            ]
+            for name, module in linears:
+                key = f"{prefix}.{i}.{name}"
+                parent_name, _, attr = name.rpartition(".")
+                parent = block.get_submodule(parent_name)
+                wrapped = AdapterLinear(module, key, router)
+                setattr(parent, attr, wrapped)
+                router.layers[key] = wrapped
+                head = key.rsplit(".", 1)[0]
+                if attr == "qkv_proj":
+                    q = parent.n_heads * parent.head_dim
+                    kv = parent.n_kv_heads * parent.head_dim
+                    sizes = (q, kv, kv)
+                elif attr == "gate_up_proj":
+                    sizes = (module.out_features // 2,) * 2
+                else:
+                    router.parts[key] = (key, 0, module.out_features)
+                    continue
+                offset = 0
+                for part, size in zip(FUSED[attr], sizes, strict=True):
+                    router.parts[f"{head}.{part}"] = (key, offset, size)
+                    offset += size
+        return router
+
+    def load(self, name: str, folder: str | os.PathLike[str]) -> Adapter:
+        """Read the PEFT adapter in ``folder`` for the wrapped layers; checks every weight."""
+        config, tensors = read_adapter(folder)
+        r, alpha, rslora = _scaling(config)
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            base, _, which = key.rpartition(".lora_")
+            if base not in self.parts or which not in ("A.weight", "B.weight"):
+                raise AdapterError(
+                    f"adapter weight {PEFT_PREFIX}{key} matches no linear layer of the decoder",
+                    hint="per-request adapters cover the attention and MLP projections",
+                )
+            found.setdefault(base, {})[which[0]] = t
+        per_layer: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
+        for base, ab in sorted(found.items()):
+            layer, offset, size = self.parts[base]
+            a, b = ab.get("A"), ab.get("B")
+            if a is None or b is None:
+                raise AdapterError(
+                    f"{Path(folder) / ADAPTER_WEIGHTS} has only one of {base}'s A and B"
+                )
+            module = self.layers[layer]
+            if (
+                a.dim() != 2
+                or b.dim() != 2
+                or a.shape[1] != module.in_features
+                or b.shape != (size, a.shape[0])
+            ):
+                raise AdapterError(
+                    f"adapter weights for {base} have shapes {list(a.shape)} and {list(b.shape)}; "
+                    f"the model needs (r, {module.in_features}) and ({size}, r)",
+                    hint="was the adapter trained on a different base model?",
+                )
+            per_layer.setdefault(layer, []).append((offset, size, a.float(), b.float() * scaling))
+        weights = {}
+        for layer, pieces in per_layer.items():
+            module = self.layers[layer]
+            device = _device_of(module.base_layer)
+            rank = sum(a.shape[0] for _, _, a, _ in pieces)
+            a_all = torch.cat([a for _, _, a, _ in pieces])  # (R, in)
+            b_all = torch.zeros(module.out_features, rank)  # (out, R), block-diagonal
+            r0 = 0
+            for offset, size, a, b in pieces:
+                b_all[offset : offset + size, r0 : r0 + a.shape[0]] = b
+                r0 += a.shape[0]
+            weights[layer] = (a_all.to(device), b_all.to(device))
+        if not weights:
+            raise AdapterError(f"{Path(folder) / ADAPTER_WEIGHTS} holds no LoRA weights")
+        return Adapter(name, weights)

@@ -1,11 +1,19 @@
-"""A live server on loopback for the serve tests (uvicorn in a thread, on a free port), the tiny
-model it serves, and the small request helpers the serve tests share."""
+"""Live servers on loopback for the serve tests (uvicorn in a thread, or `qwenlm serve` in a
+subprocess, on a free port), the tiny model they serve, and the small request helpers the serve
+tests share."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -108,3 +116,45 @@ def wait_idle(url: str, seconds: float = 2.0) -> None:
     while (h := httpx.get(url + "/health").json())["running"] or h["waiting"]:
         assert time.monotonic() < deadline, h
         time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_process(args: list[str], log: Path, *, key: str | None = None) -> Iterator[str]:
+    """`python -m qwenlm serve ARGS` (the real CLI, from the repository root) on a free port;
+    yields its URL once /health answers, then stops it with SIGINT. Its output goes to ``log``."""
+    import httpx
+    import pytest
+
+    port = free_port()
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "qwenlm", "serve", *args, "--port", str(port)]
+    env = {**os.environ, **({"QWENLM_API_KEY": key} if key else {})}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(url + "/health", headers=headers, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -8,10 +8,7 @@ Replies are greedy unless a test is about sampling, so the expected texts are st
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +24,7 @@ pytest.importorskip("uvicorn")
 
 import httpx
 import openai
+from serve_helpers import served_process
 
 pytestmark = pytest.mark.real_model
 
@@ -35,52 +33,12 @@ MODEL = "qwen2.5-coder-0.5b-instruct"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(real_model_path, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "qwenlm",
-        "serve",
-        str(real_model_path),
-        "--port",
-        str(port),
-        "--served-model-name",
-        MODEL,
-        "--max-num-seqs",
-        "16",
-        "--max-queue",
-        "64",
-    ]
-    env = {**os.environ, "QWENLM_API_KEY": KEY}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(url + "/health", headers=auth(), timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    args = [str(real_model_path), "--served-model-name", MODEL, "--max-num-seqs", "16"]
+    with served_process([*args, "--max-queue", "64"], log, key=KEY) as url:
+        yield url
     text = log.read_text(errors="replace")
     # Nothing leaks into the log: no tracebacks, no key.
     assert "Traceback" not in text and KEY not in text, text[-3000:]

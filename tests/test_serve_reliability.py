@@ -98,11 +98,11 @@ def test_a_failed_admission_fails_only_that_request(server, client, monkeypatch)
     cache = server.service.scheduler.prefix_cache
     real, calls = cache.take, []
 
-    def take(prompt):
+    def take(prompt, *args):
         calls.append(prompt)
         if len(calls) == 1:
             raise RuntimeError("no memory for the cache")
-        return real(prompt)
+        return real(prompt, *args)
 
     monkeypatch.setattr(cache, "take", take)
     e = error_of(client.post("/v1/chat/completions", json=chat(max_tokens=2)), 500)
@@ -428,7 +428,9 @@ def _route_requests(server):
             body = None
             if method == "POST":
                 # fits chat, completions, embeddings and Ollama's chat / generate / embed
+                # (and /detokenize's tokens)
                 body = {**chat(max_tokens=1), "prompt": "hi", "input": "hi", "stream": False}
+                body["tokens"] = [1, 2]
             out.append((method, path, body))
     return out
 
@@ -458,8 +460,10 @@ def test_every_route_but_the_health_probe_needs_the_key(server, caplog):
                     assert error_of(r, 401)["code"] == "invalid_api_key", (method, path)
                     assert KEY not in r.text
             r = c.request(method, path, json=body, headers=AUTH)
-            # (a new route: give it a body); /api/pull names a model the registry lacks
-            want = 404 if path == "/api/pull" else 200
+            # (a new route: give it a body); /api/pull names a model the registry lacks; the
+            # adapter routes are off without --enable-lora (a 400 that says so)
+            off = {"/api/pull": 404, "/v1/load_lora_adapter": 400, "/v1/unload_lora_adapter": 400}
+            want = off.get(path, 200)
             assert r.status_code == want, (method, path, r.text)
     assert KEY not in caplog.text
 

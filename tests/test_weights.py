@@ -464,9 +464,9 @@ def test_a_hostile_chat_template_is_a_load_error(tmp_path):
     write_hf_folder(folder)
     loop = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
     (folder / "chat_template.jinja").write_text(loop)
-    with pytest.raises(
-        CheckpointError, match=r"chat template in this checkpoint is unusable: .*ran past"
-    ):
+    # whichever bound trips first on this CPU: time, loop count or output size
+    unusable = r"chat template in this checkpoint is unusable: .*(ran past|loops ran|output passed)"
+    with pytest.raises(CheckpointError, match=unusable):
         open_checkpoint(folder)
     (folder / "chat_template.jinja").write_text("{{ 'a' * 10**10 }}")
     with pytest.raises(CheckpointError, match="would build a value of 10,000,000,000"):

@@ -137,6 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
         "(on; deepseek_r1 and qwen3 are other names for it), none (off) or auto (on when the "
         "chat template mentions <think>, as reasoning models' templates do)",
     )
+    g = p.add_argument_group("adapters")
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve the PEFT LoRA adapter in folder PATH beside the base model; requests pick "
+        "it with model NAME (repeatable)",
+    )
+    g.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="allow loading and unloading adapters at run time (POST /v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter); implied by --lora",
+    )
+    g.add_argument(
+        "--max-loras",
+        type=int,
+        default=8,
+        help="adapters held at once (default 8)",
+    )
     g = p.add_argument_group("logging")
     g.add_argument("--no-access-log", action="store_true", help="do not log each request")
     g.add_argument(
@@ -169,6 +190,16 @@ def main(argv: list[str] | None = None) -> int:
             raise QwenlmError(f"--{name.replace('_', '-')} must be positive")
     if args.prefill_chunk <= SMALL_SEGMENT:
         raise QwenlmError(f"--prefill-chunk must be above {SMALL_SEGMENT}")
+    lora = {}
+    for spec in args.lora:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not path:
+            raise QwenlmError(f"--lora takes NAME=PATH, got {spec!r}")
+        if name in lora:
+            raise QwenlmError(f"--lora names {name!r} twice")
+        lora[name] = path
+    if args.max_loras < len(lora):
+        raise QwenlmError(f"--max-loras {args.max_loras} is below the {len(lora)} --lora given")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
@@ -202,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         health_requires_key=args.health_requires_key,
         stall_timeout=args.stall_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        lora=lora,
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
     )
     print(f"serving {config.model_names[0]} on http://{args.host}:{args.port}", file=sys.stderr)
     serve(

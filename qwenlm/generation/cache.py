@@ -9,12 +9,16 @@ engine's ragged-batch views (``engine.BatchLayer``).
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qwenlm.config import ModelConfig
 from qwenlm.models.attention import AttentionPlan
+
+if TYPE_CHECKING:
+    from qwenlm.lora import Adapter
 
 
 class KVCache:
@@ -187,7 +191,8 @@ class SequenceState:
     ``exact`` counts the leading positions whose keys and values are bit for bit what a fresh
     prefill of the same tokens computes (whole prefill chunks at fixed boundaries); the prefix
     cache reuses only those, so a cached prefix never changes a result. ``ntk_alpha`` is
-    dynamic NTK's factor, fixed at the sequence's first prefill (None: not used).
+    dynamic NTK's factor, fixed at the sequence's first prefill (None: not used). ``adapter``
+    is the per-request LoRA adapter its keys and values were computed with (None: the base).
     """
 
     def __init__(self, cache: SequenceCache) -> None:
@@ -195,6 +200,7 @@ class SequenceState:
         self.tokens: list[int] = []
         self.exact = 0
         self.ntk_alpha: float | None = None
+        self.adapter: Adapter | None = None  # the LoRA adapter its rows run with (per request)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from qwenlm.generation.cache import SequenceCache, SequenceState
 from qwenlm.models.attention import AttentionPlan
 from qwenlm.models.rope import ntk_alpha
 from qwenlm.quant.linear import SMALL_BATCH
+
+if TYPE_CHECKING:
+    from qwenlm.lora import Adapter, AdapterRouter
 
 SMALL_SEGMENT = SMALL_BATCH
 # Prompts are prefilled in pieces ending at multiples of this many positions: bounded
@@ -44,10 +48,15 @@ PREFILL_CHUNK = 512
 class BatchLayer:
     """One attention layer's view of a ragged batch: routes each segment to its sequence."""
 
-    def __init__(self, layer: int, layout: list[tuple[SequenceState, int, int]]) -> None:
+    def __init__(
+        self, layer: int, layout: list[tuple[SequenceState, int, int]], *, native: bool = True
+    ) -> None:
         # The native decode path (fastpath.KernelLayer) reads `layer` and `layout` directly.
         self.layer = layer
         self.layout = layout  # (sequence, first row in the flattened batch, tokens)
+        # Whether the fused native layer may compute this batch: not when rows carry LoRA
+        # adapters, whose deltas only the PyTorch layers (lora.AdapterLinear) add.
+        self.native = native
 
     def attend(
         self,
@@ -79,6 +88,17 @@ class BatchLayer:
                         row if len(row) > 1 else row[0], K[None, :, :n], V[None, :, :n]
                     )
         return out
+
+
+def _adapter_rows(
+    layout: list[tuple[SequenceState, int, int]], device: torch.device
+) -> list[tuple[Adapter, torch.Tensor]]:
+    """(adapter, its rows in the flattened batch) for the segments whose sequence has one."""
+    rows: dict[int, tuple[Adapter, list[int]]] = {}
+    for seq, start, T in layout:
+        if seq.adapter is not None:
+            rows.setdefault(id(seq.adapter), (seq.adapter, []))[1].extend(range(start, start + T))
+    return [(a, torch.tensor(r, device=device)) for a, r in rows.values()]
 
 
 def _attend_row(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -123,6 +143,8 @@ class Engine:
         shard = getattr(model, "shard", None)
         self.kv_heads = shard.kv_heads if shard is not None else self.config.num_key_value_heads
         self.dynamic_ntk = bool(model.model.rotary_emb.dynamic_ntk)
+        # Per-request LoRA (lora.AdapterRouter), when the model's layers are wrapped for it.
+        self.adapters: AdapterRouter | None = None
         self.ntk_seq_length = self.config.seq_length or self.config.max_position_embeddings
         # One-token steps of one sequence replay a recorded CUDA graph (float KV cache only).
         self.graphs = None
@@ -150,7 +172,7 @@ class Engine:
         new = self.new_sequence()
         new.cache.copy_from(seq.cache, len(seq))
         new.tokens = list(seq.tokens)
-        new.exact, new.ntk_alpha = seq.exact, seq.ntk_alpha
+        new.exact, new.ntk_alpha, new.adapter = seq.exact, seq.ntk_alpha, seq.adapter
         return new
 
     # -- prompts ------------------------------------------------------------------------------
@@ -222,6 +244,7 @@ class Engine:
             and len(segments[0][1]) == 1
             and not every[0]
             and not hidden
+            and segments[0][0].adapter is None
         ):
             seq, (token,) = segments[0]
             seq.cache.reserve(len(seq) + 1)
@@ -248,7 +271,10 @@ class Engine:
                     )
                 alphas.extend([alpha] * len(tokens))
             ids.extend(tokens)
-        views = [BatchLayer(i, layout) for i in range(self.config.num_hidden_layers)]
+        groups = _adapter_rows(layout, self.device) if self.adapters is not None else []
+        views = [
+            BatchLayer(i, layout, native=not groups) for i in range(self.config.num_hidden_layers)
+        ]
         dev = self.device
         x = torch.tensor([ids], device=dev)
         pos = torch.tensor([positions], device=dev)
@@ -261,12 +287,18 @@ class Engine:
             rows.extend(range(first, start + T))
         at = None if len(rows) == len(ids) else torch.tensor(rows, device=dev)
         with torch.inference_mode():
-            if hidden:
-                h = self.model.model(x, views, pos, ntk_alpha=alpha_t)[0]  # (N, hidden)
-                logits = (h if at is None else h[at]).float()
-            else:
-                logits = self.model(x, views, positions=pos, ntk_alpha=alpha_t, logits_at=at)
-                logits = logits[0].float()
+            if groups:
+                self.adapters.groups = groups
+            try:
+                if hidden:
+                    h = self.model.model(x, views, pos, ntk_alpha=alpha_t)[0]  # (N, hidden)
+                    logits = (h if at is None else h[at]).float()
+                else:
+                    logits = self.model(x, views, positions=pos, ntk_alpha=alpha_t, logits_at=at)
+                    logits = logits[0].float()
+            finally:
+                if self.adapters is not None:
+                    self.adapters.groups = []
         for seq, tokens in segments:
             seq.tokens.extend(int(t) for t in tokens)
             seq.cache.length = len(seq.tokens)

@@ -24,6 +24,12 @@ from qwenlm.models.attention import AttentionPlan, LayerCache
 from qwenlm.quant.linear import SMALL_BATCH, Int8Linear, KernelLinear
 
 
+def _base(m: nn.Module) -> nn.Module:
+    """The linear layer under a wrapper that adds to its output (lora.AdapterLinear): the
+    native layer computes the base; rows with adapters never take this path."""
+    return getattr(m, "base_layer", m)
+
+
 class KernelLayer(nn.Module):
     """A decoder layer whose small batches run on the native kernels.
 
@@ -46,7 +52,7 @@ class KernelLayer(nn.Module):
         if getattr(attn, "q_norm", None) is not None:
             return False  # the native layer has no step for Qwen3's q/k norms
         mods = (
-            [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+            [_base(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if all(hasattr(m, n) for m, n in ((attn, "qkv_proj"), (mlp, "gate_up_proj")))
             else []
         )
@@ -58,7 +64,9 @@ class KernelLayer(nn.Module):
         """The layer's weights as the C struct (None if they are not on the CPU); rebuilt
         when a weight tensor was replaced."""
         L, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
-        mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        mods = tuple(
+            _base(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        )
         main = [m.qweight if hasattr(m, "qweight") else m.weight for m in mods]
         main += [L.input_layernorm.weight, L.post_attention_layernorm.weight]
         key = tuple(t.data_ptr() for t in main)
@@ -97,6 +105,7 @@ class KernelLayer(nn.Module):
             or rows > SMALL_BATCH
             or not plan.ordinary
             or not isinstance(cache, BatchLayer)
+            or not cache.native
             or x.dtype != torch.float32
             or cos.dtype != torch.float32
             or (desc := self._descriptor()) is None

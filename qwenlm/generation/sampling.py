@@ -152,9 +152,27 @@ class Sampler:
     def logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
         """The log-probability of ``token`` under the model's own distribution (no sampling
         settings), with the ``top_logprobs`` most likely alternatives."""
-        lp = torch.log_softmax(logits.float(), -1)
-        top: list[tuple[int, float]] = []
-        if self.config.top_logprobs:
-            values, ids = torch.topk(lp, self.config.top_logprobs)
-            top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        return TokenLogprob(token, float(lp[token]), top)
+        return token_logprobs(logits[None], [token], self.config.top_logprobs)[0]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """Each row's log-probability of its token in ``tokens`` under the model's distribution
+    (``logits`` (T, vocab)), with the ``top`` most likely alternatives; rows are taken a few at a
+    time, so scoring a long prompt never holds a second (T, vocab) table."""
+    out: list[TokenLogprob] = []
+    for start in range(0, len(tokens), 64):
+        lp = torch.log_softmax(logits[start : start + 64].float(), -1)
+        ids = torch.tensor(tokens[start : start + 64], device=lp.device)
+        chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if top:
+            values, idx = torch.topk(lp, top)
+            tops = [
+                list(zip(i, v, strict=True))
+                for i, v in zip(idx.tolist(), values.tolist(), strict=True)
+            ]
+        out.extend(
+            TokenLogprob(int(t), c, k)
+            for t, c, k in zip(tokens[start : start + 64], chosen, tops, strict=True)
+        )
+    return out

@@ -35,17 +35,20 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from qwenlm.errors import GenerationError, debug_tracebacks, loggable
 from qwenlm.generation.config import GenerationConfig
 from qwenlm.generation.engine import SMALL_SEGMENT, Engine, SequenceState
-from qwenlm.generation.sampling import Sampler, TokenLogprob
+from qwenlm.generation.sampling import Sampler, TokenLogprob, token_logprobs
 from qwenlm.generation.speculative import Proposer, Speculation, SpeculationStats
 from qwenlm.generation.stream import TextStream
 from qwenlm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from qwenlm.lora import Adapter
 
 log = logging.getLogger("qwenlm.engine")
 T = TypeVar("T")
@@ -75,6 +78,8 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # generation failed; the choice ends here
+    # Of prompt tokens 1.. (the first has none), on a choice's first event when asked for.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 def check_prompt(model_config: object, prompt: Sequence[int], max_new_tokens: int) -> int:
@@ -100,6 +105,12 @@ class Request:
     ``deliver`` is called with each :class:`Output` (on the scheduler's thread). ``sequence``
     continues a caller-held :class:`SequenceState` (a conversation), reusing all it holds;
     without one the prefix cache is used. Choices are numbered from ``offset``.
+
+    ``prompt_logprobs=k`` scores the prompt: it is prefilled afresh with every row's logits,
+    and each choice's first event carries the log-probability of every prompt token after the
+    first (with ``k`` alternatives). ``generate=False`` stops there: one event per choice,
+    ``finish_reason="length"``, no token sampled (lm-evaluation-harness's loglikelihood).
+    ``adapter`` runs the request with that LoRA adapter (the engine's ``adapters`` router).
     """
 
     def __init__(
@@ -113,11 +124,16 @@ class Request:
         offset: int = 0,
         sequence: SequenceState | None = None,
         speculation: Speculation | None = None,
+        prompt_logprobs: int | None = None,
+        generate: bool = True,
+        adapter: Adapter | None = None,
     ) -> None:
         if n < 1:
             raise GenerationError(f"n must be at least 1, got {n}")
         if sequence is not None and n != 1:
             raise GenerationError("a caller-held sequence takes one choice (n=1)")
+        if prompt_logprobs is not None and sequence is not None:
+            raise GenerationError("prompt_logprobs scores a fresh sequence, not a caller-held one")
         self.prompt = [int(t) for t in prompt]
         self.config = config
         self.deliver = deliver
@@ -125,6 +141,9 @@ class Request:
         self.offset = offset
         self.sequence = sequence
         self.speculation = speculation
+        self.prompt_logprobs = prompt_logprobs
+        self.generate = generate
+        self.adapter = adapter
         self.arrived = time.monotonic()
         self.deadline = None if timeout is None else self.arrived + timeout
         self.first_token_at: float | None = None
@@ -135,6 +154,7 @@ class Request:
         self.seq: SequenceState | None = None
         self.pending: list[int] = []
         self.cached = 0
+        self.scored: list[TokenLogprob] = []  # prompt_logprobs so far
         self.choices: list[_Choice] = []
         self.unfinished = n
 
@@ -245,16 +265,22 @@ class PrefixCache:
         self.max_tokens = max_tokens
         self.entries: collections.OrderedDict[int, SequenceState] = collections.OrderedDict()
 
-    def take(self, prompt: Sequence[int]) -> tuple[SequenceState, list[int]]:
-        """A sequence for ``prompt`` and the tokens it still has to prefill."""
+    def take(
+        self, prompt: Sequence[int], adapter: Adapter | None = None
+    ) -> tuple[SequenceState, list[int]]:
+        """A sequence for ``prompt`` (run with ``adapter``) and the tokens it still has to
+        prefill; only sequences computed with the same adapter are reused."""
         chunk = self.engine.prefill_chunk
         best, best_n = None, 0
         for key, seq in self.entries.items():
+            if seq.adapter is not adapter:
+                continue
             # Only whole prefill pieces are reused (see SequenceState.exact).
             n = _common_prefix(seq.tokens, prompt, min(seq.exact, len(prompt) - 1))
             if n // chunk * chunk > best_n:
                 best, best_n = key, n // chunk * chunk
         seq = self.entries.pop(best) if best is not None else self.engine.new_sequence()
+        seq.adapter = adapter
         return seq, self.engine.begin(seq, prompt, exact=True)
 
     def put(self, seq: SequenceState) -> None:
@@ -508,9 +534,16 @@ class Scheduler:
                 try:
                     if req.sequence is not None:
                         req.seq = req.sequence
+                        if req.seq.adapter is not req.adapter:  # its cache holds another's keys
+                            req.seq.reset()
+                            req.seq.adapter = req.adapter
                         req.pending = self.engine.begin(req.seq, req.prompt, exact=False)
+                    elif req.prompt_logprobs is not None:  # every row's logits: nothing cached
+                        req.seq = self.engine.new_sequence()
+                        req.seq.adapter = req.adapter
+                        req.pending = self.engine.begin(req.seq, req.prompt)
                     else:
-                        req.seq, req.pending = self.prefix_cache.take(req.prompt)
+                        req.seq, req.pending = self.prefix_cache.take(req.prompt, req.adapter)
                 except Exception as e:  # e.g. a cache allocation: this request only
                     _log_error("admitting a request failed", e)
                     self.metrics.engine_errors += 1
@@ -551,10 +584,18 @@ class Scheduler:
     def _decode(self) -> None:
         context_end = self.engine.config.max_position_embeddings
         todo = [ch for req in self._running for ch in req.choices if not ch.done]
+        # Rows with adapters (any mix of them) share forwards; base rows keep forwards of their
+        # own, on the native path, so they compute as they would with no adapter loaded.
+        todo.sort(key=lambda ch: ch.seq.adapter is not None)
         segments = [(ch, ch.segment(context_end)) for ch in todo]
         while segments:
             group, rows = [], 0
-            while segments and rows + len(segments[0][1]) <= SMALL_SEGMENT:
+            adapted = segments[0][0].seq.adapter is not None
+            while (
+                segments
+                and rows + len(segments[0][1]) <= SMALL_SEGMENT
+                and (segments[0][0].seq.adapter is not None) == adapted
+            ):
                 rows += len(segments[0][1])
                 group.append(segments.pop(0))
             results = self._forward(
@@ -573,8 +614,15 @@ class Scheduler:
         if not self._prefilling:
             return
         req = self._prefilling[0]
+        scoring = req.prompt_logprobs is not None
         try:
-            n, logits = self.engine.prefill_piece(req.seq, req.pending)
+            n, logits = self.engine.prefill_piece(req.seq, req.pending, all_logits=scoring)
+            if scoring:
+                # Row j of the piece predicts the prompt token after it.
+                at = len(req.prompt) - len(req.pending) + 1
+                targets = req.prompt[at : at + n]
+                req.scored += token_logprobs(logits[: len(targets)], targets, req.prompt_logprobs)
+                logits = logits[-1]
         except Exception as e:
             _log_error("prefill failed", e)
             self.metrics.engine_errors += 1
@@ -603,6 +651,23 @@ class Scheduler:
 
     def _start(self, req: Request, logits: torch.Tensor) -> None:
         """The prompt is in the cache: fork it for the other choices, sample first tokens."""
+        if req.prompt_logprobs is not None or not req.generate:
+            scored = req.scored if req.prompt_logprobs is not None else None
+            finish = None if req.generate else "length"
+            for i in range(req.n):
+                req._emit(
+                    Output(
+                        req.offset + i,
+                        "",
+                        [],
+                        finish_reason=finish,
+                        prompt_tokens=len(req.prompt),
+                        prompt_logprobs=scored,
+                    )
+                )
+        if not req.generate:
+            self._finish(req, "length")
+            return
         self._prefilling.remove(req)
         seqs = [req.seq] + [self.engine.fork(req.seq) for _ in range(req.n - 1)]
         req.choices = [_Choice(req, i, s, self.engine, self.tokenizer) for i, s in enumerate(seqs)]

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +27,13 @@ from starlette.routing import Route
 
 from qwenlm.errors import GenerationError, QwenlmError
 from qwenlm.generation import scheduler as engine
-from qwenlm.generation.config import GenerationConfig
+from qwenlm.generation.config import GenerationConfig, LogitsProcessor
 from qwenlm.generation.engine import PREFILL_CHUNK, SMALL_SEGMENT
 from qwenlm.generation.sampling import TokenLogprob
 from qwenlm.generation.scheduler import EngineFailed, Output, QueueFull, Scheduler, ShuttingDown
-from qwenlm.serve import embeddings, ollama, reasoning
+from qwenlm.serve import embeddings, ollama, reasoning, scoring, structured
 from qwenlm.serve import protocol as P
+from qwenlm.serve.adapters import Adapters, load_lora_adapter, unload_lora_adapter
 from qwenlm.serve.functions import REACT_STOP, ReplyParser, react_conversation, template_has_tools
 from qwenlm.serve.http import (
     SSE,
@@ -50,6 +50,7 @@ from qwenlm.serve.replies import ChoiceParser, chat_logprobs, deltas, token_text
 
 if TYPE_CHECKING:
     from qwenlm.api import Qwen
+    from qwenlm.lora import Adapter
 
 STATIC = Path(__file__).parent / "static"
 PAGE_CSP = (
@@ -79,6 +80,9 @@ class ServeConfig:
     health_requires_key: bool = False  # else /health answers without the key (for probes)
     stall_timeout: float = 300.0  # a busy engine without a finished step this long is wedged
     shutdown_timeout: float = 10.0  # seconds running requests get after SIGTERM
+    lora: Mapping[str, str] = field(default_factory=dict)  # adapter name -> PEFT folder
+    enable_lora: bool = False  # load / unload adapters at run time
+    max_loras: int = 8
 
 
 # -- the model-facing part ---------------------------------------------------------------------
@@ -117,6 +121,9 @@ class Service:
         )
         if tok.normalization:  # composing can shrink text up to 3 code points into one
             self.max_token_bytes *= 3
+        self.adapters = Adapters(
+            model, self.names, config.lora, enabled=config.enable_lora, limit=config.max_loras
+        )
 
     def unavailable(self) -> str | None:
         """Why no request can be served now (the engine died, hangs, or the server is
@@ -148,14 +155,23 @@ class Service:
                 code="context_length_exceeded",
             )
 
-    def check_model(self, name: str) -> None:
-        if name not in self.names:
+    def check_model(self, name: str) -> Adapter | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); else a 404."""
+        if name in self.names:
+            return None
+        adapter = self.adapters.get(name)
+        if adapter is None:
             raise APIError(
                 404,
                 f"The model `{name}` does not exist or you do not have access to it.",
                 param="model",
                 code="model_not_found",
             )
+        return adapter
+
+    def model_id(self, name: str) -> str:
+        """The id replies carry: the adapter's name, or the base model's listed name."""
+        return name if name in self.adapters.loaded else self.names[0]
 
     def generation_config(self, params: SamplingParams, max_new_tokens: int) -> GenerationConfig:
         try:
@@ -201,7 +217,10 @@ class Service:
         *,
         events: asyncio.Queue[Output] | None = None,
         offset: int = 0,
-        logits_processors: Sequence[Callable] = (),
+        processors: Sequence[LogitsProcessor] = (),
+        prompt_logprobs: int | None = None,
+        generate: bool = True,
+        adapter: Adapter | None = None,
     ) -> Job:
         limit = self.budget(len(prompt), params, param)
         if n > self.config.max_num_seqs:
@@ -216,8 +235,8 @@ class Service:
         deadline = time.monotonic() + self.config.request_timeout + self.config.stall_timeout
         loop = asyncio.get_running_loop()
         config = self.generation_config(params, limit)
-        if logits_processors:
-            config = dataclasses.replace(config, logits_processors=tuple(logits_processors))
+        if processors:
+            config = config.replace(logits_processors=tuple(processors))
         request = engine.Request(
             prompt,
             config,
@@ -225,6 +244,9 @@ class Service:
             n=n,
             timeout=self.config.request_timeout,
             offset=offset,
+            prompt_logprobs=prompt_logprobs,
+            generate=generate,
+            adapter=adapter,
         )
         try:
             self.scheduler.submit(request)
@@ -336,7 +358,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     P.unsupported(
         body,
         {
-            "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
             "functions": None,
             "function_call": None,
             "audio": None,
@@ -359,14 +380,18 @@ async def chat_completions(request: Request) -> Any:
     stream, include_usage = P.stream_options(body)
     template_kwargs = reasoning.template_kwargs(body.get("chat_template_kwargs"))
     _refuse_unsupported(body)
-    svc.check_model(name)
+    adapter = svc.check_model(name)
     prompt, mode, prefix, params = await run_in_threadpool(
         svc.chat_prompt, messages, spec, params, template_kwargs
     )
+    want = structured.constraint(body, spec=spec, tool_mode=mode)
+    (procs,) = await structured.processors(svc.model.tokenizer, want, 1)
     events: asyncio.Queue[Output] = asyncio.Queue()
-    job = svc.submit(prompt, params, n, "messages", events=events)
+    job = svc.submit(
+        prompt, params, n, "messages", events=events, processors=procs, adapter=adapter
+    )
     parsers = svc.parsers(n, prompt, mode, prefix, spec.tools if spec else ())
-    rid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
+    rid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), svc.model_id(name)
     tok = svc.model.tokenizer
     usage = {"prompt": len(prompt), "completion": 0}
 
@@ -463,35 +488,59 @@ async def completions(request: Request) -> Any:
     body = await read_json(request, svc.config.max_body_bytes)
     name = P.model_name(body)
     prompts = P.completion_prompts(body, svc.model.config.vocab_size)
-    params, n = P.sampling_params(body, svc.model.config.vocab_size, chat=False)
+    fields, echo, generate = scoring.echo_options(body)
+    params, n = P.sampling_params(fields, svc.model.config.vocab_size, chat=False)
     stream, include_usage = P.stream_options(body)
-    P.unsupported(body, {"echo": False, "suffix": "", "best_of": 1})
-    svc.check_model(name)
+    P.unsupported(body, {"suffix": "", "best_of": 1})
+    adapter = svc.check_model(name)
     tok = svc.model.tokenizer
     ids = await run_in_threadpool(_prompt_ids, svc, prompts, params, n)
+    want = structured.constraint(body)
+    procs = await structured.processors(tok, want, len(ids))
     events: asyncio.Queue[Output] = asyncio.Queue()
     jobs: list[Job] = []
     try:
         for k, p in enumerate(ids):
-            jobs.append(svc.submit(p, params, n, "prompt", events=events, offset=k * n))
+            jobs.append(
+                svc.submit(
+                    p,
+                    params,
+                    n,
+                    "prompt",
+                    events=events,
+                    offset=k * n,
+                    processors=procs[k],
+                    prompt_logprobs=params.top_logprobs if echo and params.logprobs else None,
+                    generate=generate,
+                    adapter=adapter,
+                )
+            )
     except APIError:
         for job in jobs:
             job.cancel()
         raise
     parsers = [ChoiceParser(ReplyParser("plain")) for _ in range(len(ids) * n)]
-    rid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), svc.names[0]
+    rid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), svc.model_id(name)
     usage = {"prompt": sum(len(p) for p in ids), "completion": 0}
     offsets = [0] * (len(ids) * n)
+    echoed: set[int] = set()
 
-    def logprobs(index: int, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprobs(
+        index: int, lps: list[TokenLogprob | None] | None, first: int | None = None
+    ) -> dict[str, Any] | None:
         if lps is None:
             return None
         tokens, values, tops, text_offset = [], [], [], []
         for lp in lps:
-            text, _ = token_text(tok, lp.token)
+            # None: an echoed prompt's first token, which nothing predicts
+            text, _ = token_text(tok, lp.token if lp is not None else first)
             tokens.append(text)
-            values.append(lp.logprob)
-            tops.append({token_text(tok, t)[0]: v for t, v in lp.top} if lp.top else None)
+            values.append(lp.logprob if lp is not None else None)
+            top: dict[str, float] = {}
+            for t, v in lp.top if lp is not None else ():
+                # Keyed by text: of tokens that read alike, the likeliest (listed first) stays.
+                top.setdefault(token_text(tok, t)[0], v)
+            tops.append(top or None)
             text_offset.append(offsets[index])
             offsets[index] += len(text)
         return {
@@ -505,10 +554,17 @@ async def completions(request: Request) -> Any:
         async for index, _, content, lps, _, out in deltas(jobs, events, parsers):
             if out.finish_reason is not None:
                 usage["completion"] += out.completion_tokens
+            first = None
+            if echo and index not in echoed:  # the prompt opens each choice's text
+                echoed.add(index)
+                prompt = prompts[index // n]
+                content = (prompt if isinstance(prompt, str) else tok.decode(prompt)) + content
+                first = ids[index // n][0]
+                lps = [None, *(out.prompt_logprobs or []), *(lps or [])]
             yield {
                 "index": index,
                 "text": content,
-                "logprobs": logprobs(index, lps) if params.logprobs else None,
+                "logprobs": logprobs(index, lps, first) if params.logprobs else None,
                 "finish_reason": out.finish_reason,
             }
 
@@ -577,7 +633,8 @@ def _merge_text_choices(
 
 async def list_models(request: Request) -> Any:
     svc: Service = request.app.state.service
-    return JSONResponse({"object": "list", "data": [_model_card(svc, n) for n in svc.names[:1]]})
+    names = svc.names[:1] + list(svc.adapters.loaded)
+    return JSONResponse({"object": "list", "data": [_model_card(svc, n) for n in names]})
 
 
 async def get_model(request: Request) -> Any:
@@ -588,13 +645,16 @@ async def get_model(request: Request) -> Any:
 
 
 def _model_card(svc: Service, name: str) -> dict[str, Any]:
-    return {
+    card = {
         "id": name,
         "object": "model",
         "created": svc.created,
         "owned_by": "qwenlm",
         "max_model_len": svc.context,
     }
+    if name in svc.adapters.loaded:
+        card["parent"] = svc.names[0]  # a LoRA adapter on the base model, as vLLM lists them
+    return card
 
 
 async def health(request: Request) -> Any:
@@ -703,6 +763,11 @@ def create_app(model: Qwen, config: ServeConfig | None = None) -> Guard:
         Route("/v1/completions", _endpoint(completions), methods=["POST"]),
         Route("/v1/embeddings", _endpoint(embeddings.create), methods=["POST"]),
         *ollama.routes(_endpoint),
+        Route("/tokenize", _endpoint(scoring.tokenize), methods=["POST"]),
+        Route("/detokenize", _endpoint(scoring.detokenize), methods=["POST"]),
+        Route("/tokenizer_info", _endpoint(scoring.tokenizer_info)),
+        Route("/v1/load_lora_adapter", _endpoint(load_lora_adapter), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", _endpoint(unload_lora_adapter), methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager

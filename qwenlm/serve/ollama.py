@@ -472,7 +472,7 @@ class _Turn:
             1,
             "messages" if chat else "prompt",
             events=events,
-            logits_processors=processors,
+            processors=processors,
         )
         parsers = svc.parsers(1, prompt, mode, prefix, tools)
         return await _respond(

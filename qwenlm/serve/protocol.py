@@ -278,8 +278,9 @@ def sampling_params(
             )
         top = top or 0
     else:
-        # Completions: `logprobs` is how many top alternatives to return per token.
-        lp = _integer(body, "logprobs", 0, 5, None)
+        # Completions: `logprobs` is how many top alternatives to return per token (up to 20
+        # as vLLM allows; OpenAI's limit is 5).
+        lp = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS, None)
         logprobs, top = lp is not None, lp or 0
     seed = _integer(body, "seed", -(2**63), 2**63 - 1, None)
     params = SamplingParams(
