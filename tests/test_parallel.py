@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 from helpers import TINY_VOCAB, random_state_dict, tiny_config, write_hf_tokenizer
 from safetensors.torch import load_file, save_file
+from serve_helpers import free_port
 
 from qwenlm.config import ModelConfig
 from qwenlm.errors import QwenlmError
@@ -132,12 +132,6 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         else:
             engine.follow()
     d.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from serve_helpers import (
     LiveServer,
     chat,
     error_of,
+    free_port,
     metric,
     serving_qwen,
     wait_idle,
@@ -69,12 +70,6 @@ def roomy():
     """No key, and a context with room for generations that outlast their clients."""
     with LiveServer(serving_qwen(max_position_embeddings=8192), ServeConfig(max_queue=256)) as s:
         yield s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raw_exchange(port: int, data: bytes) -> bytes:
