@@ -187,7 +187,10 @@ def build_root():
     os.makedirs(ROOT + WORK)
     mount("tmpfs", ROOT + WORK, "tmpfs", NOSUID | NODEV,
           f"size={cfg['limits']['disk_bytes']},nr_inodes=16384,mode=700,uid={UID},gid={UID}")
-    os.symlink(WORK, ROOT + "/tmp")
+    if not os.path.lexists(ROOT + "/tmp"):
+        os.symlink(WORK, ROOT + "/tmp")
+    # else the runtime itself lives under /tmp (a virtual environment there): /tmp then holds
+    # it read-only, and TMPDIR still points at the working folder.
     try:
         shutil.copytree(cfg["stage"] + "/files", ROOT + WORK, dirs_exist_ok=True)
     except (OSError, shutil.Error) as e:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 
 import pytest
 
 from qwenlm.sandbox import WORK, Limits, Sandbox, SandboxError, _namespaces_work
 
+# /tmp inside is the working folder, unless the Python runtime itself lives under /tmp (a
+# checkout's virtual environment there): then /tmp holds it read-only and TMPDIR is the way.
+TMP = WORK if os.path.realpath(sys.prefix).startswith("/tmp/") else "/tmp"
 LIMITS = Limits(cpu_seconds=3, wall_seconds=8.0, memory_bytes=1 << 30, processes=16)
 
 
@@ -114,7 +118,7 @@ def test_working_folder_is_writable_and_private(sandbox):
     code = (
         "import os\n"
         "open('data.txt', 'w').write('kept')\n"
-        "open('/tmp/scratch.txt', 'w').write('also')\n"
+        f"open('{TMP}/scratch.txt', 'w').write('also')\n"
         "print(os.getcwd(), open('data.txt').read(), sorted(os.listdir('.')))\n"
     )
     r = sandbox.run(code)
@@ -318,7 +322,7 @@ def test_the_python_runtime_and_its_libraries_work(sandbox):
         "with tempfile.TemporaryDirectory() as d:\n"
         "    np.save(d + '/a.npy', np.arange(4))\n"
         "    print(np.load(d + '/a.npy').sum())\n"
-        "open('/tmp/scratch.txt', 'w').write('ok')\n"
+        f"open('{TMP}/scratch.txt', 'w').write('ok')\n"
         "print(open('/dev/null').read() == '', len(open('/dev/urandom', 'rb').read(8)))\n"
     )
     assert r.ok, r.stderr
