@@ -11,7 +11,8 @@ own status. Every request has a client-side timeout (--timeout).
 Reports requests by outcome, p50 / p99 latency of the good requests per --window seconds, and
 the server's resident memory (VmRSS from /proc) and open file descriptors at the start, after
 each window and at the end. Exits 1 on any hung request (client timeout), any unexpected status,
-or resident memory growing more than 5% from the first window to the last.
+or resident memory growing more than 5% over the second half of the run (bounded caches, such
+as the prefix cache, fill during the first windows; a leak keeps growing).
 
     python benchmarks/soak.py --minutes 30                       # the default model
     python benchmarks/soak.py --model tiny.gguf --minutes 1 --window 15
@@ -284,7 +285,13 @@ def soak(args: argparse.Namespace) -> int:
         f"{r.kind}:{r.detail if r.outcome == 'refused' else r.outcome}" for r in results
     )
     problems = [r.detail for r in results if r.outcome in ("unexpected", "hung", "failed")]
-    growth = windows[-1]["rss_mib"] / windows[0]["rss_mib"] - 1 if windows else 0.0
+    # A leak grows for as long as traffic runs; bounded caches fill once. The server's prefix
+    # cache (16,384 tokens: ~400 MB of key/value for the 0.5B model) and the allocator's pools
+    # fill during the first windows, so growth is judged over the second half of the run.
+    growth = growth_first = 0.0
+    if windows:
+        growth = windows[-1]["rss_mib"] / windows[len(windows) // 2]["rss_mib"] - 1
+        growth_first = windows[-1]["rss_mib"] / windows[0]["rss_mib"] - 1
     report = {
         "model": args.model or "default",
         "minutes": args.minutes,
@@ -295,7 +302,8 @@ def soak(args: argparse.Namespace) -> int:
         "windows": windows,
         "rss_mib": {"start": round(start_rss, 1), "end": round(end_rss, 1)},
         "fds": {"start": start_fds, "end": end_fds},
-        "rss_growth_first_to_last_window": round(growth, 4),
+        "rss_growth_second_half": round(growth, 4),
+        "rss_growth_first_to_last_window": round(growth_first, 4),
         "idle_at_end": health,
         "problems": problems[:20],
         "server_log": str(log),
@@ -303,14 +311,15 @@ def soak(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        out = Path(args.out)
+        (out / "soak.json" if out.is_dir() else out).write_text(text + "\n")
     failed = []
     if outcomes["hung"]:
         failed.append(f"{outcomes['hung']} hung requests")
     if outcomes["unexpected"] or outcomes["failed"]:
         failed.append(f"{outcomes['unexpected'] + outcomes['failed']} unexpected answers")
     if growth > MAX_GROWTH:
-        failed.append(f"resident memory grew {growth:.1%} from the first window to the last")
+        failed.append(f"resident memory grew {growth:.1%} over the second half of the run")
     if health.get("running") or health.get("waiting"):
         failed.append(f"requests left running after the soak: {health}")
     for f in failed:
@@ -328,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="longest reply (default 64)")
     p.add_argument("--long-tokens", type=int, default=2000, help="long prompts (default 2000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--out", help="write the JSON report here (a folder: soak.json in it)")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 64 or args.minutes <= 0:
         p.error("--clients must be 1..64 and --minutes positive")
