@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import free_port, start
 
 import qwenlm
+from qwenlm import registry
 from qwenlm.benchmark import machine_info, text_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,12 +136,13 @@ def with_noise(url: str, fn, streams: int = 7):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="registry name or path")
+    p.add_argument("--ttft-only", action="store_true", help="only the time-to-first-token part")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens per reply")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
 
-    path = str(qwenlm.registry.resolve(args.model, pull=True))
+    path = str(registry.resolve(args.model, pull=True))
     model = qwenlm.load(path)
     texts = prompts(model)
     port = free_port()
@@ -165,7 +167,7 @@ def main() -> int:
     )
     rows, same = [], True
     try:
-        for name, prompt in texts.items():
+        for name, prompt in texts.items() if not args.ttft_only else ():
             n = len(model.encode_chat([{"role": "user", "content": prompt}]))
             outs = {
                 "cli": cli(path, prompt, args.tokens),
@@ -178,9 +180,12 @@ def main() -> int:
             rows.append({"prompt": name, "tokens": n, "identical": equal, "outputs": outs})
             print(f"{name:6s} {n:5d} tokens  identical: {equal}", flush=True)
         prefill, ttft = [], []
-        for _ in range(args.rounds):  # interleaved, so drift hits both alike
-            prefill.append(prefill_seconds(model, texts["2k"]))
-            ttft.append(ask(url, texts["2k"], 1, stream=True)[1])
+        for k in range(args.rounds):  # interleaved, so drift hits both alike
+            # A fresh opening each round: the server's prefix cache must not serve the prompt
+            # (its earlier requests above sent the same text).
+            prompt = f"Round {k}, request {time.time_ns()}.\n" + texts["2k"]
+            prefill.append(prefill_seconds(model, prompt))
+            ttft.append(ask(url, prompt, 1, stream=True)[1])
     finally:
         server.terminate()
         server.wait(60)
