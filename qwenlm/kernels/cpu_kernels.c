@@ -88,8 +88,13 @@ static inline float half_to_float(uint16_t h) {
 
 /* ---- the thread pool -------------------------------------------------------------------
  * A job is a list of phases, each a number of independent tasks; phase p starts once every
- * task of the phases before it is done. Threads claim tasks from one atomic counter, so the
- * split adapts to whichever threads are running. Nothing waits for a thread to *arrive*
+ * task of the phases before it is done. Each thread owns a contiguous slice of every phase's
+ * tasks and claims them in order, so it streams its weights front to back (one task's rows
+ * follow the last's: the hardware prefetcher keeps running, and the claim counter stays in
+ * the thread's own cache); a thread done with its slice takes what is left of the others',
+ * so the split adapts to whichever threads are running (measured on the 2-core EPYC: a
+ * 137 MB output head read at 16 GB/s when two threads took 32-row tasks turn about from one
+ * counter, 26 GB/s with slices). Nothing waits for a thread to *arrive*
  * anywhere (no barriers, no join): the caller returns once all tasks are done, and a worker
  * that was descheduled meanwhile finds nothing left when it wakes. Waits spin briefly, then
  * sleep on a futex, which hands the core to the thread being waited for.                   */
@@ -111,13 +116,20 @@ static struct {
     int nworkers;                 /* worker threads started: tids 1 .. nworkers */
     _Atomic uint32_t epoch;       /* bumped when a job is posted (a futex word) */
     _Atomic uint32_t done;        /* tasks of the current job finished (a futex word) */
-    _Atomic int64_t next;         /* next task to claim */
     _Atomic int posting, active;  /* handshake: no worker reads a job while it is written */
     _Atomic int done_sleepers, job_sleepers; /* threads asleep on `done`, on `epoch` */
     const qlm_phase_t *ph;
     int nph, nthreads;
     int64_t start[MAX_PHASES + 1]; /* first task of each phase; start[nph] = all tasks */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* Thread t's slice of phase p: tasks next .. end-1 still unclaimed (one cache line each). */
+typedef struct {
+    _Atomic int64_t next;
+    int64_t end;
+    char pad[48];
+} slice_t;
+static slice_t slices[MAX_PHASES][MAX_WORKERS + 1] __attribute__((aligned(64)));
 
 static inline void cpu_relax(void) { __builtin_ia32_pause(); }
 
@@ -168,16 +180,30 @@ static void wait_word(_Atomic uint32_t *word, uint32_t target, int differ, int64
 }
 
 static void participate(int tid) {
-    const int64_t total = pool.start[pool.nph];
-    int p = 0;
-    for (;;) {
-        int64_t i = atomic_fetch_add(&pool.next, 1);
-        if (i >= total) return;
-        while (i >= pool.start[p + 1]) p++;
-        wait_word(&pool.done, (uint32_t)pool.start[p], 0, SPIN_TASK_NS, &pool.done_sleepers);
-        pool.ph[p].fn(pool.ph[p].ctx, i - pool.start[p], tid);
-        atomic_fetch_add(&pool.done, 1);
-        if (atomic_load(&pool.done_sleepers)) futex_wake(&pool.done);
+    const int T = pool.nthreads;
+    for (int p = 0; p < pool.nph; p++) {
+        int64_t mine = 0; /* tasks of this phase this thread ran */
+        for (int k = 0; k < T; k++) {
+            slice_t *sl = &slices[p][(tid + k) % T];
+            for (;;) {
+                int64_t i = atomic_load_explicit(&sl->next, memory_order_relaxed);
+                if (i >= sl->end) break;
+                i = atomic_fetch_add(&sl->next, 1);
+                if (i >= sl->end) break;
+                if (!mine) /* the phases before must be finished */
+                    wait_word(&pool.done, (uint32_t)pool.start[p], 0, SPIN_TASK_NS,
+                              &pool.done_sleepers);
+                pool.ph[p].fn(pool.ph[p].ctx, i, tid);
+                mine++;
+            }
+        }
+        /* Counted once per phase: the shared counter is touched T times a phase, not once
+           a task. A thread adds only tasks it has finished, so `done` reaching start[p+1]
+           still means every task of phase p is done. */
+        if (mine) {
+            atomic_fetch_add(&pool.done, (uint32_t)mine);
+            if (atomic_load(&pool.done_sleepers)) futex_wake(&pool.done);
+        }
     }
 }
 
@@ -241,8 +267,14 @@ static void run_phases(const qlm_phase_t *ph, int nph, int nthreads) {
     pool.nph = nph;
     pool.nthreads = MIN(nthreads, pool.nworkers + 1);
     pool.start[0] = 0;
-    for (int p = 0; p < nph; p++) pool.start[p + 1] = pool.start[p] + ph[p].n;
-    atomic_store(&pool.next, 0);
+    for (int p = 0; p < nph; p++) {
+        pool.start[p + 1] = pool.start[p] + ph[p].n;
+        for (int t = 0; t < pool.nthreads; t++) {
+            atomic_store_explicit(&slices[p][t].next, ph[p].n * t / pool.nthreads,
+                                  memory_order_relaxed);
+            slices[p][t].end = ph[p].n * (t + 1) / pool.nthreads;
+        }
+    }
     atomic_store(&pool.done, 0);
     atomic_fetch_add(&pool.epoch, 1);
     atomic_store(&pool.posting, 0);
