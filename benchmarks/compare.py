@@ -40,6 +40,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+# Importing qwenlm sets OMP_WAIT_POLICY for its own process where the user set none; the
+# other engines' workers get the environment the user gave, not ours.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's qwenlm, in the driver and in every worker
 PPL_WINDOW = 1024
@@ -365,6 +369,10 @@ def run_worker(engine: str, spec: dict, timeout: float, busy: bool = False) -> d
     """One worker in a fresh process (beside a busy loop if ``busy``); its result, or a
     one-line reason it failed."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    if not engine.startswith("qwenlm"):
+        env.pop("OMP_WAIT_POLICY", None)
+        if USER_OMP_WAIT_POLICY is not None:
+            env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({**spec, "timeout": timeout}, f)
     spinner = start_busy(timeout + 60) if busy else None

@@ -299,3 +299,45 @@ def test_int8_kv_cache_tracks_the_float_cache_and_keeps_exactness():
         GenerationConfig(temperature=0, max_new_tokens=20, ignore_eos=True, repetition_penalty=1.0),
     ).token_ids
     assert spec == ref
+
+
+@needs_kernels
+def test_native_layer_sees_a_replaced_weight():
+    # The native layer caches its weights' C descriptor; a weight replaced after the first
+    # step (a LoRA merge, a reload) must reach the next step, not the old pointers.
+    model = fast_model("f32")
+    engine = Engine(model)
+    p = prompt(20)
+    seq = engine.new_sequence()
+    engine.forward([(seq, p)])
+    (before,) = engine.forward([(seq, [5])])
+    down = model.model.layers[0].layer.mlp.down_proj
+    down.weight = torch.nn.Parameter(torch.zeros_like(down.weight), requires_grad=False)
+    seq2 = engine.new_sequence()
+    engine.forward([(seq2, p)])
+    (after,) = engine.forward([(seq2, [5])])
+    unwrapped = fast_model("f32")
+    unwrapped.model.layers = torch.nn.ModuleList(kl.layer for kl in unwrapped.model.layers)
+    unwrapped.model.layers[0].mlp.down_proj.weight = down.weight
+    ref_engine = Engine(unwrapped)
+    seq3 = ref_engine.new_sequence()
+    ref_engine.forward([(seq3, p)])
+    (ref,) = ref_engine.forward([(seq3, [5])])
+    assert (after - before).abs().max() > 1e-3  # the change is visible at all
+    assert (after - ref).abs().max() <= float32_bound()
+
+
+def test_importing_qwenlm_makes_openmp_wait_passively_unless_told():
+    # torch's spinning OpenMP workers took the cores the kernels' threads needed (see
+    # qwenlm/__init__.py); a user's own setting wins.
+    import os
+    import subprocess
+    import sys
+
+    code = "import qwenlm, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ACTIVE"

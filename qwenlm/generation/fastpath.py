@@ -62,32 +62,42 @@ class KernelLayer(nn.Module):
 
     def _descriptor(self) -> LayerDesc | None:
         """The layer's weights as the C struct (None if they are not on the CPU); rebuilt
-        when a weight tensor was replaced."""
+        when a weight tensor was replaced or moved (a LoRA merge, huge pages)."""
+        watch = self._desc[3] if self._desc is not None else None
+        # The check runs once per layer per step: dict lookups and data_ptr, no module
+        # attribute access (nn.Module.__getattr__ made this check a tenth of a decode step).
+        if watch is not None and all(
+            d.get(k) is t and t.data_ptr() == p for d, k, t, p in watch
+        ):
+            return self._desc[0]
         L, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
         mods = tuple(
             _base(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         )
-        main = [m.qweight if hasattr(m, "qweight") else m.weight for m in mods]
-        main += [L.input_layernorm.weight, L.post_attention_layernorm.weight]
-        key = tuple(t.data_ptr() for t in main)
-        if self._desc is None or self._desc[0] != key:
-            tensors = [t for m in mods for t in m.buffers()] + main
-            if not all(t.device.type == "cpu" for t in tensors):
-                return None
-            parts = [m.describe() for m in mods]
-            desc = LayerDesc(
-                *parts,
-                main[-2].data_ptr(),
-                main[-1].data_ptr(),
-                self.H,
-                self.Hkv,
-                self.D,
-                self.eps,
-                self.scale,
-            )
-            # The tensors (and the parts a fused projection chains to) stay referenced.
-            self._desc = (key, desc, tensors, parts)
-        return self._desc[1]
+        named = [(m, "qweight" if "qweight" in m._buffers else "weight") for m in mods]
+        named += [(L.input_layernorm, "weight"), (L.post_attention_layernorm, "weight")]
+        tensors = [t for m in mods for t in m.buffers()] + [getattr(m, k) for m, k in named]
+        if not all(t.device.type == "cpu" for t in tensors):
+            self._desc = None
+            return None
+        parts = [m.describe() for m in mods]
+        desc = LayerDesc(
+            *parts,
+            named[-2][0].weight.data_ptr(),
+            named[-1][0].weight.data_ptr(),
+            self.H,
+            self.Hkv,
+            self.D,
+            self.eps,
+            self.scale,
+        )
+        watch = []
+        for m, k in named:
+            d = m._buffers if k in m._buffers else m._parameters
+            watch.append((d, k, d[k], d[k].data_ptr()))
+        # The tensors (and the parts a fused projection chains to) stay referenced.
+        self._desc = (desc, tensors, parts, watch)
+        return desc
 
     def forward(
         self,
@@ -111,48 +121,80 @@ class KernelLayer(nn.Module):
             or (desc := self._descriptor()) is None
         ):
             return self.layer(x, cos, sin, plan, cache)
-        H, D = self.H, self.D
-        d_model = x.shape[-1]
-        h = x.reshape(rows, d_model).clone()  # residual stream, updated in place
-        c = cos.reshape(rows, D).contiguous()
-        s = sin.reshape(rows, D).contiguous()
-        layout = cache.layout
-        segs = (SegmentDesc * len(layout))()
-        quantized = False
-        longest = 0
-        for j, (seq, start, T) in enumerate(layout):
-            kc, i = seq.cache, cache.layer
-            quantized = kc.quantized
-            longest = max(longest, kc.length + T)
-            scales = (
-                (kc.key_scales[i].data_ptr(), kc.value_scales[i].data_ptr())
-                if quantized
-                else (None, None)
-            )
-            segs[j] = SegmentDesc(
-                start,
-                T,
-                kc.capacity,
-                kc.length,
-                kc.keys[i].data_ptr(),
-                kc.values[i].data_ptr(),
-                *scales,
-            )
-        F = desc.down.K
-        kmax = max(d_model, F, H * D)
-        threads = num_threads()
-        qkv_width = self.layer.self_attn.qkv_proj.out_features
-        work = torch.empty(
-            rows * (3 * d_model + qkv_width + 2 * H * D + 3 * F)
-            + 4 * rows * (kmax // 32)
-            + threads * longest
-        )
-        xq = torch.empty(rows * kmax, dtype=torch.int8)
+        step = _Step.get(cache.layout, cos, sin, rows, self, desc)
+        h = x.reshape(rows, x.shape[-1]).clone()  # residual stream, updated in place
+        step.point_at(cache.layer)
         lib.qlm_layer_forward(
-            ctypes.byref(desc), h.data_ptr(), rows, c.data_ptr(), s.data_ptr(), segs,
-            len(layout), int(quantized), work.data_ptr(), xq.data_ptr(), threads,
+            ctypes.byref(desc), h.data_ptr(), rows, step.cos_ptr, step.sin_ptr, step.segs,
+            step.nseg, step.quantized, step.work_ptr, step.xq_ptr, step.threads,
         )  # fmt: skip
         return h.view(x.shape)
+
+
+class _Step:
+    """What every layer of one decode step shares: the segments, rotary rows and scratch.
+
+    Built by the first layer of a step and reused by the others (the engine gives all layers
+    one ``layout`` list per forward); only the cache pointers change from layer to layer.
+    """
+
+    _last: _Step | None = None
+
+    def __init__(self, layout: list, cos: torch.Tensor, sin: torch.Tensor, rows: int,
+                 layer: KernelLayer, desc: LayerDesc) -> None:  # fmt: skip
+        self.layout, self.cos_in, self.sin_in = layout, cos, sin
+        D = layer.D
+        self.c = cos.reshape(rows, D).contiguous()
+        self.s = sin.reshape(rows, D).contiguous()
+        self.cos_ptr, self.sin_ptr = self.c.data_ptr(), self.s.data_ptr()
+        self.caches = [seq.cache for seq, _, _ in layout]
+        self.quantized = int(bool(self.caches) and self.caches[-1].quantized)
+        self.nseg = len(layout)
+        self.segs = (SegmentDesc * len(layout))()
+        longest = 0
+        for j, (seq, start, T) in enumerate(layout):
+            kc = seq.cache
+            longest = max(longest, kc.length + T)
+            self.segs[j] = SegmentDesc(start, T, kc.capacity, kc.length, None, None, None, None)
+        d_model = desc.o.N
+        F = desc.down.K
+        H, Dh = layer.H, layer.D
+        kmax = max(d_model, F, H * Dh)
+        self.threads = num_threads()
+        qkv_width = layer.layer.self_attn.qkv_proj.out_features
+        self.work = torch.empty(
+            rows * (3 * d_model + qkv_width + 2 * H * Dh + 3 * F)
+            + 4 * rows * (kmax // 32)
+            + self.threads * longest
+        )
+        self.xq = torch.empty(rows * kmax, dtype=torch.int8)
+        self.work_ptr, self.xq_ptr = self.work.data_ptr(), self.xq.data_ptr()
+        self.shape = (rows, d_model, F, H, Dh, qkv_width)
+
+    @classmethod
+    def get(cls, layout: list, cos: torch.Tensor, sin: torch.Tensor, rows: int,
+            layer: KernelLayer, desc: LayerDesc) -> _Step:  # fmt: skip
+        last = cls._last
+        if (
+            last is not None
+            and last.layout is layout
+            and last.cos_in is cos
+            and last.sin_in is sin
+            and last.shape == (rows, desc.o.N, desc.down.K, layer.H, layer.D,
+                               layer.layer.self_attn.qkv_proj.out_features)
+        ):  # fmt: skip
+            return last
+        cls._last = step = cls(layout, cos, sin, rows, layer, desc)
+        return step
+
+    def point_at(self, i: int) -> None:
+        """Aim the segments at layer ``i``'s keys and values."""
+        for seg, kc in zip(self.segs, self.caches, strict=True):
+            seg.K = kc.keys[i].data_ptr()
+            seg.V = kc.values[i].data_ptr()
+            if self.quantized:
+                seg.Ks = kc.key_scales[i].data_ptr()
+                seg.Vs = kc.value_scales[i].data_ptr()
 
 
 def accelerate(model: nn.Module) -> bool:
