@@ -7,7 +7,7 @@ import torch
 from helpers import float32_tolerance, float64_logits, tiny_config, tiny_model, tiny_tokenizer
 
 from qwenlm.generation.engine import Engine
-from qwenlm.generation.fastpath import KernelLayer, accelerate
+from qwenlm.generation.fastpath import KernelLayer, KernelStack, accelerate
 from qwenlm.generation.generate import (
     GenerationConfig,
     batch_generate,
@@ -341,3 +341,24 @@ def test_importing_qwenlm_makes_openmp_wait_passively_unless_told():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+@needs_kernels
+def test_a_decode_step_runs_the_whole_stack_in_one_native_call(monkeypatch):
+    # The stack call must really carry decode steps (a silent fall back to per-layer calls
+    # would pass every equality test), and give what the per-layer native path gives.
+    model = fast_model("int8")
+    engine = Engine(model)
+    seq, seq2 = engine.new_sequence(), engine.new_sequence()
+    engine.forward([(seq, prompt(30))])
+    engine.forward([(seq2, prompt(30))])
+    (twin,) = engine.forward([(seq2, [7])])
+    monkeypatch.setattr(KernelLayer, "forward", lambda *a, **k: pytest.fail("per-layer call"))
+    (stacked,) = engine.forward([(seq, [7])])
+    assert torch.equal(stacked, twin)
+    monkeypatch.undo()
+    monkeypatch.setattr(KernelStack, "run_all", lambda *a, **k: None)
+    seq3 = engine.new_sequence()
+    engine.forward([(seq3, prompt(30))])
+    (per_layer,) = engine.forward([(seq3, [7])])
+    assert torch.equal(per_layer, stacked)

@@ -1630,3 +1630,13 @@ void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *c
     };
     run_phases(ph, sizeof ph / sizeof ph[0], nthreads);
 }
+
+/* Every decoder layer of a decode step in one call: layers[l] with segments seg + l * nseg
+   (the same rows, layer l's caches). Saves the caller a round trip per layer. */
+void qlm_stack_forward(const qlm_layer_t *const *layers, int64_t nlayers, float *h, int64_t M,
+                       const float *cos, const float *sin, const qlm_segment_t *seg,
+                       int64_t nseg, int kv_q8, float *work, int8_t *xq, int nthreads) {
+    for (int64_t l = 0; l < nlayers; l++)
+        qlm_layer_forward(layers[l], h, M, cos, sin, seg + l * nseg, nseg, kv_q8, work, xq,
+                          nthreads);
+}

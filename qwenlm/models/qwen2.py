@@ -219,6 +219,12 @@ class Qwen2Model(nn.Module):
             mask=mask,
         )
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        # A transform may give the layers a way to run them all at once (the native decode
+        # stack of generation/fastpath.py); it answers None where it does not apply.
+        run_all = getattr(self.layers, "run_all", None)
+        y = run_all(x, cos, sin, plans, cache) if run_all is not None and cache else None
+        if y is not None:
+            return self.norm(y)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, plans[i], cache[i] if cache is not None else NO_CACHE)
         return self.norm(x)
