@@ -232,6 +232,9 @@ def test_repetition_penalty_lowers_seen_tokens_both_signs():
     seen = torch.tensor([True, True, False])
     out = apply_repetition_penalty(logits, seen, 2.0)
     assert out.tolist() == [1.0, -4.0, 1.0]
+    assert logits.tolist() == [2.0, -2.0, 1.0]  # the input is left as it was
+    rows = apply_repetition_penalty(torch.stack([logits, logits]), torch.stack([seen, ~seen]), 2.0)
+    assert rows.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.5]]
 
 
 def test_generate_step_rejects_empty_prompt():
