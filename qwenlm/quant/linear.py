@@ -207,6 +207,14 @@ class Int8Linear(KernelLinear):
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
 
+    @property
+    def kernel_rows(self) -> int | None:  # type: ignore[override]
+        # Tiled, every batch runs on the integer kernels: one pass over a weight block serves
+        # 16 rows, which measured 1.5x faster than dequantize + float32 matmul for 256-512-row
+        # prefill chunks and 2x for 64 (EPYC Zen 3, 2 threads), and keeps a row's numbers
+        # the same whatever batch it is in.
+        return None if self.tiled else SMALL_BATCH
+
     def tile(self) -> Int8Linear:
         """Switch ``qweight`` to the interleaved layout where the shape allows it (in place)."""
         N, K = self.out_features, self.in_features
