@@ -37,6 +37,7 @@ from qwenlm.quant import (
     load_saved,
     quantize,
     release_freed_memory,
+    runs_as_stored,
     to_device,
 )
 from qwenlm.tokenizer import Tokenizer
@@ -77,7 +78,8 @@ QUANT_CHOICES = ("auto", "none", *MODES)
 
 
 def resolve_quant(quant: str, device: torch.device) -> str:
-    """``auto`` is int8 on CPU (the native kernels' fastest mode at float32 quality) and
+    """``auto`` is int8 on CPU (the native kernels' fastest mode at float32 quality; :func:`load`
+    then picks gguf for a block-quantized GGUF file, see ``quant.runs_as_stored``) and
     ``none`` (plain PyTorch layers in ``dtype``) elsewhere. On other devices ``int8``,
     ``int4`` and ``f32`` keep their codes in device memory and dequantize each matrix per
     forward pass with PyTorch ops (less memory, not more speed)."""
@@ -141,6 +143,15 @@ def load(
                 "--quant gguf's stored blocks",
                 hint="load the float model; --quant int8 / int4 quantize each rank's part",
             )
+        if (
+            quant == "auto"
+            and mode == "int8"
+            and adapter is None
+            and dist is None
+            and ckpt.quantization is None
+            and runs_as_stored(ckpt)
+        ):
+            mode = "gguf"  # a quantized GGUF file runs fastest in its own formats
         if ckpt.quantization is not None:
             # Saved by `qwenlm quantize`: its own format wins over `quant`.
             if adapter is not None:

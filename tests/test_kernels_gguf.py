@@ -291,6 +291,16 @@ def test_gguf_mode_runs_the_file_as_stored(tiny_gguf, isa):
         assert (a - b).abs().max() <= 2e-2 * b.abs().max()
 
 
+def test_auto_runs_a_block_quantized_gguf_file_as_stored(tiny_gguf, tmp_path):
+    # auto: a quantized GGUF file in its own formats (fastest, least memory); a float GGUF
+    # file as int8 (gguf mode would run it as float32); an explicit mode always wins.
+    assert qwenlm.load(tiny_gguf).weight_format == "gguf"
+    assert qwenlm.load(tiny_gguf, quant="int8").weight_format == "int8"
+    f16 = tmp_path / "tiny-f16.gguf"
+    write_tiny_gguf(f16, tiny_config(intermediate_size=128, num_hidden_layers=3), qtype="F16")
+    assert qwenlm.load(f16).weight_format == "int8"
+
+
 def test_results_do_not_depend_on_the_thread_count(tiny_gguf):
     # Tasks are claimed dynamically, so which thread computes what changes from run to run;
     # every task computes its outputs the same way, so the results must not.

@@ -41,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
         choices=["auto", "none", "f32", "int8", "int4", "gguf"],
         help="weight format: int8/int4/f32 run on native CPU kernels (on CUDA: dequantized per "
         "forward pass), gguf runs a GGUF file's own formats as stored; none is plain PyTorch in "
-        "--dtype (auto: int8 on CPU, none elsewhere)",
+        "--dtype (auto: on CPU gguf for a block-quantized GGUF file, else int8; none elsewhere)",
     )
     add_group_size_arg(p)
     p.add_argument(

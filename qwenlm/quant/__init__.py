@@ -202,6 +202,22 @@ def _chunked(
     return first
 
 
+def runs_as_stored(ckpt: object) -> bool:
+    """Whether ``--quant auto`` picks ``gguf`` for ``ckpt``: a block-quantized GGUF file of a
+    dense Qwen2-family model whose every tensor the gguf kernels run as stored. Side by side
+    on the default file (EPYC Zen 3, 2 threads, 2026-11-29) gguf decoded 1.4x and prefilled
+    1.15x faster than int8 at the same perplexity, from 15% less memory. Float GGUF files keep
+    int8 (gguf would run their matrices as float32: 4 bytes a weight)."""
+    types = ckpt.stored_types()
+    return (
+        ckpt.format == "gguf"
+        and ckpt.config.model_type == "qwen2"
+        and not ckpt.config.is_moe
+        and bool(types & set(KINDS))
+        and types <= set(KINDS) | set(FLOAT_TYPES)
+    )
+
+
 def _gguf_linear(
     ckpt: object, wname: str, rows: int, cols: int, bias: torch.Tensor | None
 ) -> GGUFLinear:

@@ -83,6 +83,12 @@ class Checkpoint:
             self._pieces = gguf_format.tensor_map(self._gguf)
         return self._pieces
 
+    def stored_types(self) -> set[int]:
+        """The ggml types of a GGUF file's tensors (empty for other formats)."""
+        if self._gguf is None:
+            return set()
+        return {info.ggml_type for info in self._gguf.tensors.values()}
+
     def read_raw(self, name: str, rows: tuple[int, int] | None = None) -> tuple[int, torch.Tensor]:
         """A GGUF matrix as stored: its ggml type and rows start..stop of its bytes."""
         if self._gguf is None:
