@@ -30,6 +30,21 @@ def _base(m: nn.Module) -> nn.Module:
     return getattr(m, "base_layer", m)
 
 
+def _native_lib(x: torch.Tensor, cos: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels, if a step on hidden states ``x`` (B, T, hidden) can run natively: float32
+    on the CPU, a decode-sized number of rows."""
+    lib = cpu_kernels()
+    if (
+        lib is None
+        or x.device.type != "cpu"
+        or x.shape[0] * x.shape[1] > SMALL_BATCH
+        or x.dtype != torch.float32
+        or cos.dtype != torch.float32
+    ):
+        return None
+    return lib
+
+
 class KernelLayer(nn.Module):
     """A decoder layer whose small batches run on the native kernels.
 
@@ -105,17 +120,13 @@ class KernelLayer(nn.Module):
         plan: AttentionPlan,
         cache: LayerCache,
     ) -> torch.Tensor:
-        lib = cpu_kernels()
+        lib = _native_lib(x, cos)
         rows = x.shape[0] * x.shape[1]
         if (
             lib is None
-            or x.device.type != "cpu"
-            or rows > SMALL_BATCH
             or not plan.ordinary
             or not isinstance(cache, BatchLayer)
             or not cache.native
-            or x.dtype != torch.float32
-            or cos.dtype != torch.float32
             or (desc := self._descriptor()) is None
         ):
             return self.layer(x, cos, sin, plan, cache)
@@ -228,16 +239,9 @@ class KernelStack(nn.ModuleList):
         plans: list[AttentionPlan],
         cache: list[LayerCache],
     ) -> torch.Tensor | None:
-        lib = cpu_kernels()
+        lib = _native_lib(x, cos)
         rows = x.shape[0] * x.shape[1]
-        if (
-            lib is None
-            or x.device.type != "cpu"
-            or rows > SMALL_BATCH
-            or x.dtype != torch.float32
-            or cos.dtype != torch.float32
-            or len(cache) != len(self)
-        ):
+        if lib is None or len(cache) != len(self):
             return None
         first = cache[0]
         if not isinstance(first, BatchLayer) or not first.native:
