@@ -206,7 +206,7 @@ def runs_as_stored(ckpt: object) -> bool:
     """Whether ``--quant auto`` picks ``gguf`` for ``ckpt``: a block-quantized GGUF file of a
     dense Qwen2-family model whose every tensor the gguf kernels run as stored. Side by side
     on the default file (EPYC Zen 3, 2 threads, 2026-11-29) gguf decoded 1.4x and prefilled
-    1.15x faster than int8 at the same perplexity, from 15% less memory. Float GGUF files keep
+    1.15x faster than int8 at the same perplexity, in 12% less memory. Float GGUF files keep
     int8 (gguf would run their matrices as float32: 4 bytes a weight)."""
     types = ckpt.stored_types()
     return (
