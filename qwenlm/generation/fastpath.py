@@ -137,6 +137,8 @@ class KernelLayer(nn.Module):
             ctypes.byref(desc), h.data_ptr(), rows, step.cos_ptr, step.sin_ptr, step.segs,
             step.nseg, step.quantized, step.work_ptr, step.xq_ptr, step.threads,
         )  # fmt: skip
+        if step.caches and cache.layer == len(step.caches[0].keys) - 1:
+            _Step._last = None  # the step is over: do not keep its sequences' caches alive
         return h.view(x.shape)
 
 
@@ -198,17 +200,15 @@ class _Step:
 
     def all_layers(self, n: int) -> ctypes.Array:
         """The segments of layers 0 .. n-1, one after the other (for ``qlm_stack_forward``)."""
-        if getattr(self, "_all", None) is None or len(self._all) != n * self.nseg:
-            segs = (SegmentDesc * (n * self.nseg))()
-            for i in range(n):
-                for j, (seg, kc) in enumerate(zip(self.segs, self.caches, strict=True)):
-                    s = segs[i * self.nseg + j]
-                    s.start, s.T, s.cap, s.past = seg.start, seg.T, seg.cap, seg.past
-                    s.K, s.V = kc.keys[i].data_ptr(), kc.values[i].data_ptr()
-                    if self.quantized:
-                        s.Ks, s.Vs = kc.key_scales[i].data_ptr(), kc.value_scales[i].data_ptr()
-            self._all = segs
-        return self._all
+        segs = (SegmentDesc * (n * self.nseg))()
+        for i in range(n):
+            for j, (seg, kc) in enumerate(zip(self.segs, self.caches, strict=True)):
+                s = segs[i * self.nseg + j]
+                s.start, s.T, s.cap, s.past = seg.start, seg.T, seg.cap, seg.past
+                s.K, s.V = kc.keys[i].data_ptr(), kc.values[i].data_ptr()
+                if self.quantized:
+                    s.Ks, s.Vs = kc.key_scales[i].data_ptr(), kc.value_scales[i].data_ptr()
+        return segs
 
     def point_at(self, i: int) -> None:
         """Aim the segments at layer ``i``'s keys and values."""
@@ -267,7 +267,7 @@ class KernelStack(nn.ModuleList):
                 return None  # one scratch layout serves all layers
             ptrs = (ctypes.POINTER(LayerDesc) * len(descs))(*map(ctypes.pointer, descs))
             self._pointers = (key, ptrs)
-        step = _Step.get(layout, cos, sin, rows, self[0], descs[0])
+        step = _Step(layout, cos, sin, rows, self[0], descs[0])  # one call: nothing to share
         h = x.reshape(rows, x.shape[-1]).clone()  # residual stream, updated in place
         lib.qlm_stack_forward(
             self._pointers[1], len(descs), h.data_ptr(), rows, step.cos_ptr, step.sin_ptr,
