@@ -86,6 +86,39 @@ def test_native_decode_path_matches_the_pytorch_layers(mode, tol):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+@pytest.mark.parametrize(
+    "heads, kv_heads, hidden",
+    [(14, 2, 224), (5, 1, 120), (6, 3, 48), (8, 1, 64)],  # head sizes 16, 24, 8, 8
+)
+def test_grouped_attention_matches_pytorch_for_head_layouts(heads, kv_heads, hidden, kv_cache):
+    # The native attention takes a KV head's query heads together (up to 4 per pass over V,
+    # 8 positions per block of scores, remainders of positions and of head sizes apart), and
+    # splits them into tasks by rows and threads. Head counts around those sizes, 71 and more
+    # positions (a remainder of 7), against the PyTorch layers; and a row's result does not
+    # depend on the split: alone (its heads split across threads) or batched.
+    shape = dict(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=hidden)
+    fast, slow = fast_model("f32", **shape), fast_model("f32", **shape)
+    slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)
+    ef, es = Engine(fast, kv_cache=kv_cache), Engine(slow, kv_cache=kv_cache)
+    bound = float32_bound(**shape)
+    sf, ss = ef.new_sequence(), es.new_sequence()
+    p = prompt(71)
+    ef.forward([(sf, p)])
+    es.forward([(ss, p)])
+    for t in prompt(10, seed=5):
+        (a,) = ef.forward([(sf, [t])])
+        (b,) = es.forward([(ss, [t])])
+        assert (a - b).abs().max() <= bound
+    other = ef.new_sequence()
+    ef.forward([(other, p[:33])])
+    (alone,) = ef.forward([(sf, [9])])
+    sf.trim(1)
+    batched = ef.forward([(other, [4]), (sf, [9])])[1]
+    assert torch.equal(alone, batched)
+
+
+@needs_kernels
 def test_ragged_batch_rows_equal_separate_runs_exactly():
     engine = Engine(fast_model())
     prompts = [prompt(n, seed=n) for n in (5, 23, 40)]

@@ -176,7 +176,7 @@ class _Step:
         self.work = torch.empty(
             rows * (3 * d_model + qkv_width + 2 * H * Dh + 3 * F)
             + 4 * rows * (kmax // 32)
-            + self.threads * longest
+            + self.threads * (desc.H // desc.Hkv) * longest  # attention: a KV head's scores
         )
         self.xq = torch.empty(rows * kmax, dtype=torch.int8)
         self.work_ptr, self.xq_ptr = self.work.data_ptr(), self.xq.data_ptr()

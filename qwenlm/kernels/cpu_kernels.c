@@ -1445,46 +1445,165 @@ static void q8_row(const float *x, int64_t D, int8_t *q, float *scale) {
     *scale = amax / 127.0f;
 }
 
-/* One query row of one head over n cached positions (float32 K, V, or int8 with per-row
-   scales ks, vs): o = softmax(q K^T * scale) V. p: n floats of scratch. */
-ALWAYS void attend_head(const int q8, const float *q, const void *K, const void *V,
-                        const float *ks, const float *vs, int64_t n, int64_t D, float scale,
-                        float *p, float *o) {
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; j++) {
-        const void *kj = q8 ? (const void *)((const int8_t *)K + j * D) : (const void *)((const float *)K + j * D);
-        float d = dot_row(q, kj, D, q8);
-        p[j] = q8 ? d * ks[j] * scale : d * scale;
-        mx = p[j] > mx ? p[j] : mx;
+/* Attention of one query row: the G query heads that share one KV head (grouped-query
+ * attention) in one pass over the cached keys and values, n positions of float32 rows, or
+ * int8 rows with per-row scales ks, vs. Two things made the per-head loop slow: every head
+ * re-read the same K and V, and each output vector was one chain of n dependent FMAs
+ * (latency-bound, 4 cycles apiece). Here the scores take 8 positions at a time (8 chains,
+ * summed by one reduction) and the values pass keeps 2 vectors of each of up to AG heads in
+ * flight. A head's arithmetic is the same whichever heads share its pass, so a row's result
+ * never depends on how rows or heads are split into tasks. p: G * n floats of scratch.      */
+#define AG 4 /* heads per pass over V: 2 * AG accumulators stay in registers */
+#define PB 8 /* positions per block of scores */
+#define VB 64 /* positions per block of values */
+
+ALWAYS fv kv_load(const int q8, const void *row, int64_t i) {
+    return q8 ? fv_load_i8((const int8_t *)row + i) : fv_load((const float *)row + i);
+}
+ALWAYS float kv_at(const int q8, const void *row, int64_t i) {
+    return q8 ? (float)((const int8_t *)row)[i] : ((const float *)row)[i];
+}
+
+/* The 8 sums of a[0..7]'s lanes. With 8 lanes: a hadd tree, in the order that hsum8 below
+   repeats for one vector, so a position's score is the same in a block and in the tail. */
+ALWAYS void reduce8(const fv *a, float *out) {
+#if FW == 8 && defined(__AVX2__)
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    /* t: lane r (< 4) = a[r]'s lanes 0-3 summed, lane 4 + r = its lanes 4-7 */
+    const __m256 lo = _mm256_permute2f128_ps(t, u, 0x20), hi = _mm256_permute2f128_ps(t, u, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+#else
+    for (int t = 0; t < 8; t++) out[t] = fv_hsum(a[t]);
+#endif
+}
+ALWAYS float hsum8(fv a) {
+#if FW == 8 && defined(__AVX2__)
+    float l[8];
+    _mm256_storeu_ps(l, a);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+#else
+    return fv_hsum(a);
+#endif
+}
+
+/* o[a] (+)= Σ_j p[a][j] v_j for positions j0 .. j1-1, columns i .. i + 2 FW, of A heads (A a
+   compile-time count); o holds the running sums between blocks of positions (the same chain
+   of FMAs as one pass over all of them), and the last block scales them by inv. */
+ALWAYS void values_pass(const int q8, const int A, const float *p, int64_t n, const void *V,
+                        int64_t j0, int64_t j1, int64_t D, int64_t i, const float *inv, float *o) {
+    fv acc[AG][2];
+    for (int a = 0; a < A; a++) {
+        acc[a][0] = j0 ? fv_load(o + a * D + i) : fv_zero();
+        acc[a][1] = j0 ? fv_load(o + a * D + i + FW) : fv_zero();
     }
-    fv vsum = fv_zero(), vm = fv_set1(mx);
+    for (int64_t j = j0; j < j1; j++) {
+        const void *vj = q8 ? (const void *)((const int8_t *)V + j * D)
+                            : (const void *)((const float *)V + j * D);
+        const fv v0 = kv_load(q8, vj, i), v1 = kv_load(q8, vj, i + FW);
+        for (int a = 0; a < A; a++) {
+            const fv pj = fv_set1(p[a * n + j]);
+            acc[a][0] = fv_fma(pj, v0, acc[a][0]);
+            acc[a][1] = fv_fma(pj, v1, acc[a][1]);
+        }
+    }
+    for (int a = 0; a < A; a++) {
+        const fv f = fv_set1(j1 == n ? inv[a] : 1.0f);
+        fv_store(o + a * D + i, fv_mul(acc[a][0], f));
+        fv_store(o + a * D + i + FW, fv_mul(acc[a][1], f));
+    }
+}
+
+ALWAYS void attend_group(const int q8, const float *q, const void *K, const void *V,
+                         const float *ks, const float *vs, int64_t n, int64_t D, int64_t G,
+                         float scale, float *p, float *o) {
+#define KROW(j) (q8 ? (const void *)((const int8_t *)K + (j) * D) \
+                    : (const void *)((const float *)K + (j) * D))
+#define VROW(j) (q8 ? (const void *)((const int8_t *)V + (j) * D) \
+                    : (const void *)((const float *)V + (j) * D))
+    const int64_t Dv = D / FW * FW;
     int64_t j = 0;
-    for (; j + FW <= n; j += FW) {
-        fv e = fv_exp(fv_sub(fv_load(p + j), vm));
-        fv_store(p + j, e);
-        vsum = fv_add(vsum, e);
+    const int64_t krow = q8 ? D : D * (int64_t)sizeof(float);
+    for (; j + PB <= n; j += PB) { /* scores of 8 positions, head by head */
+        for (int64_t t = j + 4 * PB; t < MIN(n, j + 5 * PB); t++) /* a few blocks ahead */
+            for (int64_t b = 0; b < krow; b += 64)
+                __builtin_prefetch((const char *)KROW(t) + b, 0, 3);
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            fv acc[PB];
+            for (int t = 0; t < PB; t++) acc[t] = fv_zero();
+            for (int64_t i = 0; i < Dv; i += FW) {
+                const fv qv = fv_load(qg + i);
+                for (int t = 0; t < PB; t++)
+                    acc[t] = fv_fma(qv, kv_load(q8, KROW(j + t), i), acc[t]);
+            }
+            float sc[PB];
+            reduce8(acc, sc);
+            for (int t = 0; t < PB; t++) {
+                for (int64_t i = Dv; i < D; i++) sc[t] += qg[i] * kv_at(q8, KROW(j + t), i);
+                p[g * n + j + t] = q8 ? sc[t] * ks[j + t] * scale : sc[t] * scale;
+            }
+        }
     }
-    float sum = fv_hsum(vsum);
-    for (; j < n; j++) {
-        p[j] = exp1(p[j] - mx);
-        sum += p[j];
+    for (; j < n; j++) /* the last n % 8 positions, summed as in a block */
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            fv acc = fv_zero();
+            for (int64_t i = 0; i < Dv; i += FW)
+                acc = fv_fma(fv_load(qg + i), kv_load(q8, KROW(j), i), acc);
+            float sc = hsum8(acc);
+            for (int64_t i = Dv; i < D; i++) sc += qg[i] * kv_at(q8, KROW(j), i);
+            p[g * n + j] = q8 ? sc * ks[j] * scale : sc * scale;
+        }
+    float inv[G];
+    for (int64_t g = 0; g < G; g++) { /* softmax numerators and 1 / their sum */
+        float *pg = p + g * n, mx = -INFINITY;
+        for (int64_t t = 0; t < n; t++) mx = pg[t] > mx ? pg[t] : mx;
+        fv vsum = fv_zero(), vm = fv_set1(mx);
+        int64_t t = 0;
+        for (; t + FW <= n; t += FW) {
+            fv e = fv_exp(fv_sub(fv_load(pg + t), vm));
+            fv_store(pg + t, e);
+            vsum = fv_add(vsum, e);
+        }
+        float sum = fv_hsum(vsum);
+        for (; t < n; t++) {
+            pg[t] = exp1(pg[t] - mx);
+            sum += pg[t];
+        }
+        if (q8)
+            for (t = 0; t < n; t++) pg[t] *= vs[t];
+        inv[g] = 1.0f / sum;
     }
-    if (q8)
-        for (j = 0; j < n; j++) p[j] *= vs[j];
-    const float inv = 1.0f / sum;
-    int64_t i = 0;
-    for (; i + FW <= D; i += FW) {
-        fv acc = fv_zero();
-        for (int64_t jj = 0; jj < n; jj++)
-            acc = fv_fma(fv_set1(p[jj]), q8 ? fv_load_i8((const int8_t *)V + jj * D + i) : fv_load((const float *)V + jj * D + i), acc);
-        fv_store(o + i, fv_mul(acc, fv_set1(inv)));
+    /* Values in blocks of VB positions (16 KB of float32 rows at D = 64), each block read from
+       memory once and then from L1 by every column slice and head. */
+    const int64_t Dw = D / (2 * FW) * (2 * FW), row = q8 ? D : D * (int64_t)sizeof(float);
+    for (int64_t j0 = 0; j0 < n; j0 += VB) {
+        const int64_t j1 = MIN(n, j0 + VB);
+        for (int64_t t = j1; t < MIN(n, j1 + VB); t++)
+            for (int64_t b = 0; b < row; b += 64)
+                __builtin_prefetch((const char *)VROW(t) + b, 0, 3);
+        for (int64_t i = 0; i < Dw; i += 2 * FW)
+            for (int64_t g = 0; g < G; g += AG) {
+                const float *pg = p + g * n;
+                float *og = o + g * D;
+                switch (G - g >= AG ? AG : G - g) {
+                case 4: values_pass(q8, 4, pg, n, V, j0, j1, D, i, inv + g, og); break;
+                case 3: values_pass(q8, 3, pg, n, V, j0, j1, D, i, inv + g, og); break;
+                case 2: values_pass(q8, 2, pg, n, V, j0, j1, D, i, inv + g, og); break;
+                default: values_pass(q8, 1, pg, n, V, j0, j1, D, i, inv + g, og);
+                }
+            }
     }
-    for (; i < D; i++) {
-        float acc = 0.0f;
-        for (int64_t jj = 0; jj < n; jj++)
-            acc += p[jj] * (q8 ? (float)((const int8_t *)V)[jj * D + i] : ((const float *)V)[jj * D + i]);
-        o[i] = acc * inv;
-    }
+    int64_t i = Dw;
+    for (; i < D; i++) /* head sizes that are not a multiple of 2 FW */
+        for (int64_t g = 0; g < G; g++) {
+            float acc = 0.0f;
+            for (int64_t t = 0; t < n; t++) acc += p[g * n + t] * kv_at(q8, VROW(t), i);
+            o[g * D + i] = acc * inv[g];
+        }
+#undef KROW
+#undef VROW
 }
 
 /* ---- a whole decoder layer in one call ------------------------------------------------
@@ -1504,6 +1623,7 @@ typedef struct {
     int8_t *xq;
     float *xd;
     int64_t S, d, HD, F, QN;
+    int64_t hc; /* query heads per attention task */
 } layer_ctx;
 
 static const qlm_segment_t *segment_of(const layer_ctx *c, int64_t m) {
@@ -1542,21 +1662,24 @@ static void rope_kv_task(const void *ctx, int64_t m, int tid) {
     }
 }
 
-/* Row m, head h attends over its sequence's positions 0 .. past + t. */
+/* Task i: row m, KV head kvh, query heads of that KV head hc * part .. (a chunk of hc), over
+   the row's sequence positions 0 .. past + t. */
 static void attention_task(const void *ctx, int64_t i, int tid) {
     const layer_ctx *c = ctx;
     const qlm_layer_t *L = c->L;
-    const int64_t D = L->D, H = L->H, m = i / H, h = i % H, kvh = h / (H / L->Hkv);
+    const int64_t D = L->D, G = L->H / L->Hkv, parts = (G + c->hc - 1) / c->hc;
+    const int64_t m = i / (L->Hkv * parts), kvh = i / parts % L->Hkv, part = i % parts;
+    const int64_t h0 = kvh * G + part * c->hc, nh = MIN(c->hc, G - part * c->hc);
     const qlm_segment_t *s = segment_of(c, m);
     const int64_t n = s->past + (m - s->start) + 1, off = kvh * s->cap;
-    const float *q = c->qkv + m * c->QN + h * D;
-    float *p = c->scratch + tid * c->S, *o = c->att + m * c->HD + h * D;
+    const float *q = c->qkv + m * c->QN + h0 * D;
+    float *p = c->scratch + tid * c->hc * c->S, *o = c->att + m * c->HD + h0 * D;
     if (c->kv_q8)
-        attend_head(1, q, (const int8_t *)s->K + off * D, (const int8_t *)s->V + off * D,
-                    s->Ks + off, s->Vs + off, n, D, L->scale, p, o);
+        attend_group(1, q, (const int8_t *)s->K + off * D, (const int8_t *)s->V + off * D,
+                     s->Ks + off, s->Vs + off, n, D, nh, L->scale, p, o);
     else
-        attend_head(0, q, (const float *)s->K + off * D, (const float *)s->V + off * D, 0, 0, n, D,
-                    L->scale, p, o);
+        attend_group(0, q, (const float *)s->K + off * D, (const float *)s->V + off * D, 0, 0, n,
+                     D, nh, L->scale, p, o);
 }
 
 static void quant_att_task(const void *ctx, int64_t m, int tid) {
@@ -1589,7 +1712,7 @@ static void residual_task(const void *ctx, int64_t m, int tid) {
 
 /* h: M rows of the residual stream, updated in place. cos, sin: M rows of D. seg: nseg
    segments covering rows 0 .. M-1 in order. work: floats for M * (3 d + QN + 2 H D + 3 F)
-   + ACT_FLOATS(M, Kmax) + nthreads * Smax (see fastpath.py); xq: M * Kmax bytes. */
+   + ACT_FLOATS(M, Kmax) + nthreads * (H / Hkv) * Smax (see fastpath.py); xq: M * Kmax bytes. */
 void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *cos,
                        const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_q8,
                        float *work, int8_t *xq, int nthreads) {
@@ -1611,6 +1734,11 @@ void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *c
     c.scratch = c.xd + ACT_FLOATS(M, kmax);
     c.xq = xq;
     c.S = S, c.d = d, c.HD = HD, c.F = F, c.QN = QN;
+    /* A KV head's query heads in one task (they share its reads), unless that leaves threads
+       idle: then split them, so a 1-row step still keeps every thread busy. */
+    const int64_t G = L->H / L->Hkv, tasks = M * L->Hkv;
+    const int64_t split = tasks >= nthreads ? 1 : MIN(G, (nthreads + tasks - 1) / tasks);
+    c.hc = (G + split - 1) / split;
     const linear_ctx lqkv = {&L->qkv, c.y, act_view(xq, c.xd, M, d), c.qkv, M, QN};
     const linear_ctx lo = {&L->o, c.att, act_view(xq, c.xd, M, HD), c.o, M, d};
     const linear_ctx lgu = {&L->gate_up, c.y, act_view(xq, c.xd, M, d), c.gu, M, 2 * F};
@@ -1619,7 +1747,7 @@ void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *c
         {norm1_task, &c, M},
         {linear_task, &lqkv, linear_tasks(&L->qkv)},
         {rope_kv_task, &c, M},
-        {attention_task, &c, M * L->H},
+        {attention_task, &c, M * L->Hkv * ((G + c.hc - 1) / c.hc)},
         {quant_att_task, &c, needs_act(&L->o) ? M : 0},
         {linear_task, &lo, linear_tasks(&L->o)},
         {norm2_task, &c, M},
