@@ -324,27 +324,46 @@ def measure_batching(
     """The cost of one engine step with more rows, against one row: ``batch`` is a decode step
     of N sequences (one token each, each after its own ``context``-token prompt), ``verify``
     one sequence taking N tokens at once with every row's logits (a speculative verification).
-    Median seconds of ``repeats`` steps; the tokens are taken back after each."""
+    Median seconds of ``repeats`` steps; the tokens are taken back after each. The kinds and
+    row counts take turns, one step each, so a shared machine's slow minutes fall on all of
+    them alike instead of on whichever was being measured then."""
     engine = model.engine
     ids = text_tokens(model, context + max(rows) * 2)
     seqs = [engine.new_sequence() for _ in range(max(rows))]
     for i, seq in enumerate(seqs):
         engine.prefill(seq, ids[i : i + context])  # a different prompt each
-    out = []
+    steps = []
     for n in rows:
-        part = seqs[:n]
-        batch = _median_seconds(
-            lambda part=part: engine.forward([(s, [ids[context]]) for s in part]),
-            lambda part=part: [s.trim(1) for s in part],
-            repeats,
+        part, draft = seqs[:n], ids[context : context + n]
+        steps.append(
+            (
+                lambda part=part: engine.forward([(s, [ids[context]]) for s in part]),
+                lambda part=part: [s.trim(1) for s in part],
+            )
         )
-        draft = ids[context : context + n]
-        verify = _median_seconds(
-            lambda draft=draft: engine.forward([(seqs[0], draft)], all_logits=True),
-            lambda n=n: seqs[0].trim(n),
-            repeats,
+        steps.append(
+            (
+                lambda draft=draft: engine.forward([(seqs[0], draft)], all_logits=True),
+                lambda n=n: seqs[0].trim(n),
+            )
         )
-        out.append({"rows": n, "batch_s": batch, "verify_s": verify})
+    times: list[list[float]] = [[] for _ in steps]
+    for i in range(repeats + 1):  # the first round warms up
+        for (run, undo), kept in zip(steps, times, strict=True):
+            t0 = time.perf_counter()
+            run()
+            dt = time.perf_counter() - t0
+            undo()
+            if i:
+                kept.append(dt)
+    out = [
+        {
+            "rows": n,
+            "batch_s": statistics.median(times[2 * k]),
+            "verify_s": statistics.median(times[2 * k + 1]),
+        }
+        for k, n in enumerate(rows)
+    ]
     for r in out:
         r["batch_ratio"] = r["batch_s"] / out[0]["batch_s"]
         r["verify_ratio"] = r["verify_s"] / out[0]["verify_s"]
