@@ -215,6 +215,12 @@ def test_lookup_draft():
     assert lookup_draft(ctx, 3) == [4, 5, 9]  # the trigram 1 2 3 occurred before
     assert lookup_draft([5, 6, 7, 8], 3) == []
     assert lookup_draft([1, 2, 1, 2, 1, 2], 2) == [1, 2]  # most recent earlier match
+    # a match of n tokens proposes at most 2 (n - 1); a lone repeated token proposes nothing
+    long = [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4]
+    assert lookup_draft(long, 8) == [5, 6, 7, 8, 9, 0]
+    assert lookup_draft([7, 1, 2, 3, 4, 8, 1, 2], 8) == [3, 4]
+    assert lookup_draft([5, 6, 7, 8, 6], 8) == []
+    assert lookup_draft([5, 6, 7, 8, 6], 8, min_ngram=1) == [7]
 
 
 def greedy(model, p, n):

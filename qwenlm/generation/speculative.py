@@ -43,16 +43,24 @@ class SpeculationStats:
         return self.emitted / self.target_passes if self.target_passes else 0.0
 
 
-def lookup_draft(context: Seq[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the context's
-    trailing n-gram (longest n first); empty when there is none."""
+def lookup_draft(context: Seq[int], k: int, max_ngram: int = 4, min_ngram: int = 2) -> list[int]:
+    """Prompt lookup: up to k tokens that followed the latest earlier occurrence of the
+    context's trailing n-gram (longest n first); empty when there is none.
+
+    A match of n tokens proposes at most 2 (n - 1) of them (one for n = 1): a verified row
+    costs about a fifth of a one-token step on a CPU, so a guess must be right often enough
+    to pay. On the code-editing and free-writing prompts of benchmarks/speculative.py,
+    single-token matches (a newline, a space) were right too seldom to pay for themselves,
+    and two- and three-token matches went wrong within a few tokens more often than longer
+    ones.
+    """
     n_ctx = len(context)
     for n in range(min(max_ngram, n_ctx - 1), min_ngram - 1, -1):
         tail = list(context[n_ctx - n :])
         # Search backwards, excluding the tail itself, so the most recent match wins.
         for start in range(n_ctx - n - 1, -1, -1):
-            if list(context[start : start + n]) == tail:
-                follow = list(context[start + n : start + n + k])
+            if context[start] == tail[0] and list(context[start : start + n]) == tail:
+                follow = list(context[start + n : start + n + min(k, max(1, 2 * (n - 1)))])
                 if follow:
                     return follow
     return []
@@ -66,8 +74,8 @@ class Proposer(Protocol):
 
 @dataclass
 class PromptLookup:
-    max_ngram: int = 3
-    min_ngram: int = 1
+    max_ngram: int = 4
+    min_ngram: int = 2
 
     def propose(self, context: Seq[int], k: int) -> list[int]:
         return lookup_draft(context, k, self.max_ngram, self.min_ngram)
@@ -98,7 +106,7 @@ class Speculation:
 
     draft: Engine | None = None
     num_draft: int = 5
-    max_ngram: int = 3
+    max_ngram: int = 4
     stats: SpeculationStats | None = None  # filled in, if given
 
     def __post_init__(self) -> None:
