@@ -12,7 +12,7 @@ from torch import nn
 from qwenlm.errors import GenerationError
 from qwenlm.generation.engine import Engine
 from qwenlm.generation.generate import GenerationConfig, generate, generate_step, stream_generate
-from qwenlm.generation.sampling import apply_repetition_penalty, sample
+from qwenlm.generation.sampling import apply_repetition_penalty, greedy_token, sample
 
 IM_END = tiny_specials()["<|im_end|>"]
 
@@ -227,12 +227,30 @@ def test_sample_filters():
     assert draws == {2, 3}
 
 
+def test_greedy_token_is_torch_argmax():
+    # the CPU path is numpy's argmax; it must pick what torch.argmax picks, ties and NaN too
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(151936, generator=g) for _ in range(3)]
+    cases += [
+        torch.tensor([1.0, 3.0, 3.0, 2.0]),
+        torch.tensor([1.0, float("nan"), 3.0, float("nan")]),
+        torch.full((5,), -float("inf")),
+        torch.randn(64, generator=g).to(torch.bfloat16),
+        torch.randn(2, 64, generator=g)[1],  # a non-contiguous view's row is still fine
+        torch.randn(64, 2, generator=g)[:, 0],
+    ]
+    for x in cases:
+        assert greedy_token(x) == int(torch.argmax(x))
+
+
 def test_repetition_penalty_lowers_seen_tokens_both_signs():
     logits = torch.tensor([2.0, -2.0, 1.0])
     seen = torch.tensor([True, True, False])
     out = apply_repetition_penalty(logits, seen, 2.0)
     assert out.tolist() == [1.0, -4.0, 1.0]
     assert logits.tolist() == [2.0, -2.0, 1.0]  # the input is left as it was
+    # one row may give the seen ids instead of a mask (what the sampler does)
+    assert apply_repetition_penalty(logits, torch.tensor([1, 0]), 2.0).tolist() == out.tolist()
     rows = apply_repetition_penalty(torch.stack([logits, logits]), torch.stack([seen, ~seen]), 2.0)
     assert rows.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.5]]
 

@@ -193,6 +193,17 @@ def test_embedding_rows_come_from_the_packed_table():
     w = reference_weight(T.Q8_0, raw).float()
     assert torch.equal(GGUFEmbedding(table)(ids), w[ids])
     assert torch.equal(GGUFEmbedding(table, shared=True)(ids), w[ids])
+    # small lookups (decode steps) come from a cache of rows: the same values, again and
+    # after a change of the table in place
+    emb = GGUFEmbedding(table)
+    for _ in range(2):
+        assert torch.equal(emb(ids), w[ids]) and torch.equal(emb(ids[:, :1]), w[ids[:, :1]])
+    raw2 = random_blocks(T.Q8_0, 21, 64, seed=5)
+    with torch.no_grad():
+        table.qweight.copy_(GGUFLinear([(T.Q8_0, 21, pack(T.Q8_0, raw2))], 64, None).qweight)
+    assert torch.equal(emb(ids), reference_weight(T.Q8_0, raw2).float()[ids])
+    long_ids = torch.arange(20).repeat(2)[None]  # more than 16: the table, not the cache
+    assert torch.equal(emb(long_ids), reference_weight(T.Q8_0, raw2).float()[long_ids])
 
 
 def test_int8_rows_interleaved_or_plain_give_the_same_bits(isa, monkeypatch):

@@ -32,19 +32,32 @@ def apply_repetition_penalty(
 ) -> torch.Tensor:
     """CTRL-style penalty: tokens already in the sequence become less likely.
 
-    ``seen`` is a boolean mask over the vocabulary. Positive logits are divided by the
-    penalty and negative ones multiplied, so the penalty always lowers the probability.
+    ``seen`` is a boolean mask over the vocabulary, or (for one row of logits) the seen ids
+    themselves, each once. Positive logits are divided by the penalty and negative ones
+    multiplied, so the penalty always lowers the probability.
     """
     if penalty == 1.0:
         return logits
     # Only the seen tokens change: touching those alone, not three passes over the whole
-    # vocabulary, took this from ~0.9 ms to ~0.1 ms of a 20 ms decode step (152k entries).
+    # vocabulary, took this from ~0.9 ms to ~0.1 ms of a 20 ms decode step (152k entries);
+    # given the ids, not a mask to search (nonzero: ~0.5 ms), it is a few microseconds.
     if logits.dim() != 1:
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         return torch.where(seen, penalized, logits)
-    idx = seen.nonzero().squeeze(1)
+    idx = seen if seen.dtype != torch.bool else seen.nonzero().squeeze(1)
     vals = logits.index_select(0, idx)
     return logits.index_copy(0, idx, torch.where(vals > 0, vals / penalty, vals * penalty))
+
+
+def greedy_token(logits: torch.Tensor) -> int:
+    """The id of the largest logit (the first of equal ones; a NaN counts as largest).
+
+    On the CPU numpy's argmax: torch's took ~0.37 ms over a 152k vocabulary, about 2% of a
+    decode step, against ~0.015 ms (its max alone is fast; the index-tracking reduction is not).
+    """
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1:
+        return int(logits.detach().contiguous().numpy().argmax())
+    return int(torch.argmax(logits))
 
 
 def sample(
@@ -63,7 +76,7 @@ def sample(
     min-p (tokens below ``min_p`` times the top token's probability are dropped).
     """
     if temperature <= 0:
-        return int(torch.argmax(logits))
+        return greedy_token(logits)
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -106,10 +119,11 @@ class Sampler:
         seed = None if config.seed is None else config.seed + seed_offset
         self.generator = make_generator(seed, device)
         self.generated: list[int] = []
-        self.seen: torch.Tensor | None = None
+        self.seen: dict[int, None] | None = None  # the ids seen so far, each once, in order
+        self._seen_ids: torch.Tensor | None = None  # the same as a tensor, rebuilt when it grows
+        self.device = device
         if config.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
+            self.seen = dict.fromkeys(t for t in prompt if 0 <= t < vocab_size)
         self.counts: torch.Tensor | None = None
         if config.presence_penalty or config.frequency_penalty:
             self.counts = torch.zeros(vocab_size, device=device)
@@ -131,7 +145,9 @@ class Sampler:
             x = x.clone()
             x[self.bias[0]] += self.bias[1]
         if self.seen is not None:
-            x = apply_repetition_penalty(x, self.seen, c.repetition_penalty)
+            if self._seen_ids is None or len(self._seen_ids) != len(self.seen):
+                self._seen_ids = torch.tensor(list(self.seen), dtype=torch.long, device=self.device)
+            x = apply_repetition_penalty(x, self._seen_ids, c.repetition_penalty)
         if self.counts is not None:
             x = x - self.counts * c.frequency_penalty - (self.counts > 0) * c.presence_penalty
         return x
@@ -150,7 +166,7 @@ class Sampler:
         lp = self.logprob(logits, token) if c.logprobs else None
         self.generated.append(token)
         if self.seen is not None:
-            self.seen[token] = True
+            self.seen[token] = None
         if self.counts is not None:
             self.counts[token] += 1
         return token, lp

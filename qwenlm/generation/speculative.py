@@ -18,10 +18,9 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-
 from qwenlm.errors import GenerationError
 from qwenlm.generation.engine import SMALL_SEGMENT, Engine, SequenceState
+from qwenlm.generation.sampling import greedy_token
 
 
 @dataclass
@@ -93,7 +92,7 @@ class DraftModel:
         logits = self.engine.prefill(self.seq, context, exact=False)
         out: list[int] = []
         for i in range(k):
-            token = int(torch.argmax(logits))
+            token = greedy_token(logits)
             out.append(token)
             if i + 1 < k:
                 (logits,) = self.engine.forward([(self.seq, [token])])
