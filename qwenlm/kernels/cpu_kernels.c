@@ -1614,8 +1614,8 @@ ALWAYS void attend_group(const int q8, const float *q, const void *K, const void
 
 /* ---- a whole decoder layer in one call ------------------------------------------------
  * For decode-sized batches the ~10 calls of a layer each cost a Python round trip, together
- * as much as reading the layer's weights. Here one job of 11 phases runs the layer; every
- * step is the same row-wise code the separate kernels run, so results are identical.       */
+ * as much as reading the layer's weights. Here one job of up to 11 phases runs the layer;
+ * every step is the same row-wise code the separate kernels run, so results are identical. */
 
 typedef struct {
     const qlm_layer_t *L;
