@@ -269,18 +269,26 @@ def perplexity(
     return math.exp(nll / sum(len(w) - 1 for w in windows))
 
 
-def _median_seconds(run: Callable[[], object], undo: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``run`` over ``repeats`` calls after one warm-up, calling ``undo``
-    (untimed) after each."""
-    times = []
+def _medians_taking_turns(
+    steps: Sequence[tuple[Callable[[], object], Callable[[], object]]], repeats: int
+) -> list[float]:
+    """Median wall time of each ``run`` of (run, undo) ``steps`` over ``repeats`` calls after
+    one warm-up round, calling ``undo`` (untimed) after each; the steps take turns, one call
+    each, so a shared machine's slow minutes fall on all of them alike."""
+    times: list[list[float]] = [[] for _ in steps]
     for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        run()
-        dt = time.perf_counter() - t0
-        undo()
-        if i:
-            times.append(dt)
-    return statistics.median(times)
+        for (run, undo), kept in zip(steps, times, strict=True):
+            t0 = time.perf_counter()
+            run()
+            dt = time.perf_counter() - t0
+            undo()
+            if i:
+                kept.append(dt)
+    return [statistics.median(t) for t in times]
+
+
+def _median_seconds(run: Callable[[], object], undo: Callable[[], object], repeats: int) -> float:
+    return _medians_taking_turns([(run, undo)], repeats)[0]
 
 
 def _is_matrix(m: nn.Module) -> bool:
@@ -325,8 +333,7 @@ def measure_batching(
     of N sequences (one token each, each after its own ``context``-token prompt), ``verify``
     one sequence taking N tokens at once with every row's logits (a speculative verification).
     Median seconds of ``repeats`` steps; the tokens are taken back after each. The kinds and
-    row counts take turns, one step each, so a shared machine's slow minutes fall on all of
-    them alike instead of on whichever was being measured then."""
+    row counts take turns, one step each (:func:`_medians_taking_turns`)."""
     engine = model.engine
     ids = text_tokens(model, context + max(rows) * 2)
     seqs = [engine.new_sequence() for _ in range(max(rows))]
@@ -347,21 +354,9 @@ def measure_batching(
                 lambda n=n: seqs[0].trim(n),
             )
         )
-    times: list[list[float]] = [[] for _ in steps]
-    for i in range(repeats + 1):  # the first round warms up
-        for (run, undo), kept in zip(steps, times, strict=True):
-            t0 = time.perf_counter()
-            run()
-            dt = time.perf_counter() - t0
-            undo()
-            if i:
-                kept.append(dt)
+    medians = _medians_taking_turns(steps, repeats)
     out = [
-        {
-            "rows": n,
-            "batch_s": statistics.median(times[2 * k]),
-            "verify_s": statistics.median(times[2 * k + 1]),
-        }
+        {"rows": n, "batch_s": medians[2 * k], "verify_s": medians[2 * k + 1]}
         for k, n in enumerate(rows)
     ]
     for r in out:

@@ -31,6 +31,23 @@ def fast_model(mode="int8", seed=0, **overrides):
     return model
 
 
+def twin_engines(mode="int8", kv_cache="float", **overrides):
+    """Engines on the same model twice: the native layers, and the PyTorch layers they wrap."""
+    fast, slow = fast_model(mode, **overrides), fast_model(mode, **overrides)
+    slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)  # unwrap
+    return Engine(fast, kv_cache=kv_cache), Engine(slow, kv_cache=kv_cache)
+
+
+def decode_both(ef, es, p, tokens):
+    """Prefill ``p`` on both engines, then step both through ``tokens``: (the two sequences,
+    [(fast logits, slow logits) per step])."""
+    sf, ss = ef.new_sequence(), es.new_sequence()
+    ef.forward([(sf, p)])
+    es.forward([(ss, p)])
+    pairs = [(ef.forward([(sf, [t])])[0], es.forward([(ss, [t])])[0]) for t in tokens]
+    return sf, ss, pairs
+
+
 def prompt(n, seed=0):
     return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -63,18 +80,10 @@ def test_native_decode_path_matches_the_pytorch_layers(mode, tol):
     def close(a, b):
         return (a - b).abs().max() <= (f32 if f32 is not None else tol * b.abs().max())
 
-    fast = fast_model(mode)
-    slow = fast_model(mode)
-    slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)  # unwrap
-    ef, es = Engine(fast), Engine(slow)
-    sf, ss = ef.new_sequence(), es.new_sequence()
+    ef, es = twin_engines(mode)
     p = prompt(40)
-    ef.forward([(sf, p)])
-    es.forward([(ss, p)])
-    for t in prompt(12, seed=1):
-        (a,) = ef.forward([(sf, [t])])
-        (b,) = es.forward([(ss, [t])])
-        assert close(a, b)
+    sf, ss, pairs = decode_both(ef, es, p, prompt(12, seed=1))
+    assert all(close(a, b) for a, b in pairs)
     # a ragged batch: a second sequence verifying 5 tokens next to a one-token step
     sf2, ss2 = ef.new_sequence(), es.new_sequence()
     ef.forward([(sf2, p[:17])])
@@ -98,18 +107,11 @@ def test_grouped_attention_matches_pytorch_for_head_layouts(heads, kv_heads, hid
     # positions (a remainder of 7), against the PyTorch layers; and a row's result does not
     # depend on the split: alone (its heads split across threads) or batched.
     shape = dict(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=hidden)
-    fast, slow = fast_model("f32", **shape), fast_model("f32", **shape)
-    slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)
-    ef, es = Engine(fast, kv_cache=kv_cache), Engine(slow, kv_cache=kv_cache)
+    ef, es = twin_engines("f32", kv_cache, **shape)
     bound = float32_bound(**shape)
-    sf, ss = ef.new_sequence(), es.new_sequence()
     p = prompt(71)
-    ef.forward([(sf, p)])
-    es.forward([(ss, p)])
-    for t in prompt(10, seed=5):
-        (a,) = ef.forward([(sf, [t])])
-        (b,) = es.forward([(ss, [t])])
-        assert (a - b).abs().max() <= bound
+    sf, _, pairs = decode_both(ef, es, p, prompt(10, seed=5))
+    assert all((a - b).abs().max() <= bound for a, b in pairs)
     other = ef.new_sequence()
     ef.forward([(other, p[:33])])
     (alone,) = ef.forward([(sf, [9])])
