@@ -385,21 +385,64 @@ def test_importing_qwenlm_makes_openmp_wait_passively_unless_told():
 
 
 @needs_kernels
-def test_a_decode_step_runs_the_whole_stack_in_one_native_call(monkeypatch):
-    # The stack call must really carry decode steps (a silent fall back to per-layer calls
-    # would pass every equality test), and give what the per-layer native path gives.
-    model = fast_model("int8")
+def test_a_decode_step_runs_the_whole_model_in_one_native_call(monkeypatch):
+    # The native forward (layers, final norm and output head in one call) must really carry
+    # decode steps and verification batches (a silent fall back would pass every equality
+    # test), and give what the stack call plus PyTorch's norm and head give: float32 weights,
+    # so only rounding apart (the C norm sums in another order).
+    model = fast_model("f32")
     engine = Engine(model)
+    assert engine.native is not None
     seq, seq2 = engine.new_sequence(), engine.new_sequence()
     engine.forward([(seq, prompt(30))])
     engine.forward([(seq2, prompt(30))])
-    (twin,) = engine.forward([(seq2, [7])])
     monkeypatch.setattr(KernelLayer, "forward", lambda *a, **k: pytest.fail("per-layer call"))
-    (stacked,) = engine.forward([(seq, [7])])
-    assert torch.equal(stacked, twin)
+    monkeypatch.setattr(KernelStack, "run_all", lambda *a, **k: pytest.fail("stack call"))
+    native = [engine.forward([(seq, [7])])[0]]
+    native += engine.forward([(seq, [3]), (seq2, prompt(4, seed=6))], all_logits=[False, True])
     monkeypatch.undo()
+    seq.trim(2)
+    seq2.trim(4)
+    engine.native = None
+    calls = []
+    monkeypatch.setattr(KernelStack, "run_all", _counting(KernelStack.run_all, calls))
+    generic = [engine.forward([(seq, [7])])[0]]
+    generic += engine.forward([(seq, [3]), (seq2, prompt(4, seed=6))], all_logits=[False, True])
+    assert len(calls) == 2 and all(r is not None for r in calls)
+    assert [a.shape for a in native] == [b.shape for b in generic] == [(320,), (320,), (4, 320)]
+    bound = float32_bound()
+    assert all((a - b).abs().max() <= bound for a, b in zip(native, generic, strict=True))
+    # and the stack call gives what the per-layer native path gives, exactly
     monkeypatch.setattr(KernelStack, "run_all", lambda *a, **k: None)
-    seq3 = engine.new_sequence()
-    engine.forward([(seq3, prompt(30))])
-    (per_layer,) = engine.forward([(seq3, [7])])
+    seq2.trim(4)
+    (per_layer,) = engine.forward([(seq2, [7])])
+    seq2.trim(1)
+    monkeypatch.undo()
+    (stacked,) = engine.forward([(seq2, [7])])
     assert torch.equal(per_layer, stacked)
+
+
+def _counting(fn, calls):
+    def wrapper(*a, **k):
+        calls.append(out := fn(*a, **k))
+        return out
+
+    return wrapper
+
+
+def test_rotary_table_rows_equal_the_rotary_embedding_bit_for_bit():
+    # The native forward reads cos/sin rows from a table computed once; each row must be
+    # what the model computes for that position alone (plain and YaRN-scaled rotaries).
+    from qwenlm.generation.fastpath import RopeRows
+    from qwenlm.models.qwen2 import Qwen2ForCausalLM
+
+    yarn = {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}
+    for overrides in ({}, yarn):
+        rotary = Qwen2ForCausalLM(tiny_config(**CONFIG, **overrides)).model.rotary_emb
+        table = RopeRows(rotary, rotary(torch.zeros(1, 1))[0].shape[-1])
+        table.limit = 3000
+        for ps in ([0], [1], [2047], [5, 6, 7, 1999], [2999], [3000], [4100, 17]):
+            cos, sin = table.rows(ps)
+            want_cos, want_sin = rotary(torch.tensor([ps]))
+            assert torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0])
+            assert cos.is_contiguous() and sin.is_contiguous()

@@ -152,6 +152,9 @@ class Engine:
             from qwenlm.generation.cuda_graphs import GraphDecoder
 
             self.graphs = GraphDecoder(self)
+        # Small batches on the CPU kernels: a whole forward pass in one native call, where
+        # fastpath.accelerate gave the model one.
+        self.native = getattr(model, "native_forward", None) if self.device.type == "cpu" else None
 
     def new_sequence(self) -> SequenceState:
         c = self.config
@@ -272,33 +275,17 @@ class Engine:
                 alphas.extend([alpha] * len(tokens))
             ids.extend(tokens)
         groups = _adapter_rows(layout, self.device) if self.adapters is not None else []
-        views = [
-            BatchLayer(i, layout, native=not groups) for i in range(self.config.num_hidden_layers)
-        ]
-        dev = self.device
-        x = torch.tensor([ids], device=dev)
-        pos = torch.tensor([positions], device=dev)
-        alpha_t = torch.tensor([alphas], device=dev) if self.dynamic_ntk else None
         rows: list[int] = []
         spans = []  # each segment's rows in the logits
         for (_, start, T), full in zip(layout, every, strict=True):
             first = start if full else start + T - 1
             spans.append((len(rows), full))
             rows.extend(range(first, start + T))
-        at = None if len(rows) == len(ids) else torch.tensor(rows, device=dev)
         with torch.inference_mode():
-            if groups:
-                self.adapters.groups = groups
-            try:
-                if hidden:
-                    h = self.model.model(x, views, pos, ntk_alpha=alpha_t)[0]  # (N, hidden)
-                    logits = (h if at is None else h[at]).float()
-                else:
-                    logits = self.model(x, views, positions=pos, ntk_alpha=alpha_t, logits_at=at)
-                    logits = logits[0].float()
-            finally:
-                if self.adapters is not None:
-                    self.adapters.groups = []
+            native = self.native if not hidden and not groups else None
+            logits = native.logits(layout, ids, positions, rows) if native is not None else None
+            if logits is None:
+                logits = self._model_forward(layout, ids, positions, alphas, rows, groups, hidden)
         for seq, tokens in segments:
             seq.tokens.extend(int(t) for t in tokens)
             seq.cache.length = len(seq.tokens)
@@ -306,3 +293,35 @@ class Engine:
             logits[i : i + T] if full else logits[i]
             for (i, full), (_, _, T) in zip(spans, layout, strict=True)
         ]
+
+    def _model_forward(
+        self,
+        layout: list[tuple[SequenceState, int, int]],
+        ids: list[int],
+        positions: list[int],
+        alphas: list[float],
+        rows: list[int],
+        groups: list,
+        hidden: bool,
+    ) -> torch.Tensor:
+        """The model's own forward over the flattened batch: logits (or final hidden states)
+        of batch rows ``rows``, float32."""
+        dev = self.device
+        x = torch.tensor([ids], device=dev)
+        pos = torch.tensor([positions], device=dev)
+        alpha_t = torch.tensor([alphas], device=dev) if self.dynamic_ntk else None
+        at = None if len(rows) == len(ids) else torch.tensor(rows, device=dev)
+        views = [
+            BatchLayer(i, layout, native=not groups) for i in range(self.config.num_hidden_layers)
+        ]
+        if groups:
+            self.adapters.groups = groups
+        try:
+            if hidden:
+                h = self.model.model(x, views, pos, ntk_alpha=alpha_t)[0]  # (N, hidden)
+                return (h if at is None else h[at]).float()
+            logits = self.model(x, views, positions=pos, ntk_alpha=alpha_t, logits_at=at)
+            return logits[0].float()
+        finally:
+            if self.adapters is not None:
+                self.adapters.groups = []

@@ -14,13 +14,25 @@ maths; tests hold the two to the same results.
 from __future__ import annotations
 
 import ctypes
+import operator
+import threading
+import weakref
 
 import torch
 from torch import nn
 
+from qwenlm.generation.cache import SequenceCache
 from qwenlm.generation.engine import BatchLayer
-from qwenlm.kernels import LayerDesc, SegmentDesc, cpu_kernels, move_to_huge_pages, num_threads
-from qwenlm.models.attention import AttentionPlan, LayerCache
+from qwenlm.kernels import (
+    LayerDesc,
+    LinearDesc,
+    SegmentDesc,
+    cpu_kernels,
+    move_to_huge_pages,
+    num_threads,
+)
+from qwenlm.models.attention import AttentionPlan, LayerCache, make_plans
+from qwenlm.models.qwen2 import RMSNorm
 from qwenlm.quant.linear import SMALL_BATCH, Int8Linear, KernelLinear
 
 
@@ -161,24 +173,12 @@ class _Step:
         self.caches = [seq.cache for seq, _, _ in layout]
         self.quantized = int(bool(self.caches) and self.caches[-1].quantized)
         self.nseg = len(layout)
-        self.segs = (SegmentDesc * len(layout))()
-        longest = 0
-        for j, (seq, start, T) in enumerate(layout):
-            kc = seq.cache
-            longest = max(longest, kc.length + T)
-            self.segs[j] = SegmentDesc(start, T, kc.capacity, kc.length, None, None, None, None)
+        self.segs, longest = _segments(layout)
         d_model = desc.o.N
         F = desc.down.K
         H, Dh = layer.H, layer.D
-        kmax = max(d_model, F, H * Dh)
-        self.threads = num_threads()
         qkv_width = layer.layer.self_attn.qkv_proj.out_features
-        self.work = torch.empty(
-            rows * (3 * d_model + qkv_width + 2 * H * Dh + 3 * F)
-            + 4 * rows * (kmax // 32)
-            + self.threads * (desc.H // desc.Hkv) * longest  # attention: a KV head's scores
-        )
-        self.xq = torch.empty(rows * kmax, dtype=torch.int8)
+        self.work, self.xq, self.threads = _scratch(layer, desc, rows, longest)
         self.work_ptr, self.xq_ptr = self.work.data_ptr(), self.xq.data_ptr()
         self.shape = (rows, d_model, F, H, Dh, qkv_width)
 
@@ -197,18 +197,6 @@ class _Step:
             return last
         cls._last = step = cls(layout, cos, sin, rows, layer, desc)
         return step
-
-    def all_layers(self, n: int) -> ctypes.Array:
-        """The segments of layers 0 .. n-1, one after the other (for ``qlm_stack_forward``)."""
-        segs = (SegmentDesc * (n * self.nseg))()
-        for i in range(n):
-            for j, (seg, kc) in enumerate(zip(self.segs, self.caches, strict=True)):
-                s = segs[i * self.nseg + j]
-                s.start, s.T, s.cap, s.past = seg.start, seg.T, seg.cap, seg.past
-                s.K, s.V = kc.keys[i].data_ptr(), kc.values[i].data_ptr()
-                if self.quantized:
-                    s.Ks, s.Vs = kc.key_scales[i].data_ptr(), kc.value_scales[i].data_ptr()
-        return segs
 
     def point_at(self, i: int) -> None:
         """Aim the segments at layer ``i``'s keys and values."""
@@ -257,24 +245,246 @@ class KernelStack(nn.ModuleList):
                 or not c.native
             ):
                 return None
+        h = x.reshape(rows, x.shape[-1]).clone()  # residual stream, updated in place
+        cos2, sin2 = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
+        if not self.run(h, cos2, sin2, layout):
+            return None
+        return h.view(x.shape)
+
+    def layer_pointers(self) -> ctypes.Array | None:
+        """Every layer's descriptor, as the C array of pointers (None if a layer's weights
+        are not on the CPU, or the layers differ in shape)."""
+        cached = self._pointers
+        # Every watched tensor (see KernelLayer._descriptor) still in place, checked by maps
+        # over flat lists: a Python loop over ~150 tensors cost 0.2 ms of a cold-cache step.
+        if cached is not None:
+            ptrs, dicts, keys, tensors, addrs = cached
+            if (
+                all(map(operator.is_, map(dict.get, dicts, keys), tensors))
+                and list(map(torch.Tensor.data_ptr, tensors)) == addrs
+            ):
+                return ptrs
+        if not all(isinstance(layer, KernelLayer) for layer in self):
+            return None
         descs = [layer._descriptor() for layer in self]
         if any(d is None for d in descs):
             return None
-        key = tuple(map(id, descs))
-        if self._pointers is None or self._pointers[0] != key:
-            shape = (descs[0].o.N, descs[0].down.K, descs[0].qkv.N)
-            if any(shape != (d.o.N, d.down.K, d.qkv.N) for d in descs):
-                return None  # one scratch layout serves all layers
-            ptrs = (ctypes.POINTER(LayerDesc) * len(descs))(*map(ctypes.pointer, descs))
-            self._pointers = (key, ptrs)
-        step = _Step(layout, cos, sin, rows, self[0], descs[0])  # one call: nothing to share
-        h = x.reshape(rows, x.shape[-1]).clone()  # residual stream, updated in place
+        shape = (descs[0].o.N, descs[0].down.K, descs[0].qkv.N)
+        if any(shape != (d.o.N, d.down.K, d.qkv.N) for d in descs):
+            return None  # one scratch layout serves all layers
+        ptrs = (ctypes.POINTER(LayerDesc) * len(descs))(*map(ctypes.pointer, descs))
+        watch = [w for layer in self for w in layer._desc[3]]
+        self._pointers = (ptrs, *map(list, zip(*watch, strict=True)))
+        return ptrs
+
+    def run(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: list,
+        head: _Head | None = None,
+    ) -> bool:
+        """Every layer over ``h`` (rows, hidden; updated in place) with rotary rows ``cos``,
+        ``sin`` (rows, head_dim), in one native call; with ``head``, also the final norm and
+        the output head of ``head.rows`` into ``head.logits`` (h is then left unfinished).
+        False (nothing done) where the native layers cannot run."""
+        lib = cpu_kernels()
+        ptrs = self.layer_pointers()
+        if lib is None or ptrs is None or len(layout) > MAX_SEGMENTS:
+            return False
+        first = self[0]
+        rows = h.shape[0]
+        caches = [seq.cache for seq, _, _ in layout]
+        segs, longest = _segments(layout)
+        kv = (ctypes.c_void_p * len(caches))(*map(_layer_caches, caches))
+        work, xq, threads = _scratch(first, first._desc[0], rows, longest)
+        norm = eps = out = at = n_at = logits = None
+        if head is not None:
+            norm, eps, out = head.norm_w.data_ptr(), head.eps, ctypes.byref(head.desc)
+            at, n_at, logits = head.rows, len(head.rows), head.logits.data_ptr()
         lib.qlm_stack_forward(
-            self._pointers[1], len(descs), h.data_ptr(), rows, step.cos_ptr, step.sin_ptr,
-            step.all_layers(len(descs)), step.nseg, step.quantized, step.work_ptr,
-            step.xq_ptr, step.threads,
+            ptrs, len(ptrs), h.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), segs, kv,
+            len(layout), int(caches[-1].quantized), work.data_ptr(), xq.data_ptr(), threads,
+            norm, eps or 0.0, out, at, n_at or 0, logits,
         )  # fmt: skip
-        return h.view(x.shape)
+        return True
+
+
+def _segments(layout: list) -> tuple[ctypes.Array, int]:
+    """The batch's segments (rows and cache state; no cache pointers yet) and the longest
+    sequence after this step."""
+    segs = (SegmentDesc * len(layout))()
+    longest = 0
+    for j, (seq, start, T) in enumerate(layout):
+        kc = seq.cache
+        longest = max(longest, kc.length + T)
+        segs[j] = SegmentDesc(start, T, kc.capacity, kc.length, None, None, None, None)
+    return segs, longest
+
+
+# The C side's bound on segments per call (one per sequence; batches stay within SMALL_BATCH).
+MAX_SEGMENTS = 64
+_LAYER_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layer_caches(kc: SequenceCache) -> int:
+    """The address of a C array of one sequence's caches, a segment per layer (only the key
+    and value pointers set); rebuilt when the cache's buffers move (``reserve``)."""
+    key = (kc.capacity, kc.keys[0].data_ptr())
+    cached = _LAYER_CACHES.get(kc)
+    if cached is None or cached[0] != key:
+        arr = (SegmentDesc * len(kc.keys))()
+        for i, s in enumerate(arr):
+            s.K, s.V = kc.keys[i].data_ptr(), kc.values[i].data_ptr()
+            if kc.quantized:
+                s.Ks, s.Vs = kc.key_scales[i].data_ptr(), kc.value_scales[i].data_ptr()
+        cached = _LAYER_CACHES[kc] = (key, arr, ctypes.addressof(arr))
+    return cached[2]
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(
+    layer: KernelLayer, desc: LayerDesc, rows: int, longest: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Float and int8 scratch for a native call of ``rows`` rows over caches of up to
+    ``longest`` positions, and the thread count; reused from call to call (one thread uses
+    one at a time: the kernels' pool runs one job at a time)."""
+    threads = num_threads()
+    d, F, H, Dh = desc.o.N, desc.down.K, layer.H, layer.D
+    qkv_width = linear_width(desc.qkv)
+    kmax = max(d, F, H * Dh)
+    floats = (
+        rows * (3 * d + qkv_width + 2 * H * Dh + 3 * F)
+        + 4 * rows * (kmax // 32)
+        + threads * (desc.H // desc.Hkv) * longest  # attention: a KV head's scores
+    )
+    work, xq = getattr(_SCRATCH, "bufs", (None, None))
+    if work is None or work.numel() < floats or xq.numel() < rows * kmax:
+        # Room for a few hundred more positions and a full small batch: no regrowth per step.
+        grow = threads * (desc.H // desc.Hkv) * 512
+        work = torch.empty(max(floats + grow, 0 if work is None else work.numel()))
+        xq = torch.empty(max(SMALL_BATCH * kmax, rows * kmax), dtype=torch.int8)
+        _SCRATCH.bufs = (work, xq)
+    return work, xq, threads
+
+
+def linear_width(desc: LinearDesc) -> int:
+    """Output columns of a (possibly fused) linear descriptor."""
+    n, p = 0, desc
+    while True:
+        n += p.N
+        if not p.next:
+            return n
+        p = p.next.contents
+
+
+class _Head:
+    """The model's end for a native call: final norm, output head, the rows wanted."""
+
+    def __init__(self, norm_w: torch.Tensor, eps: float, desc: LinearDesc, rows: list[int],
+                 vocab: int) -> None:  # fmt: skip
+        self.norm_w, self.eps, self.desc = norm_w, eps, desc
+        self.rows = (ctypes.c_int64 * len(rows))(*rows)
+        self.logits = torch.empty(len(rows), vocab)
+
+
+class NativeForward:
+    """A whole forward pass of a small batch in one native call: the embedding rows go in;
+    every layer, the final norm and the output head run in C; the logits come out.
+
+    After a step has streamed the weights through the caches, the Python between two native
+    calls runs from cold caches, several times slower than in a loop: the ~40 small
+    operations of the generic path (rotary, plans, views, norm, output head) took ~2 ms of a
+    ~19 ms 0.5B step on the 2-core EPYC. Here a step is an embedding lookup, a rotary table
+    row and one call, with the kernels of ``KernelStack.run_all`` in the same order, then
+    the final norm and head; tests hold the logits to the generic path's.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model  # its parts are read at each call: a transform may replace them
+        self.rope = RopeRows(model.model.rotary_emb, model.config.head_dim)
+
+    @classmethod
+    def build(cls, model: nn.Module) -> NativeForward | None:
+        """The native forward of ``model``, or None where it does not apply: layers not
+        accelerated, an output head the kernels do not run, position-dependent attention
+        (windows, dual chunks, LogN, dynamic NTK), tensor-parallel shards."""
+        m = getattr(model, "model", None)
+        head = _base(getattr(model, "lm_head", None))
+        if (
+            cpu_kernels() is None
+            or m is None
+            or not isinstance(getattr(m, "layers", None), KernelStack)
+            or not isinstance(head, KernelLinear)
+            or head.in_features % head.kernel_multiple
+            or getattr(model, "shard", None) is not None
+            or m.rotary_emb.dynamic_ntk
+            or not isinstance(getattr(m, "norm", None), RMSNorm)
+        ):
+            return None
+        plans = make_plans(model.config, torch.zeros(1, 1, dtype=torch.long),
+                           m.rotary_emb, training=False)  # fmt: skip
+        if not all(p.ordinary for p in plans):
+            return None
+        return cls(model)
+
+    def logits(
+        self, layout: list, ids: list[int], positions: list[int], rows: list[int]
+    ) -> torch.Tensor | None:
+        """Logits (len(rows), vocab) of the batch rows ``rows``, after feeding ``ids`` at
+        ``positions`` (the engine's flattened batch, ``layout`` its segments); None where
+        this step cannot run natively (the caller takes the generic path)."""
+        m = self.model.model
+        stack, norm, head = m.layers, m.norm, _base(self.model.lm_head)
+        if (
+            len(ids) > SMALL_BATCH
+            or not isinstance(stack, KernelStack)
+            or not isinstance(head, KernelLinear)
+            or not isinstance(norm.weight, torch.Tensor)
+            or norm.weight.dtype != torch.float32
+        ):
+            return None
+        x = m.embed_tokens(torch.tensor(ids))
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        h = x.reshape(len(ids), -1).clone()  # residual stream, updated in place
+        cos, sin = self.rope.rows(positions)
+        end = _Head(norm.weight, float(norm.eps), head.describe(), rows, head.out_features)
+        return end.logits if stack.run(h, cos, sin, layout, end) else None
+
+
+class RopeRows:
+    """Rotary cos/sin rows by position, from a table computed in one call and kept.
+
+    Elementwise float32 arithmetic gives each position the same bits whether computed alone
+    or in a table (a test holds them equal), and a table row costs nothing at decode time.
+    Positions past ``limit`` are computed on demand (attention dominates there anyway).
+    """
+
+    limit = 8192
+
+    def __init__(self, rotary: nn.Module, head_dim: int) -> None:
+        self.rotary = rotary
+        self.cos = self.sin = torch.empty(0, head_dim)
+
+    def rows(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (len(positions), head_dim), contiguous."""
+        top = max(positions) + 1
+        if top > self.cos.shape[0] and top <= self.limit:
+            n = min(self.limit, max(top, 2 * self.cos.shape[0], 1024))
+            cos, sin = self.rotary(torch.arange(n)[None])
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        if top > self.cos.shape[0]:
+            cos, sin = self.rotary(torch.tensor([positions]))
+            return cos[0].contiguous(), sin[0].contiguous()
+        if len(positions) == 1:
+            p = positions[0]
+            return self.cos[p : p + 1], self.sin[p : p + 1]
+        idx = torch.tensor(positions)
+        return self.cos[idx], self.sin[idx]
 
 
 def accelerate(model: nn.Module) -> bool:
@@ -291,4 +501,5 @@ def accelerate(model: nn.Module) -> bool:
     model.model.layers = KernelStack(
         layer if isinstance(layer, KernelLayer) else KernelLayer(layer) for layer in layers
     )
+    model.native_forward = NativeForward.build(model)  # what engines look for
     return True

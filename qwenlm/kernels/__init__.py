@@ -75,7 +75,10 @@ _SIGNATURES = {
     "qlm_dequant_i8": [_p, _int, _p, _p, _i64, _i64, _int],
     "qlm_dequant_i4": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
     "qlm_layer_forward": [_p, _p, _i64, _p, _p, _p, _i64, _int, _p, _p, _int],
-    "qlm_stack_forward": [_p, _i64, _p, _i64, _p, _p, _p, _i64, _int, _p, _p, _int],
+    "qlm_stack_forward": [
+        *(_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _int, _p, _p, _int),
+        *(_p, _f, _p, _p, _i64, _p),
+    ],
 }
 _RESTYPES = {
     "qlm_isa": ctypes.c_char_p,

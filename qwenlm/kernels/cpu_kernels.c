@@ -1723,6 +1723,32 @@ static void silu_task(const void *ctx, int64_t m, int tid) {
     if (needs_act(&c->L->down)) quantize_act_row(c->act, c->xq, c->xd, c->M, c->F, m);
 }
 
+/* The model's end, run as the last layer's final phases: the final norm of the rows whose
+   logits are wanted (with the last down projection still to add), and the output head. */
+typedef struct {
+    const float *norm;
+    float eps;
+    const qlm_linear_t *out;
+    const int64_t *rows; /* batch rows, in the order of the logits */
+    int64_t nrows;
+    float *logits; /* nrows x the head's width */
+} qlm_head_t;
+
+typedef struct {
+    const layer_ctx *c;
+    const qlm_head_t *head;
+} head_ctx;
+
+static void head_norm_task(const void *ctx, int64_t i, int tid) {
+    (void)tid;
+    const head_ctx *hc = ctx;
+    const layer_ctx *c = hc->c;
+    const qlm_head_t *H = hc->head;
+    const int64_t r = H->rows[i];
+    add_rmsnorm_row(c->h + r * c->d, c->dn + r * c->d, H->norm, c->y + i * c->d, c->d, H->eps);
+    if (needs_act(H->out)) quantize_act_row(c->y, c->xq, c->xd, H->nrows, c->d, i);
+}
+
 static void residual_task(const void *ctx, int64_t m, int tid) {
     (void)tid;
     const layer_ctx *c = ctx;
@@ -1735,10 +1761,12 @@ static void residual_task(const void *ctx, int64_t m, int tid) {
    segments covering rows 0 .. M-1 in order. work: floats for M * (3 d + QN + 2 H D + 3 F)
    + ACT_FLOATS(M, Kmax) + nthreads * (H / Hkv) * Smax (see fastpath.py); xq: M * Kmax bytes. */
 /* add_prev: h still lacks the previous layer's down projection (left in work's dn by the
-   same layout), added by this layer's first norm; residual: add this layer's own at the end. */
+   same layout), added by this layer's first norm; residual: add this layer's own at the end;
+   head (the last layer's, or none): the final norm and output head of some rows instead. */
 static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *cos,
                           const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_q8,
-                          float *work, int8_t *xq, int nthreads, int add_prev, int residual) {
+                          float *work, int8_t *xq, int nthreads, int add_prev, int residual,
+                          const qlm_head_t *head) {
     const int64_t d = L->o.N, HD = L->H * L->D, F = L->down.K, QN = linear_width(&L->qkv);
     int64_t kmax = d > F ? d : F;
     kmax = kmax > HD ? kmax : HD;
@@ -1774,6 +1802,11 @@ static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float
     const linear_ctx lo = {&L->o, c.att, act_view(xq, c.xd, M, HD), c.o, M, d};
     const linear_ctx lgu = {&L->gate_up, c.y, act_view(xq, c.xd, M, d), c.gu, M, 2 * F};
     const linear_ctx ldn = {&L->down, c.act, act_view(xq, c.xd, M, F), c.dn, M, d};
+    const head_ctx hn = {&c, head};
+    linear_ctx lhead = {0};
+    if (head)
+        lhead = (linear_ctx){head->out, c.y, act_view(xq, c.xd, head->nrows, d), head->logits,
+                             head->nrows, linear_width(head->out)};
     const qlm_phase_t ph[] = {
         {norm1_task, &c, M},
         {linear_task, &lqkv, linear_tasks(&L->qkv)},
@@ -1786,6 +1819,8 @@ static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float
         {silu_task, &c, M},
         {linear_task, &ldn, linear_tasks(&L->down)},
         {residual_task, &c, residual ? M : 0},
+        {head_norm_task, &hn, head ? head->nrows : 0},
+        {linear_task, &lhead, head ? linear_tasks(head->out) : 0},
     };
     run_phases(ph, sizeof ph / sizeof ph[0], nthreads);
 }
@@ -1793,16 +1828,34 @@ static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float
 void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *cos,
                        const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_q8,
                        float *work, int8_t *xq, int nthreads) {
-    layer_forward(L, h, M, cos, sin, seg, nseg, kv_q8, work, xq, nthreads, 0, 1);
+    layer_forward(L, h, M, cos, sin, seg, nseg, kv_q8, work, xq, nthreads, 0, 1, 0);
 }
 
-/* Every decoder layer of a decode step in one call: layers[l] with segments seg + l * nseg
-   (the same rows, layer l's caches). Saves the caller a round trip per layer. */
+#define MAX_SEGMENTS 64
+
+/* Every decoder layer of a step in one call: segment j's rows and cache state are seg[j], its
+   caches of layer l those of kv[j][l] (only K, V, Ks, Vs are read). Saves the caller a round
+   trip per layer. With an output head (out not null), the call ends with the final norm
+   (weights norm) and the head's logits of batch rows rows[0 .. nrows-1]; h is then left
+   unfinished. */
 void qlm_stack_forward(const qlm_layer_t *const *layers, int64_t nlayers, float *h, int64_t M,
                        const float *cos, const float *sin, const qlm_segment_t *seg,
-                       int64_t nseg, int kv_q8, float *work, int8_t *xq, int nthreads) {
+                       const qlm_segment_t *const *kv, int64_t nseg, int kv_q8, float *work,
+                       int8_t *xq, int nthreads, const float *norm, float eps,
+                       const qlm_linear_t *out, const int64_t *rows, int64_t nrows,
+                       float *logits) {
+    if (nseg > MAX_SEGMENTS) return; /* the caller holds batches to SMALL_BATCH rows */
+    const qlm_head_t head = {norm, eps, out, rows, nrows, logits};
+    qlm_segment_t local[MAX_SEGMENTS];
+    memcpy(local, seg, (size_t)nseg * sizeof *seg);
     /* Each layer's residual add is left to the next layer's first norm (one phase less). */
-    for (int64_t l = 0; l < nlayers; l++)
-        layer_forward(layers[l], h, M, cos, sin, seg + l * nseg, nseg, kv_q8, work, xq, nthreads,
-                      l > 0, l == nlayers - 1);
+    for (int64_t l = 0; l < nlayers; l++) {
+        for (int64_t j = 0; j < nseg; j++) {
+            const qlm_segment_t *p = kv[j] + l;
+            local[j].K = p->K, local[j].V = p->V, local[j].Ks = p->Ks, local[j].Vs = p->Vs;
+        }
+        const int last = l == nlayers - 1;
+        layer_forward(layers[l], h, M, cos, sin, local, nseg, kv_q8, work, xq, nthreads, l > 0,
+                      last && !out, last && out ? &head : 0);
+    }
 }
