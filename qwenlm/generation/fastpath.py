@@ -447,10 +447,12 @@ class NativeForward:
             or norm.weight.dtype != torch.float32
         ):
             return None
-        x = m.embed_tokens(torch.tensor(ids))
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        embed = m.embed_tokens
+        rows_of = getattr(embed, "rows_of", None)  # a GGUF table's cached float rows
+        # h: the residual stream, a new tensor the call updates in place
+        h = rows_of(ids) if rows_of is not None else embed(torch.tensor(ids)).clone()
+        if h.dtype != torch.float32 or h.device.type != "cpu":
             return None
-        h = x.reshape(len(ids), -1).clone()  # residual stream, updated in place
         cos, sin = self.rope.rows(positions)
         end = _Head(norm.weight, float(norm.eps), head.describe(), rows, head.out_features)
         return end.logits if stack.run(h, cos, sin, layout, end) else None

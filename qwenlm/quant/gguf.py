@@ -336,22 +336,29 @@ class GGUFEmbedding(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() > 16:
             return self._table.rows(ids)
-        # Decode steps look up one token a row, the same few thousand over and over: unpacking
-        # a row from its interleaved blocks is ~0.4 ms of torch ops, a dict hit microseconds.
-        # The rows are exact copies; a changed table (another tensor, or written in place)
-        # starts a new cache.
+        return self.rows_of(ids.reshape(-1).tolist()).view(*ids.shape, self.embedding_dim)
+
+    def rows_of(self, ids: list[int]) -> torch.Tensor:
+        """Rows ``ids`` as a new (len(ids), embedding_dim) tensor.
+
+        Decode steps look up one token a row, the same few thousand over and over: unpacking
+        a row from its interleaved blocks is ~0.4 ms of torch ops, a dict hit microseconds.
+        The rows are exact copies; a changed table (another tensor, or written in place)
+        starts a new cache.
+        """
         table = self._table.qweight
         key = (table.data_ptr(), table._version)
         cache = getattr(self, "_row_cache", None)
         if cache is None or cache[0] != key or len(cache[1]) >= self._cache_rows:
             cache = self._row_cache = (key, {})
         rows = cache[1]
-        flat = ids.reshape(-1).tolist()
-        missing = [t for t in dict.fromkeys(flat) if t not in rows]
+        missing = [t for t in dict.fromkeys(ids) if t not in rows]
         if missing:
             got = self._table.rows(torch.tensor(missing, dtype=torch.long, device=table.device))
             rows.update(zip(missing, got.unbind(0), strict=True))
-        return torch.stack([rows[t] for t in flat]).view(*ids.shape, self.embedding_dim)
+        if len(ids) == 1:
+            return rows[ids[0]].clone().view(1, -1)
+        return torch.stack([rows[t] for t in ids])
 
     @property
     def _cache_rows(self) -> int:
