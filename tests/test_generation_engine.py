@@ -446,3 +446,21 @@ def test_rotary_table_rows_equal_the_rotary_embedding_bit_for_bit():
             want_cos, want_sin = rotary(torch.tensor([ps]))
             assert torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0])
             assert cos.is_contiguous() and sin.is_contiguous()
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+        dict(use_logn_attn=True, seq_length=32),
+    ],
+    ids=["window", "logn"],
+)
+def test_position_dependent_attention_keeps_the_generic_path(overrides):
+    # Windows and LogN scaling change attention by position, which the native forward does
+    # not compute: such a model gets none, and its engine still decodes what PyTorch does.
+    ef, es = twin_engines("f32", **overrides)
+    assert ef.model.native_forward is None and ef.native is None
+    _, _, pairs = decode_both(ef, es, prompt(20), prompt(16, seed=4))
+    assert all((a - b).abs().max() <= float32_bound(**overrides) for a, b in pairs)

@@ -470,23 +470,23 @@ class RopeRows:
 
     def __init__(self, rotary: nn.Module, head_dim: int) -> None:
         self.rotary = rotary
-        self.cos = self.sin = torch.empty(0, head_dim)
+        self.table = (torch.empty(0, head_dim), torch.empty(0, head_dim))  # replaced whole
 
     def rows(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (len(positions), head_dim), contiguous."""
         top = max(positions) + 1
-        if top > self.cos.shape[0] and top <= self.limit:
-            n = min(self.limit, max(top, 2 * self.cos.shape[0], 1024))
-            cos, sin = self.rotary(torch.arange(n)[None])
-            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
-        if top > self.cos.shape[0]:
-            cos, sin = self.rotary(torch.tensor([positions]))
-            return cos[0].contiguous(), sin[0].contiguous()
+        cos, sin = self.table
+        if top > cos.shape[0] and top <= self.limit:
+            n = min(self.limit, max(top, 2 * cos.shape[0], 1024))
+            cos, sin = (t[0].contiguous() for t in self.rotary(torch.arange(n)[None]))
+            self.table = (cos, sin)
+        if top > cos.shape[0]:
+            return tuple(t[0].contiguous() for t in self.rotary(torch.tensor([positions])))
         if len(positions) == 1:
             p = positions[0]
-            return self.cos[p : p + 1], self.sin[p : p + 1]
+            return cos[p : p + 1], sin[p : p + 1]
         idx = torch.tensor(positions)
-        return self.cos[idx], self.sin[idx]
+        return cos[idx], sin[idx]
 
 
 def accelerate(model: nn.Module) -> bool:
