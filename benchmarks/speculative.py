@@ -77,7 +77,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--num-draft", type=int, default=5)
+    p.add_argument("--num-draft", type=int, default=None, help="default: 5 draft, 7 lookup")
     p.add_argument("--no-draft", action="store_true", help="skip the 1.5B + 0.5B draft runs")
     p.add_argument("--quant", default="auto")
     p.add_argument("--out", default="benchmarks/results")
@@ -125,7 +125,8 @@ def main() -> int:
     lines = [
         f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch "
         f"{info['torch']}, weights {small.weight_format}; greedy, {args.tokens} new tokens, "
-        f"{args.num_draft} guesses per pass, medians of {args.rounds} rounds; load average "
+        f"{args.num_draft or 'default (5 draft, 7 lookup)'} guesses per pass, medians of "
+        f"{args.rounds} rounds; load average "
         f"at the end {', '.join(f'{x:.1f}' for x in info['load_average'])}.",
         "",
         "End to end: completion tokens over the whole request, the prompt's prefill included;"

@@ -362,10 +362,11 @@ class Qwen:
         draft: Qwen | None = None,
         *,
         prompt_lookup: bool = False,
-        num_draft: int = 5,
+        num_draft: int | None = None,
         stats: SpeculationStats | None = None,
     ) -> Speculation | None:
-        """Speculative decoding settings for ``speculate=``: a draft model or prompt lookup."""
+        """Speculative decoding settings for ``speculate=``: a draft model or prompt lookup.
+        ``num_draft`` caps the guesses a pass (default 5 with a draft model, 7 for lookup)."""
         if draft is None and not prompt_lookup:
             return None
         if draft is not None and draft.tokenizer.vocab_size != self.tokenizer.vocab_size:

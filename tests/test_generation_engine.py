@@ -14,7 +14,12 @@ from qwenlm.generation.generate import (
     generate,
     generate_step,
 )
-from qwenlm.generation.speculative import Speculation, SpeculationStats, lookup_draft
+from qwenlm.generation.speculative import (
+    PromptLookup,
+    Speculation,
+    SpeculationStats,
+    lookup_draft,
+)
 from qwenlm.kernels import cpu_kernels
 from qwenlm.quant import quantize
 
@@ -225,6 +230,32 @@ def test_lookup_draft():
     assert lookup_draft([5, 6, 7, 8, 6], 8, min_ngram=1) == [7]
 
 
+def test_prompt_lookup_reads_on_through_a_copy_run():
+    source = list(range(100, 140))
+    ctx = [*source, 1, *source[:2]]  # the output starts copying the source
+    look = PromptLookup()
+    assert look.propose(ctx, 7) == source[2:4]  # a fresh 2-token match: 2 guesses
+    # both accepted, and the model's own next token continued the copy: twice the guesses,
+    # read on from the same place
+    ctx += source[2:5]
+    assert look.propose(ctx, 7) == source[5:9]
+    ctx += source[5:10]
+    assert look.propose(ctx, 7) == source[10:17]  # 8 wanted, capped at k
+    # a rejected guess ends the run: a fresh match (here the last 4 tokens) and its 6 guesses
+    ctx += [source[10], source[11], 7]
+    assert look.propose(ctx, 7) == []  # "... 7" occurs nowhere before
+    ctx += [*source[:4]]
+    assert look.propose(ctx, 7) == source[4:10]
+    # the same context, proposed again without anything emitted, is a fresh lookup
+    assert PromptLookup().propose(ctx, 7) == look.propose(ctx, 7)
+    # a longer run of copies ends where the context ends
+    tail = [*source, *source[:36]]
+    run = PromptLookup()
+    assert run.propose(tail, 15) == source[36:40] + source[:2]
+    tail += source[36:40] + source[:3]
+    assert run.propose(tail, 15) == source[3:15]
+
+
 def greedy(model, p, n):
     return generate(
         model,
@@ -291,6 +322,9 @@ def test_speculation_argument_checks():
     engine = Engine(tiny_model())
     with pytest.raises(GenerationError, match="num_draft"):
         Speculation(num_draft=16)
+    assert Speculation().max_guesses == 7  # prompt lookup: one 8-row tile
+    assert Speculation(draft=engine).max_guesses == 5
+    assert Speculation(draft=engine, num_draft=3).max_guesses == 3
     other = Engine(tiny_model(tiny_config(vocab_size=400)))
     with pytest.raises(GenerationError, match="vocabulary"):
         next(generate_step(engine, [1, 2], speculation=Speculation(draft=other)))

@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--prompt-lookup", action="store_true", help="propose tokens by copying from the prompt"
     )
-    g.add_argument("--num-draft", type=int, default=5, help="tokens proposed per step (default 5)")
+    g.add_argument(
+        "--num-draft",
+        type=int,
+        default=None,
+        help="the most tokens proposed per step (default 5 with --draft, 7 with --prompt-lookup)",
+    )
     add_sampling_args(p)
     return p
 

@@ -205,7 +205,7 @@ class _Choice:
         self.drafts = []
         if self.proposer is not None:
             room = min(
-                self.req.speculation.num_draft,
+                self.req.speculation.max_guesses,
                 self.req.limit - self.stream.completion_tokens - 1,
                 context_end - len(self.seq) - 2,
             )
