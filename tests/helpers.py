@@ -8,7 +8,9 @@ import hashlib
 import json
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,10 +219,13 @@ def write_tiny_gguf(
     arch: str = "qwen2",
     template: str | None = QWEN_TEMPLATE,
     drop: tuple[str, ...] = (),
+    blocks: Callable[[str, np.ndarray], tuple[np.ndarray, Any]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write a tiny random Qwen2 GGUF with a tokenizer; returns the (dequantized) weights written.
 
-    ``qtype`` quantizes the 2-D matrices with gguf's reference quantizer (F32, F16, Q8_0 ...).
+    ``qtype`` quantizes the 2-D matrices with gguf's reference quantizer (F32, F16, Q8_0 ...);
+    ``blocks(name, matrix)``, if given, returns a matrix's (raw blocks, GGML type) instead (for
+    the formats gguf cannot quantize).
     """
     import gguf
 
@@ -232,7 +237,13 @@ def write_tiny_gguf(
         if name in drop:
             continue
         arr = t.numpy().astype(np.float32)
-        if arr.ndim == 2 and qtype != "F32":
+        if arr.ndim == 2 and blocks is not None:
+            data, q = blocks(name, arr)
+            w.add_tensor(gguf_name(name), data, raw_dtype=q)
+            written[name] = torch.from_numpy(
+                gguf.quants.dequantize(data, q).reshape(arr.shape).copy()
+            )
+        elif arr.ndim == 2 and qtype != "F32":
             q = gguf.GGMLQuantizationType[qtype]
             data = gguf.quants.quantize(arr, q)
             w.add_tensor(gguf_name(name), data, raw_dtype=q)

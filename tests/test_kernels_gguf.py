@@ -10,6 +10,7 @@ real model must agree with the PyTorch path, with f32 mode and with llama.cpp.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 
 import numpy as np
 import pytest
@@ -79,10 +80,16 @@ def reference_weight(qtype: T, raw: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(gguf_dequantize(raw.numpy(), qtype).astype(np.float64))
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """The kernels' int8 activations, from their definition: per block of 32, d = amax / 127
-    and codes round(x * 127 / amax) (half away from zero); returned dequantized (float64)."""
-    xb = x.view(x.shape[0], -1, 32)
+def act_block(qtype: T) -> int:
+    """The kernels' activation block for a weight format: 256 for the K-quants (llama.cpp's
+    Q8_K), 32 for the others (Q8_0)."""
+    return 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32
+
+
+def quantize_activations(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """The kernels' int8 activations, from their definition: per block, d = amax / 127 and
+    codes round(x * 127 / amax) (half away from zero); returned dequantized (float64)."""
+    xb = x.view(x.shape[0], -1, block)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     v = xb * inv
@@ -123,15 +130,16 @@ def test_kernel_equals_dequantize_then_matmul(qtype, isa):
     # 1. With the same int8 activations, the integer sums are exact: only float32 rounding
     # remains, a few ulps per block (the block's scale product and its accumulation), so the
     # error is bounded by (blocks + 4) * 2^-23 of the sum of the terms' magnitudes.
-    xq = quantize_activations(x)
+    block = act_block(qtype)
+    xq = quantize_activations(x, block)
     ref = xq @ w.T + bias.double()
     blocks = cols // 32
     magnitude = xq.abs() @ w.abs().T + bias.double().abs()
     assert ((y - ref).abs() <= (blocks + 4) * 2.0**-23 * magnitude + 1e-30).all()
     # 2. Against float activations, the int8 rounding adds at most half a code per element:
     # |sum_k w_k (x_k - xq_k)| <= sum over blocks of d_b / 2 * sum_k |w_k|.
-    d = x.view(16, -1, 32).abs().amax(-1).double() / 127
-    bound = (d / 2).repeat_interleave(32, dim=1) @ w.abs().T
+    d = x.view(16, -1, block).abs().amax(-1).double() / 127
+    bound = (d / 2).repeat_interleave(block, dim=1) @ w.abs().T
     exact = x.double() @ w.T + bias.double()
     assert ((y - exact).abs() <= bound + (blocks + 4) * 2.0**-23 * magnitude + 1e-30).all()
 
@@ -173,6 +181,19 @@ def test_a_fused_projection_of_mixed_formats_equals_its_parts(isa):
     x = torch.randn(3, 96)
     assert torch.equal(fused(x), torch.cat([m(x) for m in mods], dim=-1))
     assert torch.equal(fused.dequantize(), torch.cat([m.dequantize() for m in mods]))
+
+
+def test_a_fused_projection_of_both_activation_copies_equals_its_parts(isa):
+    # K-quants read the activations' per-256 copy, the others the per-32 one: a chain of both
+    # gets both, each part the same numbers as alone.
+    parts = [(T.Q5_0, 24), (T.Q4_K, 16), (T.Q8_0, 8), (T.Q6_K, 9), (T.Q5_K, 8)]
+    mods = []
+    for i, (qtype, rows) in enumerate(parts):
+        raw = random_blocks(qtype, rows, 512, seed=10 + i)
+        mods.append(GGUFLinear([(qtype, rows, pack(qtype, raw))], 512, torch.randn(rows)))
+    fused = GGUFLinear.concat(mods)
+    x = torch.randn(5, 512) * 2
+    assert torch.equal(fused(x), torch.cat([m(x) for m in mods], dim=-1))
 
 
 def test_pytorch_fallback_computes_the_same_maths(monkeypatch):
@@ -302,6 +323,55 @@ def test_gguf_mode_runs_the_file_as_stored(tiny_gguf, isa):
         assert (a - b).abs().max() <= 2e-2 * b.abs().max()
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["o-input-own-phase", "o-input-by-attention"])
+def test_k_quant_layers_run_natively_as_their_modules_do(tmp_path, kv_heads, isa):
+    # K-quant projections read the activations' per-256 copy, which the native layer makes in
+    # its norm / SwiGLU phases and, for the o projection, in the attention tasks when a KV
+    # head's query heads span whole super-blocks (8 heads of 64 on 2 KV heads: 4 x 64 = 256),
+    # else in a phase of its own (on 4 KV heads: 128). Both against the same modules run one
+    # by one.
+    def k_blocks(name: str, arr: np.ndarray) -> tuple[np.ndarray, T]:
+        # random quants with moderate scales (a model's activations stay finite)
+        qtype = T.Q6_K if "down" in name or "embed" in name else T.Q4_K
+        seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+        raw = random_blocks(qtype, *arr.shape, seed=seed)
+        blocks = raw.view(arr.shape[0], -1, GGML_QUANT_SIZES[qtype][1])
+        g = torch.Generator().manual_seed(seed)
+        for off in SCALE_FIELDS[qtype]:
+            d = (torch.rand(blocks.shape[:2], generator=g) * 2e-3 + 1e-3).half()
+            blocks[:, :, off : off + 2] = d.view(torch.uint8).view(*blocks.shape[:2], 2)
+        return raw.numpy(), qtype
+
+    config = tiny_config(
+        hidden_size=512,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=kv_heads,
+    )
+    path = tmp_path / "tiny-k.gguf"
+    write_tiny_gguf(path, config, blocks=k_blocks)
+    model = qwenlm.load(path, quant="gguf")
+    layers = model.model.model.layers
+    assert all(isinstance(layer, KernelLayer) for layer in layers)
+    down = layers[0].layer.mlp.down_proj
+    assert {p[0] for p in down.parts} == {int(T.Q6_K)}
+    slow = qwenlm.load(path, quant="gguf").model
+    slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)
+    ef, es = Engine(model.model), Engine(slow)
+    sf, ss = ef.new_sequence(), es.new_sequence()
+    p = list(range(3, 40))
+    ef.forward([(sf, p)])
+    es.forward([(ss, p)])
+    for t in (5, 9, 200, 17):
+        (a,) = ef.forward([(sf, [t])])
+        (b,) = es.forward([(ss, [t])])
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+    (a,) = ef.forward([(sf, [4, 8, 15])], all_logits=True)  # verification rows
+    (b,) = es.forward([(ss, [4, 8, 15])], all_logits=True)
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
 def test_auto_runs_a_block_quantized_gguf_file_as_stored(tiny_gguf, tmp_path):
     # auto: a quantized GGUF file in its own formats (fastest, least memory); a float GGUF
     # file as int8 (gguf mode would run it as float32); an explicit mode always wins.
@@ -379,8 +449,9 @@ def test_real_model_logits_in_gguf_mode_match_llama_cpp(real_model_path):
     )
     llm.eval(ids)
     theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float64))
-    # Both run the file's weights on int8-quantized activations (llama.cpp: Q8_0 / Q8_K blocks,
-    # we: 32-element blocks for every format) and differ in float summation order, and our
+    # Both run the file's weights on int8-quantized activations (Q8_0 blocks of 32 for the
+    # legacy formats, Q8_K blocks of 256 for the K-quants) and differ in float summation order,
+    # rounding ties and the embedding: our
     # embedding reads the output head's Q8_0 table where llama.cpp reads the file's Q5_0 copy.
     # Measured on this text: max |difference| 0.74, 0.24 of the logits' standard deviation
     # (~2.7) at that position; our f32 mode (no activation rounding at all) is as far from

@@ -353,12 +353,14 @@ def _scratch(
     ``longest`` positions, and the thread count; reused from call to call (one thread uses
     one at a time: the kernels' pool runs one job at a time)."""
     threads = num_threads()
+    lib = cpu_kernels()
+    assert lib is not None  # the native paths run only with the kernels
     d, F, H, Dh = desc.o.N, desc.down.K, layer.H, layer.D
     qkv_width = linear_width(desc.qkv)
     kmax = max(d, F, H * Dh)
     floats = (
         rows * (3 * d + qkv_width + 2 * H * Dh + 3 * F)
-        + 4 * rows * (kmax // 32)
+        + lib.qlm_act_floats(rows, kmax)  # the activations' int8 copies (ACT_FLOATS)
         + threads * (desc.H // desc.Hkv) * longest  # attention: a KV head's scores
     )
     work, xq = getattr(_SCRATCH, "bufs", (None, None))

@@ -84,8 +84,14 @@ _RESTYPES = {
     "qlm_isa": ctypes.c_char_p,
     "qlm_kind_name": ctypes.c_char_p,
     "qlm_layout": _i64,
+    "qlm_act_floats": _i64,
 }
-_ARGTYPES = {"qlm_isa": [], "qlm_kind_name": [_int], "qlm_layout": [ctypes.c_char_p]}
+_ARGTYPES = {
+    "qlm_isa": [],
+    "qlm_kind_name": [_int],
+    "qlm_layout": [ctypes.c_char_p],
+    "qlm_act_floats": [_i64, _i64],
+}
 
 
 class Kind(enum.IntEnum):

@@ -368,25 +368,94 @@ int64_t qlm_layout(const char *name) {
  * and xs = d * s32) and the sums of its two halves (s16), with which the kernels fold in
  * zero points and minimums exactly, in integers.
  * Layout for M rows of K (nb = K / 32 blocks a row), after the codes q[M][K]:
- * d[M][nb] float, xs[M][nb] float, s32[M][nb] int32, s16[M][2 nb] int16: 4 M nb floats.  */
+ * d[M][nb] float, xs[M][nb] float, s32[M][nb] int32, s16[M][2 nb] int16: 4 M nb floats.
+ *
+ * The K-quant kernels (Q4_K, Q5_K, Q6_K) take their own copy, as llama.cpp's Q8_K: one scale
+ * per super-block of 256, so a super-block's integer sums add up across its 8 sub-blocks
+ * before a single float step, instead of one per 32 (~20-30% fewer instructions a row).
+ * After the blocks of 32, for K2 = K rounded down to 256: codes kq[M][K2], scales
+ * kd[M][K2 / 256] float, and the codes' sums ks32[M][K2 / 32] and ks16[M][K2 / 16] int16 (the
+ * minimums of each 32, Q6_K's offset per 16). A row gets the copies its consumer needs.     */
 
-#define ACT_FLOATS(M, K) (4 * (M) * ((K) / 32)) /* the scratch after the codes */
+#define ACT_K2(K) ((K) / 256 * 256)
+#define ACT_FLOATS(M, K) \
+    ((M) * (4 * ((K) / 32) + ACT_K2(K) / 4 + ACT_K2(K) / 256 + ACT_K2(K) / 64 + ACT_K2(K) / 32))
+
+int64_t qlm_act_floats(int64_t M, int64_t K) { return ACT_FLOATS(M, K); }
+
+enum { ACT_32 = 1, ACT_256 = 2 }; /* which copies a consumer reads (a bit mask) */
 
 typedef struct {
     const int8_t *q;
     const float *d, *xs;
     const int32_t *s32;
     const int16_t *s;
+    const int8_t *kq;
+    const float *kd;
+    const int16_t *ks32, *ks16;
     int64_t K;
 } qlm_act_t;
 
 static qlm_act_t act_view(int8_t *xq, float *xd, int64_t M, int64_t K) {
-    const int64_t n = M * (K / 32);
-    qlm_act_t a = {xq, xd, xd + n, (const int32_t *)(xd + 2 * n), (const int16_t *)(xd + 3 * n), K};
+    const int64_t n = M * (K / 32), k2 = M * ACT_K2(K);
+    float *kd = xd + 4 * n + k2 / 4;
+    const int16_t *ks32 = (const int16_t *)(kd + k2 / 256);
+    qlm_act_t a = {xq, xd, xd + n, (const int32_t *)(xd + 2 * n), (const int16_t *)(xd + 3 * n),
+                   (const int8_t *)(xd + 4 * n), kd, ks32, ks32 + k2 / 32, K};
     return a;
 }
 
-/* Blocks b0 .. b1-1 of row m (each block's codes and sums depend on that block alone). */
+/* The largest |x| of 32 (a NaN is skipped). */
+static float amax32(const float *xb) {
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++)
+        mx = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * i)), mx);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+#else
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) {
+        float a = fabsf(xb[j]);
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+#endif
+}
+
+/* Codes round(x * inv) of 32 (half away from zero) and the sums of each 16 of them. */
+static void codes32(const float *xb, float inv, int8_t *q, int sum[2]) {
+#if defined(__AVX2__)
+    /* the same operations as the plain loop below, eight at a time: the same codes */
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256i c[4];
+    for (int i = 0; i < 4; i++) {
+        const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), _mm256_set1_ps(inv));
+        /* round half away from zero: add 0.5 with t's sign, then truncate */
+        c[i] = _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(t, sign), _mm256_set1_ps(0.5f))));
+    }
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    for (int half = 0; half < 2; half++) {
+        __m256i t = _mm256_add_epi32(c[2 * half], c[2 * half + 1]);
+        __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+        sum[half] = _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
+    }
+#else
+    sum[0] = sum[1] = 0;
+    for (int j = 0; j < 32; j++) {
+        float v = xb[j] * inv;
+        int8_t c = (int8_t)(v < 0 ? v - 0.5f : v + 0.5f); /* round half away from 0 */
+        q[j] = c;
+        sum[j >> 4] += c;
+    }
+#endif
+}
+
+/* Blocks b0 .. b1-1 of 32 of row m (each block's codes and sums depend on that block alone). */
 static void quantize_act_blocks(const float *x, int8_t *xq, float *xd, int64_t M, int64_t K,
                                 int64_t m, int64_t b0, int64_t b1) {
     const int64_t nb = K / 32, n = M * nb;
@@ -396,48 +465,9 @@ static void quantize_act_blocks(const float *x, int8_t *xq, float *xd, int64_t M
     x += m * K;
     int8_t *q = xq + m * K;
     for (int64_t b = b0; b < b1; b++) {
-        const float *xb = x + b * 32;
-        int sum[2] = {0, 0};
-#if defined(__AVX2__)
-        /* the same operations as the plain loop below, eight at a time: the same codes */
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        __m256 v[4], mx = _mm256_setzero_ps();
-        for (int i = 0; i < 4; i++) {
-            v[i] = _mm256_loadu_ps(xb + 8 * i);
-            mx = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), mx); /* a NaN is skipped, as below */
-        }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-        const float inv = amax > 0 ? 127.0f / amax : 0.0f;
-        __m256i c[4];
-        for (int i = 0; i < 4; i++) {
-            const __m256 t = _mm256_mul_ps(v[i], _mm256_set1_ps(inv));
-            /* round half away from zero: add 0.5 with t's sign, then truncate */
-            c[i] = _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(t, sign), _mm256_set1_ps(0.5f))));
-        }
-        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-        _mm256_storeu_si256((__m256i *)(q + b * 32), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-        for (int half = 0; half < 2; half++) {
-            __m256i t = _mm256_add_epi32(c[2 * half], c[2 * half + 1]);
-            __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-            u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
-            sum[half] = _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
-        }
-#else
-        float amax = 0.0f;
-        for (int j = 0; j < 32; j++) {
-            float a = fabsf(xb[j]);
-            amax = a > amax ? a : amax;
-        }
-        float inv = amax > 0 ? 127.0f / amax : 0.0f;
-        for (int j = 0; j < 32; j++) {
-            float v = xb[j] * inv;
-            int8_t c = (int8_t)(v < 0 ? v - 0.5f : v + 0.5f); /* round half away from 0 */
-            q[b * 32 + j] = c;
-            sum[j >> 4] += c;
-        }
-#endif
+        const float amax = amax32(x + b * 32);
+        int sum[2];
+        codes32(x + b * 32, amax > 0 ? 127.0f / amax : 0.0f, q + b * 32, sum);
         d[b] = amax / 127.0f;
         s32[b] = sum[0] + sum[1];
         xs[b] = d[b] * (float)s32[b];
@@ -446,9 +476,38 @@ static void quantize_act_blocks(const float *x, int8_t *xq, float *xd, int64_t M
     }
 }
 
+/* Super-blocks c0 .. c1-1 of 256 of row m, the K-quant kernels' copy. */
+static void quantize_act_super(const float *x, int8_t *xq, float *xd, int64_t M, int64_t K,
+                               int64_t m, int64_t c0, int64_t c1) {
+    const qlm_act_t a = act_view(xq, xd, M, K);
+    const int64_t K2 = ACT_K2(K);
+    int8_t *q = (int8_t *)a.kq + m * K2;
+    float *d = (float *)a.kd + m * (K2 / 256);
+    int16_t *s32 = (int16_t *)a.ks32 + m * (K2 / 32), *s16 = (int16_t *)a.ks16 + m * (K2 / 16);
+    x += m * K;
+    for (int64_t c = c0; c < c1; c++) {
+        float amax = 0.0f;
+        for (int i = 0; i < 8; i++) {
+            const float t = amax32(x + 256 * c + 32 * i);
+            amax = t > amax ? t : amax;
+        }
+        const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < 8; i++) {
+            int sum[2];
+            codes32(x + 256 * c + 32 * i, inv, q + 256 * c + 32 * i, sum);
+            s16[16 * c + 2 * i] = (int16_t)sum[0];
+            s16[16 * c + 2 * i + 1] = (int16_t)sum[1];
+            s32[8 * c + i] = (int16_t)(sum[0] + sum[1]);
+        }
+        d[c] = amax / 127.0f;
+    }
+}
+
+/* Row m's copies that `need` (ACT_32 | ACT_256) asks for. */
 static void quantize_act_row(const float *x, int8_t *xq, float *xd, int64_t M, int64_t K,
-                             int64_t m) {
-    quantize_act_blocks(x, xq, xd, M, K, m, 0, K / 32);
+                             int64_t m, int need) {
+    if (need & ACT_32) quantize_act_blocks(x, xq, xd, M, K, m, 0, K / 32);
+    if (need & ACT_256) quantize_act_super(x, xq, xd, M, K, m, 0, K / 256);
 }
 
 /* ---- float32 weights ------------------------------------------------------------------ */
@@ -859,14 +918,16 @@ ALWAYS void vf_store(float *p, vf a) { memcpy(p, a.f, 32); }
 #endif
 
 /* Byte shuffles (the same in each 128-bit half): a 32-bit lane's byte j to an int16 pair,
-   byte j alone, and an int16 pair's first / second value to both. */
-static const int8_t SHUF[10][32] __attribute__((aligned(32))) = {
+   byte j alone, an int16 pair's first / second value to both, and bytes (0, 1) / (2, 3) to
+   an int16 pair. */
+static const int8_t SHUF[12][32] __attribute__((aligned(32))) = {
 #define L4(a, b, c, d) a, b, c, d, a + 4, b + 4, c + 4, d + 4, a + 8, b + 8, c + 8, d + 8, \
                        a + 12, b + 12, c + 12, d + 12
 #define LANES(a, b, c, d) {L4(a, b, c, d), L4(a, b, c, d)}
     LANES(0, -128, 0, -128), LANES(1, -127, 1, -127), LANES(2, -126, 2, -126),
     LANES(3, -125, 3, -125), LANES(0, -128, -128, -128), LANES(1, -127, -127, -127),
     LANES(2, -126, -126, -126), LANES(3, -125, -125, -125), LANES(0, 1, 0, 1), LANES(2, 3, 2, 3),
+    LANES(0, -128, 1, -128), LANES(2, -128, 3, -128),
 #undef LANES
 #undef L4
 };
@@ -875,6 +936,7 @@ static const int8_t SHUF[10][32] __attribute__((aligned(32))) = {
 #define BYTE_OF(j) vi_load(SHUF[4 + (j)])
 #define FIRST_I16 vi_load(SHUF[8])
 #define SECOND_I16 vi_load(SHUF[9])
+#define BYTES_PAIR(j) vi_load(SHUF[10 + (j)]) /* j = 0: bytes 0 and 1, j = 1: bytes 2 and 3 */
 
 /* Σ over n vectors of u (unsigned) · x (signed) per 32-bit lane, as int32, each lane's 16-bit
    pairs scaled by `scale` (ones for a plain sum); `per16` products fit in int16. */
@@ -934,6 +996,10 @@ ALWAYS void broadcast_words(const int8_t *x, vi *lo, vi *hi, int n, int off) {
 #define ACT_XS(a, m) ((a)->xs + (m) * ((a)->K / 32))
 #define ACT_S32(a, m) ((a)->s32 + (m) * ((a)->K / 32))
 #define ACT_S(a, m) ((a)->s + (m) * ((a)->K / 16))
+#define ACT_KROW(a, m) ((a)->kq + (m) * (a)->K) /* the K-quants' copy (K a multiple of 256) */
+#define ACT_KD(a, m) ((a)->kd + (m) * ((a)->K / 256))
+#define ACT_KS32(a, m) ((a)->ks32 + (m) * ((a)->K / 32))
+#define ACT_KS16(a, m) ((a)->ks16 + (m) * ((a)->K / 16))
 
 /* Each kernel below runs R input rows (m0 .. m0+R-1) over all nb blocks of one group and
  * leaves each row's 8 sums in acc. R is a compile-time count (1 .. TILE), so the rows'
@@ -1007,12 +1073,15 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t nb, const qlm_act_
     for (int m = 0; m < R; m++) acc[m] = s[m];
 }
 
-/* Q4_K Q5_K: w = d * sc_j * q - dmin * m_j for sub-block j (32 weights) of a super-block. */
+/* Q4_K Q5_K: w = d * sc_j * q - dmin * m_j for sub-block j (32 weights) of a super-block.
+   With the activations' one scale dx per super-block (the K-quants' copy), a row's sum is
+   dx * (d * sum_j sc_j (q . x)_j - dmin * sum_j m_j sum(x)_j): both sums in int32. */
 ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act_t *a,
                      int64_t m0, const int R, vf *acc) {
     const int five = fmt == QLM_Q5_K;
     const int rec = five ? 1408 : 1152;
-    vf s[TILE], A[TILE], B[TILE];
+    vf s[TILE];
+    vi I[TILE];
     for (int m = 0; m < R; m++) s[m] = vf_zero();
     for (int64_t sb = 0; sb < nsb; sb++, g += rec) {
         const vf d = vf_load_h8(g), dmin = vf_load_h8(g + 16);
@@ -1024,7 +1093,7 @@ ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act
         const vi mi[2] = {vi_and(U1, m6), vi_or(vi_and(vi_srli32(U2, 4), m4),
                                                 vi_slli32(vi_and(vi_srli32(U1, 6), m2), 4))};
         const uint8_t *qh = g + 128, *qs = g + 128 + (five ? 256 : 0);
-        for (int m = 0; m < R; m++) A[m] = B[m] = vf_zero();
+        for (int m = 0; m < R; m++) I[m] = vi_zero();
         for (int c = 0; c < 4; c++) {
             for (int o = 0; o < rec / 4; o += 64) __builtin_prefetch(g + PF_BYTES + c * (rec / 4) + o, 0, 3);
             vi u[16]; /* u[k]: sub-block 2c, u[8 + k]: sub-block 2c + 1 */
@@ -1035,34 +1104,37 @@ ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act
             const int j0 = 2 * c, j1 = 2 * c + 1;
             const vi s0 = vi_shuffle8(sc[j0 / 4], PAIR_OF(j0 % 4));
             const vi s1 = vi_shuffle8(sc[j1 / 4], PAIR_OF(j1 % 4));
-            const vf n0 = vf_cvt(vi_shuffle8(mi[j0 / 4], BYTE_OF(j0 % 4)));
-            const vf n1 = vf_cvt(vi_shuffle8(mi[j1 / 4], BYTE_OF(j1 % 4)));
             for (int m = 0; m < R; m++) {
                 vi x0[8], x1[8];
-                broadcast_words(ACT_ROW(a, m0 + m) + sb * 256 + 64 * c, x0, x1, 8, 32);
-                const vi i0 = dot_u8(u, x0, 8, five ? 4 : 8, s0);
-                const vi i1 = dot_u8(u + 8, x1, 8, five ? 4 : 8, s1);
-                const int64_t blk = sb * 8 + j0;
-                const float *xd = ACT_D(a, m0 + m) + blk, *xs = ACT_XS(a, m0 + m) + blk;
-                vf t = vf_fma(vf_cvt(i0), vf_set1(xd[0]), A[m]);
-                vf v = vf_fma(n0, vf_set1(xs[0]), B[m]);
-                A[m] = vf_fma(vf_cvt(i1), vf_set1(xd[1]), t);
-                B[m] = vf_fma(n1, vf_set1(xs[1]), v);
+                broadcast_words(ACT_KROW(a, m0 + m) + sb * 256 + 64 * c, x0, x1, 8, 32);
+                I[m] = vi_add32(I[m], vi_add32(dot_u8(u, x0, 8, five ? 4 : 8, s0),
+                                               dot_u8(u + 8, x1, 8, five ? 4 : 8, s1)));
             }
         }
-        for (int m = 0; m < R; m++) s[m] = vf_fnma(dmin, B[m], vf_fma(d, A[m], s[m]));
+        /* the minimums: pairs (m_j, m_j+1) times the pairs of code sums (s_j, s_j+1) */
+        const vi mp[4] = {vi_shuffle8(mi[0], BYTES_PAIR(0)), vi_shuffle8(mi[0], BYTES_PAIR(1)),
+                          vi_shuffle8(mi[1], BYTES_PAIR(0)), vi_shuffle8(mi[1], BYTES_PAIR(1))};
+        for (int m = 0; m < R; m++) {
+            const int8_t *xs = (const int8_t *)(ACT_KS32(a, m0 + m) + sb * 8);
+            vi n = vi_madd(mp[0], vi_bcast32(xs));
+            for (int p = 1; p < 4; p++) n = vi_add32(n, vi_madd(mp[p], vi_bcast32(xs + 4 * p)));
+            const vf t = vf_fnma(dmin, vf_cvt(n), vf_mul(d, vf_cvt(I[m])));
+            s[m] = vf_fma(t, vf_set1(ACT_KD(a, m0 + m)[sb]), s[m]);
+        }
     }
     for (int m = 0; m < R; m++) acc[m] = s[m];
 }
 
-/* Q6_K: w = d * sc_i * (q - 32), q in 0..63, sc_i an int8 scale per 16 weights. */
+/* Q6_K: w = d * sc_i * (q - 32), q in 0..63, sc_i an int8 scale per 16 weights; with the
+   activations' one scale dx per super-block: dx * d * sum_i sc_i ((q . x)_i - 32 sum(x)_i). */
 ALWAYS void q6k_tile(const uint8_t *g, int64_t nsb, const qlm_act_t *a, int64_t m0, const int R,
                      vf *acc) {
-    vf s[TILE], A[TILE];
+    vf s[TILE];
+    vi I[TILE], O[TILE];
     for (int m = 0; m < R; m++) s[m] = vf_zero();
     for (int64_t sb = 0; sb < nsb; sb++, g += 1680) {
         const vf d = vf_load_h8(g);
-        for (int m = 0; m < R; m++) A[m] = vf_zero();
+        for (int m = 0; m < R; m++) I[m] = O[m] = vi_zero();
         for (int c = 0; c < 8; c++) {
             const uint8_t *q = g + 144 + 192 * c;
             prefetch_record(q, 192);
@@ -1075,18 +1147,17 @@ ALWAYS void q6k_tile(const uint8_t *g, int64_t nsb, const qlm_act_t *a, int64_t 
             const vi ua[4] = {u[0], u[2], u[4], u[6]}, ub[4] = {u[1], u[3], u[5], u[7]};
             for (int m = 0; m < R; m++) {
                 vi xa[4], xb[4];
-                broadcast_words(ACT_ROW(a, m0 + m) + sb * 256 + 32 * c, xa, xb, 4, 16);
-                vi isum = vi_add32(dot_u8(ua, xa, 4, 2, sa), dot_u8(ub, xb, 4, 2, sb_));
-                const int64_t blk = sb * 8 + c;
-                const int16_t *xs = ACT_S(a, m0 + m) + 2 * blk;
-                /* the -32 offset: 32 * (sc_a * sum_a + sc_b * sum_b) */
-                const vi sums = vi_set32((int32_t)((uint32_t)(uint16_t)xs[0] |
-                                                   ((uint32_t)(uint16_t)xs[1] << 16)));
-                isum = vi_sub32(isum, vi_slli32(vi_madd(sp, sums), 5));
-                A[m] = vf_fma(vf_cvt(isum), vf_set1(ACT_D(a, m0 + m)[blk]), A[m]);
+                broadcast_words(ACT_KROW(a, m0 + m) + sb * 256 + 32 * c, xa, xb, 4, 16);
+                I[m] = vi_add32(I[m], vi_add32(dot_u8(ua, xa, 4, 2, sa), dot_u8(ub, xb, 4, 2, sb_)));
+                /* the offset's sc_a * sum_a + sc_b * sum_b */
+                const int8_t *xs = (const int8_t *)(ACT_KS16(a, m0 + m) + sb * 16 + 2 * c);
+                O[m] = vi_add32(O[m], vi_madd(sp, vi_bcast32(xs)));
             }
         }
-        for (int m = 0; m < R; m++) s[m] = vf_fma(d, A[m], s[m]);
+        for (int m = 0; m < R; m++) {
+            const vi isum = vi_sub32(I[m], vi_slli32(O[m], 5));
+            s[m] = vf_fma(vf_cvt(isum), vf_mul(d, vf_set1(ACT_KD(a, m0 + m)[sb])), s[m]);
+        }
     }
     for (int m = 0; m < R; m++) acc[m] = s[m];
 }
@@ -1188,10 +1259,12 @@ static int64_t linear_width(const qlm_linear_t *L) {
     return n;
 }
 
+/* The activation copies (ACT_32 | ACT_256) the parts of L read; 0 for float32 parts alone. */
 static int needs_act(const qlm_linear_t *L) {
+    int need = 0;
     for (; L; L = L->next)
-        if (L->kind != QLM_F32) return 1;
-    return 0;
+        if (L->kind != QLM_F32) need |= L->kind >= QLM_Q4_K && L->kind <= QLM_Q6_K ? ACT_256 : ACT_32;
+    return need;
 }
 
 static void linear_task(const void *ctx, int64_t i, int tid) {
@@ -1218,12 +1291,13 @@ typedef struct {
     int8_t *xq;
     float *xd;
     int64_t M, K;
+    int need;
 } quant_ctx;
 
 static void quant_task(const void *ctx, int64_t m, int tid) {
     (void)tid;
     const quant_ctx *c = ctx;
-    quantize_act_row(c->x, c->xq, c->xd, c->M, c->K, m);
+    quantize_act_row(c->x, c->xq, c->xd, c->M, c->K, m, c->need);
 }
 
 /* y (M rows of all parts' N) = x (M rows of K) through the linear L. Where a part is not
@@ -1231,7 +1305,7 @@ static void quant_task(const void *ctx, int64_t m, int tid) {
 void qlm_linear(const qlm_linear_t *L, const float *x, float *y, int64_t M, int8_t *xq,
                 float *xd, int nthreads) {
     const int64_t K = L->K;
-    quant_ctx q = {x, xq, xd, M, K};
+    quant_ctx q = {x, xq, xd, M, K, needs_act(L)};
     linear_ctx c = {L, x, act_view(xq, xd, M, K), y, M, linear_width(L)};
     qlm_phase_t ph[2];
     int n = 0;
@@ -1645,7 +1719,7 @@ static void norm1_task(const void *ctx, int64_t m, int tid) {
     const layer_ctx *c = ctx;
     add_rmsnorm_row(c->h + m * c->d, c->prev_dn ? c->prev_dn + m * c->d : 0, c->L->ln1,
                     c->y + m * c->d, c->d, c->L->eps);
-    if (needs_act(&c->L->qkv)) quantize_act_row(c->y, c->xq, c->xd, c->M, c->d, m);
+    quantize_act_row(c->y, c->xq, c->xd, c->M, c->d, m, needs_act(&c->L->qkv));
 }
 
 /* Row m's rotary embedding on query heads h0 .. h0+nh-1 and on KV heads k0 .. k1-1, whose
@@ -1699,28 +1773,33 @@ static void attention_task(const void *ctx, int64_t i, int tid) {
     else
         attend_group(0, q, (const float *)s->K + off * D, (const float *)s->V + off * D, 0, 0, n,
                      D, nh, L->scale, p, o);
-    if (c->fused && needs_act(&L->o)) /* the o projection's int8 input: these heads' blocks */
-        quantize_act_blocks(c->att, c->xq, c->xd, c->M, c->HD, m, h0 * D / 32, (h0 + nh) * D / 32);
+    if (c->fused) { /* the o projection's int8 input: these heads' blocks */
+        const int need = needs_act(&L->o);
+        if (need & ACT_32)
+            quantize_act_blocks(c->att, c->xq, c->xd, c->M, c->HD, m, h0 * D / 32, (h0 + nh) * D / 32);
+        if (need & ACT_256)
+            quantize_act_super(c->att, c->xq, c->xd, c->M, c->HD, m, h0 * D / 256, (h0 + nh) * D / 256);
+    }
 }
 
 static void quant_att_task(const void *ctx, int64_t m, int tid) {
     (void)tid;
     const layer_ctx *c = ctx;
-    quantize_act_row(c->att, c->xq, c->xd, c->M, c->HD, m);
+    quantize_act_row(c->att, c->xq, c->xd, c->M, c->HD, m, needs_act(&c->L->o));
 }
 
 static void norm2_task(const void *ctx, int64_t m, int tid) {
     (void)tid;
     const layer_ctx *c = ctx;
     add_rmsnorm_row(c->h + m * c->d, c->o + m * c->d, c->L->ln2, c->y + m * c->d, c->d, c->L->eps);
-    if (needs_act(&c->L->gate_up)) quantize_act_row(c->y, c->xq, c->xd, c->M, c->d, m);
+    quantize_act_row(c->y, c->xq, c->xd, c->M, c->d, m, needs_act(&c->L->gate_up));
 }
 
 static void silu_task(const void *ctx, int64_t m, int tid) {
     (void)tid;
     const layer_ctx *c = ctx;
     silu_mul_row(c->gu + m * 2 * c->F, c->gu + m * 2 * c->F + c->F, c->act + m * c->F, c->F);
-    if (needs_act(&c->L->down)) quantize_act_row(c->act, c->xq, c->xd, c->M, c->F, m);
+    quantize_act_row(c->act, c->xq, c->xd, c->M, c->F, m, needs_act(&c->L->down));
 }
 
 /* The model's end, run as the last layer's final phases: the final norm of the rows whose
@@ -1746,7 +1825,7 @@ static void head_norm_task(const void *ctx, int64_t i, int tid) {
     const qlm_head_t *H = hc->head;
     const int64_t r = H->rows[i];
     add_rmsnorm_row(c->h + r * c->d, c->dn + r * c->d, H->norm, c->y + i * c->d, c->d, H->eps);
-    if (needs_act(H->out)) quantize_act_row(c->y, c->xq, c->xd, H->nrows, c->d, i);
+    quantize_act_row(c->y, c->xq, c->xd, H->nrows, c->d, i, needs_act(H->out));
 }
 
 static void residual_task(const void *ctx, int64_t m, int tid) {
@@ -1797,7 +1876,11 @@ static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float
        task reads what it writes, i.e. one row per sequence (decode, not verification). */
     int one_row = 1;
     for (int64_t i = 0; i < nseg; i++) one_row &= seg[i].T == 1;
-    c.fused = one_row && c.hc == G && (L->D % 32 == 0 || !needs_act(&L->o));
+    /* (the o projection's int8 input is quantized by heads, in blocks that must not straddle
+       two tasks: D a multiple of 32, G D of 256 for the K-quants' blocks) */
+    const int need_o = needs_act(&L->o);
+    c.fused = one_row && c.hc == G && (!(need_o & ACT_32) || L->D % 32 == 0) &&
+              (!(need_o & ACT_256) || G * L->D % 256 == 0);
     const linear_ctx lqkv = {&L->qkv, c.y, act_view(xq, c.xd, M, d), c.qkv, M, QN};
     const linear_ctx lo = {&L->o, c.att, act_view(xq, c.xd, M, HD), c.o, M, d};
     const linear_ctx lgu = {&L->gate_up, c.y, act_view(xq, c.xd, M, d), c.gu, M, 2 * F};

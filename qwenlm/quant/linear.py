@@ -76,7 +76,7 @@ class KernelLinear(nn.Module):
 
     def _kernel(self, lib: ctypes.CDLL, x: torch.Tensor, y: torch.Tensor) -> None:
         M, K = x.shape
-        xq, xd = _act_scratch(M, K)
+        xq, xd = _act_scratch(lib, M, K)
         lib.qlm_linear(
             ctypes.byref(self.describe()),
             x.data_ptr(),
@@ -111,9 +111,10 @@ class KernelLinear(nn.Module):
         )
 
 
-def _act_scratch(M: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scratch for the kernels' int8 copy of the activations: codes, block scales and sums."""
-    return torch.empty(M * K, dtype=torch.int8), torch.empty(4 * M * (K // 32))
+def _act_scratch(lib: ctypes.CDLL, M: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for the kernels' int8 copies of the activations: codes, scales and sums (the
+    float part's size is the C side's ACT_FLOATS)."""
+    return torch.empty(M * K, dtype=torch.int8), torch.empty(lib.qlm_act_floats(M, K))
 
 
 def linear_desc(
