@@ -1185,12 +1185,18 @@ ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_a
     const float *scale = fmt == QLM_I8_TILED ? L->scale : 0;
     vf acc[TILE];
     float out[GG];
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *gp = (const uint8_t *)L->w + g * stride;
-        const int64_t n0 = g * GG, valid = MIN(GG, L->N - n0);
-        for (int64_t m0 = 0, R; m0 < M; m0 += R) {
+    /* Tiles of rows outermost: a tile's activations stay in L1 across the task's groups (a few
+       KB of weights, in L1 / L2), instead of all M rows streaming through L2 once a group. */
+    for (int64_t m0 = 0, R; m0 < M; m0 += R) {
 #if TILE > 1
-            R = M - m0 >= 8 ? 8 : M - m0 >= 4 ? 4 : M - m0;
+        R = M - m0 >= 8 ? 8 : M - m0 >= 4 ? 4 : M - m0;
+#else
+        R = 1;
+#endif
+        for (int64_t g = g0; g < g1; g++) {
+            const uint8_t *gp = (const uint8_t *)L->w + g * stride;
+            const int64_t n0 = g * GG, valid = MIN(GG, L->N - n0);
+#if TILE > 1
             switch (R) {
             case 8: group_tile(fmt, gp, nb, a, m0, 8, acc); break;
             case 4: group_tile(fmt, gp, nb, a, m0, 4, acc); break;
@@ -1199,7 +1205,6 @@ ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_a
             default: group_tile(fmt, gp, nb, a, m0, 1, acc);
             }
 #else
-            R = 1;
             group_tile(fmt, gp, nb, a, m0, 1, acc);
 #endif
             for (int64_t m = 0; m < R; m++) {
