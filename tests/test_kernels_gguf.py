@@ -307,10 +307,15 @@ def test_gguf_mode_runs_the_file_as_stored(tiny_gguf, isa):
     assert all(isinstance(layer, KernelLayer) for layer in layers)
     qkv = layers[0].layer.self_attn.qkv_proj
     assert isinstance(qkv, GGUFLinear) and {p[0] for p in qkv.parts} == {int(T.Q5_0)}
-    # the fused native layer against the same layers run as PyTorch ops around the same
-    # projection modules: they differ only by float rounding in norms, rotary and attention,
-    # which can flip an int8 activation code (2e-2 as in test_quantization's kernel checks)
-    slow = qwenlm.load(tiny_gguf, quant="gguf").model
+    assert_native_layers_equal_their_modules(model, tiny_gguf)
+
+
+def assert_native_layers_equal_their_modules(model, path) -> None:
+    """The fused native layers of ``model`` against the same layers of ``path`` run as PyTorch
+    ops around the same projection modules, over decode steps and a verification batch: they
+    differ only by float rounding in norms, rotary and attention, which can flip an int8
+    activation code (2e-2 as in test_quantization's kernel checks)."""
+    slow = qwenlm.load(path, quant="gguf").model
     slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)
     ef, es = Engine(model.model), Engine(slow)
     sf, ss = ef.new_sequence(), es.new_sequence()
@@ -321,6 +326,9 @@ def test_gguf_mode_runs_the_file_as_stored(tiny_gguf, isa):
         (a,) = ef.forward([(sf, [t])])
         (b,) = es.forward([(ss, [t])])
         assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+    (a,) = ef.forward([(sf, [4, 8, 15])], all_logits=True)
+    (b,) = es.forward([(ss, [4, 8, 15])], all_logits=True)
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["o-input-own-phase", "o-input-by-attention"])
@@ -356,20 +364,7 @@ def test_k_quant_layers_run_natively_as_their_modules_do(tmp_path, kv_heads, isa
     assert all(isinstance(layer, KernelLayer) for layer in layers)
     down = layers[0].layer.mlp.down_proj
     assert {p[0] for p in down.parts} == {int(T.Q6_K)}
-    slow = qwenlm.load(path, quant="gguf").model
-    slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)
-    ef, es = Engine(model.model), Engine(slow)
-    sf, ss = ef.new_sequence(), es.new_sequence()
-    p = list(range(3, 40))
-    ef.forward([(sf, p)])
-    es.forward([(ss, p)])
-    for t in (5, 9, 200, 17):
-        (a,) = ef.forward([(sf, [t])])
-        (b,) = es.forward([(ss, [t])])
-        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
-    (a,) = ef.forward([(sf, [4, 8, 15])], all_logits=True)  # verification rows
-    (b,) = es.forward([(ss, [4, 8, 15])], all_logits=True)
-    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+    assert_native_layers_equal_their_modules(model, path)
 
 
 def test_auto_runs_a_block_quantized_gguf_file_as_stored(tiny_gguf, tmp_path):
