@@ -365,10 +365,9 @@ int64_t qlm_layout(const char *name) {
  * multiply-adds, four times denser than converting weights to float. Each block of 32
  * activations gets its own scale d = amax / 127 (as GGUF's Q8_0), which keeps the error far
  * below the weights' own quantization error. With each block go the sum of its codes (s32,
- * and xs = d * s32) and the sums of its two halves (s16), with which the kernels fold in
- * zero points and minimums exactly, in integers.
+ * and xs = d * s32), with which the kernels fold in zero points and minimums exactly.
  * Layout for M rows of K (nb = K / 32 blocks a row), after the codes q[M][K]:
- * d[M][nb] float, xs[M][nb] float, s32[M][nb] int32, s16[M][2 nb] int16: 4 M nb floats.
+ * d[M][nb] float, xs[M][nb] float, s32[M][nb] int32: 3 M nb floats.
  *
  * The K-quant kernels (Q4_K, Q5_K, Q6_K) take their own copy, as llama.cpp's Q8_K: one scale
  * per super-block of 256, so a super-block's integer sums add up across its 8 sub-blocks
@@ -379,7 +378,7 @@ int64_t qlm_layout(const char *name) {
 
 #define ACT_K2(K) ((K) / 256 * 256)
 #define ACT_FLOATS(M, K) \
-    ((M) * (4 * ((K) / 32) + ACT_K2(K) / 4 + ACT_K2(K) / 256 + ACT_K2(K) / 64 + ACT_K2(K) / 32))
+    ((M) * (3 * ((K) / 32) + ACT_K2(K) / 4 + ACT_K2(K) / 256 + ACT_K2(K) / 64 + ACT_K2(K) / 32))
 
 int64_t qlm_act_floats(int64_t M, int64_t K) { return ACT_FLOATS(M, K); }
 
@@ -389,7 +388,6 @@ typedef struct {
     const int8_t *q;
     const float *d, *xs;
     const int32_t *s32;
-    const int16_t *s;
     const int8_t *kq;
     const float *kd;
     const int16_t *ks32, *ks16;
@@ -398,10 +396,10 @@ typedef struct {
 
 static qlm_act_t act_view(int8_t *xq, float *xd, int64_t M, int64_t K) {
     const int64_t n = M * (K / 32), k2 = M * ACT_K2(K);
-    float *kd = xd + 4 * n + k2 / 4;
+    float *kd = xd + 3 * n + k2 / 4;
     const int16_t *ks32 = (const int16_t *)(kd + k2 / 256);
-    qlm_act_t a = {xq, xd, xd + n, (const int32_t *)(xd + 2 * n), (const int16_t *)(xd + 3 * n),
-                   (const int8_t *)(xd + 4 * n), kd, ks32, ks32 + k2 / 32, K};
+    qlm_act_t a = {xq, xd, xd + n, (const int32_t *)(xd + 2 * n), (const int8_t *)(xd + 3 * n),
+                   kd, ks32, ks32 + k2 / 32, K};
     return a;
 }
 
@@ -461,7 +459,6 @@ static void quantize_act_blocks(const float *x, int8_t *xq, float *xd, int64_t M
     const int64_t nb = K / 32, n = M * nb;
     float *d = xd + m * nb, *xs = xd + n + m * nb;
     int32_t *s32 = (int32_t *)(xd + 2 * n) + m * nb;
-    int16_t *s16 = (int16_t *)(xd + 3 * n) + m * 2 * nb;
     x += m * K;
     int8_t *q = xq + m * K;
     for (int64_t b = b0; b < b1; b++) {
@@ -471,8 +468,6 @@ static void quantize_act_blocks(const float *x, int8_t *xq, float *xd, int64_t M
         d[b] = amax / 127.0f;
         s32[b] = sum[0] + sum[1];
         xs[b] = d[b] * (float)s32[b];
-        s16[2 * b] = (int16_t)sum[0];
-        s16[2 * b + 1] = (int16_t)sum[1];
     }
 }
 
@@ -995,7 +990,6 @@ ALWAYS void broadcast_words(const int8_t *x, vi *lo, vi *hi, int n, int off) {
 #define ACT_D(a, m) ((a)->d + (m) * ((a)->K / 32))
 #define ACT_XS(a, m) ((a)->xs + (m) * ((a)->K / 32))
 #define ACT_S32(a, m) ((a)->s32 + (m) * ((a)->K / 32))
-#define ACT_S(a, m) ((a)->s + (m) * ((a)->K / 16))
 #define ACT_KROW(a, m) ((a)->kq + (m) * (a)->K) /* the K-quants' copy (K a multiple of 256) */
 #define ACT_KD(a, m) ((a)->kd + (m) * ((a)->K / 256))
 #define ACT_KS32(a, m) ((a)->ks32 + (m) * ((a)->K / 32))
