@@ -1637,9 +1637,20 @@ ALWAYS void attend_group(const int q8, const float *q, const void *K, const void
     float inv[G];
     for (int64_t g = 0; g < G; g++) { /* softmax numerators and 1 / their sum */
         float *pg = p + g * n, mx = -INFINITY;
-        for (int64_t t = 0; t < n; t++) mx = pg[t] > mx ? pg[t] : mx;
-        fv vsum = fv_zero(), vm = fv_set1(mx);
         int64_t t = 0;
+#if FW > 1
+        /* the max in 4 chains (a scalar chain was half the softmax at 2k positions); max is
+           exact in any order, and a NaN is skipped as below */
+        fv m4[4] = {fv_set1(-INFINITY), fv_set1(-INFINITY), fv_set1(-INFINITY), fv_set1(-INFINITY)};
+        for (; t + 4 * FW <= n; t += 4 * FW)
+            for (int c = 0; c < 4; c++) m4[c] = fv_max(fv_load(pg + t + c * FW), m4[c]);
+        float lanes[4 * FW];
+        for (int c = 0; c < 4; c++) fv_store(lanes + c * FW, m4[c]);
+        for (int c = 0; c < 4 * FW; c++) mx = lanes[c] > mx ? lanes[c] : mx;
+#endif
+        for (; t < n; t++) mx = pg[t] > mx ? pg[t] : mx;
+        fv vsum = fv_zero(), vm = fv_set1(mx);
+        t = 0;
         for (; t + FW <= n; t += FW) {
             fv e = fv_exp(fv_sub(fv_load(pg + t), vm));
             fv_store(pg + t, e);
