@@ -142,7 +142,7 @@ class KernelLayer(nn.Module):
             or (desc := self._descriptor()) is None
         ):
             return self.layer(x, cos, sin, plan, cache)
-        step = _Step.get(cache.layout, cos, sin, rows, self, desc)
+        step = _Step.get(lib, cache.layout, cos, sin, rows, self, desc)
         h = x.reshape(rows, x.shape[-1]).clone()  # residual stream, updated in place
         step.point_at(cache.layer)
         lib.qlm_layer_forward(
@@ -163,8 +163,8 @@ class _Step:
 
     _last: _Step | None = None
 
-    def __init__(self, layout: list, cos: torch.Tensor, sin: torch.Tensor, rows: int,
-                 layer: KernelLayer, desc: LayerDesc) -> None:  # fmt: skip
+    def __init__(self, lib: ctypes.CDLL, layout: list, cos: torch.Tensor, sin: torch.Tensor,
+                 rows: int, layer: KernelLayer, desc: LayerDesc) -> None:  # fmt: skip
         self.layout, self.cos_in, self.sin_in = layout, cos, sin
         D = layer.D
         self.c = cos.reshape(rows, D).contiguous()
@@ -178,13 +178,13 @@ class _Step:
         F = desc.down.K
         H, Dh = layer.H, layer.D
         qkv_width = layer.layer.self_attn.qkv_proj.out_features
-        self.work, self.xq, self.threads = _scratch(layer, desc, rows, longest)
+        self.work, self.xq, self.threads = _scratch(lib, layer, desc, rows, longest)
         self.work_ptr, self.xq_ptr = self.work.data_ptr(), self.xq.data_ptr()
         self.shape = (rows, d_model, F, H, Dh, qkv_width)
 
     @classmethod
-    def get(cls, layout: list, cos: torch.Tensor, sin: torch.Tensor, rows: int,
-            layer: KernelLayer, desc: LayerDesc) -> _Step:  # fmt: skip
+    def get(cls, lib: ctypes.CDLL, layout: list, cos: torch.Tensor, sin: torch.Tensor,
+            rows: int, layer: KernelLayer, desc: LayerDesc) -> _Step:  # fmt: skip
         last = cls._last
         if (
             last is not None
@@ -195,7 +195,7 @@ class _Step:
                                layer.layer.self_attn.qkv_proj.out_features)
         ):  # fmt: skip
             return last
-        cls._last = step = cls(layout, cos, sin, rows, layer, desc)
+        cls._last = step = cls(lib, layout, cos, sin, rows, layer, desc)
         return step
 
     def point_at(self, i: int) -> None:
@@ -298,7 +298,7 @@ class KernelStack(nn.ModuleList):
         caches = [seq.cache for seq, _, _ in layout]
         segs, longest = _segments(layout)
         kv = (ctypes.c_void_p * len(caches))(*map(_layer_caches, caches))
-        work, xq, threads = _scratch(first, first._desc[0], rows, longest)
+        work, xq, threads = _scratch(lib, first, first._desc[0], rows, longest)
         norm = eps = out = at = n_at = logits = None
         if head is not None:
             norm, eps, out = head.norm_w.data_ptr(), head.eps, ctypes.byref(head.desc)
@@ -347,14 +347,12 @@ _SCRATCH = threading.local()
 
 
 def _scratch(
-    layer: KernelLayer, desc: LayerDesc, rows: int, longest: int
+    lib: ctypes.CDLL, layer: KernelLayer, desc: LayerDesc, rows: int, longest: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Float and int8 scratch for a native call of ``rows`` rows over caches of up to
     ``longest`` positions, and the thread count; reused from call to call (one thread uses
     one at a time: the kernels' pool runs one job at a time)."""
     threads = num_threads()
-    lib = cpu_kernels()
-    assert lib is not None  # the native paths run only with the kernels
     d, F, H, Dh = desc.o.N, desc.down.K, layer.H, layer.D
     qkv_width = linear_width(desc.qkv)
     kmax = max(d, F, H * Dh)
