@@ -402,6 +402,81 @@ def test_native_layer_sees_a_replaced_weight():
     assert (after - ref).abs().max() <= float32_bound()
 
 
+@needs_kernels
+def test_native_head_finds_the_greedy_token_as_numpy_does():
+    # The output head folds each task's 32 logits into a running largest as it writes them
+    # (threads take tasks in any order); its pick must be numpy's argmax: the first of equal
+    # logits, a NaN before any number. Head rows are set to make ties and NaNs.
+    import numpy as np
+
+    from qwenlm.generation import sampling
+
+    model = fast_model("f32", vocab_size=301)  # 9 tasks of 32 logits and one of 13
+    engine = Engine(model)
+    head = model.lm_head.weight
+    seq = engine.new_sequence()
+    engine.forward([(seq, prompt(12))])
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(head.shape[1], generator=g)
+    cases = {
+        "random": None,
+        "all equal": lambda w: w.zero_(),
+        "ties in two tasks": lambda w: (w.zero_(), w[[37, 9, 70]].copy_(v), w[[41, 100]].copy_(-v)),
+        "ties in one task": lambda w: (w.zero_(), w[[35, 33]].copy_(v), w[[36, 34]].copy_(-v)),
+        "a NaN": lambda w: w[250].fill_(float("nan")),
+        "two NaNs": lambda w: (w[260].fill_(float("nan")), w[5].fill_(float("nan"))),
+        "in the last, partial task": lambda w: (w.zero_(), w[-1].copy_(v), w[-2].copy_(-v)),
+    }
+    original = head.detach().clone()
+    for name, edit in cases.items():
+        with torch.no_grad():
+            head.copy_(original)
+            if edit is not None:
+                edit(head)
+        (logits,) = engine.forward([(seq, [7])])
+        assert logits.shape == (head.shape[0],)
+        (known,) = sampling._KNOWN  # noted by the native step
+        assert known[0] is logits
+        assert known[2] == int(np.argmax(logits.numpy())), name
+        assert sampling.greedy_token(logits) == known[2]
+    # changed in place after the step: the noted token is no longer used
+    (logits,) = engine.forward([(seq, [8])])
+    logits[3] = float(logits.max()) + 1.0
+    assert sampling.greedy_token(logits) == 3
+
+
+@needs_kernels
+def test_native_step_sees_weights_moved_under_a_module():
+    # A step's plan holds the weights' addresses; a weight whose storage changed without a
+    # module registration (`.data` assignment) must reach the next step, as a replaced
+    # module or tensor does (the registration hooks).
+    model = fast_model("f32")
+    engine = Engine(model)
+    p = prompt(20)
+    seq = engine.new_sequence()
+    engine.forward([(seq, p)])
+    (before,) = engine.forward([(seq, [5])])
+    norm = model.model.norm
+    norm.weight.data = norm.weight.data * 2.0
+    seq.trim(1)
+    (after,) = engine.forward([(seq, [5])])
+    ref = fast_model("f32")
+    ref.model.norm.weight.data = ref.model.norm.weight.data * 2.0
+    ref_engine = Engine(ref)
+    seq2 = ref_engine.new_sequence()
+    ref_engine.forward([(seq2, p)])
+    (expected,) = ref_engine.forward([(seq2, [5])])
+    assert (after - before).abs().max() > 1e-3
+    assert torch.equal(after, expected)
+    # a new output head module (registered): the next step reads it
+    from qwenlm.quant.linear import DenseLinear
+
+    model.lm_head = DenseLinear(torch.zeros_like(model.lm_head.weight), None)
+    seq.trim(1)
+    (zeros,) = engine.forward([(seq, [5])])
+    assert torch.equal(zeros, torch.zeros_like(zeros))
+
+
 def test_importing_qwenlm_makes_openmp_wait_passively_unless_told():
     # torch's spinning OpenMP workers took the cores the kernels' threads needed (see
     # qwenlm/__init__.py); a user's own setting wins.

@@ -227,6 +227,42 @@ def test_embedding_rows_come_from_the_packed_table():
     assert torch.equal(emb(long_ids), reference_weight(T.Q8_0, raw2).float()[long_ids])
 
 
+@pytest.mark.parametrize("qtype", [*FORMATS, T.F32], ids=lambda t: t.name)
+def test_native_embedding_rows_equal_the_formats_definition(qtype, isa):
+    # A decode step's embedding rows, read natively from the packed (interleaved) table,
+    # are the values gguf's own dequantizer gives, exactly: rows in every lane of a group,
+    # in the last, padded group, repeated ones.
+    rows, cols = shape_for(qtype) if qtype != T.F32 else (37, 64)
+    if qtype == T.F32:
+        w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(2))
+        table = GGUFLinear([(T.F32, rows, w)], cols, None)
+    else:
+        raw = random_blocks(qtype, rows, cols, seed=4)
+        w = reference_weight(qtype, raw).float()
+        table = GGUFLinear([(qtype, rows, pack(qtype, raw))], cols, None)
+    lib = cpu_kernels()
+    ids = [0, 36, 8, 7, 15, 31, 32, 36, 1]
+    out = torch.full((len(ids), cols), float("nan"))
+    desc = table.describe()
+    got = lib.qlm_embed_rows(ctypes.byref(desc), (ctypes.c_int64 * len(ids))(*ids), len(ids),
+                             out.data_ptr())  # fmt: skip
+    assert got == 0
+    assert torch.equal(out, w[ids])
+    # an id outside the table: refused, nothing read past it
+    for bad in (-1, rows):
+        arr = (ctypes.c_int64 * 2)(0, bad)
+        assert lib.qlm_embed_rows(ctypes.byref(desc), arr, 2, out.data_ptr()) == -2
+
+
+def test_native_embedding_rows_refuse_a_fused_table(isa):
+    a = GGUFLinear([(T.Q8_0, 8, pack(T.Q8_0, random_blocks(T.Q8_0, 8, 64)))], 64, None)
+    fused = GGUFLinear.concat([a, a])
+    out = torch.empty(1, 64)
+    arr = (ctypes.c_int64 * 1)(0)
+    got = cpu_kernels().qlm_embed_rows(ctypes.byref(fused.describe()), arr, 1, out.data_ptr())
+    assert got == -1
+
+
 def test_int8_rows_interleaved_or_plain_give_the_same_bits(isa, monkeypatch):
     # The fast path's int8 layout runs on the GGUF kernels (Q8_0's interleaving), a plain
     # layout on a row kernel; both compute each row's exact block sums, then one fma per

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from qwenlm.generation.cache import SequenceCache, SequenceState
+from qwenlm.generation.sampling import remember_greedy
 from qwenlm.models.attention import AttentionPlan
 from qwenlm.models.rope import ntk_alpha
 from qwenlm.quant.linear import SMALL_BATCH
@@ -281,18 +282,32 @@ class Engine:
             first = start if full else start + T - 1
             spans.append((len(rows), full))
             rows.extend(range(first, start + T))
+        best = None  # each logits row's greedy token, where the native head found it
         with torch.inference_mode():
             native = self.native if not hidden and not groups else None
-            logits = native.logits(layout, ids, positions, rows) if native is not None else None
-            if logits is None:
+            got = native.logits(layout, ids, positions, rows) if native is not None else None
+            if got is not None:
+                logits, best = got
+            else:
                 logits = self._model_forward(layout, ids, positions, alphas, rows, groups, hidden)
         for seq, tokens in segments:
             seq.tokens.extend(int(t) for t in tokens)
             seq.cache.length = len(seq.tokens)
-        return [
+        if best is not None and len(best) == 1:  # one segment, one row: made as (vocab,)
+            if every[0]:
+                return [logits[None]]
+            if best[0] >= 0:
+                remember_greedy([(logits, best[0])])
+            return [logits]
+        out = [
             logits[i : i + T] if full else logits[i]
             for (i, full), (_, _, T) in zip(spans, layout, strict=True)
         ]
+        if best is not None:
+            remember_greedy(
+                [(t, best[i]) for t, (i, full) in zip(out, spans, strict=True) if not full]
+            )
+        return out
 
     def _model_forward(
         self,

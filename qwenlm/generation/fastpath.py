@@ -24,6 +24,7 @@ from torch import nn
 from qwenlm.generation.cache import SequenceCache
 from qwenlm.generation.engine import BatchLayer
 from qwenlm.kernels import (
+    Kind,
     LayerDesc,
     LinearDesc,
     SegmentDesc,
@@ -277,18 +278,10 @@ class KernelStack(nn.ModuleList):
         self._pointers = (ptrs, *map(list, zip(*watch, strict=True)))
         return ptrs
 
-    def run(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        layout: list,
-        head: _Head | None = None,
-    ) -> bool:
+    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: list) -> bool:
         """Every layer over ``h`` (rows, hidden; updated in place) with rotary rows ``cos``,
-        ``sin`` (rows, head_dim), in one native call; with ``head``, also the final norm and
-        the output head of ``head.rows`` into ``head.logits`` (h is then left unfinished).
-        False (nothing done) where the native layers cannot run."""
+        ``sin`` (rows, head_dim), in one native call. False (nothing done) where the native
+        layers cannot run."""
         lib = cpu_kernels()
         ptrs = self.layer_pointers()
         if lib is None or ptrs is None or len(layout) > MAX_SEGMENTS:
@@ -299,14 +292,10 @@ class KernelStack(nn.ModuleList):
         segs, longest = _segments(layout)
         kv = (ctypes.c_void_p * len(caches))(*map(_layer_caches, caches))
         work, xq, threads = _scratch(lib, first, first._desc[0], rows, longest)
-        norm = eps = out = at = n_at = logits = None
-        if head is not None:
-            norm, eps, out = head.norm_w.data_ptr(), head.eps, ctypes.byref(head.desc)
-            at, n_at, logits = head.rows, len(head.rows), head.logits.data_ptr()
         lib.qlm_stack_forward(
             ptrs, len(ptrs), h.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), segs, kv,
             len(layout), int(caches[-1].quantized), work.data_ptr(), xq.data_ptr(), threads,
-            norm, eps or 0.0, out, at, n_at or 0, logits,
+            None, 0.0, None, None, 0, None, None,
         )  # fmt: skip
         return True
 
@@ -381,31 +370,112 @@ def linear_width(desc: LinearDesc) -> int:
         p = p.next.contents
 
 
-class _Head:
-    """The model's end for a native call: final norm, output head, the rows wanted."""
+def _new_logits(rows: int, vocab: int, *, flat: bool = False) -> torch.Tensor:
+    # A normal tensor, not an inference one: its version counter tells whether anything
+    # changed the logits in place since the head found their greedy tokens
+    # (sampling.remember_greedy).
+    with torch.inference_mode(False):
+        return torch.empty(vocab) if flat else torch.empty(rows, vocab)
 
-    def __init__(self, norm_w: torch.Tensor, eps: float, desc: LinearDesc, rows: list[int],
-                 vocab: int) -> None:  # fmt: skip
-        self.norm_w, self.eps, self.desc = norm_w, eps, desc
-        self.rows = (ctypes.c_int64 * len(rows))(*rows)
-        self.logits = torch.empty(len(rows), vocab)
+
+# Bumped whenever any module, parameter or buffer is registered or replaced anywhere
+# (torch's global registration hooks, installed with the first native forward): a decode
+# step then rebuilds its plan instead of checking every module it reads.
+_EPOCH = [0]
+_HOOKS: list = []
+
+
+def _bump(*_: object) -> None:
+    _EPOCH[0] += 1
+
+
+def _watch_registrations() -> None:
+    if not _HOOKS:
+        from torch.nn.modules import module as mod
+
+        _HOOKS.extend(
+            register(_bump)
+            for register in (
+                mod.register_module_module_registration_hook,
+                mod.register_module_parameter_registration_hook,
+                mod.register_module_buffer_registration_hook,
+            )
+        )
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+class _Plan:
+    """What every native step of a model reads, gathered once: the layers' descriptors,
+    the final norm, the output head, the embedding table.
+
+    After a step has streamed the weights through the caches, each Python operation between
+    two calls runs from cold caches (module attribute reads, descriptor checks, a torch
+    factory: tens of microseconds each). A step checks the plan with two things only: no
+    module, parameter or buffer was registered since it was built (``_EPOCH``), and every
+    tensor it points into still holds the same memory (``.data`` assignment, ``set_``,
+    ``Module.to`` move storage without registering anything).
+    """
+
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
+        self.epoch = _EPOCH[0]
+        m = model.model
+        stack, norm, head = m.layers, m.norm, _base(model.lm_head)
+        self.lib, self.ptrs = lib, stack.layer_pointers()
+        self.first = stack[0]
+        self.norm_ptr, self.eps = norm.weight.data_ptr(), float(norm.eps)
+        self.head_desc, self.vocab = head.describe(), head.out_features
+        self.embed = m.embed_tokens
+        self.embed_desc = _table_desc(self.embed)
+        self.hidden = model.config.hidden_size
+        tensors = [w[2] for layer in stack for w in layer._desc[3]]
+        tensors += [norm.weight, *head.buffers(recurse=False)]
+        if self.embed_desc is not None:
+            tensors += list(getattr(self.embed, "_table", self.embed).buffers(recurse=False))
+            tensors += list(self.embed.parameters(recurse=False))
+        self.tensors = tensors
+        self.addrs = list(map(_DATA_PTR, tensors))
+
+    @classmethod
+    def build(cls, model: nn.Module) -> _Plan | None:
+        m, lib = model.model, cpu_kernels()
+        stack, norm, head = m.layers, m.norm, _base(model.lm_head)
+        if (
+            lib is None
+            or not isinstance(stack, KernelStack)
+            or not isinstance(head, KernelLinear)
+            or not isinstance(norm.weight, torch.Tensor)
+            or norm.weight.dtype != torch.float32
+            or norm.weight.device.type != "cpu"
+            or stack.layer_pointers() is None
+        ):
+            return None
+        return cls(model, lib)
+
+    def current(self) -> bool:
+        return self.epoch == _EPOCH[0] and list(map(_DATA_PTR, self.tensors)) == self.addrs
 
 
 class NativeForward:
-    """A whole forward pass of a small batch in one native call: the embedding rows go in;
-    every layer, the final norm and the output head run in C; the logits come out.
+    """A whole forward pass of a small batch in one native call: the token ids go in; the
+    embedding rows, every layer, the final norm and the output head run in C; the logits
+    (and each row's greedy token) come out.
 
     After a step has streamed the weights through the caches, the Python between two native
     calls runs from cold caches, several times slower than in a loop: the ~40 small
     operations of the generic path (rotary, plans, views, norm, output head) took ~2 ms of a
-    ~19 ms 0.5B step on the 2-core EPYC. Here a step is an embedding lookup, a rotary table
-    row and one call, with the kernels of ``KernelStack.run_all`` in the same order, then
-    the final norm and head; tests hold the logits to the generic path's.
+    ~19 ms 0.5B step on the 2-core EPYC, the checks and lookups of a step ~1 ms. Here a step
+    checks a :class:`_Plan`, builds the call's small arrays and makes the call, with the
+    kernels of ``KernelStack.run_all`` in the same order, then the final norm and head;
+    tests hold the logits to the generic path's.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model  # its parts are read at each call: a transform may replace them
+        self.model = model  # its parts are read when a plan is built: a transform may replace them
         self.rope = RopeRows(model.model.rotary_emb, model.config.head_dim)
+        self._plan: _Plan | None = None
+        _watch_registrations()
 
     @classmethod
     def build(cls, model: nn.Module) -> NativeForward | None:
@@ -433,29 +503,74 @@ class NativeForward:
 
     def logits(
         self, layout: list, ids: list[int], positions: list[int], rows: list[int]
-    ) -> torch.Tensor | None:
-        """Logits (len(rows), vocab) of the batch rows ``rows``, after feeding ``ids`` at
-        ``positions`` (the engine's flattened batch, ``layout`` its segments); None where
-        this step cannot run natively (the caller takes the generic path)."""
-        m = self.model.model
-        stack, norm, head = m.layers, m.norm, _base(self.model.lm_head)
-        if (
-            len(ids) > SMALL_BATCH
-            or not isinstance(stack, KernelStack)
-            or not isinstance(head, KernelLinear)
-            or not isinstance(norm.weight, torch.Tensor)
-            or norm.weight.dtype != torch.float32
-        ):
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        """Logits (len(rows), vocab) of the batch rows ``rows`` ((vocab,) for one row),
+        after feeding ``ids`` at ``positions`` (the engine's flattened batch, ``layout`` its
+        segments), and each row's greedy token (the first largest logit, -1 where not
+        computed); None where this step cannot run natively (the caller takes the generic
+        path)."""
+        n = len(ids)
+        if n > SMALL_BATCH or len(layout) > MAX_SEGMENTS:
             return None
-        embed = m.embed_tokens
-        rows_of = getattr(embed, "rows_of", None)  # a GGUF table's cached float rows
-        # h: the residual stream, a new tensor the call updates in place
-        h = rows_of(ids) if rows_of is not None else embed(torch.tensor(ids)).clone()
-        if h.dtype != torch.float32 or h.device.type != "cpu":
-            return None
-        cos, sin = self.rope.rows(positions)
-        end = _Head(norm.weight, float(norm.eps), head.describe(), rows, head.out_features)
-        return end.logits if stack.run(h, cos, sin, layout, end) else None
+        plan = self._plan
+        if plan is None or not plan.current():
+            plan = self._plan = _Plan.build(self.model)
+            if plan is None:
+                return None
+        lib = plan.lib
+        h = _residual_rows(n, plan.hidden)  # the residual stream, updated in place
+        if plan.embed_desc is not None:
+            got = lib.qlm_embed_rows(
+                ctypes.byref(plan.embed_desc), (ctypes.c_int64 * n)(*ids), n, h.data_ptr()
+            )
+            if got != 0:
+                return None  # an id outside the table: the generic path raises the error
+        else:
+            rows_of = getattr(plan.embed, "rows_of", None)  # a GGUF table's cached float rows
+            e = rows_of(ids) if rows_of is not None else plan.embed(torch.tensor(ids))
+            if e.dtype != torch.float32 or e.device.type != "cpu":
+                return None
+            h[:n] = e.reshape(n, plan.hidden)
+        cos, sin, keep = self.rope.pointers(positions)
+        caches = [seq.cache for seq, _, _ in layout]
+        segs, longest = _segments(layout)
+        kv = (ctypes.c_void_p * len(caches))(*map(_layer_caches, caches))
+        first = plan.first
+        work, xq, threads = _scratch(lib, first, first._desc[0], n, longest)
+        # one row: a (vocab,) tensor, what the engine returns (no view made from cold caches)
+        logits = _new_logits(len(rows), plan.vocab, flat=len(rows) == 1)
+        best = (ctypes.c_int64 * len(rows))()
+        lib.qlm_stack_forward(
+            plan.ptrs, len(plan.ptrs), h.data_ptr(), n, cos, sin, segs, kv, len(layout),
+            int(caches[-1].quantized), work.data_ptr(), xq.data_ptr(), threads, plan.norm_ptr,
+            plan.eps, ctypes.byref(plan.head_desc), (ctypes.c_int64 * len(rows))(*rows),
+            len(rows), logits.data_ptr(), best,
+        )  # fmt: skip
+        del keep
+        return logits, best[:]
+
+
+def _residual_rows(n: int, hidden: int) -> torch.Tensor:
+    """A thread's scratch for the residual stream of a native step (at least n x hidden)."""
+    h = getattr(_SCRATCH, "h", None)
+    if h is None or h.numel() < n * hidden:
+        h = _SCRATCH.h = torch.empty(SMALL_BATCH, hidden)
+    return h
+
+
+def _table_desc(embed: nn.Module) -> LinearDesc | None:
+    """The embedding table as a kernel descriptor (qlm_embed_rows reads one part of float32
+    rows or GGUF blocks), or None where it is another kind of table."""
+    table = getattr(embed, "_table", None)  # quant.gguf.GGUFEmbedding's (maybe shared) table
+    if isinstance(table, KernelLinear) and len(getattr(table, "parts", ())) == 1:
+        return table.describe() if table.qweight.device.type == "cpu" else None
+    if type(embed) is not nn.Embedding or embed.max_norm is not None:
+        return None  # (max_norm renormalizes the table's rows as it reads them)
+    w = embed.weight
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+        return None
+    # The plan that holds this descriptor holds w (and checks its address) too.
+    return LinearDesc(int(Kind.F32), w.data_ptr(), None, None, None, w.shape[0], w.shape[1], 0)
 
 
 class RopeRows:
@@ -471,15 +586,35 @@ class RopeRows:
     def __init__(self, rotary: nn.Module, head_dim: int) -> None:
         self.rotary = rotary
         self.table = (torch.empty(0, head_dim), torch.empty(0, head_dim))  # replaced whole
+        self._at = (0, 0, 0, 4 * head_dim)  # the table's rows, cos and sin addresses, row bytes
 
-    def rows(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (len(positions), head_dim), contiguous."""
-        top = max(positions) + 1
+    def _grow(self, top: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.table
         if top > cos.shape[0] and top <= self.limit:
             n = min(self.limit, max(top, 2 * cos.shape[0], 1024))
             cos, sin = (t[0].contiguous() for t in self.rotary(torch.arange(n)[None]))
             self.table = (cos, sin)
+            self._at = (n, cos.data_ptr(), sin.data_ptr(), self._at[3])
+        return cos, sin
+
+    def pointers(self, positions: list[int]) -> tuple[int, int, object]:
+        """Addresses of cos, sin rows for ``positions`` (contiguous, len(positions) x
+        head_dim) and what keeps them alive: for consecutive positions, rows of the table
+        itself (no tensor made: a step's Python runs from cold caches)."""
+        first, last = positions[0], positions[-1]
+        n, c, s, row = self._at
+        if last < n and last - first == len(positions) - 1 and first >= 0:
+            return c + first * row, s + first * row, None
+        if last >= n and last < self.limit and last - first == len(positions) - 1:
+            self._grow(last + 1)
+            return self.pointers(positions)
+        cos, sin = self.rows(positions)
+        return cos.data_ptr(), sin.data_ptr(), (cos, sin)
+
+    def rows(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (len(positions), head_dim), contiguous."""
+        top = max(positions) + 1
+        cos, sin = self._grow(top)
         if top > cos.shape[0]:
             return tuple(t[0].contiguous() for t in self.rotary(torch.tensor([positions])))
         if len(positions) == 1:

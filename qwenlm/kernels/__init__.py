@@ -77,7 +77,7 @@ _SIGNATURES = {
     "qlm_layer_forward": [_p, _p, _i64, _p, _p, _p, _i64, _int, _p, _p, _int],
     "qlm_stack_forward": [
         *(_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _int, _p, _p, _int),
-        *(_p, _f, _p, _p, _i64, _p),
+        *(_p, _f, _p, _p, _i64, _p, _p),
     ],
 }
 _RESTYPES = {
@@ -85,12 +85,14 @@ _RESTYPES = {
     "qlm_kind_name": ctypes.c_char_p,
     "qlm_layout": _i64,
     "qlm_act_floats": _i64,
+    "qlm_embed_rows": _int,
 }
 _ARGTYPES = {
     "qlm_isa": [],
     "qlm_kind_name": [_int],
     "qlm_layout": [ctypes.c_char_p],
     "qlm_act_floats": [_i64, _i64],
+    "qlm_embed_rows": [_p, _p, _i64, _p],
 }
 
 

@@ -1266,15 +1266,22 @@ static int needs_act(const qlm_linear_t *L) {
     return need;
 }
 
+/* The part of L that task *i runs; *i becomes the task's index in that part, and *col the
+   part's first output column. */
+static const qlm_linear_t *task_part(const qlm_linear_t *P, int64_t *i, int64_t *col) {
+    *col = 0;
+    for (; *i >= pieces(P->N, ROWS_PER_TASK); P = P->next) {
+        *i -= pieces(P->N, ROWS_PER_TASK);
+        *col += P->N;
+    }
+    return P;
+}
+
 static void linear_task(const void *ctx, int64_t i, int tid) {
     (void)tid;
     const linear_ctx *c = ctx;
-    int64_t col = 0;
-    const qlm_linear_t *P = c->L;
-    for (; i >= pieces(P->N, ROWS_PER_TASK); P = P->next) {
-        i -= pieces(P->N, ROWS_PER_TASK);
-        col += P->N;
-    }
+    int64_t col;
+    const qlm_linear_t *P = task_part(c->L, &i, &col);
     const int64_t n0 = i * ROWS_PER_TASK, n1 = MIN(P->N, n0 + ROWS_PER_TASK);
     float *y = c->y + col;
     switch (P->kind) {
@@ -1359,6 +1366,106 @@ void qlm_dequant_i4(const uint8_t *w, const uint16_t *scale, const uint16_t *min
                     int64_t N, int64_t K, int64_t G, int nthreads) {
     qlm_linear_t L = {QLM_I4, w, scale, minv, 0, N, K, G, 0};
     dequant(&L, out, nthreads);
+}
+
+/* ---- rows of a table back to float32: embedding lookups --------------------------------
+ * A decode step embeds one token a row; unpacking it in Python was ~0.2-0.4 ms of small ops
+ * (a tenth of a millisecond even from a row cache) against a microsecond here. Each GGUF
+ * row is rebuilt block by block as ggml stores it (the inverse of the interleaving above)
+ * and dequantized with ggml's expressions in the same order as qwenlm/weights/quants.py, so
+ * the values are identical to the Python path's.                                          */
+
+/* Byte j of row r in a field stored as 32-byte vectors of 4 bytes per row (gguf.py _words). */
+#define LANE_BYTE(p, r, j) ((p)[((j) / 4) * 32 + (r) * 4 + (j) % 4])
+
+static inline float half_at(const uint8_t *p, int r) {
+    uint16_t h;
+    memcpy(&h, p + 2 * r, 2);
+    return half_to_float(h);
+}
+
+/* The 6-bit scale and minimum of sub-block j of a Q4_K / Q5_K 12-byte field (ggml's order). */
+static inline void k_scale_min(const uint8_t *q, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = q[j] & 63, *mn = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* Row r (0..GG-1) of one interleaved block record p of kind fmt into y (its block's values). */
+static void dequant_record_row(int fmt, const uint8_t *p, int r, float *y) {
+    if (fmt <= QLM_Q8_0) {
+        const int mins = fmt == QLM_Q4_1 || fmt == QLM_Q5_1, five = fmt == QLM_Q5_0 || fmt == QLM_Q5_1;
+        const float d = half_at(p, r), m = mins ? half_at(p + 16, r) : 0.0f;
+        const uint8_t *qh = p + (mins ? 32 : 16), *qs = qh + (five ? 32 : 0);
+        if (fmt == QLM_Q8_0) {
+            for (int e = 0; e < 32; e++) y[e] = (float)(int8_t)LANE_BYTE(qs, r, e) * d;
+            return;
+        }
+        for (int e = 0; e < 32; e++) {
+            const int j = e % 16, b = LANE_BYTE(qs, r, j);
+            int q = e < 16 ? b & 15 : b >> 4;
+            /* the 5th bit of element e: bit p of lane r's byte i, e = (p % 2) 16 + 4 (p / 2) + i */
+            if (five) q |= ((qh[4 * r + j % 4] >> (2 * (j / 4) + e / 16)) & 1) << 4;
+            const int zero = mins ? 0 : five ? 16 : 8;
+            y[e] = mins ? (float)q * d + m : (float)(q - zero) * d;
+        }
+        return;
+    }
+    if (fmt == QLM_Q6_K) {
+        const float d = half_at(p, r);
+        for (int s = 0; s < 8; s++) { /* 32-element chunks: ql 4 x 32 B, qh 2 x 32 B */
+            const uint8_t *ql = p + 144 + 192 * s, *qh = ql + 128;
+            for (int e = 0; e < 32; e++) {
+                const int h = e / 16, k = (e % 16) / 4, i = e % 4;
+                const int lo = (ql[k * 32 + 4 * r + i] >> (4 * h)) & 15;
+                const int hi = (qh[(k / 2) * 32 + 4 * r + i] >> (2 * (2 * (k % 2) + h))) & 3;
+                const float dl = d * (float)(int8_t)p[16 + 16 * s + 2 * r + h]; /* scale 2 s + h */
+                y[32 * s + e] = (float)((lo | hi << 4) - 32) * dl;
+            }
+        }
+        return;
+    }
+    /* Q4_K, Q5_K: d[8] | dmin[8] | scales 3 x 32 B | (Q5_K: qh 8 x 32 B) | qs 4 x 8 x 32 B */
+    const float d = half_at(p, r), dmin = half_at(p + 16, r);
+    uint8_t sc12[12];
+    for (int j = 0; j < 12; j++) sc12[j] = LANE_BYTE(p + 32, r, j);
+    const int five = fmt == QLM_Q5_K;
+    const uint8_t *qh = p + 128, *qs = p + (five ? 384 : 128);
+    for (int j = 0; j < 8; j++) { /* sub-block j: nibbles of chunk j / 2, low or high */
+        int sc, mn;
+        k_scale_min(sc12, j, &sc, &mn);
+        const float dl = d * (float)sc, ml = dmin * (float)mn;
+        for (int l = 0; l < 32; l++) {
+            const int b = LANE_BYTE(qs, r, 32 * (j / 2) + l);
+            int q = j % 2 ? b >> 4 : b & 15;
+            if (five) q |= ((qh[32 * j + 4 * r + l % 4] >> (l / 4)) & 1) << 4;
+            y[32 * j + l] = (float)q * dl - ml;
+        }
+    }
+}
+
+/* Rows ids[0 .. n-1] of table L (one part: float32 or a GGUF kind) into out (n x K).
+   Returns 0, -1 for a kind or chain it does not read, -2 for an id outside the table. */
+int qlm_embed_rows(const qlm_linear_t *L, const int64_t *ids, int64_t n, float *out) {
+    const int fmt = L->kind, K = (int)L->K;
+    if (L->next || (fmt != QLM_F32 && !IS_GGUF(fmt))) return -1;
+    for (int64_t j = 0; j < n; j++)
+        if (ids[j] < 0 || ids[j] >= L->N) return -2;
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t row = ids[j];
+        float *o = out + j * K;
+        if (fmt == QLM_F32) {
+            memcpy(o, (const float *)L->w + row * K, (size_t)K * sizeof *o);
+            continue;
+        }
+        const int be = BLOCK_ELEMS(fmt), nb = K / be;
+        const uint8_t *g = (const uint8_t *)L->w + (row / GG) * (int64_t)nb * GROUP_REC[fmt];
+        for (int b = 0; b < nb; b++) dequant_record_row(fmt, g + b * GROUP_REC[fmt], (int)(row % GG), o + b * be);
+    }
+    return 0;
 }
 
 /* ---- the rest of a decode step: norms, rotary embedding, attention, SwiGLU ------------
@@ -1821,12 +1928,72 @@ typedef struct {
     const int64_t *rows; /* batch rows, in the order of the logits */
     int64_t nrows;
     float *logits; /* nrows x the head's width */
+    int64_t *argmax; /* (or null) each row's first largest logit, as numpy's argmax */
 } qlm_head_t;
 
 typedef struct {
     const layer_ctx *c;
     const qlm_head_t *head;
 } head_ctx;
+
+/* A row's largest logit so far, in one thread's slot. Greedy decoding wants the index of the
+   largest of ~150k logits; scanning them in Python after the step reads them back from
+   memory (the head's weights have streamed through the caches since they were written), a
+   tenth of a millisecond: each head task folds its own 32 columns in while they are in L1. */
+typedef struct {
+    float v;
+    int64_t i;
+} best_t;
+
+#define BEST_PAD 4 /* slots per thread rounded up to a cache line: no sharing between threads */
+#define MAX_BEST 1024
+
+/* Whether logit v at column i comes before the best so far (bv at bi): numpy's argmax order,
+   a larger value first, a NaN before any number, the lower column among equals. Tasks run
+   in any order across threads, so the column decides ties, never the order of the scan. */
+static inline int beats(float v, int64_t i, float bv, int64_t bi) {
+    if (v != v) return bv == bv || i < bi;
+    if (bv != bv) return 0;
+    return v > bv || (v == bv && i < bi);
+}
+
+static void argmax_fold(const float *y, int64_t n, int64_t col, best_t *b) {
+#if defined(__AVX2__)
+    if (n > 0 && n % 8 == 0) { /* most chunks lose to the best so far: one vector max tells */
+        __m256 mx = _mm256_loadu_ps(y), nan = _mm256_cmp_ps(mx, mx, _CMP_UNORD_Q);
+        for (int64_t k = 8; k < n; k += 8) {
+            const __m256 v = _mm256_loadu_ps(y + k);
+            mx = _mm256_max_ps(mx, v);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        if (!_mm256_movemask_ps(nan)) {
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+            if (_mm_cvtss_f32(m4) < b->v) return;
+        }
+    }
+#endif
+    for (int64_t r = 0; r < n; r++)
+        if (beats(y[r], col + r, b->v, b->i)) b->v = y[r], b->i = col + r;
+}
+
+typedef struct {
+    const linear_ctx *lc;
+    best_t *best; /* (or null) nthreads x BEST_PAD-rounded rows of slots */
+    int64_t stride;
+} head_out_ctx;
+
+static void head_out_task(const void *ctx, int64_t i, int tid) {
+    const head_out_ctx *h = ctx;
+    linear_task(h->lc, i, tid);
+    if (!h->best) return;
+    int64_t col;
+    const qlm_linear_t *P = task_part(h->lc->L, &i, &col);
+    const int64_t n0 = col + i * ROWS_PER_TASK, n = MIN(P->N - i * ROWS_PER_TASK, ROWS_PER_TASK);
+    for (int64_t m = 0; m < h->lc->M; m++)
+        argmax_fold(h->lc->y + m * h->lc->ldy + n0, n, n0, h->best + tid * h->stride + m);
+}
 
 static void head_norm_task(const void *ctx, int64_t i, int tid) {
     (void)tid;
@@ -1897,9 +2064,18 @@ static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float
     const linear_ctx ldn = {&L->down, c.act, act_view(xq, c.xd, M, F), c.dn, M, d};
     const head_ctx hn = {&c, head};
     linear_ctx lhead = {0};
+    head_out_ctx hout = {&lhead, 0, 0};
     if (head)
         lhead = (linear_ctx){head->out, c.y, act_view(xq, c.xd, head->nrows, d), head->logits,
                              head->nrows, linear_width(head->out)};
+    /* The rows' largest logits, a slot per thread and row (numpy's argmax after the call). */
+    const int64_t stride = head ? pieces(head->nrows, BEST_PAD) * BEST_PAD : 0;
+    const int nt = nthreads < 1 ? 1 : nthreads;
+    best_t best[MAX_BEST];
+    if (head && head->argmax && nt * stride <= MAX_BEST) {
+        for (int64_t k = 0; k < nt * stride; k++) best[k] = (best_t){-INFINITY, INT64_MAX};
+        hout.best = best, hout.stride = stride;
+    }
     const qlm_phase_t ph[] = {
         {norm1_task, &c, M},
         {linear_task, &lqkv, linear_tasks(&L->qkv)},
@@ -1913,9 +2089,17 @@ static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float
         {linear_task, &ldn, linear_tasks(&L->down)},
         {residual_task, &c, residual ? M : 0},
         {head_norm_task, &hn, head ? head->nrows : 0},
-        {linear_task, &lhead, head ? linear_tasks(head->out) : 0},
+        {head_out_task, &hout, head ? linear_tasks(head->out) : 0},
     };
     run_phases(ph, sizeof ph / sizeof ph[0], nthreads);
+    for (int64_t m = 0; head && head->argmax && m < head->nrows; m++) {
+        best_t b = {-INFINITY, INT64_MAX};
+        for (int t = 0; hout.best && t < nt; t++) {
+            const best_t *o = hout.best + t * stride + m;
+            if (beats(o->v, o->i, b.v, b.i)) b = *o;
+        }
+        head->argmax[m] = b.i == INT64_MAX ? -1 : b.i; /* -1: not computed */
+    }
 }
 
 void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *cos,
@@ -1930,15 +2114,15 @@ void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *c
    caches of layer l those of kv[j][l] (only K, V, Ks, Vs are read). Saves the caller a round
    trip per layer. With an output head (out not null), the call ends with the final norm
    (weights norm) and the head's logits of batch rows rows[0 .. nrows-1]; h is then left
-   unfinished. */
+   unfinished. argmax (or null): each of those rows' greedy token, -1 where not computed. */
 void qlm_stack_forward(const qlm_layer_t *const *layers, int64_t nlayers, float *h, int64_t M,
                        const float *cos, const float *sin, const qlm_segment_t *seg,
                        const qlm_segment_t *const *kv, int64_t nseg, int kv_q8, float *work,
                        int8_t *xq, int nthreads, const float *norm, float eps,
                        const qlm_linear_t *out, const int64_t *rows, int64_t nrows,
-                       float *logits) {
+                       float *logits, int64_t *argmax) {
     if (nseg > MAX_SEGMENTS) return; /* the caller holds batches to SMALL_BATCH rows */
-    const qlm_head_t head = {norm, eps, out, rows, nrows, logits};
+    const qlm_head_t head = {norm, eps, out, rows, nrows, logits, argmax};
     qlm_segment_t local[MAX_SEGMENTS];
     memcpy(local, seg, (size_t)nseg * sizeof *seg);
     /* Each layer's residual add is left to the next layer's first norm (one phase less). */
