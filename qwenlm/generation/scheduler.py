@@ -216,11 +216,13 @@ class _Choice:
     def take(self, rows: torch.Tensor) -> list[Output]:
         """Sample from the logits of this step's rows ((T, vocab) or (vocab,)); keep guesses
         while they equal what was sampled. Returns the events to deliver."""
-        rows = rows if rows.dim() == 2 else rows[None]
+        # (one row sampled as given: a view of it would lose the greedy token the engine
+        # noted for it, sampling.remember_greedy)
+        each = [rows] if rows.dim() == 1 else list(rows)
         outs = []
         accepted = 0
-        for i in range(rows.shape[0]):
-            token, lp = self.sampler(rows[i])
+        for i, row in enumerate(each):
+            token, lp = self.sampler(row)
             self.token = token
             out = self._push(token, lp)
             if out is not None:
