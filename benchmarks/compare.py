@@ -18,7 +18,8 @@ the engine holds them, plus the KV cache), prefill against the measured float32 
 and the FLOPs per token. For qwenlm also each matrix of one decoder layer and the output head
 alone. ``--busy`` repeats every measurement beside one busy-loop process.
 
-Engines: ``qwenlm:MODE`` (a ``--quant`` mode), ``llama.cpp`` (llama-cpp-python), ``ik_llama.cpp``
+Engines: ``qwenlm:MODE`` (a ``--quant`` mode; ``qwenlm:MODE+f16`` or ``+int8`` with that
+``--kv-cache``), ``llama.cpp`` (llama-cpp-python), ``ik_llama.cpp``
 (the ik-llama-cpp-python wheel, run-time repacking on), ``ik-llama-bench`` (a llama-bench binary
 built from ik_llama.cpp's source, ``--ik-llama-bench PATH``, run with ``-rtr 1``) and
 ``transformers`` (the GGUF dequantized to float32). Engines that are not installed are skipped
@@ -265,7 +266,8 @@ def worker_qwenlm(spec: dict) -> dict:
     )
 
     torch.set_num_threads(spec["threads"])
-    model = qwenlm.load(spec["gguf"], quant=spec["variant"], group_size=32)
+    mode, _, kv = spec["variant"].partition("+")
+    model = qwenlm.load(spec["gguf"], quant=mode, group_size=32, kv_cache=kv or "float")
     if spec["task"] == "ppl":
         return {"perplexity": perplexity(model, tokens=spec["ppl_tokens"], window=PPL_WINDOW)}
     out: dict[str, Any] = {
@@ -404,7 +406,12 @@ def engine_problem(engine: str, ik_llama_bench: str | None) -> str | None:
 
     name, _, variant = engine.partition(":")
     if name == "qwenlm":
-        return None if variant in ("none", *MODES) else f"no qwenlm mode {variant!r}"
+        from qwenlm.generation.engine import KV_CACHE_FORMATS
+
+        mode, plus, kv = variant.partition("+")
+        if mode not in ("none", *MODES):
+            return f"no qwenlm mode {mode!r}"
+        return None if not plus or kv in KV_CACHE_FORMATS else f"no KV cache format {kv!r}"
     if name == "ik-llama-bench":
         if not ik_llama_bench:
             return "needs --ik-llama-bench PATH (bash benchmarks/build_ik_llama.sh SOURCE)"

@@ -117,8 +117,9 @@ def load(
     (a GGUF file's own block formats, as stored, on the native kernels), or ``auto``.
     ``pull=True`` fetches a registry model that is not in the cache yet. ``adapter``
     is a LoRA adapter folder (PEFT format, e.g. from ``qwenlm train``), folded into the weights
-    before quantization. ``kv_cache="int8"`` keeps the attention cache in int8 (a quarter of
-    the memory at long contexts). ``config_overrides`` replaces config values by their Hugging
+    before quantization. ``kv_cache="f16"`` keeps the attention cache in float16 (half the
+    memory, and half the bytes a decode step reads at long contexts), ``"int8"`` in int8 (a
+    quarter). ``config_overrides`` replaces config values by their Hugging
     Face keys, e.g. long-context settings: ``{"rope_scaling": {"type": "yarn", "factor": 4.0,
     "original_max_position_embeddings": 32768}}``, ``{"dual_chunk_attention_config": {...}}``,
     ``{"use_dynamic_ntk": True, "use_logn_attn": True, "seq_length": 8192}``.

@@ -319,6 +319,8 @@ def test_unknown_engines_are_named():
     assert "unknown engine" in compare.engine_problem("vllm", None)
     assert "--ik-llama-bench" in compare.engine_problem("ik-llama-bench", None)
     assert compare.engine_problem("qwenlm:int8", None) is None
+    assert compare.engine_problem("qwenlm:gguf+f16", None) is None
+    assert "no KV cache format" in compare.engine_problem("qwenlm:gguf+f8", None)
 
 
 def test_build_ik_llama_script_refuses_a_folder_that_is_not_ik_llama(tmp_path):

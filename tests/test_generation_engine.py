@@ -100,7 +100,7 @@ def test_native_decode_path_matches_the_pytorch_layers(mode, tol):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+@pytest.mark.parametrize("kv_cache", ["float", "f16", "int8"])
 @pytest.mark.parametrize(
     "heads, kv_heads, hidden",
     [(14, 2, 224), (5, 1, 120), (6, 3, 48), (8, 1, 64)],  # head sizes 16, 24, 8, 8
@@ -335,6 +335,75 @@ def test_kernel_layer_is_only_used_with_kernel_projections():
     model.fuse_projections()
     assert not accelerate(model)  # plain nn.Linear layers: nothing to accelerate
     assert not any(isinstance(layer, KernelLayer) for layer in model.model.layers)
+
+
+@needs_kernels
+def test_f16_kv_cache_holds_the_float_cache_rounded_to_half():
+    # The native step writes its keys and values as float16 (F16C's rounding, or the scalar
+    # build's, at every level) as the PyTorch path's .half() does, and both read them back
+    # into float32 attention: the halves agree but where a float32 rounding apart upstream
+    # tips one to its neighbour, and the logits stay near the float32 cache's.
+    from qwenlm.kernels import runnable_isas
+
+    model = fast_model("f32")
+    p = prompt(40)
+    ef, eh = Engine(model), Engine(model, kv_cache="f16")
+    slow = fast_model("f32")
+    slow.model.layers = torch.nn.ModuleList(kl.layer for kl in slow.model.layers)
+    es = Engine(slow, kv_cache="f16")
+    sf, sh, ss = ef.new_sequence(), eh.new_sequence(), es.new_sequence()
+    for e, s in ((ef, sf), (eh, sh), (es, ss)):
+        e.forward([(s, p)])
+    assert sh.cache.keys[0].dtype == torch.float16
+    assert sh.cache.nbytes == sf.cache.nbytes // 2
+    for t in prompt(6, seed=4):
+        (a,) = ef.forward([(sf, [t])])
+        (b,) = eh.forward([(sh, [t])])
+        (c,) = es.forward([(ss, [t])])
+        # a float32 rounding apart upstream can round a key or value to the neighbouring
+        # half (2^-11 of it): far below what a wrong row or position would do
+        assert (b - c).abs().max() <= 1e-3 * b.abs().max()
+        # float16 keeps 11 significant bits: the logits move by a small fraction
+        assert (a - b).abs().max() <= 0.01 * a.abs().max()
+        n = len(sh)
+        for layer in range(len(sh.cache.keys)):
+            for a_, c_ in ((sh.cache.keys, ss.cache.keys), (sh.cache.values, ss.cache.values)):
+                # inputs a float32 rounding apart (rotary, norms; deeper layers also the
+                # halves tipped before them): mostly the same halves, the rest neighbours
+                x, y = a_[layer][:, :n].float(), c_[layer][:, :n].float()
+                assert ((x - y).abs() <= x.abs() * 1e-2 + 1e-4).all()
+                assert (x == y).float().mean() > 0.98
+    # At every level, the halves a native step writes are its float32 keys and values
+    # rounded as torch's .half() rounds them (the first layer's, which the cache's format
+    # cannot change), over a range from subnormal halves to overflow.
+    import os
+
+    big = fast_model("f32")
+    with torch.no_grad():
+        attn = big.model.layers[0].layer.self_attn
+        v0 = (attn.n_heads + attn.n_kv_heads) * attn.head_dim  # the value rows: no rotary
+        attn.qkv_proj.bias[v0:] = 0.0
+        attn.qkv_proj.weight[v0:] *= torch.logspace(-9, 6, attn.qkv_proj.weight.shape[0] - v0)[
+            :, None
+        ]
+    for level in runnable_isas():
+        os.environ["QWENLM_ISA"] = level
+        try:
+            pair = []
+            for fmt in ("float", "f16"):
+                e = Engine(big, kv_cache=fmt)
+                s = e.new_sequence()
+                e.forward([(s, p[:3])])
+                for t in p[3:9]:
+                    e.forward([(s, [t])])
+                pair.append(s.cache)
+            fc, hc = pair
+            for a, b in ((fc.keys[0], hc.keys[0]), (fc.values[0], hc.values[0])):
+                assert torch.equal(a[:, :9].half(), b[:, :9]), level
+            v = hc.values[0][:, :9].float()
+            assert v.isinf().any() and ((v != 0) & (v.abs() < 6.1e-5)).any()
+        finally:
+            del os.environ["QWENLM_ISA"]
 
 
 @needs_kernels

@@ -165,7 +165,7 @@ def build_profile_parser() -> argparse.ArgumentParser:
         default=32,
         help="decode steps timed after each context (default 32)",
     )
-    p.add_argument("--kv-cache", default="float", choices=["float", "int8"])
+    p.add_argument("--kv-cache", default="float", choices=["float", "f16", "int8"])
     p.add_argument("--threads", type=int)
     p.add_argument(
         "--timeout",

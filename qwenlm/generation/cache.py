@@ -96,7 +96,9 @@ class SequenceCache:
 
     With ``quantized=True`` each stored row (one head, one position) is int8 codes plus a
     float scale (``key_scales``, ``value_scales``: (kv_heads, capacity)), a quarter of the
-    float32 memory. Capacity grows geometrically in steps of ``step`` positions.
+    float32 memory. A ``dtype`` narrower than ``compute_dtype`` (float16 rows for float32
+    attention) is stored rounded to nearest and read back widened. Capacity grows
+    geometrically in steps of ``step`` positions.
     """
 
     step = 256
@@ -110,10 +112,12 @@ class SequenceCache:
         device: torch.device,
         *,
         quantized: bool = False,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.shape = (n_kv_heads, 0, head_dim)
         self.quantized = quantized
         self.dtype = torch.int8 if quantized else dtype
+        self.compute_dtype = compute_dtype or self.dtype
         self.device = device
         self.keys = [
             torch.empty(self.shape, dtype=self.dtype, device=device) for _ in range(n_layers)
@@ -129,6 +133,12 @@ class SequenceCache:
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[1]
+
+    @property
+    def kv_type(self) -> int:
+        """The native kernels' code for the stored rows: 0 float32, 1 int8 with a scale
+        each, 2 float16 (cpu_kernels.c's KV_F32, KV_I8, KV_F16)."""
+        return 1 if self.quantized else 2 if self.dtype == torch.float16 else 0
 
     def buffers(self) -> tuple[list[torch.Tensor], ...]:
         return (self.keys, self.values, self.key_scales, self.value_scales)
@@ -166,6 +176,8 @@ class SequenceCache:
         """Keys and values of positions 0 .. n - 1 as floats, (kv_heads, n, head_dim)."""
         K, V = self.keys[layer][:, :n], self.values[layer][:, :n]
         if not self.quantized:
+            if self.dtype != self.compute_dtype:
+                return K.to(self.compute_dtype), V.to(self.compute_dtype)
             return K, V
         return (
             K.float() * self.key_scales[layer][:, :n, None],

@@ -44,6 +44,8 @@ SMALL_SEGMENT = SMALL_BATCH
 # Prompts are prefilled in pieces ending at multiples of this many positions: bounded
 # activation memory, and the same cut for the same prompt on every surface.
 PREFILL_CHUNK = 512
+# The KV cache's formats: float (the attention's own dtype), float16, int8 rows with scales.
+KV_CACHE_FORMATS = ("float", "f16", "int8")
 
 
 class BatchLayer:
@@ -122,10 +124,14 @@ class Engine:
         cuda_graphs: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
-        """``kv_cache="int8"`` stores keys and values as int8 rows with a scale each;
-        ``cuda_graphs`` replays recorded one-token decode steps on CUDA devices."""
-        if kv_cache not in ("float", "int8"):
-            raise ValueError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
+        """``kv_cache="f16"`` stores keys and values as float16 (half the bytes of float32
+        on the CPU, whose attention still computes in float32), ``"int8"`` as int8 rows with
+        a scale each; ``cuda_graphs`` replays recorded one-token decode steps on CUDA
+        devices."""
+        if kv_cache not in KV_CACHE_FORMATS:
+            raise ValueError(
+                f"kv_cache must be one of {', '.join(KV_CACHE_FORMATS)}, got {kv_cache!r}"
+            )
         if prefill_chunk <= SMALL_SEGMENT:
             raise ValueError(f"prefill_chunk must be above {SMALL_SEGMENT}, got {prefill_chunk}")
         self.model = model
@@ -136,10 +142,11 @@ class Engine:
         if p is None:
             p = next(model.buffers())
         self.device = p.device
-        # Keys and values stay float32 on CPU, where bfloat16 attention is ~10x slower.
-        self.kv_dtype = (
+        # Attention computes in float32 on CPU, where bfloat16 attention is ~10x slower.
+        self.compute_dtype = (
             torch.float32 if self.device.type == "cpu" else model.model.embed_tokens.weight.dtype
         )
+        self.kv_dtype = torch.float16 if kv_cache == "f16" else self.compute_dtype
         # A tensor-parallel rank caches its own key/value heads only (qwenlm.parallel).
         shard = getattr(model, "shard", None)
         self.kv_heads = shard.kv_heads if shard is not None else self.config.num_key_value_heads
@@ -166,6 +173,7 @@ class Engine:
             self.kv_dtype,
             self.device,
             quantized=self.kv_cache == "int8",
+            compute_dtype=self.compute_dtype,
         )
         if self.graphs is not None:
             cache.step = 1024  # each capacity change records a new graph

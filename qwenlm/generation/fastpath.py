@@ -148,7 +148,7 @@ class KernelLayer(nn.Module):
         step.point_at(cache.layer)
         lib.qlm_layer_forward(
             ctypes.byref(desc), h.data_ptr(), rows, step.cos_ptr, step.sin_ptr, step.segs,
-            step.nseg, step.quantized, step.work_ptr, step.xq_ptr, step.threads,
+            step.nseg, step.kv_type, step.work_ptr, step.xq_ptr, step.threads,
         )  # fmt: skip
         if step.caches and cache.layer == len(step.caches[0].keys) - 1:
             _Step._last = None  # the step is over: do not keep its sequences' caches alive
@@ -172,7 +172,8 @@ class _Step:
         self.s = sin.reshape(rows, D).contiguous()
         self.cos_ptr, self.sin_ptr = self.c.data_ptr(), self.s.data_ptr()
         self.caches = [seq.cache for seq, _, _ in layout]
-        self.quantized = int(bool(self.caches) and self.caches[-1].quantized)
+        self.kv_type = self.caches[-1].kv_type if self.caches else 0
+        self.quantized = bool(self.caches) and self.caches[-1].quantized
         self.nseg = len(layout)
         self.segs, longest = _segments(layout)
         d_model = desc.o.N
@@ -294,7 +295,7 @@ class KernelStack(nn.ModuleList):
         work, xq, threads = _scratch(lib, first, first._desc[0], rows, longest)
         lib.qlm_stack_forward(
             ptrs, len(ptrs), h.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), segs, kv,
-            len(layout), int(caches[-1].quantized), work.data_ptr(), xq.data_ptr(), threads,
+            len(layout), caches[-1].kv_type, work.data_ptr(), xq.data_ptr(), threads,
             None, 0.0, None, None, 0, None, None,
         )  # fmt: skip
         return True
@@ -454,7 +455,11 @@ class _Plan:
         return cls(model, lib)
 
     def current(self) -> bool:
-        return self.epoch == _EPOCH[0] and list(map(_DATA_PTR, self.tensors)) == self.addrs
+        return (
+            self.epoch == _EPOCH[0]
+            and list(map(_DATA_PTR, self.tensors)) == self.addrs
+            and cpu_kernels() is self.lib  # (QWENLM_ISA may have changed: tests do)
+        )
 
 
 class NativeForward:
@@ -542,7 +547,7 @@ class NativeForward:
         best = (ctypes.c_int64 * len(rows))()
         lib.qlm_stack_forward(
             plan.ptrs, len(plan.ptrs), h.data_ptr(), n, cos, sin, segs, kv, len(layout),
-            int(caches[-1].quantized), work.data_ptr(), xq.data_ptr(), threads, plan.norm_ptr,
+            caches[-1].kv_type, work.data_ptr(), xq.data_ptr(), threads, plan.norm_ptr,
             plan.eps, ctypes.byref(plan.head_desc), (ctypes.c_int64 * len(rows))(*rows),
             len(rows), logits.data_ptr(), best,
         )  # fmt: skip

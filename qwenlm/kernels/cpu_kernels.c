@@ -1487,6 +1487,7 @@ typedef __m512 fv;
 #define fv_fma _mm512_fmadd_ps
 #define fv_hsum _mm512_reduce_add_ps
 #define fv_load_i8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define fv_load_h(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define fv_min _mm512_min_ps
 #define fv_max _mm512_max_ps
 #define fv_fnma _mm512_fnmadd_ps
@@ -1506,6 +1507,7 @@ typedef __m256 fv;
 #define fv_div _mm256_div_ps
 #define fv_fma _mm256_fmadd_ps
 #define fv_load_i8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define fv_load_h(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 static inline float fv_hsum(__m256 a) {
     __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
@@ -1535,6 +1537,7 @@ typedef float fv;
 #define fv_fma(a, b, c) ((a) * (b) + (c))
 #define fv_hsum(a) (a)
 #define fv_load_i8(p) ((float)*(p))
+#define fv_load_h(p) half_to_float(*(p))
 #define fv_exp expf
 #endif
 
@@ -1643,11 +1646,55 @@ static void q8_row(const float *x, int64_t D, int8_t *q, float *scale) {
 #define PB 8 /* positions per block of scores */
 #define VB 64 /* positions per block of values */
 
-ALWAYS fv kv_load(const int q8, const void *row, int64_t i) {
-    return q8 ? fv_load_i8((const int8_t *)row + i) : fv_load((const float *)row + i);
+/* The KV cache's element types (the Python side passes them as `kv_type`). */
+enum { KV_F32 = 0, KV_I8 = 1, KV_F16 = 2 };
+#define KV_BYTES(t) ((t) == KV_I8 ? 1 : (t) == KV_F16 ? 2 : 4)
+
+ALWAYS fv kv_load(const int kvt, const void *row, int64_t i) {
+    if (kvt == KV_I8) return fv_load_i8((const int8_t *)row + i);
+    if (kvt == KV_F16) return fv_load_h((const uint16_t *)row + i);
+    return fv_load((const float *)row + i);
 }
-ALWAYS float kv_at(const int q8, const void *row, int64_t i) {
-    return q8 ? (float)((const int8_t *)row)[i] : ((const float *)row)[i];
+ALWAYS float kv_at(const int kvt, const void *row, int64_t i) {
+    if (kvt == KV_I8) return (float)((const int8_t *)row)[i];
+    if (kvt == KV_F16) return half_to_float(((const uint16_t *)row)[i]);
+    return ((const float *)row)[i];
+}
+
+/* float32 to float16, rounding to nearest even (as F16C's vcvtps2ph and torch's .half()):
+   overflow to infinity, NaN kept a (quiet) NaN, subnormal halves exact. */
+static inline uint16_t float_to_half(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7FFFFFFF;
+    if (ax > 0x7F800000) return (uint16_t)(sign | 0x7E00 | ((ax >> 13) & 0x3FF)); /* NaN */
+    if (ax >= 0x477FF000) return (uint16_t)(sign | 0x7C00); /* rounds past 65504: infinity */
+    if (ax >= 0x38800000) { /* a normal half */
+        const uint32_t r = ax + 0xC8000FFF + ((ax >> 13) & 1); /* rebias exponent, round even */
+        return (uint16_t)(sign | (r >> 13));
+    }
+    if (ax < 0x33000001) return (uint16_t)sign; /* under half the smallest subnormal: zero */
+    /* a subnormal half: the 24-bit significand shifted right, rounded to nearest even */
+    const int e = (int)(ax >> 23), shift = 126 - e; /* 14 .. 24 */
+    const uint32_t m = (ax & 0x7FFFFF) | 0x800000;
+    uint32_t h = m >> shift;
+    const uint32_t rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+#endif
+}
+
+static void f16_row(const float *x, int64_t D, uint16_t *out) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= D; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < D; i++) out[i] = float_to_half(x[i]);
 }
 
 /* The 8 sums of a[0..7]'s lanes. With 8 lanes: a hadd tree, in the order that hsum8 below
@@ -1676,7 +1723,7 @@ ALWAYS float hsum8(fv a) {
 /* o[a] (+)= Σ_j p[a][j] v_j for positions j0 .. j1-1, columns i .. i + 2 FW, of A heads (A a
    compile-time count); o holds the running sums between blocks of positions (the same chain
    of FMAs as one pass over all of them), and the last block scales them by inv. */
-ALWAYS void values_pass(const int q8, const int A, const float *p, int64_t n, const void *V,
+ALWAYS void values_pass(const int kvt, const int A, const float *p, int64_t n, const void *V,
                         int64_t j0, int64_t j1, int64_t D, int64_t i, const float *inv, float *o) {
     fv acc[AG][2];
     for (int a = 0; a < A; a++) {
@@ -1684,9 +1731,8 @@ ALWAYS void values_pass(const int q8, const int A, const float *p, int64_t n, co
         acc[a][1] = j0 ? fv_load(o + a * D + i + FW) : fv_zero();
     }
     for (int64_t j = j0; j < j1; j++) {
-        const void *vj = q8 ? (const void *)((const int8_t *)V + j * D)
-                            : (const void *)((const float *)V + j * D);
-        const fv v0 = kv_load(q8, vj, i), v1 = kv_load(q8, vj, i + FW);
+        const void *vj = (const char *)V + j * D * KV_BYTES(kvt);
+        const fv v0 = kv_load(kvt, vj, i), v1 = kv_load(kvt, vj, i + FW);
         for (int a = 0; a < A; a++) {
             const fv pj = fv_set1(p[a * n + j]);
             acc[a][0] = fv_fma(pj, v0, acc[a][0]);
@@ -1700,16 +1746,15 @@ ALWAYS void values_pass(const int q8, const int A, const float *p, int64_t n, co
     }
 }
 
-ALWAYS void attend_group(const int q8, const float *q, const void *K, const void *V,
+ALWAYS void attend_group(const int kvt, const float *q, const void *K, const void *V,
                          const float *ks, const float *vs, int64_t n, int64_t D, int64_t G,
                          float scale, float *p, float *o) {
-#define KROW(j) (q8 ? (const void *)((const int8_t *)K + (j) * D) \
-                    : (const void *)((const float *)K + (j) * D))
-#define VROW(j) (q8 ? (const void *)((const int8_t *)V + (j) * D) \
-                    : (const void *)((const float *)V + (j) * D))
+    const int q8 = kvt == KV_I8; /* rows with a scale each */
+#define KROW(j) ((const void *)((const char *)K + (j) * D * KV_BYTES(kvt)))
+#define VROW(j) ((const void *)((const char *)V + (j) * D * KV_BYTES(kvt)))
     const int64_t Dv = D / FW * FW;
     int64_t j = 0;
-    const int64_t krow = q8 ? D : D * (int64_t)sizeof(float);
+    const int64_t krow = D * KV_BYTES(kvt);
     for (; j + PB <= n; j += PB) { /* scores of 8 positions, head by head */
         for (int64_t t = j + 4 * PB; t < MIN(n, j + 5 * PB); t++) /* a few blocks ahead */
             for (int64_t b = 0; b < krow; b += 64)
@@ -1721,12 +1766,12 @@ ALWAYS void attend_group(const int q8, const float *q, const void *K, const void
             for (int64_t i = 0; i < Dv; i += FW) {
                 const fv qv = fv_load(qg + i);
                 for (int t = 0; t < PB; t++)
-                    acc[t] = fv_fma(qv, kv_load(q8, KROW(j + t), i), acc[t]);
+                    acc[t] = fv_fma(qv, kv_load(kvt, KROW(j + t), i), acc[t]);
             }
             float sc[PB];
             reduce8(acc, sc);
             for (int t = 0; t < PB; t++) {
-                for (int64_t i = Dv; i < D; i++) sc[t] += qg[i] * kv_at(q8, KROW(j + t), i);
+                for (int64_t i = Dv; i < D; i++) sc[t] += qg[i] * kv_at(kvt, KROW(j + t), i);
                 p[g * n + j + t] = q8 ? sc[t] * ks[j + t] * scale : sc[t] * scale;
             }
         }
@@ -1736,9 +1781,9 @@ ALWAYS void attend_group(const int q8, const float *q, const void *K, const void
             const float *qg = q + g * D;
             fv acc = fv_zero();
             for (int64_t i = 0; i < Dv; i += FW)
-                acc = fv_fma(fv_load(qg + i), kv_load(q8, KROW(j), i), acc);
+                acc = fv_fma(fv_load(qg + i), kv_load(kvt, KROW(j), i), acc);
             float sc = hsum8(acc);
-            for (int64_t i = Dv; i < D; i++) sc += qg[i] * kv_at(q8, KROW(j), i);
+            for (int64_t i = Dv; i < D; i++) sc += qg[i] * kv_at(kvt, KROW(j), i);
             p[g * n + j] = q8 ? sc * ks[j] * scale : sc * scale;
         }
     float inv[G];
@@ -1774,7 +1819,7 @@ ALWAYS void attend_group(const int q8, const float *q, const void *K, const void
     }
     /* Values in blocks of VB positions (16 KB of float32 rows at D = 64), each block read from
        memory once and then from L1 by every column slice and head. */
-    const int64_t Dw = D / (2 * FW) * (2 * FW), row = q8 ? D : D * (int64_t)sizeof(float);
+    const int64_t Dw = D / (2 * FW) * (2 * FW), row = D * KV_BYTES(kvt);
     for (int64_t j0 = 0; j0 < n; j0 += VB) {
         const int64_t j1 = MIN(n, j0 + VB);
         for (int64_t t = j1; t < MIN(n, j1 + VB); t++)
@@ -1785,10 +1830,10 @@ ALWAYS void attend_group(const int q8, const float *q, const void *K, const void
                 const float *pg = p + g * n;
                 float *og = o + g * D;
                 switch (G - g >= AG ? AG : G - g) {
-                case 4: values_pass(q8, 4, pg, n, V, j0, j1, D, i, inv + g, og); break;
-                case 3: values_pass(q8, 3, pg, n, V, j0, j1, D, i, inv + g, og); break;
-                case 2: values_pass(q8, 2, pg, n, V, j0, j1, D, i, inv + g, og); break;
-                default: values_pass(q8, 1, pg, n, V, j0, j1, D, i, inv + g, og);
+                case 4: values_pass(kvt, 4, pg, n, V, j0, j1, D, i, inv + g, og); break;
+                case 3: values_pass(kvt, 3, pg, n, V, j0, j1, D, i, inv + g, og); break;
+                case 2: values_pass(kvt, 2, pg, n, V, j0, j1, D, i, inv + g, og); break;
+                default: values_pass(kvt, 1, pg, n, V, j0, j1, D, i, inv + g, og);
                 }
             }
     }
@@ -1796,7 +1841,7 @@ ALWAYS void attend_group(const int q8, const float *q, const void *K, const void
     for (; i < D; i++) /* head sizes that are not a multiple of 2 FW */
         for (int64_t g = 0; g < G; g++) {
             float acc = 0.0f;
-            for (int64_t t = 0; t < n; t++) acc += p[g * n + t] * kv_at(q8, VROW(t), i);
+            for (int64_t t = 0; t < n; t++) acc += p[g * n + t] * kv_at(kvt, VROW(t), i);
             o[g * D + i] = acc * inv[g];
         }
 #undef KROW
@@ -1815,7 +1860,7 @@ typedef struct {
     const float *cos, *sin;
     const qlm_segment_t *seg;
     int64_t nseg;
-    int kv_q8;
+    int kv_type; /* KV_F32, KV_I8 (rows with a scale each) or KV_F16 */
     float *y, *qkv, *att, *o, *gu, *act, *dn, *scratch;
     int8_t *xq;
     float *xd;
@@ -1854,9 +1899,12 @@ static void rope_kv_heads(const layer_ctx *c, int64_t m, int64_t h0, int64_t nh,
     for (int64_t h = k0; h < k1; h++) {
         const int64_t pos = h * s->cap + s->past + t;
         const float *k = row + (H + h) * D, *v = row + (H + Hkv + h) * D;
-        if (c->kv_q8) {
+        if (c->kv_type == KV_I8) {
             q8_row(k, D, (int8_t *)s->K + pos * D, s->Ks + pos);
             q8_row(v, D, (int8_t *)s->V + pos * D, s->Vs + pos);
+        } else if (c->kv_type == KV_F16) {
+            f16_row(k, D, (uint16_t *)s->K + pos * D);
+            f16_row(v, D, (uint16_t *)s->V + pos * D);
         } else {
             memcpy((float *)s->K + pos * D, k, D * sizeof(float));
             memcpy((float *)s->V + pos * D, v, D * sizeof(float));
@@ -1884,12 +1932,10 @@ static void attention_task(const void *ctx, int64_t i, int tid) {
         rope_kv_heads(c, m, h0, nh, kvh, kvh + 1);
     const float *q = c->qkv + m * c->QN + h0 * D;
     float *p = c->scratch + tid * c->hc * c->S, *o = c->att + m * c->HD + h0 * D;
-    if (c->kv_q8)
-        attend_group(1, q, (const int8_t *)s->K + off * D, (const int8_t *)s->V + off * D,
-                     s->Ks + off, s->Vs + off, n, D, nh, L->scale, p, o);
-    else
-        attend_group(0, q, (const float *)s->K + off * D, (const float *)s->V + off * D, 0, 0, n,
-                     D, nh, L->scale, p, o);
+    const int kvt = c->kv_type, es = KV_BYTES(kvt);
+    attend_group(kvt, q, (const char *)s->K + off * D * es, (const char *)s->V + off * D * es,
+                 kvt == KV_I8 ? s->Ks + off : 0, kvt == KV_I8 ? s->Vs + off : 0, n, D, nh,
+                 L->scale, p, o);
     if (c->fused) { /* the o projection's int8 input: these heads' blocks */
         const int need = needs_act(&L->o);
         if (need & ACT_32)
@@ -2020,7 +2066,7 @@ static void residual_task(const void *ctx, int64_t m, int tid) {
    same layout), added by this layer's first norm; residual: add this layer's own at the end;
    head (the last layer's, or none): the final norm and output head of some rows instead. */
 static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *cos,
-                          const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_q8,
+                          const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_type,
                           float *work, int8_t *xq, int nthreads, int add_prev, int residual,
                           const qlm_head_t *head) {
     const int64_t d = L->o.N, HD = L->H * L->D, F = L->down.K, QN = linear_width(&L->qkv);
@@ -2029,7 +2075,7 @@ static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float
     int64_t S = 0;
     for (int64_t i = 0; i < nseg; i++) S = S > seg[i].past + seg[i].T ? S : seg[i].past + seg[i].T;
     layer_ctx c = {.L = L, .h = h, .M = M, .cos = cos, .sin = sin, .seg = seg, .nseg = nseg};
-    c.kv_q8 = kv_q8;
+    c.kv_type = kv_type;
     c.y = work;
     c.qkv = c.y + M * d;
     c.att = c.qkv + M * QN;
@@ -2103,9 +2149,9 @@ static void layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float
 }
 
 void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *cos,
-                       const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_q8,
+                       const float *sin, const qlm_segment_t *seg, int64_t nseg, int kv_type,
                        float *work, int8_t *xq, int nthreads) {
-    layer_forward(L, h, M, cos, sin, seg, nseg, kv_q8, work, xq, nthreads, 0, 1, 0);
+    layer_forward(L, h, M, cos, sin, seg, nseg, kv_type, work, xq, nthreads, 0, 1, 0);
 }
 
 #define MAX_SEGMENTS 64
@@ -2117,7 +2163,7 @@ void qlm_layer_forward(const qlm_layer_t *L, float *h, int64_t M, const float *c
    unfinished. argmax (or null): each of those rows' greedy token, -1 where not computed. */
 void qlm_stack_forward(const qlm_layer_t *const *layers, int64_t nlayers, float *h, int64_t M,
                        const float *cos, const float *sin, const qlm_segment_t *seg,
-                       const qlm_segment_t *const *kv, int64_t nseg, int kv_q8, float *work,
+                       const qlm_segment_t *const *kv, int64_t nseg, int kv_type, float *work,
                        int8_t *xq, int nthreads, const float *norm, float eps,
                        const qlm_linear_t *out, const int64_t *rows, int64_t nrows,
                        float *logits, int64_t *argmax) {
@@ -2132,7 +2178,7 @@ void qlm_stack_forward(const qlm_layer_t *const *layers, int64_t nlayers, float 
             local[j].K = p->K, local[j].V = p->V, local[j].Ks = p->Ks, local[j].Vs = p->Vs;
         }
         const int last = l == nlayers - 1;
-        layer_forward(layers[l], h, M, cos, sin, local, nseg, kv_q8, work, xq, nthreads, l > 0,
+        layer_forward(layers[l], h, M, cos, sin, local, nseg, kv_type, work, xq, nthreads, l > 0,
                       last && !out, last && out ? &head : 0);
     }
 }
