@@ -445,16 +445,23 @@ def test_int8_kv_cache_tracks_the_float_cache_and_keeps_exactness():
     assert spec == ref
 
 
+def prompted_step(model):
+    """An engine on ``model``, a sequence after a 20-token prompt, the prompt, and the logits
+    of one more step (token 5)."""
+    engine = Engine(model)
+    p = prompt(20)
+    seq = engine.new_sequence()
+    engine.forward([(seq, p)])
+    (logits,) = engine.forward([(seq, [5])])
+    return engine, seq, p, logits
+
+
 @needs_kernels
 def test_native_layer_sees_a_replaced_weight():
     # The native layer caches its weights' C descriptor; a weight replaced after the first
     # step (a LoRA merge, a reload) must reach the next step, not the old pointers.
     model = fast_model("f32")
-    engine = Engine(model)
-    p = prompt(20)
-    seq = engine.new_sequence()
-    engine.forward([(seq, p)])
-    (before,) = engine.forward([(seq, [5])])
+    engine, _, p, before = prompted_step(model)
     down = model.model.layers[0].layer.mlp.down_proj
     down.weight = torch.nn.Parameter(torch.zeros_like(down.weight), requires_grad=False)
     seq2 = engine.new_sequence()
@@ -520,11 +527,7 @@ def test_native_step_sees_weights_moved_under_a_module():
     # module registration (`.data` assignment) must reach the next step, as a replaced
     # module or tensor does (the registration hooks).
     model = fast_model("f32")
-    engine = Engine(model)
-    p = prompt(20)
-    seq = engine.new_sequence()
-    engine.forward([(seq, p)])
-    (before,) = engine.forward([(seq, [5])])
+    engine, seq, p, before = prompted_step(model)
     norm = model.model.norm
     norm.weight.data = norm.weight.data * 2.0
     seq.trim(1)
