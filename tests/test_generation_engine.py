@@ -126,9 +126,10 @@ def test_grouped_attention_matches_pytorch_for_head_layouts(heads, kv_heads, hid
 
 
 @needs_kernels
-def test_ragged_batch_rows_equal_separate_runs_exactly():
+@pytest.mark.parametrize("lengths", [(5, 23, 40), (5, 3, 7)])  # (positions 5, 3, 7: a span
+def test_ragged_batch_rows_equal_separate_runs_exactly(lengths):  # as long as the batch)
     engine = Engine(fast_model())
-    prompts = [prompt(n, seed=n) for n in (5, 23, 40)]
+    prompts = [prompt(n, seed=n) for n in lengths]
     seqs = [engine.new_sequence() for _ in prompts]
     for s, p in zip(seqs, prompts, strict=True):
         engine.forward([(s, p)])

@@ -608,9 +608,12 @@ class RopeRows:
         itself (no tensor made: a step's Python runs from cold caches)."""
         first, last = positions[0], positions[-1]
         n, c, s, row = self._at
-        if last < n and last - first == len(positions) - 1 and first >= 0:
+        consecutive = first >= 0 and (
+            len(positions) == 1 or all(p == first + i for i, p in enumerate(positions))
+        )
+        if consecutive and last < n:
             return c + first * row, s + first * row, None
-        if last >= n and last < self.limit and last - first == len(positions) - 1:
+        if consecutive and last < self.limit:
             self._grow(last + 1)
             return self.pointers(positions)
         cos, sin = self.rows(positions)
