@@ -512,10 +512,21 @@ def test_native_head_finds_the_greedy_token_as_numpy_does():
                 edit(head)
         (logits,) = engine.forward([(seq, [7])])
         assert logits.shape == (head.shape[0],)
-        (known,) = sampling._KNOWN  # noted by the native step
-        assert known[0] is logits
-        assert known[2] == int(np.argmax(logits.numpy())), name
-        assert sampling.greedy_token(logits) == known[2]
+        ((noted, _, rows),) = sampling._KNOWN  # noted by the native step
+        assert noted is logits and list(rows) == [logits.data_ptr()]
+        assert rows[logits.data_ptr()] == int(np.argmax(logits.numpy())), name
+        assert sampling.greedy_token(logits) == rows[logits.data_ptr()]
+    # every row of a verification pass, sampled from views of it
+    with torch.no_grad():
+        head.copy_(original)
+        head[[40, 44]] = 0.0  # (ties where these win)
+    (block,) = engine.forward([(seq, [7, 8, 9, 10])], all_logits=True)
+    ((noted, _, rows),) = sampling._KNOWN
+    assert noted.data_ptr() == block.data_ptr() and len(rows) == 4
+    for row in block:
+        assert rows[row.data_ptr()] == int(np.argmax(row.numpy()))
+        assert sampling.greedy_token(row) == rows[row.data_ptr()]
+    assert sampling.greedy_token(block[0, :100]) == int(np.argmax(block[0, :100].numpy()))
     # changed in place after the step: the noted token is no longer used
     (logits,) = engine.forward([(seq, [8])])
     logits[3] = float(logits.max()) + 1.0

@@ -301,21 +301,14 @@ class Engine:
         for seq, tokens in segments:
             seq.tokens.extend(int(t) for t in tokens)
             seq.cache.length = len(seq.tokens)
-        if best is not None and len(best) == 1:  # one segment, one row: made as (vocab,)
-            if every[0]:
-                return [logits[None]]
-            if best[0] >= 0:
-                remember_greedy([(logits, best[0])])
-            return [logits]
-        out = [
+        if best is not None:
+            remember_greedy(logits, best)
+            if len(best) == 1:  # one segment, one row: made as (vocab,)
+                return [logits[None] if every[0] else logits]
+        return [
             logits[i : i + T] if full else logits[i]
             for (i, full), (_, _, T) in zip(spans, layout, strict=True)
         ]
-        if best is not None:
-            remember_greedy(
-                [(t, best[i]) for t, (i, full) in zip(out, spans, strict=True) if not full]
-            )
-        return out
 
     def _model_forward(
         self,

@@ -50,15 +50,19 @@ def apply_repetition_penalty(
 
 
 # The greedy tokens the native output head found for the rows of the last step it ran:
-# (logits row, its version then, token). Kept for one step only (the next replaces them).
-_KNOWN: list[tuple[torch.Tensor, int, int]] = []
+# (its logits, their version then, {a row's address: its token}). Kept for one step only
+# (the next replaces it); holding the logits keeps their memory from being reused.
+_KNOWN: list[tuple[torch.Tensor, int, dict[int, int]]] = []
 
 
-def remember_greedy(rows: list[tuple[torch.Tensor, int]]) -> None:
-    """Note for each (logits row, token) that ``token`` is :func:`greedy_token` of the row,
-    as the native output head found it while writing the logits; valid until the row
-    changes in place (its version counter moves). Replaces what the last call noted."""
-    _KNOWN[:] = [(t, t._version, token) for t, token in rows]
+def remember_greedy(logits: torch.Tensor, tokens: list[int]) -> None:
+    """Note that ``tokens[r]`` is :func:`greedy_token` of row r of ``logits`` ((rows,
+    vocab), or (vocab,) for one), as the native output head found it while writing them
+    (-1: not found); valid for any float32 view of a whole row until the logits change in
+    place (their version counter moves). Replaces what the last call noted."""
+    base, step = logits.data_ptr(), logits.stride(0) * 4 if logits.dim() == 2 else 0
+    rows = {base + r * step: t for r, t in enumerate(tokens) if t >= 0}
+    _KNOWN[:] = [(logits, logits._version, rows)] if rows else []
 
 
 def greedy_token(logits: torch.Tensor) -> int:
@@ -70,8 +74,16 @@ def greedy_token(logits: torch.Tensor) -> int:
     logits, written while the head's weights streamed through the caches, are back in memory
     by then, and reading them again cost ~0.15 ms.
     """
-    for t, version, token in _KNOWN:
-        if t is logits and version == t._version:
+    for noted, version, rows in _KNOWN:
+        token = rows.get(logits.data_ptr())
+        if (
+            token is not None
+            and logits._version == version  # (a view shares its base's version counter)
+            and logits.dtype == torch.float32
+            and logits.dim() == 1
+            and logits.shape[0] == noted.shape[-1]
+            and logits.stride(0) == 1
+        ):
             return token
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1:
         return int(logits.detach().contiguous().numpy().argmax())
