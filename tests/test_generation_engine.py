@@ -126,6 +126,18 @@ def test_grouped_attention_matches_pytorch_for_head_layouts(heads, kv_heads, hid
 
 
 @needs_kernels
+@needs_kernels
+def test_native_steps_of_models_of_several_sizes_in_one_thread():
+    # A thread's residual-stream scratch serves models of any hidden size in any order; an
+    # int8 model's embedding is read by its module into that scratch, by shape.
+    shapes = [{}, dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=128), {}]
+    for shape in shapes:
+        ef, es = twin_engines("int8", **shape)
+        _, _, pairs = decode_both(ef, es, prompt(9), prompt(3, seed=2))
+        for a, b in pairs:
+            assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
 @pytest.mark.parametrize("lengths", [(5, 23, 40), (5, 3, 7)])  # (positions 5, 3, 7: a span
 def test_ragged_batch_rows_equal_separate_runs_exactly(lengths):  # as long as the batch)
     engine = Engine(fast_model())

@@ -556,10 +556,14 @@ class NativeForward:
 
 
 def _residual_rows(n: int, hidden: int) -> torch.Tensor:
-    """A thread's scratch for the residual stream of a native step (at least n x hidden)."""
-    h = getattr(_SCRATCH, "h", None)
-    if h is None or h.numel() < n * hidden:
-        h = _SCRATCH.h = torch.empty(SMALL_BATCH, hidden)
+    """A thread's scratch for the residual stream of a native step: (SMALL_BATCH, hidden),
+    one per hidden size (a process may run models of several sizes)."""
+    bufs = getattr(_SCRATCH, "h", None)
+    if bufs is None:
+        bufs = _SCRATCH.h = {}
+    h = bufs.get(hidden)
+    if h is None:
+        h = bufs[hidden] = torch.empty(SMALL_BATCH, hidden)
     return h
 
 
