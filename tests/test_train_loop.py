@@ -206,13 +206,21 @@ def test_death_at_every_file_operation_of_a_save_leaves_old_or_new_never_half(
 
         return fill
 
-    real = {"replace": os.replace, "fsync": os.fsync, "save_file": st.save_file}
+    # Deaths while pruning too: the third save deletes the first checkpoint (keep=2).
+    real = {
+        "replace": os.replace,
+        "fsync": os.fsync,
+        "save_file": st.save_file,
+        "unlink": os.unlink,
+        "rmdir": os.rmdir,
+    }
     point = 0
     while True:
         point += 1
         root = tmp_path / f"run-{point}"
         ckpts = ck.Checkpoints(root, keep=2)
         ckpts.save(1, write(1))
+        ckpts.save(2, write(2))
         calls = 0
 
         def dies(name, die_at=point):
@@ -225,18 +233,18 @@ def test_death_at_every_file_operation_of_a_save_leaves_old_or_new_never_half(
 
             return op
 
-        monkeypatch.setattr(os, "replace", dies("replace"))
-        monkeypatch.setattr(os, "fsync", dies("fsync"))
+        for name in ("replace", "fsync", "unlink", "rmdir"):
+            monkeypatch.setattr(os, name, dies(name))
         monkeypatch.setattr(st, "save_file", dies("save_file"))
         try:
-            ckpts.save(2, write(2))
+            ckpts.save(3, write(3))
             finished = True
         except _Killed:
             finished = False
         monkeypatch.undo()
         steps = ckpts.steps()
         assert all(ckpts.verify(ckpts.path(s)) is None for s in steps), (point, steps)
-        assert ckpts.latest() == ckpts.path(2 if 2 in steps else 1)
+        assert ckpts.latest() == ckpts.path(3 if 3 in steps else 2)
         ckpts.clean_partials()
         assert sorted(p.name for p in root.iterdir()) == [f"step-{s:08d}" for s in sorted(steps)]
         shutil.rmtree(root)

@@ -154,8 +154,14 @@ class Checkpoints:
         return final
 
     def prune(self) -> None:
+        # Renamed out of sight first (one atomic step), then deleted: a kill in the middle of
+        # a deletion leaves a hidden folder (clean_partials), never a step-N folder that
+        # lost its manifest or some files.
         for step in self.steps()[self.keep :]:
-            shutil.rmtree(self.path(step), ignore_errors=True)
+            gone = self.root / f".step-{step:08d}.old"
+            shutil.rmtree(gone, ignore_errors=True)
+            os.replace(self.path(step), gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
     def clean_partials(self) -> None:
         """Remove what a killed run left half-written."""
