@@ -341,8 +341,10 @@ class GGUFEmbedding(torch.nn.Module):
     def rows_of(self, ids: list[int]) -> torch.Tensor:
         """Rows ``ids`` as a new (len(ids), embedding_dim) tensor.
 
-        Decode steps look up one token a row, the same few thousand over and over: unpacking
-        a row from its interleaved blocks is ~0.4 ms of torch ops, a dict hit microseconds.
+        Small lookups on the PyTorch path (no native kernels, rows with LoRA adapters; native
+        decode steps read their rows in C, see fastpath.NativeForward) take the same few
+        thousand tokens over and over: unpacking a row from its interleaved blocks is ~0.4 ms
+        of torch ops, a dict hit microseconds.
         The rows are exact copies; a changed table (another tensor, or written in place)
         starts a new cache.
         """
