@@ -1174,8 +1174,10 @@ ALWAYS void group_tile(const int fmt, const uint8_t *gp, int64_t nb, const qlm_a
     else q32_tile(fmt, gp, nb, a, m0, R, acc);
 }
 
-/* Groups g0 .. g1-1 of an interleaved part for all M input rows, in tiles of up to TILE rows
-   (8, 4, then 1-3: few tiles, each a compiled copy with its accumulators in registers). */
+/* Groups g0 .. g1-1 of an interleaved part for all M input rows, in tiles of up to TILE rows:
+   8s, then the rest in one tile. Each row count is a compiled copy with its accumulators in
+   registers; 5-7 rows as 4 + 1..3 cost 1.1-1.25x one tile of them (a second pass unpacking
+   every block again), which speculative passes of 4-6 guesses and 5-7 clients hit. */
 ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_act_t *a, float *y,
                                int64_t ldy, int64_t M, int64_t g0, int64_t g1) {
     const int64_t nb = L->K / BLOCK_ELEMS(fmt), stride = nb * GROUP_REC[fmt];
@@ -1186,7 +1188,7 @@ ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_a
        KB of weights, in L1 / L2), instead of all M rows streaming through L2 once a group. */
     for (int64_t m0 = 0, R; m0 < M; m0 += R) {
 #if TILE > 1
-        R = M - m0 >= 8 ? 8 : M - m0 >= 4 ? 4 : M - m0;
+        R = MIN(M - m0, TILE);
 #else
         R = 1;
 #endif
@@ -1196,6 +1198,9 @@ ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_a
 #if TILE > 1
             switch (R) {
             case 8: group_tile(fmt, gp, nb, a, m0, 8, acc); break;
+            case 7: group_tile(fmt, gp, nb, a, m0, 7, acc); break;
+            case 6: group_tile(fmt, gp, nb, a, m0, 6, acc); break;
+            case 5: group_tile(fmt, gp, nb, a, m0, 5, acc); break;
             case 4: group_tile(fmt, gp, nb, a, m0, 4, acc); break;
             case 3: group_tile(fmt, gp, nb, a, m0, 3, acc); break;
             case 2: group_tile(fmt, gp, nb, a, m0, 2, acc); break;
