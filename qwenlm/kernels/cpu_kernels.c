@@ -778,14 +778,17 @@ static void i4_rows(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t
  * row r, one broadcast of 4 activation bytes serves all 8 rows, and the 8 sums land in the 8
  * lanes of one vector with no horizontal add. Per block and group (all little-endian):
  *   Q4_0  d[8] f16 | qs 4 x 32 B                     Q4_1  d[8] | m[8] | qs
- *   Q5_0  d[8] | qh 32 B | qs                        Q5_1  d[8] | m[8] | qh | qs
+ *   Q5_0  d[8] | H 32 B | B 4 x 32 B                 Q5_1  d[8] | m[8] | H | B
  *   Q8_0  d[8] | qs 8 x 32 B (int8)                 int8 rows (QLM_I8_TILED): qs only
  *   Q4_K  d[8] | dmin[8] | scales 3 x 32 B | qs 4 chunks x 8 x 32 B
  *   Q5_K  d[8] | dmin[8] | scales | qh 8 x 32 B | qs
  *   Q6_K  d[8] | scales 8 x 16 B | 8 x (ql 4 x 32 B | qh 2 x 32 B)
  * In a qs vector k, lane r, byte i: low nibble = element 4k + i of the 32-block, high nibble =
- * element 16 + 4k + i (Q4_K/Q5_K: low = sub-block 2c, high = 2c + 1, element 4k + i, chunk c).
- * The 5th bit of nibble vector p is bit p of the same byte of the qh vector; Q6_K's top two
+ * element 16 + 4k + i (Q4_K/Q5_K: low = sub-block 2c, high = 2c + 1, element 4k + i, chunk c):
+ * nibble vectors p = 2k, 2k + 1. Q5_0/Q5_1 hold the same 8 vectors' 5-bit values so that
+ * unpacking is cheap: byte i of lane r of B_k = value of vector k (bits 0-4) and bits 0-2 of
+ * vector 4 + k's (bits 5-7); of H, bits 2k, 2k + 1 = bits 3, 4 of vector 4 + k's. Q5_K:
+ * the 5th bit of nibble vector p is bit p of the same byte of the qh vector; Q6_K's top two
  * bits of vector p are bits 2(p%4)..2(p%4)+1 of qh vector p/4. K-quant scales: lane r of
  * scales vector i holds row r's i-th 32-bit word of its 12 packed scale bytes; Q6_K: lane r
  * of scales chunk s holds row r's int8 scales 2s, 2s+1 (16 elements each).
@@ -1038,12 +1041,18 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t nb, const qlm_act_
         if (eight) {
             /* |w| * (x with w's sign) keeps maddubs' unsigned operand unsigned */
             for (int k = 0; k < 8; k++) u[k] = vi_abs8(vi_load(q + 32 * k));
-        } else {
-            unpack_nibbles(q + (five ? 32 : 0), u, 4, 1);
-            if (five) {
-                const vi h = vi_load(q);
-                for (int p = 0; p < 8; p++) u[p] = vi_or(u[p], top_bits(h, p, 1));
+        } else if (five) {
+            /* u[k] whole in B_k's low 5 bits; u[4 + k]: B_k's top 3 bits, and bits 2k, 2k + 1
+               of H moved to bits 3-4 (16-bit shifts: the masks keep each byte's own bits) */
+            const vi h = vi_load(q), m5 = vi_set8(0x1F), m3 = vi_set8(0x07), m18 = vi_set8(0x18);
+            for (int k = 0; k < 4; k++) {
+                const vi b = vi_load(q + 32 + 32 * k);
+                const vi hk = k == 0 ? vi_slli16(h, 3) : k == 1 ? vi_slli16(h, 1) : vi_srli16(h, 2 * k - 3);
+                u[k] = vi_and(b, m5);
+                u[4 + k] = vi_or(vi_and(vi_srli16(b, 5), m3), vi_and(hk, m18));
             }
+        } else {
+            unpack_nibbles(q, u, 4, 1);
         }
         for (int m = 0; m < R; m++) {
             const int8_t *x = ACT_ROW(a, m0 + m) + b * 32;
@@ -1413,10 +1422,16 @@ static void dequant_record_row(int fmt, const uint8_t *p, int r, float *y) {
             return;
         }
         for (int e = 0; e < 32; e++) {
-            const int j = e % 16, b = LANE_BYTE(qs, r, j);
-            int q = e < 16 ? b & 15 : b >> 4;
-            /* the 5th bit of element e: bit p of lane r's byte i, e = (p % 2) 16 + 4 (p / 2) + i */
-            if (five) q |= ((qh[4 * r + j % 4] >> (2 * (j / 4) + e / 16)) & 1) << 4;
+            const int j = e % 16;
+            int q;
+            if (five) { /* element e = (p % 2) 16 + 4 (p / 2) + i: nibble vector p, byte i */
+                const int p = 2 * (j / 4) + e / 16, i = j % 4, k = p % 4;
+                const int b = LANE_BYTE(qh + 32 * (1 + k), r, i); /* B_k */
+                q = p < 4 ? b & 31 : (b >> 5) | ((qh[4 * r + i] >> (2 * k)) & 3) << 3;
+            } else {
+                const int b = LANE_BYTE(qs, r, j);
+                q = e < 16 ? b & 15 : b >> 4;
+            }
             const int zero = mins ? 0 : five ? 16 : 8;
             y[e] = mins ? (float)q * d + m : (float)(q - zero) * d;
         }
