@@ -2,8 +2,8 @@
 
 Each format's kernel is checked against a dequantize-then-matmul reference written from the
 format's definition (gguf's own numpy dequantizers) on random blocks with extreme scales; a
-row's result must not depend on the rows computed with it; the load-time packing must be an
-exact permutation; the C structs' ctypes mirrors must match; and the fused decoder layer and the
+row's result must not depend on the rows computed with it; the load-time packing must keep
+every bit and add none; the C structs' ctypes mirrors must match; and the fused decoder layer and the
 real model must agree with the PyTorch path, with f32 mode and with llama.cpp.
 """
 
@@ -104,7 +104,7 @@ def shape_for(qtype: T) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
-def test_packing_is_an_exact_permutation(qtype):
+def test_packing_keeps_every_bit_and_adds_none(qtype):
     raw = torch.randint(
         0,
         256,
