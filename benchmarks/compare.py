@@ -18,12 +18,13 @@ the engine holds them, plus the KV cache), prefill against the measured float32 
 and the FLOPs per token. For qwenlm also each matrix of one decoder layer and the output head
 alone. ``--busy`` repeats every measurement beside one busy-loop process.
 
-Engines: ``qwenlm:MODE`` (a ``--quant`` mode; ``qwenlm:MODE+f16`` or ``+int8`` with that
-``--kv-cache``), ``llama.cpp`` (llama-cpp-python), ``ik_llama.cpp``
-(the ik-llama-cpp-python wheel, run-time repacking on), ``ik-llama-bench`` (a llama-bench binary
-built from ik_llama.cpp's source, ``--ik-llama-bench PATH``, run with ``-rtr 1``) and
-``transformers`` (the GGUF dequantized to float32). Engines that are not installed are skipped
-with a note. Writes table.md, results.json and chart.png to --out.
+Engines: ``qwenlm:MODE`` (a ``--quant`` mode with its default KV cache, f16 for gguf;
+``qwenlm:MODE+float``, ``+f16`` or ``+int8`` with that ``--kv-cache``), ``llama.cpp``
+(llama-cpp-python), ``ik_llama.cpp`` (the ik-llama-cpp-python wheel, run-time repacking on),
+``ik-llama-bench`` (a llama-bench binary built from ik_llama.cpp's source, ``--ik-llama-bench
+PATH``, run with ``-rtr 1``) and ``transformers`` (the GGUF dequantized to float32). Engines
+that are not installed are skipped with a note. Writes table.md, results.json and chart.png
+to --out.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def worker_qwenlm(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     mode, _, kv = spec["variant"].partition("+")
-    model = qwenlm.load(spec["gguf"], quant=mode, group_size=32, kv_cache=kv or "float")
+    model = qwenlm.load(spec["gguf"], quant=mode, group_size=32, kv_cache=kv or "auto")
     if spec["task"] == "ppl":
         return {"perplexity": perplexity(model, tokens=spec["ppl_tokens"], window=PPL_WINDOW)}
     out: dict[str, Any] = {

@@ -425,7 +425,7 @@ def profile_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    model = qwenlm.load(spec["model"], quant=spec["quant"], kv_cache=spec.get("kv_cache", "float"))
+    model = qwenlm.load(spec["model"], quant=spec["quant"], kv_cache=spec.get("kv_cache", "auto"))
     n = int(spec["context"])
     r = measure_decode(model, context=n, tokens=int(spec["tokens"]))
     return {

@@ -3,8 +3,8 @@
 Each format's kernel is checked against a dequantize-then-matmul reference written from the
 format's definition (gguf's own numpy dequantizers) on random blocks with extreme scales; a
 row's result must not depend on the rows computed with it; the load-time packing must keep
-every bit and add none; the C structs' ctypes mirrors must match; and the fused decoder layer and the
-real model must agree with the PyTorch path, with f32 mode and with llama.cpp.
+every bit and add none; the C structs' ctypes mirrors must match; and the fused decoder layer
+and the real model must agree with the PyTorch path, with f32 mode and with llama.cpp.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from helpers import tiny_config, write_tiny_gguf
 
 import qwenlm
+from qwenlm.errors import GenerationError
 from qwenlm.generation.engine import Engine
 from qwenlm.generation.fastpath import KernelLayer
 from qwenlm.kernels import (
@@ -411,6 +412,17 @@ def test_auto_runs_a_block_quantized_gguf_file_as_stored(tiny_gguf, tmp_path):
     f16 = tmp_path / "tiny-f16.gguf"
     write_tiny_gguf(f16, tiny_config(intermediate_size=128, num_hidden_layers=3), qtype="F16")
     assert qwenlm.load(f16).weight_format == "int8"
+
+
+def test_kv_cache_auto_is_f16_for_gguf_mode_only(tiny_gguf):
+    # As llama.cpp keeps a GGUF model's cache; the other modes keep float32 (comparable with
+    # transformers) unless asked, and a bad name fails before any weights load.
+    assert qwenlm.load(tiny_gguf).engine.kv_dtype == torch.float16
+    assert qwenlm.load(tiny_gguf, kv_cache="float").engine.kv_dtype == torch.float32
+    assert qwenlm.load(tiny_gguf, quant="int8").engine.kv_dtype == torch.float32
+    assert qwenlm.load(tiny_gguf, quant="int8", kv_cache="f16").engine.kv_dtype == torch.float16
+    with pytest.raises(GenerationError, match="unknown KV cache format 'fp8'"):
+        qwenlm.load(tiny_gguf, kv_cache="fp8")
 
 
 def test_results_do_not_depend_on_the_thread_count(tiny_gguf):

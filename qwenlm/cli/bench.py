@@ -165,7 +165,7 @@ def build_profile_parser() -> argparse.ArgumentParser:
         default=32,
         help="decode steps timed after each context (default 32)",
     )
-    p.add_argument("--kv-cache", default="float", choices=["float", "f16", "int8"])
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "float", "f16", "int8"])
     p.add_argument("--threads", type=int)
     p.add_argument(
         "--timeout",
@@ -233,7 +233,9 @@ def profile_main(argv: list[str] | None = None) -> int:
     print(
         f"machine: {info['cpu']} ({isa_text(info)}), {info['cores']} cores, "
         f"{args.threads or info['threads']} threads, torch {info['torch']}, "
-        f"KV cache {args.kv_cache}, {args.tokens} decode steps per cell, load average "
+        f"KV cache {args.kv_cache}"
+        + (" (f16 with gguf, else float)" if args.kv_cache == "auto" else "")
+        + f", {args.tokens} decode steps per cell, load average "
         f"{', '.join(f'{x:.2f}' for x in info['load_average'])}"
     )
     print(profile_table(cells, args.quant, contexts))

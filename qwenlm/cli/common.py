@@ -46,10 +46,10 @@ def add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> N
     add_group_size_arg(p)
     p.add_argument(
         "--kv-cache",
-        default="float",
-        choices=["float", "f16", "int8"],
+        default="auto",
+        choices=["auto", "float", "f16", "int8"],
         help="attention cache format: f16 takes half the memory and bytes per step of float32"
-        " (as llama.cpp's default), int8 a quarter (default float)",
+        " (llama.cpp's default), int8 a quarter (auto: f16 with --quant gguf, else float)",
     )
     p.add_argument(
         "--adapter",

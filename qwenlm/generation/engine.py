@@ -46,6 +46,8 @@ SMALL_SEGMENT = SMALL_BATCH
 PREFILL_CHUNK = 512
 # The KV cache's formats: float (the attention's own dtype), float16, int8 rows with scales.
 KV_CACHE_FORMATS = ("float", "f16", "int8")
+# What `qwenlm.load` and the CLI accept: a format, or auto (see qwenlm.api.resolve_kv_cache).
+KV_CACHE_CHOICES = ("auto", *KV_CACHE_FORMATS)
 
 
 class BatchLayer:
