@@ -73,7 +73,6 @@ def test_lm_eval_reports_the_accuracy_of_qwenlm_eval(server, real_model_path, tm
     assert run.returncode == 0, run.stderr[-4000:]
     (results,) = (tmp_path / "lm_eval").rglob("results_*.json")
     theirs = json.loads(results.read_text())["results"]["qwenlm_mc"]
-    assert theirs["acc,none"] == pytest.approx(ours["metrics"]["accuracy"])
 
     # Question by question: the same prompt (qwenlm's MMLU base prompt, three shots) and
     # log-probabilities within 0.05 (lm-eval's come from the echoed prompt's rows, ours from a
@@ -83,6 +82,7 @@ def test_lm_eval_reports_the_accuracy_of_qwenlm_eval(server, real_model_path, tm
     questions = [s["question"] for s in task.load()]
     (path,) = (tmp_path / "lm_eval").rglob("samples_qwenlm_mc_*.jsonl")
     samples = {s["doc_id"]: s for s in map(json.loads, path.open())}
+    near_tie_flips = 0
     for record in records:
         index = int(record["id"].rsplit("/", 1)[1])
         sample = samples[index]
@@ -92,5 +92,11 @@ def test_lm_eval_reports_the_accuracy_of_qwenlm_eval(server, real_model_path, tm
         scores = [float(r[0]) for r in sample["filtered_resps"]]
         assert scores == pytest.approx(record["logprobs"], abs=0.05)
         first, second = sorted(record["logprobs"], reverse=True)[:2]
+        same_pick = "ABCD"[scores.index(max(scores))] == record["prediction"]
         if first - second > 0.1:
-            assert "ABCD"[scores.index(max(scores))] == record["prediction"]
+            assert same_pick
+        near_tie_flips += not same_pick
+    # The accuracies agree but for the near-ties either side may pick differently (with the
+    # default model's f16 KV cache one question's two best answers are 0.001 apart).
+    slack = near_tie_flips / len(records)
+    assert theirs["acc,none"] == pytest.approx(ours["metrics"]["accuracy"], abs=slack + 1e-9)
