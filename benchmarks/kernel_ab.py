@@ -26,13 +26,14 @@ import ctypes
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from gguf import GGML_QUANT_SIZES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's qwenlm
+
+from gguf_kernels import best_time  # this folder's: the same timing as the per-format table
 
 import qwenlm.kernels as kernels
 import qwenlm.quant.linear as linear
@@ -65,16 +66,6 @@ def build(source: str, level: str, folder: Path, name: str) -> ctypes.CDLL:
         fn = getattr(lib, fn_name)
         fn.argtypes, fn.restype = kernels._ARGTYPES[fn_name], restype
     return lib
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:
