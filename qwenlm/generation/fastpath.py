@@ -29,6 +29,7 @@ from qwenlm.kernels import (
     LinearDesc,
     SegmentDesc,
     cpu_kernels,
+    decode_threads,
     move_to_huge_pages,
     num_threads,
 )
@@ -341,7 +342,8 @@ def _scratch(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Float and int8 scratch for a native call of ``rows`` rows over caches of up to
     ``longest`` positions, and the thread count; reused from call to call (one thread uses
-    one at a time: the kernels' pool runs one job at a time)."""
+    one at a time: the kernels' pool runs one job at a time). The scratch has room for all
+    threads; the step may use fewer (kernels.ThreadGovernor)."""
     threads = num_threads()
     d, F, H, Dh = desc.o.N, desc.down.K, layer.H, layer.D
     qkv_width = linear_width(desc.qkv)
@@ -358,7 +360,7 @@ def _scratch(
         work = torch.empty(max(floats + grow, 0 if work is None else work.numel()))
         xq = torch.empty(max(SMALL_BATCH * kmax, rows * kmax), dtype=torch.int8)
         _SCRATCH.bufs = (work, xq)
-    return work, xq, threads
+    return work, xq, decode_threads()
 
 
 def linear_width(desc: LinearDesc) -> int:

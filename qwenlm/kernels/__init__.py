@@ -21,7 +21,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 
@@ -86,6 +88,7 @@ _RESTYPES = {
     "qlm_layout": _i64,
     "qlm_act_floats": _i64,
     "qlm_embed_rows": _int,
+    "qlm_run_delay_ns": _i64,
 }
 _ARGTYPES = {
     "qlm_isa": [],
@@ -93,6 +96,7 @@ _ARGTYPES = {
     "qlm_layout": [ctypes.c_char_p],
     "qlm_act_floats": [_i64, _i64],
     "qlm_embed_rows": [_p, _p, _i64, _p],
+    "qlm_run_delay_ns": [],
 }
 
 
@@ -263,6 +267,94 @@ def cpu_kernels(isa: str | None = None) -> ctypes.CDLL | None:
 def num_threads() -> int:
     """Threads the kernels use: torch's setting (``--threads``, ``torch.set_num_threads``)."""
     return torch.get_num_threads()
+
+
+class ThreadGovernor:
+    """How many of its threads a decode step uses: all of them on a quiet machine, fewer
+    while other processes hold the cores.
+
+    A decode step is ~100 short phases, each waiting for its slowest thread; a thread that
+    loses its core to another process holds its phase up for a scheduler slice. Beside one
+    busy-loop process on the 2-core EPYC, two threads decoded at 29 tokens/s and one at 35
+    (quiet: 56 and 35), and 8-row steps took 104 ms on two threads, 82-92 on one. So every
+    ``window_s`` seconds the governor reads how long its threads waited for a CPU
+    (``read_delay``: summed nanoseconds, Linux's schedstat): above ``busy`` seconds a second,
+    it drops to as many threads as the cores others leave free (at least one); every
+    ``probe_s`` seconds it tries all threads again for one window, and keeps them if the
+    wait is gone. Waiting costs nothing to measure with fewer threads, hence the probes.
+    Prefill (long compute-bound phases that threads take over from one another) keeps all
+    threads: it keeps more of its speed that way.
+    """
+
+    window_s = 0.25
+    probe_s = 2.0
+    busy = 0.25
+
+    def __init__(
+        self,
+        read_delay: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
+        cores: int | None = None,
+    ) -> None:
+        self.read_delay, self.clock = read_delay, clock
+        self.cores = cores or len(os.sched_getaffinity(0))
+        self.most = 0  # the thread count asked for (window state is reset when it changes)
+        self.n = 0  # threads in use
+        self.t0 = self.d0 = 0.0
+        self.probe_at = 0.0
+        self.off = False
+
+    def threads(self, most: int) -> int:
+        """Threads for the next step, ``most`` at the most."""
+        if most <= 1 or self.off:
+            return most
+        now = self.clock()
+        if most != self.most:
+            d = self.read_delay()
+            if d < 0:
+                self.off = True  # the kernel keeps no schedstat: always all threads
+                return most
+            self.most, self.n, self.t0, self.d0 = most, most, now, d
+            return most
+        if now - self.t0 >= self.window_s:
+            d = self.read_delay()
+            waited = (d - self.d0) / 1e9 / (now - self.t0)  # CPU-seconds waited a second
+            if self.n == most:  # all threads (or a probe): are others holding the cores?
+                if waited > self.busy:
+                    self.n = self._fewer(waited)
+                    self.probe_at = now + self.probe_s
+            elif now >= self.probe_at:
+                self.n = most
+            self.t0, self.d0 = now, d
+        return self.n
+
+    def _fewer(self, waited: float) -> int:
+        # n threads that each got cores / (n + k) of a CPU waited 1 - cores / (n + k) a second
+        # each: k, the processes beside them, is what the cores then leave free.
+        n = self.most
+        share = 1 - min(waited / n, 0.95)
+        others = self.cores / share - n
+        return max(1, min(n - 1, round(self.cores - others)))
+
+
+_GOVERNORS = threading.local()
+
+
+def decode_threads() -> int:
+    """Threads for a decode step on the native kernels: :func:`num_threads`, fewer while
+    other processes hold the cores (:class:`ThreadGovernor`; ``QWENLM_ADAPT_THREADS=0``
+    always uses all). One governor per calling thread: the wait it reads includes the
+    caller's own."""
+    most = num_threads()
+    if most <= 1 or os.environ.get("QWENLM_ADAPT_THREADS", "1") == "0":
+        return most
+    gov = getattr(_GOVERNORS, "gov", None)
+    if gov is None:
+        lib = cpu_kernels()
+        if lib is None:
+            return most
+        gov = _GOVERNORS.gov = ThreadGovernor(lib.qlm_run_delay_ns)
+    return gov.threads(most)
 
 
 _HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64

@@ -21,6 +21,7 @@
  */
 #define _GNU_SOURCE /* syscall() for the futex */
 #include <stdint.h>
+#include <stdio.h>
 #include <stddef.h>
 #include <string.h>
 #include <math.h>
@@ -124,6 +125,7 @@ static struct {
     const qlm_phase_t *ph;
     int nph, nthreads;
     int64_t start[MAX_PHASES + 1]; /* first task of each phase; start[nph] = all tasks */
+    _Atomic int tids[MAX_WORKERS + 1]; /* workers' kernel thread ids (qlm_run_delay_ns) */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 /* Thread t's slice of phase p: tasks next .. end-1 still unclaimed (one cache line each). */
@@ -212,6 +214,9 @@ static void participate(int tid) {
 
 static void *worker_main(void *arg) {
     const int tid = (int)(intptr_t)arg;
+#ifdef __linux__
+    atomic_store(&pool.tids[tid], (int)syscall(SYS_gettid));
+#endif
     uint32_t seen = atomic_load(&pool.epoch) - 1; /* started for the job about to be posted */
     int64_t spin = SPIN_JOB_NS;
     for (;;) {
@@ -235,6 +240,7 @@ static void pool_after_fork(void) {
     /* The child has none of the parent's workers: start afresh. */
     pthread_mutex_init(&pool.lock, NULL);
     pool.nworkers = 0;
+    for (int t = 0; t <= MAX_WORKERS; t++) atomic_store(&pool.tids[t], 0);
     atomic_store(&pool.active, 0);
     atomic_store(&pool.posting, 0);
     atomic_store(&pool.done_sleepers, 0);
@@ -285,6 +291,40 @@ static void run_phases(const qlm_phase_t *ph, int nph, int nthreads) {
     participate(0);
     wait_word(&pool.done, (uint32_t)total, 0, SPIN_TASK_NS, &pool.done_sleepers);
     pthread_mutex_unlock(&pool.lock);
+}
+
+#ifdef __linux__
+/* The second field of a schedstat file: nanoseconds runnable but waiting for a CPU. */
+static int64_t schedstat_delay(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    unsigned long long run, wait;
+    int got = fscanf(f, "%llu %llu", &run, &wait);
+    fclose(f);
+    return got == 2 ? (int64_t)wait : -1;
+}
+#endif
+
+/* Nanoseconds the calling thread and the pool's workers have spent runnable but waiting for
+   a CPU (Linux's per-thread schedstat), or -1 where the kernel does not say. The time a
+   thread waits for a core that another process holds: qwenlm.kernels.ThreadGovernor runs
+   fewer threads while it grows, since a decode step waits for its slowest thread. */
+int64_t qlm_run_delay_ns(void) {
+#ifdef __linux__
+    int64_t sum = schedstat_delay("/proc/thread-self/schedstat");
+    if (sum < 0) return -1;
+    for (int t = 1; t <= MAX_WORKERS; t++) {
+        int tid = atomic_load(&pool.tids[t]);
+        if (!tid) continue;
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/task/%d/schedstat", tid);
+        int64_t d = schedstat_delay(path);
+        if (d > 0) sum += d;
+    }
+    return sum;
+#else
+    return -1;
+#endif
 }
 
 /* Tasks over a range split into pieces of `per` items. */
