@@ -348,6 +348,33 @@ def test_batching_script_prints_the_ratios(tiny_folder, tmp_path):
     assert "| 4 |" in proc.stdout and "<= 1.5x" in proc.stdout
 
 
+def test_batching_peers_run_the_same_gguf_file(tiny_folder, tmp_path):
+    script = str(ROOT / "benchmarks" / "batching.py")
+    args = ["--rows", "4", "--context", "8", "--repeats", "1", "--threads", "1"]
+    proc = subprocess.run(
+        [sys.executable, script, "--model", str(tiny_folder), *args, "--peers", "llama.cpp"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "--peers runs a GGUF file in every engine" in proc.stderr
+    pytest.importorskip("llama_cpp")
+    from qwenlm.cli.export import export_gguf
+
+    gguf = export_gguf(tiny_folder, tmp_path / "tiny.gguf", type="q8_0")  # as llama.cpp reads it
+    proc = subprocess.run(
+        [sys.executable, script, "--model", str(gguf), *args, "--peers", "llama.cpp"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    peers = json.loads((tmp_path / "benchmarks" / "results" / "batching.json").read_text())
+    assert sorted(peers["peers"]["llama.cpp"]) == ["1", "4"]
+    assert all(t > 0 for t in peers["peers"]["llama.cpp"].values())
+    assert "llama.cpp verification ms" in proc.stdout
+
+
 def test_serve_benchmark_prints_the_scaling_to_the_most_clients():
     spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "benchmarks" / "serve.py")
     serve = importlib.util.module_from_spec(spec)
