@@ -273,7 +273,7 @@ class ThreadGovernor:
     """How many of its threads a decode step uses: all of them on a quiet machine, fewer
     while other processes hold the cores.
 
-    A decode step is ~100 short phases, each waiting for its slowest thread; a thread that
+    A decode step is ~200 short phases, each waiting for its slowest thread; a thread that
     loses its core to another process holds its phase up for a scheduler slice. Beside one
     busy-loop process on the 2-core EPYC, two threads decoded at 29 tokens/s and one at 35
     (quiet: 56 and 35), and 8-row steps took 104 ms on two threads, 82-92 on one. So every
