@@ -142,6 +142,9 @@ def test_decode_uses_fewer_threads_beside_busy_processes(kernels_lib, tmp_path, 
         return used
 
     try:
+        torch.set_num_threads(3)  # a third worker, then not needed: it must not get in the way
+        decode(0.1)
+        torch.set_num_threads(2)
         quiet = decode(0.2)
         procs = busy_loops(len(os.sched_getaffinity(0)))
         try:
@@ -150,5 +153,5 @@ def test_decode_uses_fewer_threads_beside_busy_processes(kernels_lib, tmp_path, 
             stop(procs)
     finally:
         torch.set_num_threads(before)
-    assert quiet.count(2) > 0.5 * len(quiet)  # a quiet machine's wait is ~2% of a second
+    assert quiet.count(2) > 0.5 * len(quiet)
     assert 1 in busy

@@ -122,6 +122,7 @@ static struct {
     _Atomic uint32_t done;        /* tasks of the current job finished (a futex word) */
     _Atomic int posting, active;  /* handshake: no worker reads a job while it is written */
     _Atomic int done_sleepers, job_sleepers; /* threads asleep on `done`, on `epoch` */
+    _Atomic uint32_t standby; /* bumped when a job wants more threads than the one before */
     const qlm_phase_t *ph;
     int nph, nthreads;
     int64_t start[MAX_PHASES + 1]; /* first task of each phase; start[nph] = all tasks */
@@ -220,7 +221,12 @@ static void *worker_main(void *arg) {
     uint32_t seen = atomic_load(&pool.epoch) - 1; /* started for the job about to be posted */
     int64_t spin = SPIN_JOB_NS;
     for (;;) {
-        wait_word(&pool.epoch, seen, 1, spin, &pool.job_sleepers);
+        if (spin)
+            wait_word(&pool.epoch, seen, 1, spin, &pool.job_sleepers);
+        else /* beyond the last job's count: every job woke it to no purpose, taking a core
+                from the threads at work; it waits for a job that wants more threads */
+            while (atomic_load(&pool.epoch) == seen || tid >= pool.nthreads)
+                futex_wait(&pool.standby, atomic_load(&pool.standby));
         for (;;) { /* enter unless the caller is writing the next job (Dekker handshake) */
             atomic_fetch_add(&pool.active, 1);
             if (!atomic_load(&pool.posting)) break;
@@ -258,7 +264,7 @@ static void run_phases(const qlm_phase_t *ph, int nph, int nthreads) {
         return;
     }
     pthread_mutex_lock(&pool.lock);
-    static int fork_hook;
+    static int fork_hook, last_nthreads;
     if (!fork_hook) fork_hook = !pthread_atfork(NULL, NULL, pool_after_fork);
     atomic_store(&pool.posting, 1);
     while (atomic_load(&pool.active)) sched_yield(); /* a previous job's late worker */
@@ -288,6 +294,11 @@ static void run_phases(const qlm_phase_t *ph, int nph, int nthreads) {
     atomic_fetch_add(&pool.epoch, 1);
     atomic_store(&pool.posting, 0);
     if (atomic_load(&pool.job_sleepers)) futex_wake(&pool.epoch);
+    if (pool.nthreads > last_nthreads) {
+        atomic_fetch_add(&pool.standby, 1);
+        futex_wake(&pool.standby);
+    }
+    last_nthreads = pool.nthreads;
     participate(0);
     wait_word(&pool.done, (uint32_t)total, 0, SPIN_TASK_NS, &pool.done_sleepers);
     pthread_mutex_unlock(&pool.lock);
@@ -305,15 +316,15 @@ static int64_t schedstat_delay(const char *path) {
 }
 #endif
 
-/* Nanoseconds the calling thread and the pool's workers have spent runnable but waiting for
-   a CPU (Linux's per-thread schedstat), or -1 where the kernel does not say. The time a
-   thread waits for a core that another process holds: qwenlm.kernels.ThreadGovernor runs
-   fewer threads while it grows, since a decode step waits for its slowest thread. */
+/* Nanoseconds the calling thread and the workers of the pool's last job have spent runnable
+   but waiting for a CPU (Linux's per-thread schedstat), or -1 where the kernel does not say:
+   the time a thread waits for a core that another process holds. qwenlm.kernels'
+   ThreadGovernor runs fewer threads while it grows (a decode step waits for its slowest). */
 int64_t qlm_run_delay_ns(void) {
 #ifdef __linux__
     int64_t sum = schedstat_delay("/proc/thread-self/schedstat");
     if (sum < 0) return -1;
-    for (int t = 1; t <= MAX_WORKERS; t++) {
+    for (int t = 1; t < MIN(pool.nthreads, MAX_WORKERS + 1); t++) { /* the last job's */
         int tid = atomic_load(&pool.tids[t]);
         if (!tid) continue;
         char path[64];
