@@ -78,12 +78,9 @@ def peer_worker(name: str, spec_file: str) -> None:
 
 def run_peer(name: str, spec: dict) -> dict[int, float] | str:
     """A peer's medians by rows, or why it could not run (one line)."""
-    from compare import USER_OMP_WAIT_POLICY
+    from compare import worker_env
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    env.pop("OMP_WAIT_POLICY", None)  # qwenlm's import set it for this process only
-    if USER_OMP_WAIT_POLICY is not None:
-        env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    env = worker_env(name, spec["threads"])
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:

@@ -368,14 +368,21 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_worker(engine: str, spec: dict, timeout: float, busy: bool = False) -> dict | str:
-    """One worker in a fresh process (beside a busy loop if ``busy``); its result, or a
-    one-line reason it failed."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+def worker_env(engine: str, threads: int) -> dict[str, str]:
+    """The environment of an engine's worker process: its thread count, and for the other
+    engines the user's own OpenMP wait policy (qwenlm's import set one for this process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if not engine.startswith("qwenlm"):
         env.pop("OMP_WAIT_POLICY", None)
         if USER_OMP_WAIT_POLICY is not None:
             env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    return env
+
+
+def run_worker(engine: str, spec: dict, timeout: float, busy: bool = False) -> dict | str:
+    """One worker in a fresh process (beside a busy loop if ``busy``); its result, or a
+    one-line reason it failed."""
+    env = worker_env(engine, spec["threads"])
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({**spec, "timeout": timeout}, f)
     spinner = start_busy(timeout + 60) if busy else None

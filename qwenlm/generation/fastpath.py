@@ -360,7 +360,7 @@ def _scratch(
         work = torch.empty(max(floats + grow, 0 if work is None else work.numel()))
         xq = torch.empty(max(SMALL_BATCH * kmax, rows * kmax), dtype=torch.int8)
         _SCRATCH.bufs = (work, xq)
-    return work, xq, decode_threads()
+    return work, xq, decode_threads(threads)
 
 
 def linear_width(desc: LinearDesc) -> int:

@@ -340,12 +340,11 @@ class ThreadGovernor:
 _GOVERNORS = threading.local()
 
 
-def decode_threads() -> int:
-    """Threads for a decode step on the native kernels: :func:`num_threads`, fewer while
-    other processes hold the cores (:class:`ThreadGovernor`; ``QWENLM_ADAPT_THREADS=0``
+def decode_threads(most: int) -> int:
+    """Threads for a decode step on the native kernels: ``most`` (:func:`num_threads`), fewer
+    while other processes hold the cores (:class:`ThreadGovernor`; ``QWENLM_ADAPT_THREADS=0``
     always uses all). One governor per calling thread: the wait it reads includes the
     caller's own."""
-    most = num_threads()
     if most <= 1 or os.environ.get("QWENLM_ADAPT_THREADS", "1") == "0":
         return most
     gov = getattr(_GOVERNORS, "gov", None)
