@@ -852,7 +852,67 @@ static void i4_rows(const qlm_linear_t *L, const qlm_act_t *a, float *y, int64_t
 
 #define GG 8 /* output rows per interleaved group */
 
-#if defined(__AVX2__)
+#if defined(__AVX512BW__)
+/* 512-bit vectors hold two groups side by side: lanes 0-7 group g's 8 rows, lanes 8-15 group
+   g + 1's (PAIR groups a vector). Each lane still runs its own row's instruction sequence,
+   so every level computes the same numbers; only the number of rows per instruction grows. */
+#define PAIR 2
+typedef __m512i vi;
+typedef __m512 vf;
+#define vi_load(p) _mm512_loadu_si512((const void *)(p))
+#define vi_zero _mm512_setzero_si512
+#define vi_and _mm512_and_si512
+#define vi_or _mm512_or_si512
+#define vi_set8 _mm512_set1_epi8
+#define vi_set16 _mm512_set1_epi16
+#define vi_set32 _mm512_set1_epi32
+#define vi_srli16 _mm512_srli_epi16
+#define vi_slli16 _mm512_slli_epi16
+#define vi_srli32 _mm512_srli_epi32
+#define vi_slli32 _mm512_slli_epi32
+#define vi_add16 _mm512_add_epi16
+#define vi_add32 _mm512_add_epi32
+#define vi_sub32 _mm512_sub_epi32
+#define vi_maddubs _mm512_maddubs_epi16
+#define vi_madd _mm512_madd_epi16
+#define vi_shuffle8 _mm512_shuffle_epi8
+#define vi_abs8 _mm512_abs_epi8
+#ifdef QLM_VNNI
+#define vi_dpbusd _mm512_dpbusd_epi32
+#endif
+#define vf_zero _mm512_setzero_ps
+#define vf_set1 _mm512_set1_ps
+#define vf_cvt _mm512_cvtepi32_ps
+#define vf_mul _mm512_mul_ps
+#define vf_fma _mm512_fmadd_ps
+#define vf_fnma _mm512_fnmadd_ps
+#define vf_store _mm512_storeu_ps
+/* a with b's sign (b = 0 gives a, not 0: every caller multiplies by |b| = 0 there) */
+ALWAYS vi vi_sign8(vi a, vi b) {
+    return _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(b), _mm512_setzero_si512(), a);
+}
+ALWAYS vi vi_bcast32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+/* 32 bytes at p (group g) and at q (group g + 1) */
+ALWAYS vi vi_load2(const void *p, const void *q) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
+                              _mm256_loadu_si256((const __m256i *)q), 1);
+}
+/* a 32-byte table (the same in each 128-bit lane) in every lane */
+ALWAYS vi vi_table(const void *p) { return _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)p)); }
+ALWAYS vi vi_i8_to_i16_2(const int8_t *p, const int8_t *q) {
+    return _mm512_cvtepi8_epi16(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)), _mm_loadu_si128((const __m128i *)q), 1));
+}
+ALWAYS vf vf_load_h8_2(const uint8_t *p, const uint8_t *q) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)), _mm_loadu_si128((const __m128i *)q), 1));
+}
+#elif defined(__AVX2__)
+#define PAIR 1
 typedef __m256i vi;
 typedef __m256 vf;
 #define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
@@ -874,6 +934,9 @@ typedef __m256 vf;
 #define vi_shuffle8 _mm256_shuffle_epi8
 #define vi_sign8 _mm256_sign_epi8
 #define vi_abs8 _mm256_abs_epi8
+#ifdef QLM_VNNI
+#define vi_dpbusd dpbusd256
+#endif
 #define vf_zero _mm256_setzero_ps
 #define vf_set1 _mm256_set1_ps
 #define vf_cvt _mm256_cvtepi32_ps
@@ -894,6 +957,7 @@ ALWAYS vf vf_load_h8(const uint8_t *p) {
 }
 #else
 /* The scalar build runs the same kernels on these plain-C versions of the instructions. */
+#define PAIR 1
 typedef union {
     uint8_t u8[32];
     int8_t i8[32];
@@ -968,6 +1032,15 @@ ALWAYS vf vf_load_h8(const uint8_t *p) {
 #undef VF_MAP
 ALWAYS void vf_store(float *p, vf a) { memcpy(p, a.f, 32); }
 #endif
+#if PAIR == 1 /* one group a vector: the second group's pointer is not read */
+#define vi_load2(p, q) vi_load(p)
+#define vi_table(p) vi_load(p)
+#define vi_i8_to_i16_2(p, q) vi_i8_to_i16(p)
+#define vf_load_h8_2(p, q) vf_load_h8(p)
+#endif
+/* A weight vector at p of the group(s) a vector holds: gs is the bytes from one group to the
+   next (the caller's variable). */
+#define WLOAD(p) vi_load2((p), (p) + gs)
 
 /* Byte shuffles (the same in each 128-bit half): a 32-bit lane's byte j to an int16 pair,
    byte j alone, an int16 pair's first / second value to both, and bytes (0, 1) / (2, 3) to
@@ -984,11 +1057,11 @@ static const int8_t SHUF[12][32] __attribute__((aligned(32))) = {
 #undef L4
 };
 /* (-128 + j keeps the high bit set after the +4/+8/+12 steps: a zero byte.) */
-#define PAIR_OF(j) vi_load(SHUF[j])
-#define BYTE_OF(j) vi_load(SHUF[4 + (j)])
-#define FIRST_I16 vi_load(SHUF[8])
-#define SECOND_I16 vi_load(SHUF[9])
-#define BYTES_PAIR(j) vi_load(SHUF[10 + (j)]) /* j = 0: bytes 0 and 1, j = 1: bytes 2 and 3 */
+#define PAIR_OF(j) vi_table(SHUF[j])
+#define BYTE_OF(j) vi_table(SHUF[4 + (j)])
+#define FIRST_I16 vi_table(SHUF[8])
+#define SECOND_I16 vi_table(SHUF[9])
+#define BYTES_PAIR(j) vi_table(SHUF[10 + (j)]) /* j = 0: bytes 0 and 1, j = 1: bytes 2 and 3 */
 
 /* Σ over n vectors of u (unsigned) · x (signed) per 32-bit lane, as int32, each lane's 16-bit
    pairs scaled by `scale` (ones for a plain sum); `per16` products fit in int16. */
@@ -1008,8 +1081,8 @@ ALWAYS vi dot_u8_sum(const vi *u, const vi *x, int n, int per16) {
     (void)per16;
     vi a = vi_zero(), b = vi_zero();
     for (int p = 0; p < n; p += 2) {
-        a = dpbusd256(a, u[p], x[p]);
-        b = dpbusd256(b, u[p + 1], x[p + 1]);
+        a = vi_dpbusd(a, u[p], x[p]);
+        b = vi_dpbusd(b, u[p + 1], x[p + 1]);
     }
     return vi_add32(a, b);
 #else
@@ -1018,10 +1091,10 @@ ALWAYS vi dot_u8_sum(const vi *u, const vi *x, int n, int per16) {
 }
 
 /* The 8 nibble vectors of 4 qs vectors: u[2k] low nibbles of vector k, u[2k+1] high. */
-ALWAYS void unpack_nibbles(const uint8_t *q, vi *u, int nvec, int pairwise) {
+ALWAYS void unpack_nibbles(const uint8_t *q, int64_t gs, vi *u, int nvec, int pairwise) {
     const vi m = vi_set8(0x0F);
     for (int k = 0; k < nvec; k++) {
-        vi v = vi_load(q + 32 * k);
+        vi v = WLOAD(q + 32 * k);
         vi lo = vi_and(v, m), hi = vi_and(vi_srli16(v, 4), m);
         if (pairwise) { u[2 * k] = lo, u[2 * k + 1] = hi; }
         else { u[k] = lo, u[nvec + k] = hi; }
@@ -1067,13 +1140,18 @@ ALWAYS void broadcast_words(const int8_t *x, vi *lo, vi *hi, int n, int off) {
 #ifndef PF_BYTES
 #define PF_BYTES 2048
 #endif
-ALWAYS void prefetch_record(const uint8_t *g, int rec) {
+ALWAYS void prefetch_record(const uint8_t *g, int64_t gs, int rec) {
     for (int o = 0; o < rec; o += 64) __builtin_prefetch(g + PF_BYTES + o, 0, 3);
+#if PAIR > 1
+    for (int o = 0; o < rec; o += 64) __builtin_prefetch(g + gs + PF_BYTES + o, 0, 3);
+#else
+    (void)gs;
+#endif
 }
 
 /* Q4_0 Q4_1 Q5_0 Q5_1 Q8_0, and int8 rows (QLM_I8_TILED: Q8_0's layout with one float scale
    per row instead of a half per block, applied by the caller). */
-ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t nb, const qlm_act_t *a,
+ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nb, const qlm_act_t *a,
                      int64_t m0, const int R, vf *acc) {
     const int mins = fmt == QLM_Q4_1 || fmt == QLM_Q5_1;
     const int five = fmt == QLM_Q5_0 || fmt == QLM_Q5_1;
@@ -1085,31 +1163,43 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t nb, const qlm_act_
     vf s[TILE];
     for (int m = 0; m < R; m++) s[m] = vf_zero();
     for (int64_t b = 0; b < nb; b++, g += rec) {
-        prefetch_record(g, rec);
-        const vf d = scaled ? vf_load_h8(g) : vf_zero(), mv = mins ? vf_load_h8(g + 16) : vf_zero();
+        prefetch_record(g, gs, rec);
+        const vf d = scaled ? vf_load_h8_2(g, g + gs) : vf_zero();
+        const vf mv = mins ? vf_load_h8_2(g + 16, g + gs + 16) : vf_zero();
         const uint8_t *q = g + head;
         vi u[8];
+#if PAIR > 1
+        vi w8[8]; /* Q8_0's signed weights, kept for their signs */
+#endif
         if (eight) {
             /* |w| * (x with w's sign) keeps maddubs' unsigned operand unsigned */
+#if PAIR > 1
+            for (int k = 0; k < 8; k++) u[k] = vi_abs8(w8[k] = WLOAD(q + 32 * k));
+#else
             for (int k = 0; k < 8; k++) u[k] = vi_abs8(vi_load(q + 32 * k));
+#endif
         } else if (five) {
             /* u[k] whole in B_k's low 5 bits; u[4 + k]: B_k's top 3 bits, and bits 2k, 2k + 1
                of H moved to bits 3-4 (16-bit shifts: the masks keep each byte's own bits) */
-            const vi h = vi_load(q), m5 = vi_set8(0x1F), m3 = vi_set8(0x07), m18 = vi_set8(0x18);
+            const vi h = WLOAD(q), m5 = vi_set8(0x1F), m3 = vi_set8(0x07), m18 = vi_set8(0x18);
             for (int k = 0; k < 4; k++) {
-                const vi b = vi_load(q + 32 + 32 * k);
+                const vi b = WLOAD(q + 32 + 32 * k);
                 const vi hk = k == 0 ? vi_slli16(h, 3) : k == 1 ? vi_slli16(h, 1) : vi_srli16(h, 2 * k - 3);
                 u[k] = vi_and(b, m5);
                 u[4 + k] = vi_or(vi_and(vi_srli16(b, 5), m3), vi_and(hk, m18));
             }
         } else {
-            unpack_nibbles(q, u, 4, 1);
+            unpack_nibbles(q, gs, u, 4, 1);
         }
         for (int m = 0; m < R; m++) {
             const int8_t *x = ACT_ROW(a, m0 + m) + b * 32;
             vi xb[8], isum;
             if (eight) {
+#if PAIR > 1
+                for (int k = 0; k < 8; k++) xb[k] = vi_sign8(vi_bcast32(x + 4 * k), w8[k]);
+#else
                 for (int k = 0; k < 8; k++) xb[k] = vi_sign8(vi_bcast32(x + 4 * k), vi_load(q + 32 * k));
+#endif
                 isum = dot_u8_sum(u, xb, 8, 1);
             } else {
                 for (int k = 0; k < 4; k++) {
@@ -1133,7 +1223,7 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t nb, const qlm_act_
 /* Q4_K Q5_K: w = d * sc_j * q - dmin * m_j for sub-block j (32 weights) of a super-block.
    With the activations' one scale dx per super-block (the K-quants' copy), a row's sum is
    dx * (d * sum_j sc_j (q . x)_j - dmin * sum_j m_j sum(x)_j): both sums in int32. */
-ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act_t *a,
+ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nsb, const qlm_act_t *a,
                      int64_t m0, const int R, vf *acc) {
     const int five = fmt == QLM_Q5_K;
     const int rec = five ? 1408 : 1152;
@@ -1141,9 +1231,9 @@ ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act
     vi I[TILE];
     for (int m = 0; m < R; m++) s[m] = vf_zero();
     for (int64_t sb = 0; sb < nsb; sb++, g += rec) {
-        const vf d = vf_load_h8(g), dmin = vf_load_h8(g + 16);
+        const vf d = vf_load_h8_2(g, g + gs), dmin = vf_load_h8_2(g + 16, g + gs + 16);
         /* 6-bit scales and minimums of 8 rows at once (ggml's 12-byte packing, per lane) */
-        const vi U0 = vi_load(g + 32), U1 = vi_load(g + 64), U2 = vi_load(g + 96);
+        const vi U0 = WLOAD(g + 32), U1 = WLOAD(g + 64), U2 = WLOAD(g + 96);
         const vi m6 = vi_set8(0x3F), m4 = vi_set8(0x0F), m2 = vi_set8(0x03);
         const vi sc[2] = {vi_and(U0, m6),
                           vi_or(vi_and(U2, m4), vi_slli32(vi_and(vi_srli32(U0, 6), m2), 4))};
@@ -1152,12 +1242,12 @@ ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act
         const uint8_t *qh = g + 128, *qs = g + 128 + (five ? 256 : 0);
         for (int m = 0; m < R; m++) I[m] = vi_zero();
         for (int c = 0; c < 4; c++) {
-            for (int o = 0; o < rec / 4; o += 64) __builtin_prefetch(g + PF_BYTES + c * (rec / 4) + o, 0, 3);
+            prefetch_record(g + c * (rec / 4), gs, rec / 4);
             vi u[16]; /* u[k]: sub-block 2c, u[8 + k]: sub-block 2c + 1 */
-            unpack_nibbles(qs + 256 * c, u, 8, 0);
+            unpack_nibbles(qs + 256 * c, gs, u, 8, 0);
             if (five)
                 for (int p = 0; p < 16; p++)
-                    u[p] = vi_or(u[p], top_bits(vi_load(qh + 32 * (2 * c + p / 8)), p % 8, 1));
+                    u[p] = vi_or(u[p], top_bits(WLOAD(qh + 32 * (2 * c + p / 8)), p % 8, 1));
             const int j0 = 2 * c, j1 = 2 * c + 1;
             const vi s0 = vi_shuffle8(sc[j0 / 4], PAIR_OF(j0 % 4));
             const vi s1 = vi_shuffle8(sc[j1 / 4], PAIR_OF(j1 % 4));
@@ -1184,22 +1274,23 @@ ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t nsb, const qlm_act
 
 /* Q6_K: w = d * sc_i * (q - 32), q in 0..63, sc_i an int8 scale per 16 weights; with the
    activations' one scale dx per super-block: dx * d * sum_i sc_i ((q . x)_i - 32 sum(x)_i). */
-ALWAYS void q6k_tile(const uint8_t *g, int64_t nsb, const qlm_act_t *a, int64_t m0, const int R,
-                     vf *acc) {
+ALWAYS void q6k_tile(const uint8_t *g, int64_t gs, int64_t nsb, const qlm_act_t *a, int64_t m0,
+                     const int R, vf *acc) {
     vf s[TILE];
     vi I[TILE], O[TILE];
     for (int m = 0; m < R; m++) s[m] = vf_zero();
     for (int64_t sb = 0; sb < nsb; sb++, g += 1680) {
-        const vf d = vf_load_h8(g);
+        const vf d = vf_load_h8_2(g, g + gs);
         for (int m = 0; m < R; m++) I[m] = O[m] = vi_zero();
         for (int c = 0; c < 8; c++) {
             const uint8_t *q = g + 144 + 192 * c;
-            prefetch_record(q, 192);
+            prefetch_record(q, gs, 192);
             vi u[8]; /* even: elements 4k.. (first 16), odd: 16 + 4k.. (second 16) */
-            unpack_nibbles(q, u, 4, 1);
-            const vi h[2] = {vi_load(q + 128), vi_load(q + 160)};
+            unpack_nibbles(q, gs, u, 4, 1);
+            const vi h[2] = {WLOAD(q + 128), WLOAD(q + 160)};
             for (int p = 0; p < 8; p++) u[p] = vi_or(u[p], top_bits(h[p / 4], p % 4, 2));
-            const vi sp = vi_i8_to_i16((const int8_t *)g + 16 + 16 * c); /* lane: (sc_a, sc_b) */
+            const int8_t *sc8 = (const int8_t *)g + 16 + 16 * c;
+            const vi sp = vi_i8_to_i16_2(sc8, sc8 + gs); /* lane: (sc_a, sc_b) */
             const vi sa = vi_shuffle8(sp, FIRST_I16), sb_ = vi_shuffle8(sp, SECOND_I16);
             const vi ua[4] = {u[0], u[2], u[4], u[6]}, ub[4] = {u[1], u[3], u[5], u[7]};
             for (int m = 0; m < R; m++) {
@@ -1227,11 +1318,11 @@ static const int GROUP_REC[QLM_KINDS] = {
 #define IS_GGUF(kind) ((kind) >= QLM_Q4_0 && (kind) <= QLM_Q6_K)
 #define BLOCK_ELEMS(kind) ((kind) >= QLM_Q4_K ? 256 : 32)
 
-ALWAYS void group_tile(const int fmt, const uint8_t *gp, int64_t nb, const qlm_act_t *a,
+ALWAYS void group_tile(const int fmt, const uint8_t *gp, int64_t gs, int64_t nb, const qlm_act_t *a,
                        int64_t m0, const int R, vf *acc) {
-    if (fmt == QLM_Q6_K) q6k_tile(gp, nb, a, m0, R, acc);
-    else if (fmt >= QLM_Q4_K) k45_tile(fmt, gp, nb, a, m0, R, acc);
-    else q32_tile(fmt, gp, nb, a, m0, R, acc);
+    if (fmt == QLM_Q6_K) q6k_tile(gp, gs, nb, a, m0, R, acc);
+    else if (fmt >= QLM_Q4_K) k45_tile(fmt, gp, gs, nb, a, m0, R, acc);
+    else q32_tile(fmt, gp, gs, nb, a, m0, R, acc);
 }
 
 /* Groups g0 .. g1-1 of an interleaved part for all M input rows, in tiles of up to TILE rows:
@@ -1243,7 +1334,7 @@ ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_a
     const int64_t nb = L->K / BLOCK_ELEMS(fmt), stride = nb * GROUP_REC[fmt];
     const float *scale = fmt == QLM_I8_TILED ? L->scale : 0;
     vf acc[TILE];
-    float out[GG];
+    float out[PAIR * GG];
     /* Tiles of rows outermost: a tile's activations stay in L1 across the task's groups (a few
        KB of weights, in L1 / L2), instead of all M rows streaming through L2 once a group. */
     for (int64_t m0 = 0, R; m0 < M; m0 += R) {
@@ -1252,22 +1343,24 @@ ALWAYS void interleaved_groups(const int fmt, const qlm_linear_t *L, const qlm_a
 #else
         R = 1;
 #endif
-        for (int64_t g = g0; g < g1; g++) {
+        for (int64_t g = g0; g < g1; g += PAIR) {
             const uint8_t *gp = (const uint8_t *)L->w + g * stride;
-            const int64_t n0 = g * GG, valid = MIN(GG, L->N - n0);
+            /* a last group without a partner runs beside itself; its copy is not stored */
+            const int64_t gs = g + 1 < g1 ? stride : 0;
+            const int64_t n0 = g * GG, valid = MIN(MIN(PAIR, g1 - g) * GG, L->N - n0);
 #if TILE > 1
             switch (R) {
-            case 8: group_tile(fmt, gp, nb, a, m0, 8, acc); break;
-            case 7: group_tile(fmt, gp, nb, a, m0, 7, acc); break;
-            case 6: group_tile(fmt, gp, nb, a, m0, 6, acc); break;
-            case 5: group_tile(fmt, gp, nb, a, m0, 5, acc); break;
-            case 4: group_tile(fmt, gp, nb, a, m0, 4, acc); break;
-            case 3: group_tile(fmt, gp, nb, a, m0, 3, acc); break;
-            case 2: group_tile(fmt, gp, nb, a, m0, 2, acc); break;
-            default: group_tile(fmt, gp, nb, a, m0, 1, acc);
+            case 8: group_tile(fmt, gp, gs, nb, a, m0, 8, acc); break;
+            case 7: group_tile(fmt, gp, gs, nb, a, m0, 7, acc); break;
+            case 6: group_tile(fmt, gp, gs, nb, a, m0, 6, acc); break;
+            case 5: group_tile(fmt, gp, gs, nb, a, m0, 5, acc); break;
+            case 4: group_tile(fmt, gp, gs, nb, a, m0, 4, acc); break;
+            case 3: group_tile(fmt, gp, gs, nb, a, m0, 3, acc); break;
+            case 2: group_tile(fmt, gp, gs, nb, a, m0, 2, acc); break;
+            default: group_tile(fmt, gp, gs, nb, a, m0, 1, acc);
             }
 #else
-            group_tile(fmt, gp, nb, a, m0, 1, acc);
+            group_tile(fmt, gp, gs, nb, a, m0, 1, acc);
 #endif
             for (int64_t m = 0; m < R; m++) {
                 vf_store(out, acc[m]);
