@@ -402,8 +402,20 @@ def run_worker(engine: str, spec: dict, timeout: float, busy: bool = False) -> d
         os.unlink(f.name)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
+        if proc.returncode < 0 and engine == "llama.cpp" and _has_amx():
+            return (
+                f"killed by signal {-proc.returncode}: llama-cpp-python's AMX backend crashes "
+                "on this CPU; bash benchmarks/setup.sh builds it without AMX (docs/benchmarks.md)"
+            )
         return lines[-1] if lines else f"exit {proc.returncode}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def engine_problem(engine: str, ik_llama_bench: str | None) -> str | None:
