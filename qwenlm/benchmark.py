@@ -305,8 +305,23 @@ def measure_matrices(
     """Each matrix of the first decoder layer and the output head, run alone on one row as a
     decode step runs it: bytes it holds, median seconds, and the fraction of ``bandwidth_gb_s``
     that reaches. Before every call a ``flush_mb`` buffer is read, so the weights come from
-    memory as they do in a real step (all other layers pass between two uses of a matrix)."""
+    memory as they do in a real step (all other layers pass between two uses of a matrix),
+    then a tiny matrix of 64 rows runs on the kernels' threads, so that they are awake as in
+    a step (they sleep ~1 ms after a job; waking them had cost a small matrix as much as its
+    own work)."""
+    from gguf import GGMLQuantizationType
+
+    from qwenlm.quant.gguf import GGUFLinear, pack
+
     flush = torch.ones(flush_mb << 18)
+    q8 = GGMLQuantizationType.Q8_0
+    waker = GGUFLinear([(q8, 64, pack(q8, torch.zeros(64, 34, dtype=torch.uint8)))], 32, None)
+    x32 = torch.zeros(1, 32)
+
+    def undo() -> None:
+        flush.sum()
+        waker(x32)
+
     layer = model.model.model.layers[0]
     mods = [(f"layers.0.{n}", m) for n, m in layer.named_modules() if _is_matrix(m)]
     mods.append(("lm_head", model.model.lm_head))
@@ -315,7 +330,7 @@ def measure_matrices(
         for name, m in mods:
             x = torch.randn(1, m.in_features)
             nbytes = sum(t.nbytes for t in (*m.parameters(), *m.buffers()))
-            secs = _median_seconds(lambda m=m, x=x: m(x), flush.sum, repeats)
+            secs = _median_seconds(lambda m=m, x=x: m(x), undo, repeats)
             out.append(
                 {
                     "matrix": name,
