@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
+
+# qwenlm's import asks OpenMP to wait passively only while torch is not loaded yet; here torch
+# comes first (import order), so ask before it loads (docs/inference.md, "Threads").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

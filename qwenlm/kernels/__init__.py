@@ -289,6 +289,10 @@ class ThreadGovernor:
     window_s = 0.25
     probe_s = 2.0
     busy = 0.25
+    # A longer pause between two steps is not decoding (a prefill, an idle server): the wait
+    # of PyTorch's and the kernels' own threads then says nothing of other processes, so
+    # the window restarts instead of judging it.
+    gap_s = 0.1
 
     def __init__(
         self,
@@ -302,6 +306,7 @@ class ThreadGovernor:
         self.n = 0  # threads in use
         self.t0 = self.d0 = 0.0
         self.probe_at = 0.0
+        self.last = 0.0  # the previous call
         self.off = False
 
     def threads(self, most: int) -> int:
@@ -309,6 +314,7 @@ class ThreadGovernor:
         if most <= 1 or self.off:
             return most
         now = self.clock()
+        gap, self.last = now - self.last, now
         if most != self.most:
             d = self.read_delay()
             if d < 0:
@@ -316,6 +322,9 @@ class ThreadGovernor:
                 return most
             self.most, self.n, self.t0, self.d0 = most, most, now, d
             return most
+        if gap > self.gap_s:
+            self.t0, self.d0 = now, self.read_delay()
+            return self.n
         if now - self.t0 >= self.window_s:
             d = self.read_delay()
             waited = (d - self.d0) / 1e9 / (now - self.t0)  # CPU-seconds waited a second
