@@ -11,9 +11,10 @@
  *
  * One source, compiled once per instruction-set level (qwenlm/kernels/__init__.py picks the
  * level from the CPU flags, or QWENLM_ISA): scalar, avx2, avxvnni, avx512, avx512vnni. The
- * GGUF kernels are written once over a small set of 256-bit integer operations (the `vi_*`
- * helpers) that map to AVX2 instructions, to VNNI dot products, or to plain C in the scalar
- * build, so every level runs the same code structure and gives bit-identical results.
+ * GGUF kernels are written once over a small set of integer operations (the `vi_*` helpers)
+ * that map to AVX2 instructions, to 512-bit AVX-512 ones (two 8-row groups a vector), to VNNI
+ * dot products, or to plain C in the scalar build, so every level runs the same code
+ * structure and gives bit-identical results.
  *
  * Work is split into small tasks claimed from an atomic counter by a pool of threads (see
  * run_phases): a thread that loses its core to another process delays at most the task it
