@@ -10,9 +10,16 @@ from helpers import TINY_VOCAB, tiny_config, tiny_model, tiny_specials, tiny_tok
 from torch import nn
 
 from qwenlm.errors import GenerationError
+from qwenlm.generation import sampling
 from qwenlm.generation.engine import Engine
 from qwenlm.generation.generate import GenerationConfig, generate, generate_step, stream_generate
-from qwenlm.generation.sampling import apply_repetition_penalty, greedy_token, sample
+from qwenlm.generation.sampling import (
+    Sampler,
+    apply_repetition_penalty,
+    greedy_penalized,
+    greedy_token,
+    sample,
+)
 
 IM_END = tiny_specials()["<|im_end|>"]
 
@@ -253,6 +260,48 @@ def test_repetition_penalty_lowers_seen_tokens_both_signs():
     assert apply_repetition_penalty(logits, torch.tensor([1, 0]), 2.0).tolist() == out.tolist()
     rows = apply_repetition_penalty(torch.stack([logits, logits]), torch.stack([seen, ~seen]), 2.0)
     assert rows.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.5]]
+
+
+def test_greedy_with_repetition_penalty_equals_argmax_of_the_penalized_copy():
+    # greedy_penalized skips the copy: it trusts the head's noted token when that is unseen,
+    # else penalizes in place and restores. Ties, NaN and penalties below 1 included.
+    g = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        vocab = int(torch.randint(2, 200, (1,), generator=g))
+        x = torch.randn(vocab, generator=g) * 3
+        if trial % 3 == 0:
+            x = x.round()  # many equal logits
+        if trial % 40 == 0:
+            x[int(torch.randint(0, vocab, (1,), generator=g))] = float("nan")
+        n = int(torch.randint(1, vocab, (1,), generator=g))
+        ids = torch.randperm(vocab, generator=g)[:n]
+        for penalty in (1.05, 1.5, 0.7, 1.0):
+            want = greedy_token(apply_repetition_penalty(x, ids, penalty))
+            before = x.clone()
+            sampling.remember_greedy(x, [greedy_token(x)])  # as after a native step
+            version = x._version
+            seen = set(ids.tolist())
+            assert greedy_penalized(x, ids, penalty, seen_set=seen) == want
+            assert x._version == version  # other rows' noted tokens stay valid
+            sampling._KNOWN.clear()
+            assert greedy_penalized(x, ids, penalty) == want
+            assert torch.equal(x.nan_to_num(9.5), before.nan_to_num(9.5))  # restored
+
+
+def test_sampler_greedy_with_penalty_takes_the_tokens_of_the_plain_path():
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(40, 50, generator=g).round()
+    cfg = GenerationConfig(temperature=0, repetition_penalty=1.3)
+    fast = Sampler(cfg, [3, 4, 5], 50, torch.device("cpu"))
+    tokens = []
+    for row in rows:
+        tokens.append(fast(row)[0])
+    seen, want = [3, 4, 5], []
+    for row in rows:
+        ids = torch.tensor(list(dict.fromkeys(seen)))
+        want.append(int(torch.argmax(apply_repetition_penalty(row, ids, 1.3))))
+        seen.append(want[-1])
+    assert tokens == want
 
 
 def test_generate_step_rejects_empty_prompt():
