@@ -864,6 +864,7 @@ typedef __m512 vf;
 #define vi_zero _mm512_setzero_si512
 #define vi_and _mm512_and_si512
 #define vi_or _mm512_or_si512
+#define vi_xor _mm512_xor_si512
 #define vi_set8 _mm512_set1_epi8
 #define vi_set16 _mm512_set1_epi16
 #define vi_set32 _mm512_set1_epi32
@@ -920,6 +921,7 @@ typedef __m256 vf;
 #define vi_zero _mm256_setzero_si256
 #define vi_and _mm256_and_si256
 #define vi_or _mm256_or_si256
+#define vi_xor _mm256_xor_si256
 #define vi_set8 _mm256_set1_epi8
 #define vi_set16 _mm256_set1_epi16
 #define vi_set32 _mm256_set1_epi32
@@ -982,6 +984,7 @@ ALWAYS vi vi_load(const void *p) {
 ALWAYS vi vi_zero(void) { VI_MAP(8, r.i32[i] = 0); }
 ALWAYS vi vi_and(vi a, vi b) { VI_MAP(8, r.u32[i] = a.u32[i] & b.u32[i]); }
 ALWAYS vi vi_or(vi a, vi b) { VI_MAP(8, r.u32[i] = a.u32[i] | b.u32[i]); }
+ALWAYS vi vi_xor(vi a, vi b) { VI_MAP(8, r.u32[i] = a.u32[i] ^ b.u32[i]); }
 ALWAYS vi vi_set8(int8_t c) { VI_MAP(32, r.i8[i] = c); }
 ALWAYS vi vi_set16(int16_t c) { VI_MAP(16, r.i16[i] = c); }
 ALWAYS vi vi_set32(int32_t c) { VI_MAP(8, r.i32[i] = c); }
@@ -1169,15 +1172,23 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nb, co
         const vf mv = mins ? vf_load_h8_2(g + 16, g + gs + 16) : vf_zero();
         const uint8_t *q = g + head;
         vi u[8];
-#if PAIR > 1
+#if PAIR > 1 && !defined(QLM_VNNI)
         vi w8[8]; /* Q8_0's signed weights, kept for their signs */
 #endif
         if (eight) {
+#ifdef QLM_VNNI
+            /* w + 128 (the sign bit flipped) is unsigned for dpbusd, whose 4-product sums
+               do not saturate; each row takes 128 * sum(x) off again. Exact, as the sign
+               trick below is, without its two operations per vector and row. */
+            const vi flip = vi_set8((int8_t)0x80);
+            for (int k = 0; k < 8; k++) u[k] = vi_xor(WLOAD(q + 32 * k), flip);
+#else
             /* |w| * (x with w's sign) keeps maddubs' unsigned operand unsigned */
 #if PAIR > 1
             for (int k = 0; k < 8; k++) u[k] = vi_abs8(w8[k] = WLOAD(q + 32 * k));
 #else
             for (int k = 0; k < 8; k++) u[k] = vi_abs8(vi_load(q + 32 * k));
+#endif
 #endif
         } else if (five) {
             /* u[k] whole in B_k's low 5 bits; u[4 + k]: B_k's top 3 bits, and bits 2k, 2k + 1
@@ -1196,12 +1207,18 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nb, co
             const int8_t *x = ACT_ROW(a, m0 + m) + b * 32;
             vi xb[8], isum;
             if (eight) {
+#ifdef QLM_VNNI
+                for (int k = 0; k < 8; k++) xb[k] = vi_bcast32(x + 4 * k);
+                isum = vi_sub32(dot_u8_sum(u, xb, 8, 1),
+                                vi_slli32(vi_bcast32((const int8_t *)(ACT_S32(a, m0 + m) + b)), 7));
+#else
 #if PAIR > 1
                 for (int k = 0; k < 8; k++) xb[k] = vi_sign8(vi_bcast32(x + 4 * k), w8[k]);
 #else
                 for (int k = 0; k < 8; k++) xb[k] = vi_sign8(vi_bcast32(x + 4 * k), vi_load(q + 32 * k));
 #endif
                 isum = dot_u8_sum(u, xb, 8, 1);
+#endif
             } else {
                 for (int k = 0; k < 4; k++) {
                     xb[2 * k] = vi_bcast32(x + 4 * k);
