@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pexpect
 import pytest
 
-from qwenlm.cli.chat import read_message
+from qwenlm.cli.chat import ChatSession, read_message
 
 QWENLM = [sys.executable, "-m", "qwenlm"]
 
@@ -79,6 +82,32 @@ def test_read_message_multiline_forms():
     assert read_message(reader(["one\\", "two\\", "three"])) == "one\ntwo\nthree"
     assert read_message(reader(['"""first', "second", 'third"""'])) == "first\nsecond\nthird"
     assert read_message(reader(['"""inline"""'])) == "inline"
+
+
+def test_ctrl_c_stops_a_reply_even_where_the_interrupt_is_swallowed():
+    # A KeyboardInterrupt can land in code that swallows it (a finalizer, a catch-all); the
+    # terminal chat once ran on to the token limit after a Ctrl-C. The mark it leaves stops
+    # the reply at the next chunk all the same.
+    class Model:
+        def new_sequence(self) -> None:
+            return None
+
+        def chat_chunks(self, messages, **_):
+            for i in range(10):
+                if i == 3:
+                    with contextlib.suppress(BaseException):  # swallowed, as described
+                        signal.raise_signal(signal.SIGINT)
+                yield SimpleNamespace(
+                    text=f"{i} ", completion_tokens=i + 1, prompt_tokens=5, finish_reason=None
+                )
+
+    shown: list[str] = []
+    session = ChatSession(Model())
+    stats = session.reply("count", shown.append)
+    assert stats["finish_reason"] == "interrupted"
+    assert "".join(shown) == "0 1 2 3 "  # the chunk being made when Ctrl-C came, no more
+    assert session.messages[-1] == {"role": "assistant", "content": "0 1 2 3 "}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 @pytest.mark.real_model

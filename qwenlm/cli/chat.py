@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from qwenlm.cli.common import (
@@ -77,16 +79,20 @@ class ChatSession:
         t0 = time.perf_counter()
         stream = None
         try:
-            stream = self.model.chat_chunks(messages, sequence=self.sequence, **self.options)
-            for chunk in stream:
-                if chunk.text:
-                    parts.append(chunk.text)
-                    write(chunk.text)
-                stats.update(
-                    completion_tokens=chunk.completion_tokens, prompt_tokens=chunk.prompt_tokens
-                )
-                if chunk.finish_reason:
-                    stats["finish_reason"] = chunk.finish_reason
+            with _interrupt_flag() as interrupted:
+                stream = self.model.chat_chunks(messages, sequence=self.sequence, **self.options)
+                for chunk in stream:
+                    if chunk.text:
+                        parts.append(chunk.text)
+                        write(chunk.text)
+                    stats.update(
+                        completion_tokens=chunk.completion_tokens,
+                        prompt_tokens=chunk.prompt_tokens,
+                    )
+                    if chunk.finish_reason:
+                        stats["finish_reason"] = chunk.finish_reason
+                    if interrupted:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             stats["finish_reason"] = "interrupted"
         finally:
@@ -98,6 +104,31 @@ class ChatSession:
             {"role": "assistant", "content": "".join(parts)},
         ]
         return stats
+
+
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[list[bool]]:
+    """While the block runs, Ctrl-C also leaves a mark (the yielded list becomes truthy)
+    besides raising KeyboardInterrupt, so an interrupt that lands where the exception is
+    swallowed (a finalizer, code that catches everything) still stops the reply at the
+    next chunk. Only on the main thread, and only over Python's own Ctrl-C handler."""
+    mark: list[bool] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield mark
+        return
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        mark.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield mark
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def read_message(read: Callable[[str], str]) -> str:
