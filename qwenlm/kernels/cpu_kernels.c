@@ -1203,6 +1203,33 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nb, co
         } else {
             unpack_nibbles(q, gs, u, 4, 1);
         }
+#if defined(QLM_VNNI) && PAIR > 1
+        /* With 32 registers each row keeps one int32 sum and the block's 8 products run
+           product-major: R independent dpbusd chains side by side. Row by row, each row was
+           two 4-deep chains (20 cycles) the out-of-order window overlapped for a few rows
+           only: 8 rows ran 1.2x slower (a block of 16 x 32 weights, 8 rows: 5.9 against
+           7.1 ns). The same integer sums (int32 addition in any order). Fewer than 4 rows
+           keep two chains each. */
+        if (R >= 4) {
+            const int shift = eight ? 7 : zero_point == 8 ? 3 : zero_point == 16 ? 4 : 0;
+            vi I[TILE];
+            for (int m = 0; m < R; m++)
+                I[m] = shift ? vi_sub32(vi_zero(), vi_slli32(vi_bcast32((const int8_t *)(ACT_S32(a, m0 + m) + b)),
+                                                             shift))
+                             : vi_zero();
+            for (int p = 0; p < 8; p++) {
+                const int off = eight ? 4 * p : (p & 1) * 16 + (p >> 1) * 4;
+                for (int m = 0; m < R; m++)
+                    I[m] = vi_dpbusd(I[m], u[p], vi_bcast32(ACT_ROW(a, m0 + m) + b * 32 + off));
+            }
+            for (int m = 0; m < R; m++) {
+                const vf xd = vf_set1(ACT_D(a, m0 + m)[b]);
+                vf t = vf_fma(vf_cvt(I[m]), scaled ? vf_mul(d, xd) : xd, s[m]);
+                if (mins) t = vf_fma(mv, vf_set1(ACT_XS(a, m0 + m)[b]), t);
+                s[m] = t;
+            }
+        } else
+#endif
         for (int m = 0; m < R; m++) {
             const int8_t *x = ACT_ROW(a, m0 + m) + b * 32;
             vi xb[8], isum;
