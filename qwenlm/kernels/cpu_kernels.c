@@ -865,6 +865,7 @@ typedef __m512 vf;
 #define vi_and _mm512_and_si512
 #define vi_or _mm512_or_si512
 #define vi_xor _mm512_xor_si512
+#define vi_mullo32 _mm512_mullo_epi32
 #define vi_set8 _mm512_set1_epi8
 #define vi_set16 _mm512_set1_epi16
 #define vi_set32 _mm512_set1_epi32
@@ -1294,6 +1295,26 @@ ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nsb, c
                 for (int p = 0; p < 16; p++)
                     u[p] = vi_or(u[p], top_bits(WLOAD(qh + 32 * (2 * c + p / 8)), p % 8, 1));
             const int j0 = 2 * c, j1 = 2 * c + 1;
+#if defined(QLM_VNNI) && PAIR > 1
+            if (R >= 4) {
+                /* VNNI, 4+ rows: each sub-block's 8 products as one dpbusd chain per row, the
+                   rows side by side, then times the sub-block's scale as an int32 (vpmulld):
+                   22 operations a row here against maddubs' 34. The same integers: maddubs'
+                   int16 sums never saturate for these codes (see dot_u8's callers). */
+                const vi w0 = vi_shuffle8(sc[j0 / 4], BYTE_OF(j0 % 4));
+                const vi w1 = vi_shuffle8(sc[j1 / 4], BYTE_OF(j1 % 4));
+                for (int half = 0; half < 2; half++) {
+                    vi A[TILE];
+                    for (int m = 0; m < R; m++) A[m] = vi_zero();
+                    for (int p = 0; p < 8; p++)
+                        for (int m = 0; m < R; m++)
+                            A[m] = vi_dpbusd(A[m], u[8 * half + p],
+                                             vi_bcast32(ACT_KROW(a, m0 + m) + sb * 256 + 64 * c + 32 * half + 4 * p));
+                    for (int m = 0; m < R; m++) I[m] = vi_add32(I[m], vi_mullo32(A[m], half ? w1 : w0));
+                }
+                continue;
+            }
+#endif
             const vi s0 = vi_shuffle8(sc[j0 / 4], PAIR_OF(j0 % 4));
             const vi s1 = vi_shuffle8(sc[j1 / 4], PAIR_OF(j1 % 4));
             for (int m = 0; m < R; m++) {
