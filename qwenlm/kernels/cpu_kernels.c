@@ -1204,6 +1204,9 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nb, co
         } else {
             unpack_nibbles(q, gs, u, 4, 1);
         }
+#ifndef PM_ROWS
+#define PM_ROWS 4 /* rows from which the 32-element formats run product-major (below) */
+#endif
 #if defined(QLM_VNNI) && PAIR > 1
         /* With 32 registers each row keeps one int32 sum and the block's 8 products run
            product-major: R independent dpbusd chains side by side. Row by row, each row was
@@ -1211,7 +1214,7 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nb, co
            only: 8 rows ran 1.2x slower (a block of 16 x 32 weights, 8 rows: 5.9 against
            7.1 ns). The same integer sums (int32 addition in any order). Fewer than 4 rows
            keep two chains each. */
-        if (R >= 4) {
+        if (R >= PM_ROWS) {
             const int shift = eight ? 7 : zero_point == 8 ? 3 : zero_point == 16 ? 4 : 0;
             vi I[TILE];
             for (int m = 0; m < R; m++)
