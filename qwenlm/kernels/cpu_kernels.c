@@ -866,6 +866,7 @@ typedef __m512 vf;
 #define vi_or _mm512_or_si512
 #define vi_xor _mm512_xor_si512
 #define vi_mullo32 _mm512_mullo_epi32
+#define vi_srai32 _mm512_srai_epi32
 #define vi_set8 _mm512_set1_epi8
 #define vi_set16 _mm512_set1_epi16
 #define vi_set32 _mm512_set1_epi32
@@ -1140,6 +1141,10 @@ ALWAYS void broadcast_words(const int8_t *x, vi *lo, vi *hi, int n, int off) {
 #else
 #define TILE 1 /* plain C gains nothing from tiles, and one copy of each kernel builds faster */
 #endif
+/* With VNNI and 32 registers, tiles of at least this many rows run product-major (see q32_tile). */
+#ifndef PM_ROWS
+#define PM_ROWS 4
+#endif
 /* Read ahead of the blocks in use: a task's groups are one stream of a few KB, too short
    for the hardware prefetcher to ramp up on. */
 #ifndef PF_BYTES
@@ -1204,9 +1209,6 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nb, co
         } else {
             unpack_nibbles(q, gs, u, 4, 1);
         }
-#ifndef PM_ROWS
-#define PM_ROWS 4 /* rows from which the 32-element formats run product-major (below) */
-#endif
 #if defined(QLM_VNNI) && PAIR > 1
         /* With 32 registers each row keeps one int32 sum and the block's 8 products run
            product-major: R independent dpbusd chains side by side. Row by row, each row was
@@ -1299,7 +1301,7 @@ ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nsb, c
                     u[p] = vi_or(u[p], top_bits(WLOAD(qh + 32 * (2 * c + p / 8)), p % 8, 1));
             const int j0 = 2 * c, j1 = 2 * c + 1;
 #if defined(QLM_VNNI) && PAIR > 1
-            if (R >= 4) {
+            if (R >= PM_ROWS) {
                 /* VNNI, 4+ rows: each sub-block's 8 products as one dpbusd chain per row, the
                    rows side by side, then times the sub-block's scale as an int32 (vpmulld):
                    22 operations a row here against maddubs' 34. The same integers: maddubs'
@@ -1362,6 +1364,25 @@ ALWAYS void q6k_tile(const uint8_t *g, int64_t gs, int64_t nsb, const qlm_act_t 
             const vi sp = vi_i8_to_i16_2(sc8, sc8 + gs); /* lane: (sc_a, sc_b) */
             const vi sa = vi_shuffle8(sp, FIRST_I16), sb_ = vi_shuffle8(sp, SECOND_I16);
             const vi ua[4] = {u[0], u[2], u[4], u[6]}, ub[4] = {u[1], u[3], u[5], u[7]};
+#if defined(QLM_VNNI) && PAIR > 1
+            if (R >= PM_ROWS) {
+                /* VNNI, 4+ rows: each 16-value half as a dpbusd chain a row that starts at
+                   -32 sum(x) (the offset folded in), the rows side by side, then times its
+                   signed scale as an int32: the same integers as the maddubs form below. */
+                const vi s32a = vi_srai32(vi_slli32(sp, 16), 16), s32b = vi_srai32(sp, 16);
+                for (int half = 0; half < 2; half++) {
+                    vi A[TILE];
+                    for (int m = 0; m < R; m++)
+                        A[m] = vi_set32(-32 * (int32_t)ACT_KS16(a, m0 + m)[sb * 16 + 2 * c + half]);
+                    for (int p = 0; p < 4; p++)
+                        for (int m = 0; m < R; m++)
+                            A[m] = vi_dpbusd(A[m], half ? ub[p] : ua[p],
+                                             vi_bcast32(ACT_KROW(a, m0 + m) + sb * 256 + 32 * c + 16 * half + 4 * p));
+                    for (int m = 0; m < R; m++) I[m] = vi_add32(I[m], vi_mullo32(A[m], half ? s32b : s32a));
+                }
+                continue;
+            }
+#endif
             for (int m = 0; m < R; m++) {
                 vi xa[4], xb[4];
                 broadcast_words(ACT_KROW(a, m0 + m) + sb * 256 + 32 * c, xa, xb, 4, 16);
