@@ -132,6 +132,37 @@ def test_cuda_graph_decode_equals_eager_decode_and_the_full_forward():
 
 
 @cuda
+def test_recorded_steps_ignore_what_unwritten_cache_memory_holds(folder, monkeypatch):
+    # A recorded step attends over the cache's whole capacity under a mask; a masked
+    # position's value still meets a zero weight, so NaN bits left in GPU memory by earlier
+    # work once turned a reply into garbage. With NaN in every new block the allocator hands
+    # out, the recorded steps must still give the eager steps' logits (the same tokens fed).
+    gpu = qwenlm.load(folder, quant="f32", device="cuda")
+    engine, tokens = gpu.engine, [7, 3, 250, 12, 99, 5, 61, 8, 140, 2]
+
+    def steps() -> torch.Tensor:
+        seq = engine.new_sequence()
+        out = [engine.prefill(seq, PROMPT)]
+        out += [engine.forward([(seq, [t])])[0] for t in tokens]
+        return torch.stack(out).cpu()
+
+    graphs, engine.graphs = engine.graphs, None
+    eager = steps()
+    engine.graphs = graphs
+    assert graphs is not None
+    real_empty = torch.Tensor.new_empty
+
+    def poisoned(t, *args, **kwargs):
+        out = real_empty(t, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    recorded = steps()
+    assert torch.isfinite(recorded).all()
+    torch.testing.assert_close(recorded, eager, rtol=1e-4, atol=1e-4)
+
+
+@cuda
 @pytest.mark.parametrize("mode", ["f32", "int8", "int4"])
 def test_quantized_formats_run_on_cuda(folder, monkeypatch, mode):
     gpu = qwenlm.load(folder, quant=mode, device="cuda")

@@ -151,7 +151,12 @@ class SequenceCache:
         cap = -(-cap // self.step) * self.step
         for buffers in self.buffers():
             for i, old in enumerate(buffers):
-                new = old.new_empty((old.shape[0], cap, *old.shape[2:]))
+                shape = (old.shape[0], cap, *old.shape[2:])
+                # Off the CPU a recorded decode step (cuda_graphs) attends over the whole
+                # capacity under a mask, and a masked position still multiplies its value by
+                # a zero weight: leftover NaN bits in unwritten memory made whole replies of
+                # garbage, now and then. The CPU reads written positions only.
+                new = old.new_empty(shape) if old.device.type == "cpu" else old.new_zeros(shape)
                 new[:, : self.length] = old[:, : self.length]
                 buffers[i] = new
 
