@@ -422,18 +422,23 @@ int64_t qlm_layout(const char *name) {
  * below the weights' own quantization error. With each block go the sum of its codes (s32,
  * and xs = d * s32), with which the kernels fold in zero points and minimums exactly.
  * Layout for M rows of K (nb = K / 32 blocks a row), after the codes q[M][K]:
- * d[M][nb] float, xs[M][nb] float, s32[M][nb] int32: 3 M nb floats.
+ * d[M][nb] float, xs[M][nb] float, s32[M][nb] int32, and -8 s32, -16 s32, -128 s32 (int32,
+ * [M][nb] each): 6 M nb floats. The last three start the dot products of Q4_0, Q5_0 and
+ * (VNNI's unsigned form) Q8_0 with their zero point's share: a broadcast load a row and
+ * block instead of a shift and a subtraction on the vector ports.
  *
  * The K-quant kernels (Q4_K, Q5_K, Q6_K) take their own copy, as llama.cpp's Q8_K: one scale
  * per super-block of 256, so a super-block's integer sums add up across its 8 sub-blocks
  * before a single float step, instead of one per 32 (~20-30% fewer instructions a row).
  * After the blocks of 32, for K2 = K rounded down to 256: codes kq[M][K2], scales
  * kd[M][K2 / 256] float, and the codes' sums ks32[M][K2 / 32] and ks16[M][K2 / 16] int16 (the
- * minimums of each 32, Q6_K's offset per 16). A row gets the copies its consumer needs.     */
+ * minimums of each 32, Q6_K's offset per 16), and kz16[M][K2 / 16] int32 = -32 ks16 (where
+ * Q6_K's products start). A row gets the copies its consumer needs.                        */
 
 #define ACT_K2(K) ((K) / 256 * 256)
 #define ACT_FLOATS(M, K) \
-    ((M) * (3 * ((K) / 32) + ACT_K2(K) / 4 + ACT_K2(K) / 256 + ACT_K2(K) / 64 + ACT_K2(K) / 32))
+    ((M) * (6 * ((K) / 32) + ACT_K2(K) / 4 + ACT_K2(K) / 256 + ACT_K2(K) / 64 + ACT_K2(K) / 32 + \
+            ACT_K2(K) / 16))
 
 int64_t qlm_act_floats(int64_t M, int64_t K) { return ACT_FLOATS(M, K); }
 
@@ -442,19 +447,22 @@ enum { ACT_32 = 1, ACT_256 = 2 }; /* which copies a consumer reads (a bit mask) 
 typedef struct {
     const int8_t *q;
     const float *d, *xs;
-    const int32_t *s32;
+    const int32_t *s32, *z8, *z16, *z128; /* s32 and -8, -16, -128 times it */
     const int8_t *kq;
     const float *kd;
     const int16_t *ks32, *ks16;
+    const int32_t *kz16; /* -32 ks16 */
     int64_t K;
 } qlm_act_t;
 
 static qlm_act_t act_view(int8_t *xq, float *xd, int64_t M, int64_t K) {
     const int64_t n = M * (K / 32), k2 = M * ACT_K2(K);
-    float *kd = xd + 3 * n + k2 / 4;
+    float *kd = xd + 6 * n + k2 / 4;
     const int16_t *ks32 = (const int16_t *)(kd + k2 / 256);
-    qlm_act_t a = {xq, xd, xd + n, (const int32_t *)(xd + 2 * n), (const int8_t *)(xd + 3 * n),
-                   kd, ks32, ks32 + k2 / 32, K};
+    const int32_t *s32 = (const int32_t *)(xd + 2 * n);
+    qlm_act_t a = {xq, xd, xd + n, s32, s32 + n, s32 + 2 * n, s32 + 3 * n,
+                   (const int8_t *)(xd + 6 * n), kd, ks32, ks32 + k2 / 32,
+                   (const int32_t *)(ks32 + k2 / 32 + k2 / 16), K};
     return a;
 }
 
@@ -513,7 +521,7 @@ static void quantize_act_blocks(const float *x, int8_t *xq, float *xd, int64_t M
                                 int64_t m, int64_t b0, int64_t b1) {
     const int64_t nb = K / 32, n = M * nb;
     float *d = xd + m * nb, *xs = xd + n + m * nb;
-    int32_t *s32 = (int32_t *)(xd + 2 * n) + m * nb;
+    int32_t *s32 = (int32_t *)(xd + 2 * n) + m * nb, *z = s32 + n;
     x += m * K;
     int8_t *q = xq + m * K;
     for (int64_t b = b0; b < b1; b++) {
@@ -523,6 +531,7 @@ static void quantize_act_blocks(const float *x, int8_t *xq, float *xd, int64_t M
         d[b] = amax / 127.0f;
         s32[b] = sum[0] + sum[1];
         xs[b] = d[b] * (float)s32[b];
+        z[b] = -8 * s32[b], z[n + b] = -16 * s32[b], z[2 * n + b] = -128 * s32[b];
     }
 }
 
@@ -534,6 +543,7 @@ static void quantize_act_super(const float *x, int8_t *xq, float *xd, int64_t M,
     int8_t *q = (int8_t *)a.kq + m * K2;
     float *d = (float *)a.kd + m * (K2 / 256);
     int16_t *s32 = (int16_t *)a.ks32 + m * (K2 / 32), *s16 = (int16_t *)a.ks16 + m * (K2 / 16);
+    int32_t *z16 = (int32_t *)a.kz16 + m * (K2 / 16);
     x += m * K;
     for (int64_t c = c0; c < c1; c++) {
         float amax = 0.0f;
@@ -547,6 +557,7 @@ static void quantize_act_super(const float *x, int8_t *xq, float *xd, int64_t M,
             codes32(x + 256 * c + 32 * i, inv, q + 256 * c + 32 * i, sum);
             s16[16 * c + 2 * i] = (int16_t)sum[0];
             s16[16 * c + 2 * i + 1] = (int16_t)sum[1];
+            z16[16 * c + 2 * i] = -32 * sum[0], z16[16 * c + 2 * i + 1] = -32 * sum[1];
             s32[8 * c + i] = (int16_t)(sum[0] + sum[1]);
         }
         d[c] = amax / 127.0f;
@@ -1070,9 +1081,10 @@ static const int8_t SHUF[12][32] __attribute__((aligned(32))) = {
 #define BYTES_PAIR(j) vi_table(SHUF[10 + (j)]) /* j = 0: bytes 0 and 1, j = 1: bytes 2 and 3 */
 
 /* Σ over n vectors of u (unsigned) · x (signed) per 32-bit lane, as int32, each lane's 16-bit
-   pairs scaled by `scale` (ones for a plain sum); `per16` products fit in int16. */
-ALWAYS vi dot_u8(const vi *u, const vi *x, int n, int per16, vi scale) {
-    vi acc = vi_zero();
+   pairs scaled by `scale` (ones for a plain sum); `per16` products fit in int16. The sum
+   starts at `init` (int32 lanes). */
+ALWAYS vi dot_u8(const vi *u, const vi *x, int n, int per16, vi scale, vi init) {
+    vi acc = init;
     for (int p = 0; p < n; p += per16) {
         vi s = vi_maddubs(u[p], x[p]);
         for (int q = 1; q < per16; q++) s = vi_add16(s, vi_maddubs(u[p + q], x[p + q]));
@@ -1082,17 +1094,17 @@ ALWAYS vi dot_u8(const vi *u, const vi *x, int n, int per16, vi scale) {
 }
 
 /* The same plain sum, with VNNI's exact 4-product dot where the CPU has it. */
-ALWAYS vi dot_u8_sum(const vi *u, const vi *x, int n, int per16) {
+ALWAYS vi dot_u8_sum(const vi *u, const vi *x, int n, int per16, vi init) {
 #ifdef QLM_VNNI
     (void)per16;
-    vi a = vi_zero(), b = vi_zero();
+    vi a = init, b = vi_zero();
     for (int p = 0; p < n; p += 2) {
         a = vi_dpbusd(a, u[p], x[p]);
         b = vi_dpbusd(b, u[p + 1], x[p + 1]);
     }
     return vi_add32(a, b);
 #else
-    return dot_u8(u, x, n, per16, vi_set16(1));
+    return dot_u8(u, x, n, per16, vi_set16(1), init);
 #endif
 }
 
@@ -1125,11 +1137,15 @@ ALWAYS void broadcast_words(const int8_t *x, vi *lo, vi *hi, int n, int off) {
 #define ACT_ROW(a, m) ((a)->q + (m) * (a)->K)
 #define ACT_D(a, m) ((a)->d + (m) * ((a)->K / 32))
 #define ACT_XS(a, m) ((a)->xs + (m) * ((a)->K / 32))
-#define ACT_S32(a, m) ((a)->s32 + (m) * ((a)->K / 32))
 #define ACT_KROW(a, m) ((a)->kq + (m) * (a)->K) /* the K-quants' copy (K a multiple of 256) */
 #define ACT_KD(a, m) ((a)->kd + (m) * ((a)->K / 256))
 #define ACT_KS32(a, m) ((a)->ks32 + (m) * ((a)->K / 32))
 #define ACT_KS16(a, m) ((a)->ks16 + (m) * ((a)->K / 16))
+#define ACT_KZ16(a, m) ((a)->kz16 + (m) * ((a)->K / 16))
+/* A zero point's share of row m's block b, broadcast: -zp * s32 (zp 8, 16 or 128) */
+#define ACT_ZP(a, zp, m, b) \
+    vi_bcast32((const int8_t *)(((zp) == 8 ? (a)->z8 : (zp) == 16 ? (a)->z16 : (a)->z128) + \
+                                (m) * ((a)->K / 32) + (b)))
 
 /* Each kernel below runs R input rows (m0 .. m0+R-1) over all nb blocks of one group and
  * leaves each row's 8 sums in acc. R is a compile-time count (1 .. TILE), so the rows'
@@ -1217,12 +1233,9 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nb, co
            7.1 ns). The same integer sums (int32 addition in any order). Fewer than 4 rows
            keep two chains each. */
         if (R >= PM_ROWS) {
-            const int shift = eight ? 7 : zero_point == 8 ? 3 : zero_point == 16 ? 4 : 0;
+            const int zp = eight ? 128 : zero_point;
             vi I[TILE];
-            for (int m = 0; m < R; m++)
-                I[m] = shift ? vi_sub32(vi_zero(), vi_slli32(vi_bcast32((const int8_t *)(ACT_S32(a, m0 + m) + b)),
-                                                             shift))
-                             : vi_zero();
+            for (int m = 0; m < R; m++) I[m] = zp ? ACT_ZP(a, zp, m0 + m, b) : vi_zero();
             for (int p = 0; p < 8; p++) {
                 const int off = eight ? 4 * p : (p & 1) * 16 + (p >> 1) * 4;
                 for (int m = 0; m < R; m++)
@@ -1242,26 +1255,24 @@ ALWAYS void q32_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nb, co
             if (eight) {
 #ifdef QLM_VNNI
                 for (int k = 0; k < 8; k++) xb[k] = vi_bcast32(x + 4 * k);
-                isum = vi_sub32(dot_u8_sum(u, xb, 8, 1),
-                                vi_slli32(vi_bcast32((const int8_t *)(ACT_S32(a, m0 + m) + b)), 7));
+                isum = dot_u8_sum(u, xb, 8, 1, ACT_ZP(a, 128, m0 + m, b));
 #else
 #if PAIR > 1
                 for (int k = 0; k < 8; k++) xb[k] = vi_sign8(vi_bcast32(x + 4 * k), w8[k]);
 #else
                 for (int k = 0; k < 8; k++) xb[k] = vi_sign8(vi_bcast32(x + 4 * k), vi_load(q + 32 * k));
 #endif
-                isum = dot_u8_sum(u, xb, 8, 1);
+                isum = dot_u8_sum(u, xb, 8, 1, vi_zero());
 #endif
             } else {
                 for (int k = 0; k < 4; k++) {
                     xb[2 * k] = vi_bcast32(x + 4 * k);
                     xb[2 * k + 1] = vi_bcast32(x + 16 + 4 * k);
                 }
-                isum = dot_u8_sum(u, xb, 8, five ? 4 : 8);
+                /* the zero point's -zp * s32 where the sum starts */
+                isum = dot_u8_sum(u, xb, 8, five ? 4 : 8,
+                                  zero_point ? ACT_ZP(a, zero_point, m0 + m, b) : vi_zero());
             }
-            if (zero_point) /* zero_point * s32, as a shift */
-                isum = vi_sub32(isum, vi_slli32(vi_bcast32((const int8_t *)(ACT_S32(a, m0 + m) + b)),
-                                                zero_point == 8 ? 3 : 4));
             const vf xd = vf_set1(ACT_D(a, m0 + m)[b]);
             vf t = vf_fma(vf_cvt(isum), scaled ? vf_mul(d, xd) : xd, s[m]);
             if (mins) t = vf_fma(mv, vf_set1(ACT_XS(a, m0 + m)[b]), t);
@@ -1325,8 +1336,8 @@ ALWAYS void k45_tile(const int fmt, const uint8_t *g, int64_t gs, int64_t nsb, c
             for (int m = 0; m < R; m++) {
                 vi x0[8], x1[8];
                 broadcast_words(ACT_KROW(a, m0 + m) + sb * 256 + 64 * c, x0, x1, 8, 32);
-                I[m] = vi_add32(I[m], vi_add32(dot_u8(u, x0, 8, five ? 4 : 8, s0),
-                                               dot_u8(u + 8, x1, 8, five ? 4 : 8, s1)));
+                I[m] = vi_add32(I[m], vi_add32(dot_u8(u, x0, 8, five ? 4 : 8, s0, vi_zero()),
+                                               dot_u8(u + 8, x1, 8, five ? 4 : 8, s1, vi_zero())));
             }
         }
         /* the minimums: pairs (m_j, m_j+1) times the pairs of code sums (s_j, s_j+1) */
@@ -1373,7 +1384,7 @@ ALWAYS void q6k_tile(const uint8_t *g, int64_t gs, int64_t nsb, const qlm_act_t 
                 for (int half = 0; half < 2; half++) {
                     vi A[TILE];
                     for (int m = 0; m < R; m++)
-                        A[m] = vi_set32(-32 * (int32_t)ACT_KS16(a, m0 + m)[sb * 16 + 2 * c + half]);
+                        A[m] = vi_bcast32((const int8_t *)(ACT_KZ16(a, m0 + m) + sb * 16 + 2 * c + half));
                     for (int p = 0; p < 4; p++)
                         for (int m = 0; m < R; m++)
                             A[m] = vi_dpbusd(A[m], half ? ub[p] : ua[p],
@@ -1386,7 +1397,7 @@ ALWAYS void q6k_tile(const uint8_t *g, int64_t gs, int64_t nsb, const qlm_act_t 
             for (int m = 0; m < R; m++) {
                 vi xa[4], xb[4];
                 broadcast_words(ACT_KROW(a, m0 + m) + sb * 256 + 32 * c, xa, xb, 4, 16);
-                I[m] = vi_add32(I[m], vi_add32(dot_u8(ua, xa, 4, 2, sa), dot_u8(ub, xb, 4, 2, sb_)));
+                I[m] = vi_add32(I[m], vi_add32(dot_u8(ua, xa, 4, 2, sa, vi_zero()), dot_u8(ub, xb, 4, 2, sb_, vi_zero())));
                 /* the offset's sc_a * sum_a + sc_b * sum_b */
                 const int8_t *xs = (const int8_t *)(ACT_KS16(a, m0 + m) + sb * 16 + 2 * c);
                 O[m] = vi_add32(O[m], vi_madd(sp, vi_bcast32(xs)));
