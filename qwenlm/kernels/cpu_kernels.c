@@ -2044,14 +2044,17 @@ ALWAYS void attend_group(const int kvt, const float *q, const void *K, const voi
     const int64_t Dv = D / FW * FW;
     int64_t j = 0;
     const int64_t krow = D * KV_BYTES(kvt);
-    /* a block of keys converted to float32 once for all G heads (exact: the same scores) */
+    /* A block of keys from a float16 or int8 cache converted to float32 once for all G heads
+       (exact: the same scores); converted head by head, with a horizontal sum a position and
+       head, they took ~2/3 of a step's attention at 2k positions. */
     float kf[16 * 256] __attribute__((aligned(64)));
     const int convert = kvt != KV_F32 && D <= 256;
+#define CONVERT_KEYS(rows, width)                                                              \
+    for (int t = 0; t < (rows); t++)                                                           \
+        for (int64_t i = 0; i < (width); i += FW) fv_store(kf + t * D + i, kv_load(kvt, KROW(j + t), i))
 #if FW == 16
     /* Scores of 16 positions a head at once, their sums landing in one vector's lanes
-       (reduce16), from keys converted to float32 once for all G heads (a float16 or int8
-       cache converted head by head, and a horizontal sum a position and head, took ~2/3 of
-       a step's attention at 2k positions). */
+       (reduce16). */
     if (D % FW == 0 && D <= 256) {
         for (; j + 16 <= n; j += 16) {
             for (int64_t t = j + 32; t < MIN(n, j + 48); t++) /* two blocks ahead */
@@ -2059,8 +2062,7 @@ ALWAYS void attend_group(const int kvt, const float *q, const void *K, const voi
                     __builtin_prefetch((const char *)KROW(t) + b, 0, 3);
             const float *kb = (const float *)KROW(j);
             if (convert) {
-                for (int t = 0; t < 16; t++)
-                    for (int64_t i = 0; i < D; i += FW) fv_store(kf + t * D + i, kv_load(kvt, KROW(j + t), i));
+                CONVERT_KEYS(16, D);
                 kb = kf;
             }
             for (int64_t g = 0; g < G; g++) {
@@ -2082,9 +2084,7 @@ ALWAYS void attend_group(const int kvt, const float *q, const void *K, const voi
         for (int64_t t = j + 4 * PB; t < MIN(n, j + 5 * PB); t++) /* a few blocks ahead */
             for (int64_t b = 0; b < krow; b += 64)
                 __builtin_prefetch((const char *)KROW(t) + b, 0, 3);
-        if (convert)
-            for (int t = 0; t < PB; t++)
-                for (int64_t i = 0; i < Dv; i += FW) fv_store(kf + t * D + i, kv_load(kvt, KROW(j + t), i));
+        if (convert) CONVERT_KEYS(PB, Dv);
         for (int64_t g = 0; g < G; g++) {
             const float *qg = q + g * D;
             fv acc[PB];
@@ -2170,6 +2170,7 @@ ALWAYS void attend_group(const int kvt, const float *q, const void *K, const voi
             for (int64_t t = 0; t < n; t++) acc += p[g * n + t] * kv_at(kvt, VROW(t), i);
             o[g * D + i] = acc * inv[g];
         }
+#undef CONVERT_KEYS
 #undef KROW
 #undef VROW
 }
