@@ -316,6 +316,11 @@ def _segments(layout: list) -> tuple[ctypes.Array, int]:
 
 # The C side's bound on segments per call (one per sequence; batches stay within SMALL_BATCH).
 MAX_SEGMENTS = 64
+# Rows per native call of a longer prefill piece (NativeForward.logits): past 8 rows the
+# kernels are compute-bound, so more rows a call save little (32-512 measured alike within
+# the host's noise), and the scratch kept between calls (~80 KB a row for the 0.5B, ~20 MB
+# for 64 rows of the 7B) stays small.
+PIECE_ROWS = 64
 _LAYER_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -432,6 +437,15 @@ class _Plan:
         self.embed = m.embed_tokens
         self.embed_desc = _table_desc(self.embed)
         self.hidden = model.config.hidden_size
+        # Whether every projection runs any number of rows on its kernels (kernel_rows None:
+        # GGUF formats, tiled int8); others take longer pieces through PyTorch's matmul.
+        mods = [
+            _base(getattr(kl.layer.self_attn, n)) for kl in stack for n in ("qkv_proj", "o_proj")
+        ]
+        mods += [
+            _base(getattr(kl.layer.mlp, n)) for kl in stack for n in ("gate_up_proj", "down_proj")
+        ]
+        self.any_rows = all(m.kernel_rows is None for m in [*mods, head])
         tensors = [w[2] for layer in stack for w in layer._desc[3]]
         tensors += [norm.weight, *head.buffers(recurse=False)]
         if self.embed_desc is not None:
@@ -465,9 +479,10 @@ class _Plan:
 
 
 class NativeForward:
-    """A whole forward pass of a small batch in one native call: the token ids go in; the
-    embedding rows, every layer, the final norm and the output head run in C; the logits
-    (and each row's greedy token) come out.
+    """A whole forward pass of a small batch (or of one sequence's prefill piece, see
+    ``logits``) in one native call: the token ids go in; the embedding rows, every layer, the
+    final norm and the output head run in C; the logits (and each row's greedy token) come
+    out.
 
     After a step has streamed the weights through the caches, the Python between two native
     calls runs from cold caches, several times slower than in a loop: the ~40 small
@@ -515,15 +530,24 @@ class NativeForward:
         after feeding ``ids`` at ``positions`` (the engine's flattened batch, ``layout`` its
         segments), and each row's greedy token (the first largest logit, -1 where not
         computed); None where this step cannot run natively (the caller takes the generic
-        path)."""
+        path).
+
+        More rows than a small batch run here too where every projection takes any number
+        of rows on its integer kernels (GGUF formats, tiled int8) and they are one sequence
+        (a prefill piece): in calls of up to ``PIECE_ROWS`` rows, which give each row the
+        same numbers one call would (each row's arithmetic is its own; see the kernels).
+        Through the PyTorch modules a 17-128-token piece cost 1.5-2x per token what 16-row
+        native calls cost (~100 small operations a layer from cold caches)."""
         n = len(ids)
-        if n > SMALL_BATCH or len(layout) > MAX_SEGMENTS:
+        if len(layout) > MAX_SEGMENTS:
             return None
         plan = self._plan
         if plan is None or not plan.current():
             plan = self._plan = _Plan.build(self.model)
             if plan is None:
                 return None
+        if n > SMALL_BATCH and not (plan.any_rows and len(layout) == 1):
+            return None
         lib = plan.lib
         h = _residual_rows(n, plan.hidden)  # the residual stream, updated in place
         if plan.embed_desc is not None:
@@ -540,26 +564,44 @@ class NativeForward:
             h[:n] = e.reshape(n, plan.hidden)
         cos, sin, keep = self.rope.pointers(positions)
         caches = [seq.cache for seq, _, _ in layout]
-        segs, longest = _segments(layout)
         kv = (ctypes.c_void_p * len(caches))(*map(_layer_caches, caches))
-        first = plan.first
-        work, xq, threads = _scratch(lib, first, first._desc[0], n, longest)
         # one row: a (vocab,) tensor, what the engine returns (no view made from cold caches)
         logits = _new_logits(len(rows), plan.vocab, flat=len(rows) == 1)
         best = (ctypes.c_int64 * len(rows))()
-        lib.qlm_stack_forward(
-            plan.ptrs, len(plan.ptrs), h.data_ptr(), n, cos, sin, segs, kv, len(layout),
-            caches[-1].kv_type, work.data_ptr(), xq.data_ptr(), threads, plan.norm_ptr,
-            plan.eps, ctypes.byref(plan.head_desc), (ctypes.c_int64 * len(rows))(*rows),
-            len(rows), logits.data_ptr(), best,
-        )  # fmt: skip
+        if n <= SMALL_BATCH:
+            segs, longest = _segments(layout)
+            pieces = [(0, n, segs, longest, rows, 0)]
+        else:  # one sequence's piece, in calls of PIECE_ROWS rows
+            kc, pieces = caches[0], []
+            for i in range(0, n, PIECE_ROWS):
+                j = min(n, i + PIECE_ROWS)
+                seg = SegmentDesc(0, j - i, kc.capacity, kc.length + i, None, None, None, None)
+                wanted = [r - i for r in rows if i <= r < j]
+                first = next((k for k, r in enumerate(rows) if r >= i), len(rows))
+                pieces.append((i, j - i, (SegmentDesc * 1)(seg), kc.length + j, wanted, first))
+        first_layer, hidden, row = plan.first, plan.hidden * 4, self.rope.row_bytes
+        for i, m, segs, longest, wanted, k0 in pieces:
+            work, xq, threads = _scratch(lib, first_layer, first_layer._desc[0], m, longest)
+            got = (ctypes.c_int64 * max(1, len(wanted)))()
+            lib.qlm_stack_forward(
+                plan.ptrs, len(plan.ptrs), h.data_ptr() + i * hidden, m, cos + i * row,
+                sin + i * row, segs, kv, len(segs), caches[-1].kv_type, work.data_ptr(),
+                xq.data_ptr(), threads, plan.norm_ptr, plan.eps,
+                ctypes.byref(plan.head_desc) if wanted else None,
+                (ctypes.c_int64 * len(wanted))(*wanted), len(wanted),
+                logits.data_ptr() + k0 * plan.vocab * 4, got,
+            )  # fmt: skip
+            best[k0 : k0 + len(wanted)] = got[: len(wanted)]
         del keep
         return logits, best[:]
 
 
 def _residual_rows(n: int, hidden: int) -> torch.Tensor:
     """A thread's scratch for the residual stream of a native step: (SMALL_BATCH, hidden),
-    one per hidden size (a process may run models of several sizes)."""
+    one per hidden size (a process may run models of several sizes); a longer prefill piece
+    gets a tensor of its own (not kept: a piece may be any length)."""
+    if n > SMALL_BATCH:
+        return torch.empty(n, hidden)
     bufs = getattr(_SCRATCH, "h", None)
     if bufs is None:
         bufs = _SCRATCH.h = {}
@@ -597,7 +639,8 @@ class RopeRows:
     def __init__(self, rotary: nn.Module, head_dim: int) -> None:
         self.rotary = rotary
         self.table = (torch.empty(0, head_dim), torch.empty(0, head_dim))  # replaced whole
-        self._at = (0, 0, 0, 4 * head_dim)  # the table's rows, cos and sin addresses, row bytes
+        self.row_bytes = 4 * head_dim
+        self._at = (0, 0, 0, self.row_bytes)  # the table's rows, cos and sin addresses, row bytes
 
     def _grow(self, top: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.table
