@@ -116,6 +116,18 @@ def test_grouped_attention_matches_pytorch_for_head_layouts(heads, kv_heads, hid
     bound = float32_bound(**shape)
     p = prompt(71)
     sf, _, pairs = decode_both(ef, es, p, prompt(10, seed=5))
+    if kv_cache == "f16":
+        # The two paths' float32 keys and values differ in their last bits, so a few round to
+        # neighbouring halves in the two caches: 3 keys and 1 value of layer 2 at the scalar
+        # level for (14, 2, 224), one key at AVX-512 (the conversions themselves are exact,
+        # tested apart). Each such flip moves the logits by a small part of float16's whole
+        # effect (PyTorch's path with a float16 cache against a float one, 7.3e-3 there): a
+        # twentieth of it is allowed on top of float32's rounding (4.6e-4 against the 2.0e-4
+        # measured); a wrong conversion or layout is off by the whole effect or more. (The
+        # int8 cache's rows, one scale each, measured 1.4e-5 apart: float32's bound holds.)
+        _, plain = twin_engines("f32", "float", **shape)
+        _, _, effect = decode_both(plain, es, p, prompt(10, seed=5))
+        bound += max((a - b).abs().max() for a, b in effect) / 20
     assert all((a - b).abs().max() <= bound for a, b in pairs)
     other = ef.new_sequence()
     ef.forward([(other, p[:33])])
@@ -125,7 +137,6 @@ def test_grouped_attention_matches_pytorch_for_head_layouts(heads, kv_heads, hid
     assert torch.equal(alone, batched)
 
 
-@needs_kernels
 @needs_kernels
 def test_native_steps_of_models_of_several_sizes_in_one_thread():
     # A thread's residual-stream scratch serves models of any hidden size in any order; an
