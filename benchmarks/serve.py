@@ -6,11 +6,17 @@ token (TTFT), the time per output token after it (TPOT) and the total time; per 
 and aggregate output tokens/s. Every request is greedy with a fixed prompt, so runs compare.
 ``--rounds N`` repeats the levels interleaved and reports each level's median round (by output
 tokens/s): on a shared host one pass of 1 then 8 clients can put them in different spells.
+Each level also reports the gaps between a stream's consecutive tokens (99th percentile and
+largest): a prompt prefilled while others stream holds them back. ``--context-words N`` puts N
+words of data/text/kjv-genesis.txt (another passage each request, so no prefix is shared)
+before each prompt, which makes those arrivals long; ``--stagger S`` starts client k k*S seconds
+late, so prompts arrive while other streams run.
 
     python benchmarks/serve.py                              # qwenlm at concurrency 1 2 4 8
     python benchmarks/serve.py --llama-cpp                  # and llama-cpp-python's server
     python benchmarks/serve.py --url http://127.0.0.1:8000 --api-key KEY
     python benchmarks/serve.py --concurrency 1 8 --max-tokens 128 --rounds 3   # issue 15's check
+    python benchmarks/serve.py --concurrency 8 --context-words 400 --stagger 3   # long arrivals
 
 llama.cpp's server is llama-cpp-python's (`python -m llama_cpp.server`, bash benchmarks/setup.sh
 installs it) on the same GGUF file, with as many threads as qwenlm uses.
@@ -31,6 +37,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+REPO_TEXT = Path(__file__).resolve().parent.parent / "data" / "text" / "kjv-genesis.txt"
 
 PROMPTS = [
     "Write a Python function that merges two sorted lists, and explain it.",
@@ -79,9 +87,10 @@ def one_request(
         **extra,
     }
     t0 = time.perf_counter()
-    first = None
+    first = last = None
     chunks = 0
     usage = None
+    gaps: list[float] = []  # seconds between consecutive content chunks
     with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -93,8 +102,12 @@ def one_request(
             for ch in obj.get("choices") or []:
                 if (ch.get("delta") or {}).get("content"):
                     chunks += 1
+                    now = time.perf_counter()
                     if first is None:
-                        first = time.perf_counter()
+                        first = now
+                    else:
+                        gaps.append(now - last)
+                    last = now
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else chunks
     first = first or end
@@ -103,6 +116,7 @@ def one_request(
         "total": end - t0,
         "tokens": tokens,
         "tpot": (end - first) / (tokens - 1) if tokens > 1 else 0.0,
+        "gaps": gaps,
     }
 
 
@@ -114,14 +128,22 @@ def run_level(
     per_client: int,
     max_tokens: int,
     extra: dict,
+    context_words: int = 0,
+    stagger: float = 0.0,
 ) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
+    words = REPO_TEXT.read_text().split() if context_words else []
 
     def client_loop(k: int) -> None:
+        time.sleep(k * stagger)
         with httpx.Client(headers=headers, timeout=1800) as c:
             for j in range(per_client):
-                prompt = PROMPTS[(k * per_client + j) % len(PROMPTS)]
+                i = k * per_client + j
+                prompt = PROMPTS[i % len(PROMPTS)]
+                if context_words:  # another passage each request: no shared prefix
+                    at = (i * 997 * context_words) % max(1, len(words) - context_words)
+                    prompt = " ".join(words[at : at + context_words]) + "\n\n" + prompt
                 r = one_request(c, url, model, prompt, max_tokens, extra)
                 with lock:
                     results.append(r)
@@ -134,6 +156,7 @@ def run_level(
         t.join()
     wall = time.perf_counter() - t0
     tokens = sum(r["tokens"] for r in results)
+    gaps = sorted(g for r in results for g in r["gaps"]) or [0.0]
     return {
         "concurrency": concurrency,
         "requests": len(results),
@@ -144,6 +167,8 @@ def run_level(
         "ttft_median_s": statistics.median(r["ttft"] for r in results),
         "ttft_max_s": max(r["ttft"] for r in results),
         "tpot_median_ms": 1000 * statistics.median(r["tpot"] for r in results),
+        "gap_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
+        "gap_max_ms": 1000 * gaps[-1],
     }
 
 
@@ -155,14 +180,18 @@ def bench(name: str, url: str, model: str, headers: dict, args: argparse.Namespa
     # on every level alike, and each level's median round is kept.
     for r in range(args.rounds):
         for c in args.concurrency:
-            row = run_level(url, model, headers, c, args.requests, args.max_tokens, extra)
+            row = run_level(
+                url, model, headers, c, args.requests, args.max_tokens, extra,
+                args.context_words, args.stagger,
+            )  # fmt: skip
             row["server"], row["round"] = name, r + 1
             runs[c].append(row)
             tag = f"round {r + 1}/{args.rounds} " if args.rounds > 1 else ""
             print(
                 f"  {tag}c={c:<2} {row['requests']:>3} req  {row['tokens_per_s']:7.2f} tok/s  "
                 f"{row['requests_per_s']:6.3f} req/s  TTFT median {row['ttft_median_s']:6.2f} s "
-                f"(max {row['ttft_max_s']:6.2f})  TPOT median {row['tpot_median_ms']:7.1f} ms",
+                f"(max {row['ttft_max_s']:6.2f})  TPOT median {row['tpot_median_ms']:7.1f} ms  "
+                f"gap p99 {row['gap_p99_ms']:6.0f} ms (max {row['gap_max_ms']:6.0f})",
                 flush=True,
             )
     rows = []
@@ -202,6 +231,18 @@ def main() -> None:
         type=int,
         default=1,
         help="run the levels this many times, interleaved, and keep each level's median round",
+    )
+    p.add_argument(
+        "--context-words",
+        type=int,
+        default=0,
+        help="put this many words of data/text/kjv-genesis.txt before each prompt (default 0)",
+    )
+    p.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="client k starts k times this many seconds late (default 0: all at once)",
     )
     p.add_argument("--llama-cpp", action="store_true", help="also run llama-cpp-python's server")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads")
@@ -254,12 +295,16 @@ def main() -> None:
         json.dumps({"model": name, "max_tokens": args.max_tokens, "rows": rows}, indent=1)
     )
     print(f"\nwrote {args.out}")
-    print("\n| server | clients | requests/s | output tok/s | TTFT median | TPOT median |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "\n| server | clients | requests/s | output tok/s | TTFT median | TPOT median "
+        "| token gap p99 | token gap max |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['server']} | {r['concurrency']} | {r['requests_per_s']:.3f} | "
-            f"{r['tokens_per_s']:.1f} | {r['ttft_median_s']:.2f} s | {r['tpot_median_ms']:.0f} ms |"
+            f"{r['tokens_per_s']:.1f} | {r['ttft_median_s']:.2f} s | {r['tpot_median_ms']:.0f} ms "
+            f"| {r['gap_p99_ms']:.0f} ms | {r['gap_max_ms']:.0f} ms |"
         )
     print()
     for line in scaling(rows):

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import float32_tolerance, float64_logits, tiny_config, tiny_model, tiny_tokenizer
+from helpers import (
+    float32_tolerance,
+    float64_logits,
+    tiny_config,
+    tiny_model,
+    tiny_tokenizer,
+    write_tiny_gguf,
+)
 
+import qwenlm
 from qwenlm.generation.engine import Engine
 from qwenlm.generation.fastpath import KernelLayer, KernelStack, accelerate
 from qwenlm.generation.generate import (
@@ -14,6 +22,7 @@ from qwenlm.generation.generate import (
     generate,
     generate_step,
 )
+from qwenlm.generation.scheduler import Request, Scheduler
 from qwenlm.generation.speculative import (
     PromptLookup,
     Speculation,
@@ -680,3 +689,51 @@ def test_position_dependent_attention_keeps_the_generic_path(overrides):
     assert ef.model.native_forward is None and ef.native is None
     _, _, pairs = decode_both(ef, es, prompt(20), prompt(16, seed=4))
     assert all((a - b).abs().max() <= float32_bound(**overrides) for a, b in pairs)
+
+
+@needs_kernels
+def test_a_long_prompt_prefills_in_parts_between_decode_steps(tmp_path, monkeypatch):
+    # On the row-exact prefill path (GGUF formats) the scheduler feeds a prompt at most
+    # prefill_step tokens a step, riding in the running streams' decode pass, so a stream
+    # already running keeps decoding while a long prompt arrives (and no pass of the prompt's
+    # own reads the weights again); the prompt's reply is the same as with the prompt fed in
+    # one piece alone.
+    path = tmp_path / "tiny-q5.gguf"
+    write_tiny_gguf(path, tiny_config(**CONFIG), qtype="Q5_0")
+    engine = qwenlm.load(path, quant="gguf").engine
+    assert engine.row_exact_prefill(engine.new_sequence())
+
+    def greedy(n):
+        return GenerationConfig(temperature=0, max_new_tokens=n, ignore_eos=True, stop_token_ids=())
+
+    long_prompt = [(7 * i + 3) % 200 for i in range(150)]
+    calls = []
+    forward = engine.forward
+
+    def logged(segments, **kw):
+        calls.append([(s, len(t)) for s, t in segments])
+        return forward(segments, **kw)
+
+    monkeypatch.setattr(engine, "forward", logged)
+    scheduler = Scheduler(engine, None, prefill_step=16)
+    beside: list = []
+    a = scheduler.submit(Request([5, 9, 11], greedy(40), beside.append))
+    for _ in range(3):
+        scheduler.step()
+    parted: list = []
+    b = scheduler.submit(Request(long_prompt, greedy(6), parted.append))
+    while not scheduler.idle:
+        scheduler.step()
+    parts = [i for i, c in enumerate(calls) if any(s is b.seq and n > 1 for s, n in c)]
+    assert [n for i in parts for s, n in calls[i] if s is b.seq] == [16] * 9 + [6]
+    assert all(any(s is a.seq for s, _ in calls[i]) for i in parts)  # in a's decode passes
+    monkeypatch.undo()
+    whole: list = []
+    Scheduler(engine, None, prefill_step=10_000).run(
+        [Request(long_prompt, greedy(6), whole.append)]
+    )
+    alone: list = []
+    Scheduler(engine, None).run([Request([5, 9, 11], greedy(40), alone.append)])
+    tokens = [[t for o in out for t in o.token_ids] for out in (parted, whole, beside, alone)]
+    assert len(tokens[0]) == 6 and tokens[0] == tokens[1]
+    assert len(tokens[2]) == 40 and tokens[2] == tokens[3]

@@ -178,13 +178,13 @@ def test_a_wedged_engine_cannot_hang_a_client(monkeypatch):
     cfg = ServeConfig(request_timeout=0.5, stall_timeout=1.0)
     with LiveServer(serving_qwen(), cfg) as s:
         engine, release = s.service.model.engine, threading.Event()
-        real = engine.prefill_piece
+        real = engine.prefill_part
 
         def stuck(*args, **kwargs):
             release.wait(30)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(engine, "prefill_piece", stuck)
+        monkeypatch.setattr(engine, "prefill_part", stuck)
         try:
             r = httpx.post(s.url + "/v1/chat/completions", json=chat(max_tokens=2), timeout=20)
             assert error_of(r, 504)["code"] == "timeout"

@@ -15,7 +15,9 @@ surface asked for it. The engine keeps two kinds of forward pass apart:
   its own, so a row's numbers are the same alone or beside 15 others.
 - *Prefill pieces*: one sequence alone, cut at fixed multiples of ``prefill_chunk`` positions
   (:meth:`Engine.prefill_piece`), through fast matrix multiplies. The same prompt is therefore
-  always cut the same way, whatever else is running.
+  always cut the same way, whatever else is running. Where the native forward takes pieces of
+  any length (:meth:`Engine.row_exact_prefill`: GGUF formats, tiled int8) every row is
+  computed on its own there too, and a piece may be fed in parts between other work.
 
 So ``qwenlm generate``, the Python API, the server under load, the evaluator and speculative
 decoding give the same tokens. The prefix cache reuses only whole pieces at those boundaries
@@ -205,17 +207,53 @@ class Engine:
         n = seq.reuse(prompt, exact=exact, chunk=self.prefill_chunk)
         return list(prompt[n:])
 
-    def prefill_piece(
-        self, seq: SequenceState, pending: Seq[int], *, all_logits: bool = False
-    ) -> tuple[int, torch.Tensor]:
-        """Feed the next piece of ``pending`` (up to the next multiple of ``prefill_chunk``
-        positions), alone in its forward pass; returns (tokens fed, its logits)."""
+    def row_exact_prefill(self, seq: SequenceState) -> bool:
+        """Whether ``seq``'s prompt runs on the row-exact native path at any length (every
+        projection takes any number of rows on the kernels, no adapter): each position's
+        numbers then do not depend on how its piece is cut, and a piece may be fed in parts
+        (``prefill_part(most=...)``) between other work."""
+        native = self.native
+        return native is not None and seq.adapter is None and native.piece_rows() is not None
+
+    def prefill_part(
+        self, seq: SequenceState, pending: Seq[int], most: int | None = None
+    ) -> list[int]:
+        """The tokens of ``pending`` the next prefill forward feeds: up to the next multiple of
+        ``prefill_chunk`` positions, or at most ``most`` of them, only where
+        :meth:`row_exact_prefill` holds (the rest comes later, with the same numbers). Feed
+        them with :meth:`forward`, then call :meth:`prefill_fed`."""
         start = len(seq)
         end = (start // self.prefill_chunk + 1) * self.prefill_chunk
-        piece = list(pending[: end - start])
+        if most is not None and not self.row_exact_prefill(seq):
+            raise ValueError("a prefill piece is fed in parts only on the row-exact path")
+        return list(pending[: end - start if most is None else min(most, end - start)])
+
+    def prefill_fed(self, seq: SequenceState, n: int, *, part: bool = False) -> None:
+        """Note that ``seq`` took the ``n`` tokens :meth:`prefill_part` gave (``part``: with
+        ``most``), for the prefix cache's exactness (``SequenceState.exact``)."""
+        start, chunk = len(seq) - n, self.prefill_chunk
+        if part:
+            if seq.exact == start:  # row-exact: each position is what a fresh prefill computes
+                seq.exact = len(seq)
+        elif seq.exact == start and start % chunk == 0 and len(seq) == (start // chunk + 1) * chunk:
+            seq.exact = len(
+                seq
+            )  # a whole piece at the fixed boundaries: what a fresh prefill computes
+
+    def prefill_piece(
+        self,
+        seq: SequenceState,
+        pending: Seq[int],
+        *,
+        all_logits: bool = False,
+        most: int | None = None,
+    ) -> tuple[int, torch.Tensor]:
+        """Feed the next piece of ``pending`` (up to the next multiple of ``prefill_chunk``
+        positions, or at most ``most`` tokens of it: :meth:`prefill_part`), alone in its
+        forward pass; returns (tokens fed, its logits)."""
+        piece = self.prefill_part(seq, pending, most)
         (logits,) = self.forward([(seq, piece)], all_logits=all_logits)
-        if seq.exact == start and start % self.prefill_chunk == 0 and len(piece) == end - start:
-            seq.exact = end  # a whole piece at the fixed boundaries: what a fresh prefill computes
+        self.prefill_fed(seq, len(piece), part=most is not None)
         return len(piece), logits
 
     def prefill(

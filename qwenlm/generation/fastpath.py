@@ -523,6 +523,14 @@ class NativeForward:
             return None
         return cls(model)
 
+    def piece_rows(self) -> int | None:
+        """Rows per native call of a prefill piece longer than a small batch (``PIECE_ROWS``),
+        or None where such pieces take the PyTorch path (or nothing runs natively)."""
+        plan = self._plan
+        if plan is None or not plan.current():
+            plan = self._plan = _Plan.build(self.model)
+        return PIECE_ROWS if plan is not None and plan.any_rows else None
+
     def logits(
         self, layout: list, ids: list[int], positions: list[int], rows: list[int]
     ) -> tuple[torch.Tensor, list[int]] | None:
@@ -533,9 +541,11 @@ class NativeForward:
         path).
 
         More rows than a small batch run here too where every projection takes any number
-        of rows on its integer kernels (GGUF formats, tiled int8) and they are one sequence
-        (a prefill piece): in calls of up to ``PIECE_ROWS`` rows, which give each row the
-        same numbers one call would (each row's arithmetic is its own; see the kernels).
+        of rows on its integer kernels (GGUF formats, tiled int8): one sequence's (a prefill
+        piece) in calls of up to ``PIECE_ROWS`` rows, several sequences' (a decode step with a
+        prompt's part riding along) up to ``SMALL_BATCH + PIECE_ROWS`` rows in one call. Each
+        row gets the same numbers in any of these calls (its arithmetic is its own; see the
+        kernels).
         Through the PyTorch modules a 17-128-token piece cost 1.5-2x per token what 16-row
         native calls cost (~100 small operations a layer from cold caches)."""
         n = len(ids)
@@ -546,7 +556,9 @@ class NativeForward:
             plan = self._plan = _Plan.build(self.model)
             if plan is None:
                 return None
-        if n > SMALL_BATCH and not (plan.any_rows and len(layout) == 1):
+        if n > SMALL_BATCH and not (
+            plan.any_rows and (len(layout) == 1 or n <= SMALL_BATCH + PIECE_ROWS)
+        ):
             return None
         lib = plan.lib
         h = _residual_rows(n, plan.hidden)  # the residual stream, updated in place
@@ -568,7 +580,7 @@ class NativeForward:
         # one row: a (vocab,) tensor, what the engine returns (no view made from cold caches)
         logits = _new_logits(len(rows), plan.vocab, flat=len(rows) == 1)
         best = (ctypes.c_int64 * len(rows))()
-        if n <= SMALL_BATCH:
+        if n <= SMALL_BATCH or len(layout) > 1:  # (a decode step with a prompt's part: one call)
             segs, longest = _segments(layout)
             pieces = [(0, n, segs, longest, rows, 0)]
         else:  # one sequence's piece, in calls of PIECE_ROWS rows

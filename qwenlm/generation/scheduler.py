@@ -10,7 +10,12 @@ callback for its :class:`Output` events. :meth:`Scheduler.step` runs one round:
    engine's row-exact path: weights are read once per group, and a row's numbers do not
    depend on its group;
 4. prefill: the next piece of the oldest waiting prompt, alone in its forward pass, cut at
-   the engine's fixed boundaries.
+   the engine's fixed boundaries. On the engine's row-exact prefill path (every row computed
+   on its own: GGUF formats, tiled int8) at most ``prefill_step`` of its tokens a step,
+   riding in the decode step's first forward pass when streams are running: a long prompt
+   then holds them back one part at a time (a 512-token piece alone on 2 cores: ~1.7 s, a
+   64-token part ~0.2 s), its numbers are those of one piece, and no pass of its own reads
+   the weights again.
 
 The CLI and the Python API drive a scheduler step by step on the calling thread
 (``generate.py``); the evaluator runs a batch of requests to the end (:meth:`Scheduler.run`);
@@ -52,6 +57,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qwenlm.engine")
 T = TypeVar("T")
+# Prompt tokens a step feeds on the engine's row-exact prefill path: one native call
+# (fastpath.PIECE_ROWS), ~0.2 s of the 0.5B on 2 cores, which the running streams wait out.
+PREFILL_STEP = 64
 
 
 class QueueFull(GenerationError):
@@ -338,8 +346,12 @@ class Scheduler:
         max_num_seqs: int = 16,
         max_queue: int = 64,
         prefix_cache_tokens: int = 16384,
+        prefill_step: int = PREFILL_STEP,
     ) -> None:
+        if prefill_step < 1:
+            raise ValueError(f"prefill_step must be at least 1, got {prefill_step}")
         self.engine = engine
+        self.prefill_step = prefill_step
         self.tokenizer = tokenizer
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
@@ -506,8 +518,8 @@ class Scheduler:
         self._run_calls()
         self._reap()
         self._admit()
-        self._decode()
-        self._prefill()
+        if not self._decode():
+            self._prefill()
 
     def _run_calls(self) -> None:
         with self._cv:
@@ -583,13 +595,17 @@ class Scheduler:
                     req._emit(Output(req.offset + i, "", [], None, "length", len(req.prompt), 0))
                 self._finish(req, "timeout")
 
-    def _decode(self) -> None:
+    def _decode(self) -> bool:
+        """Decode every running choice one step; returns whether the oldest prompt's next part
+        rode along in the first forward pass (see :meth:`_rider`)."""
         context_end = self.engine.config.max_position_embeddings
         todo = [ch for req in self._running for ch in req.choices if not ch.done]
         # Rows with adapters (any mix of them) share forwards; base rows keep forwards of their
         # own, on the native path, so they compute as they would with no adapter loaded.
         todo.sort(key=lambda ch: ch.seq.adapter is not None)
         segments = [(ch, ch.segment(context_end)) for ch in todo]
+        rider = self._rider() if segments and segments[0][0].seq.adapter is None else None
+        rode = rider is not None
         while segments:
             group, rows = [], 0
             adapted = segments[0][0].seq.adapter is not None
@@ -600,10 +616,16 @@ class Scheduler:
             ):
                 rows += len(segments[0][1])
                 group.append(segments.pop(0))
-            results = self._forward(
-                [(ch.seq, tokens) for ch, tokens in group], [len(t) > 1 for _, t in group]
-            )
+            fed = [(ch.seq, tokens) for ch, tokens in group]
+            every = [len(t) > 1 for _, t in group]
+            if rider is not None:
+                fed.append((rider[0].seq, rider[1]))
+                every.append(rider[0].prompt_logprobs is not None)
+            results = self._forward(fed, every)
             self.metrics.decode_steps += 1
+            if rider is not None:
+                self._prefilled(rider[0], rider[1], results.pop(), part=True)
+                rider = None
             for (ch, _), logits in zip(group, results, strict=True):
                 if ch.req.finished:
                     continue
@@ -611,15 +633,51 @@ class Scheduler:
                     self._fail(ch.req, "the engine failed on this request", "error")
                     continue
                 self._took(ch, logits)
+        return rode
+
+    def _rider(self) -> tuple[Request, list[int]] | None:
+        """The oldest prompt's next part, where it may join the decode step's forward pass:
+        on the engine's row-exact prefill path every row is computed on its own, so the part's
+        numbers are those of a pass alone, and the pass reads the weights once for both (a
+        prefill pass of its own would read them again, which the running streams wait out)."""
+        if not self._prefilling:
+            return None
+        req = self._prefilling[0]
+        if req.seq is None or not self.engine.row_exact_prefill(req.seq):
+            return None
+        try:
+            return req, self.engine.prefill_part(req.seq, req.pending, self.prefill_step)
+        except Exception:  # _prefill runs it alone and reports what went wrong
+            return None
 
     def _prefill(self) -> None:
         if not self._prefilling:
             return
         req = self._prefilling[0]
-        scoring = req.prompt_logprobs is not None
         try:
-            n, logits = self.engine.prefill_piece(req.seq, req.pending, all_logits=scoring)
-            if scoring:
+            most = self.prefill_step if self.engine.row_exact_prefill(req.seq) else None
+            piece = self.engine.prefill_part(req.seq, req.pending, most)
+            (logits,) = self.engine.forward(
+                [(req.seq, piece)], all_logits=req.prompt_logprobs is not None
+            )
+        except Exception as e:
+            _log_error("prefill failed", e)
+            self.metrics.engine_errors += 1
+            self._fail(req, "the engine failed on this request", "error")
+            return
+        self._prefilled(req, piece, logits, part=most is not None)
+
+    def _prefilled(
+        self, req: Request, piece: list[int], logits: torch.Tensor | BaseException, *, part: bool
+    ) -> None:
+        """``req``'s sequence took ``piece`` of its pending prompt (``logits``, or why not)."""
+        if isinstance(logits, BaseException):  # (_forward logged and counted it)
+            self._fail(req, "the engine failed on this request", "error")
+            return
+        n = len(piece)
+        try:
+            self.engine.prefill_fed(req.seq, n, part=part)
+            if req.prompt_logprobs is not None:
                 # Row j of the piece predicts the prompt token after it.
                 at = len(req.prompt) - len(req.pending) + 1
                 targets = req.prompt[at : at + n]
