@@ -235,10 +235,9 @@ class Engine:
         if part:
             if seq.exact == start:  # row-exact: each position is what a fresh prefill computes
                 seq.exact = len(seq)
-        elif seq.exact == start and start % chunk == 0 and len(seq) == (start // chunk + 1) * chunk:
-            seq.exact = len(
-                seq
-            )  # a whole piece at the fixed boundaries: what a fresh prefill computes
+        elif seq.exact == start and start % chunk == 0 and len(seq) == start + chunk:
+            # a whole piece at the fixed boundaries: what a fresh prefill computes
+            seq.exact = len(seq)
 
     def prefill_piece(
         self,
