@@ -645,8 +645,11 @@ class Scheduler:
         req = self._prefilling[0]
         if req.seq is None or not self.engine.row_exact_prefill(req.seq):
             return None
+        # (at most one native call's rows beside the decode rows: a larger pass would leave
+        # the native forward, and the decode rows with it)
+        most = min(self.prefill_step, self.engine.native.piece_rows() or 1)
         try:
-            return req, self.engine.prefill_part(req.seq, req.pending, self.prefill_step)
+            return req, self.engine.prefill_part(req.seq, req.pending, most)
         except Exception:  # _prefill runs it alone and reports what went wrong
             return None
 
